@@ -1,0 +1,80 @@
+"""Every collective parallax uses, named by what it does; the only file that calls
+``torch.distributed``. Each returns early when its group has one rank, so a size-1
+context costs nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .context import ParallelContext
+
+
+def all_reduce_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Sum partial results across the tp group (row-parallel outputs), in place."""
+    if ctx.tp_size > 1:
+        dist.all_reduce(x, group=ctx.tp_group)
+    return x
+
+
+def gather_tp(x: torch.Tensor, ctx: ParallelContext, sizes: list[int]) -> torch.Tensor:
+    """Concatenate tp shards along the last dim; ``sizes[r]`` is rank r's width (may differ)."""
+    if ctx.tp_size == 1:
+        return x
+    width = max(sizes)
+    if x.shape[-1] < width:   # all_gather needs equal shapes: pad, gather, strip
+        x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+    parts = [torch.empty_like(x) for _ in range(ctx.tp_size)]
+    dist.all_gather(parts, x.contiguous(), group=ctx.tp_group)
+    return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+
+
+def broadcast_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Copy tp rank 0's tensor to every rank of its tp group, in place."""
+    if ctx.tp_size > 1:
+        dist.broadcast(x, src=ctx.stage_rank(ctx.pp_rank, 0), group=ctx.tp_group)
+    return x
+
+
+def broadcast_world(x: torch.Tensor, ctx: ParallelContext, src: int) -> torch.Tensor:
+    """Copy global rank ``src``'s tensor to every rank, in place."""
+    if ctx.world_size > 1:
+        dist.broadcast(x, src=src)
+    return x
+
+
+def broadcast_object(obj: object, ctx: ParallelContext, src: int) -> object:
+    """Copy a picklable object from global rank ``src`` to every rank."""
+    if ctx.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def send_next_stage(x: torch.Tensor, ctx: ParallelContext) -> dist.Work:
+    """Start sending activations to the same tp rank of the next stage (non-blocking)."""
+    return dist.isend(x.contiguous(), dst=ctx.stage_rank(ctx.pp_rank + 1))
+
+
+def recv_prev_stage(out: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Receive activations from the same tp rank of the previous stage into ``out``."""
+    dist.recv(out, src=ctx.stage_rank(ctx.pp_rank - 1))
+    return out
+
+
+def send_to(x: torch.Tensor, dst: int) -> dist.Work:
+    """Start a point-to-point send to global rank ``dst`` (non-blocking)."""
+    return dist.isend(x.contiguous(), dst=dst)
+
+
+def recv_from(out: torch.Tensor, src: int) -> torch.Tensor:
+    """Blocking receive from global rank ``src`` into ``out``."""
+    dist.recv(out, src=src)
+    return out
+
+
+def barrier(ctx: ParallelContext) -> None:
+    if ctx.world_size > 1:
+        dist.barrier()

@@ -1,0 +1,128 @@
+"""ParallelContext: the one object that says where this rank sits in the tp x pp mesh.
+
+Built once per process (from torchrun's environment or by parallax's own launcher) and
+passed into every constructor that needs it; there are no module-level process groups.
+Layout: world = pp * tp ranks, pp outer and tp inner, so the tp ranks of one pipeline
+stage are neighbours: ``rank = pp_rank * tp_size + tp_rank``.
+A size-1 context (``ParallelContext.single()``) makes every parallel layer a plain one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclass
+class ParallelContext:
+    rank: int = 0
+    world_size: int = 1
+    tp_size: int = 1
+    pp_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None                     # "gloo" | "nccl" | None (single process)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    tp_group: dist.ProcessGroup | None = None
+    owns_process_group: bool = False               # we called init_process_group
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def stage_rank(self, pp_rank: int, tp_rank: int | None = None) -> int:
+        """Global rank of ``tp_rank`` (default: ours) in pipeline stage ``pp_rank``."""
+        return pp_rank * self.tp_size + (self.tp_rank if tp_rank is None else tp_rank)
+
+    @property
+    def driver_rank(self) -> int:
+        """The rank that samples and owns request state: tp rank 0 of the last stage."""
+        return self.stage_rank(self.pp_size - 1, 0)
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == self.driver_rank
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def single(cls, device: str | torch.device = "cpu") -> "ParallelContext":
+        return cls(device=torch.device(device))
+
+    @classmethod
+    def initialize(cls, *, rank: int, tp_size: int, pp_size: int, device: str | torch.device,
+                   master_addr: str = "127.0.0.1", master_port: int | None = None,
+                   timeout_s: float = DEFAULT_TIMEOUT_S) -> "ParallelContext":
+        """Join (or create) the default process group and build the tp groups.
+
+        With ``master_port=None`` the rendezvous comes from the environment (torchrun).
+        NCCL on CUDA devices, gloo otherwise.
+        """
+        world = tp_size * pp_size
+        device = torch.device(device)
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", rank)) % max(torch.cuda.device_count(), 1)
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        owns = False
+        if world > 1 and not dist.is_initialized():
+            init = "env://" if master_port is None else f"tcp://{master_addr}:{master_port}"
+            dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
+                                    timeout=timeout)
+            owns = True
+        if world > 1 and dist.get_world_size() != world:
+            from ..errors import LayoutError
+            raise LayoutError(f"tp*pp = {world} but the launcher started {dist.get_world_size()} "
+                              f"ranks; launch with --nproc-per-node {world} or change tp/pp")
+        tp_group = None
+        if world > 1:
+            # Every rank must create every group, in the same order.
+            for stage in range(pp_size):
+                ranks = list(range(stage * tp_size, (stage + 1) * tp_size))
+                group = dist.new_group(ranks, timeout=timeout) if tp_size > 1 else None
+                if rank in ranks:
+                    tp_group = group
+        ctx = cls(rank=rank, world_size=world, tp_size=tp_size, pp_size=pp_size, device=device,
+                  backend=backend if world > 1 else None, timeout_s=timeout_s,
+                  tp_group=tp_group, owns_process_group=owns)
+        logger.debug("rank %d: tp %d/%d pp %d/%d on %s", rank, ctx.tp_rank, tp_size,
+                     ctx.pp_rank, pp_size, device)
+        return ctx
+
+    @classmethod
+    def from_torchrun_env(cls, tp_size: int, pp_size: int, device: str | torch.device,
+                          timeout_s: float = DEFAULT_TIMEOUT_S) -> "ParallelContext":
+        return cls.initialize(rank=int(os.environ["RANK"]), tp_size=tp_size, pp_size=pp_size,
+                              device=device, timeout_s=timeout_s)
+
+    def destroy(self) -> None:
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_process_group = False
+
+
+def launched_by_torchrun() -> bool:
+    """True when this process is one rank of a torchrun (or similar env://) launch."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")) \
+        and int(os.environ["WORLD_SIZE"]) > 1
