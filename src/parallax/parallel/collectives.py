@@ -78,3 +78,12 @@ def recv_from(out: torch.Tensor, src: int) -> torch.Tensor:
 def barrier(ctx: ParallelContext) -> None:
     if ctx.world_size > 1:
         dist.barrier()
+
+
+def all_gather_object(obj: object, ctx: ParallelContext) -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank."""
+    if ctx.world_size == 1:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out

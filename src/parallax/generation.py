@@ -1,0 +1,272 @@
+"""The generation loop: prefill, then decode one token per step, over micro-batches that
+flow through the pipeline stages at the same time.
+
+Every rank runs ``generate`` (SPMD). The driver rank (tp rank 0 of the last stage) samples,
+tracks stops and text, and sends each micro-batch's new tokens (plus a "finished" flag) to
+every rank outside its tp group, which the first stage feeds back in. With pp = 1 this
+reduces to prefill + decode_step on one stage; with pp = P and M >= P micro-batches, stage
+k works on micro-batch i while stage k+1 works on i-1 (docs/pipeline.md).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .kv_cache import KVCache
+from .models.llama import ForwardBatch
+from .parallel import collectives as C
+from .parallel.context import ParallelContext
+from .parallel.sharding import split_evenly
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+
+
+@dataclass
+class SequenceOutput:
+    token_ids: list[int]
+    text: str
+    finish_reason: str               # "length" | "stop"
+    prompt_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+
+
+@dataclass
+class _MicroBatch:
+    rows: slice
+    lengths: torch.Tensor            # (b,) long prompt lengths
+    prompt: torch.Tensor             # (b, T) long, right-padded
+    tokens: torch.Tensor | None = None   # (b,) last sampled tokens
+    alive: bool = True
+
+    @property
+    def size(self) -> int:
+        return self.rows.stop - self.rows.start
+
+
+class _Sequence:
+    """Driver-side state of one sequence: its tokens, text and stop checks."""
+
+    def __init__(self, prompt_len: int, cfg: GenerationConfig, decoder, t0: float):
+        self.cfg, self.decoder, self.t0 = cfg, decoder, t0
+        self.prompt_len = prompt_len
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.finish_reason: str | None = None
+        self.t_first = self.t_last = t0
+
+    def add(self, token: int, now: float) -> str:
+        """Append a token; returns the text that is now safe to stream."""
+        if not self.token_ids:
+            self.t_first = now
+        self.t_last = now
+        self.token_ids.append(token)
+        if token in self.cfg.stop_token_ids:
+            self.finish_reason = "stop"
+        elif self.decoder is not None:
+            self.text += self.decoder.push(token)
+            self._check_stop_strings()
+        if self.finish_reason is None and len(self.token_ids) >= self.cfg.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None and self.decoder is not None and \
+                self.finish_reason == "length":
+            self.text += self.decoder.flush()
+        safe = len(self.text) if self.finish_reason else len(self.text) - self._held_back()
+        piece, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
+        return piece
+
+    def _check_stop_strings(self) -> None:
+        for stop in self.cfg.stop_strings:
+            i = self.text.find(stop, max(0, self.emitted - len(stop)))
+            if i >= 0:
+                self.text, self.finish_reason = self.text[:i], "stop"
+                return
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that could still grow into a stop string."""
+        best = 0
+        for stop in self.cfg.stop_strings:
+            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
+                if self.text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def output(self) -> SequenceOutput:
+        n = len(self.token_ids)
+        decode_s = self.t_last - self.t_first
+        return SequenceOutput(self.token_ids, self.text, self.finish_reason or "length",
+                              self.prompt_len, self.t_first - self.t0,
+                              (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
+
+
+def _pad(prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
+    width = max(len(p) for p in prompts)
+    return torch.tensor([p + [pad_id] * (width - len(p)) for p in prompts], dtype=torch.long)
+
+
+def _micro_batches(prompts: list[list[int]], n_micro: int, device: torch.device) -> list[_MicroBatch]:
+    mbs = []
+    for m in range(min(n_micro, len(prompts))):
+        start, n = split_evenly(len(prompts), min(n_micro, len(prompts)), m)
+        part = prompts[start:start + n]
+        mbs.append(_MicroBatch(slice(start, start + n),
+                               torch.tensor([len(p) for p in part], device=device),
+                               _pad(part).to(device)))
+    return mbs
+
+
+class _Messenger:
+    """Moves activations between stages and sampled tokens from the driver to every rank.
+
+    Shapes are known on every rank from the prompts, so nothing but the tensors is sent.
+    """
+
+    def __init__(self, ctx: ParallelContext, hidden: int, dtype: torch.dtype):
+        self.ctx, self.hidden, self.dtype = ctx, hidden, dtype
+        # Ranks outside the driver's tp group get tokens point-to-point.
+        self.token_peers = [r for r in range(ctx.world_size)
+                            if r // ctx.tp_size != ctx.pp_size - 1]
+        self.pending: list = []
+
+    def recv_hidden(self, b: int, t: int) -> torch.Tensor:
+        buf = torch.empty(b, t, self.hidden, dtype=self.dtype, device=self.ctx.device)
+        return C.recv_prev_stage(buf, self.ctx)
+
+    def send_hidden(self, h: torch.Tensor) -> None:
+        self.pending.append((C.send_next_stage(h, self.ctx), h))
+
+    def share_tokens(self, msg: torch.Tensor) -> torch.Tensor:
+        """On the last stage: tp rank 0's (b+1,) message to its tp group and to all other stages."""
+        C.broadcast_tp(msg, self.ctx)
+        if self.ctx.is_driver:
+            for r in self.token_peers:
+                self.pending.append((C.send_to(msg, r), msg))
+        self._prune()
+        return msg
+
+    def recv_tokens(self, b: int) -> torch.Tensor:
+        msg = torch.empty(b + 1, dtype=torch.long, device=self.ctx.device)
+        return C.recv_from(msg, self.ctx.driver_rank)
+
+    def _prune(self) -> None:
+        self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
+
+    def finish(self) -> None:
+        for w, _ in self.pending:
+            w.wait()
+        self.pending.clear()
+
+
+def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: GenerationConfig,
+             tokenizer=None, n_micro: int = 1,
+             emit: Callable[[tuple[int, str]], None] | None = None) -> list[SequenceOutput] | None:
+    """Run generation for a batch of token-id prompts on this rank.
+
+    Returns one SequenceOutput per prompt on the driver rank, None elsewhere. ``emit`` (driver
+    only) receives (prompt index, new text) as text becomes safe to show.
+    """
+    t0 = time.perf_counter()
+    dev, dtype = ctx.device, next(model.parameters()).dtype
+    b_total = len(prompts)
+    cache = KVCache(len(model.layers), b_total, model.num_kv_heads_local,
+                    max(map(len, prompts)) + cfg.max_new_tokens, model.cfg.head_dim, dtype, dev)
+    mbs = _micro_batches(prompts, n_micro, dev)
+    io = _Messenger(ctx, model.cfg.hidden_size, dtype)
+    seqs = sampler = seen = None
+    if ctx.is_driver:
+        from .loading.tokenizer import IncrementalDecoder
+        seqs = [_Sequence(len(p), cfg, IncrementalDecoder(tokenizer) if tokenizer else None, t0)
+                for p in prompts]
+        sampler = Sampler(cfg.sampling, b_total, dev)
+        if cfg.sampling.repetition_penalty != 1.0:
+            # Pad with each row's first token: penalising it twice is the same as once.
+            seen = torch.tensor([p + [p[0]] * (cache.max_len - len(p)) for p in prompts], device=dev)
+
+    with torch.inference_mode():
+        for step in range(cfg.max_new_tokens + 1):
+            for mb in mbs:
+                if not mb.alive:
+                    continue
+                if step > 0 and not ctx.is_driver and not ctx.is_last_stage:
+                    msg = io.recv_tokens(mb.size)
+                    mb.tokens, mb.alive = msg[:-1], not bool(msg[-1])
+                    if not mb.alive:
+                        continue
+                if step == cfg.max_new_tokens:
+                    continue
+                if step == 0:
+                    fb = ForwardBatch(torch.arange(mb.prompt.shape[1], device=dev).expand_as(mb.prompt),
+                                      rows=mb.rows)
+                    x = mb.prompt
+                else:
+                    pos = (mb.lengths + step - 1).unsqueeze(1)                    # (b, 1)
+                    fb = ForwardBatch(pos, (pos[:, 0] + 1).to(torch.int32), mb.rows)
+                    x = mb.tokens.unsqueeze(1)
+                if not ctx.is_first_stage:
+                    x = io.recv_hidden(mb.size, x.shape[1])
+                h = model(x, fb, cache)
+                if not ctx.is_last_stage:
+                    io.send_hidden(h)
+                    continue
+                last = h[torch.arange(mb.size, device=dev), mb.lengths - 1] if step == 0 else h[:, 0]
+                logits = model.compute_logits(last)                              # (b, V) fp32
+                msg = torch.zeros(mb.size + 1, dtype=torch.long, device=dev)
+                if ctx.is_driver:
+                    s = mb.rows
+                    width = None if seen is None else int(mb.lengths.max()) + step
+                    toks = sampler(logits, None if seen is None else seen[s, :width])
+                    msg[:-1] = toks
+                    now = time.perf_counter()
+                    ids = toks.tolist()
+                    for j, tok in enumerate(ids):
+                        i = s.start + j
+                        if seqs[i].finish_reason is None:
+                            piece = seqs[i].add(tok, now)
+                            if piece and emit is not None:
+                                emit((i, piece))
+                            if seen is not None:
+                                seen[i, len(prompts[i]) + step] = tok
+                    msg[-1] = all(seqs[i].finish_reason for i in range(s.start, s.stop))
+                io.share_tokens(msg)
+                mb.tokens, mb.alive = msg[:-1], not bool(msg[-1])
+            if not any(mb.alive for mb in mbs):
+                break
+        io.finish()
+    return [s.output() for s in seqs] if seqs is not None else None
+
+
+def prompt_logits(model, ctx: ParallelContext, prompts: list[list[int]]) -> torch.Tensor | None:
+    """Full-vocabulary float32 logits (B, T, V) for each prompt position, on the driver rank
+    (None elsewhere). Positions past a prompt's end are NaN."""
+    dev, dtype = ctx.device, next(model.parameters()).dtype
+    x = _pad(prompts).to(dev)
+    b, t = x.shape
+    cache = KVCache(len(model.layers), b, model.num_kv_heads_local, t, model.cfg.head_dim, dtype, dev)
+    io = _Messenger(ctx, model.cfg.hidden_size, dtype)
+    with torch.inference_mode():
+        if not ctx.is_first_stage:
+            x = io.recv_hidden(b, t)
+        h = model(x, ForwardBatch(torch.arange(t, device=dev).expand(b, t)), cache)
+        if not ctx.is_last_stage:
+            io.send_hidden(h)
+            io.finish()
+            return None
+        logits = model.compute_logits(h)
+    if not ctx.is_driver:
+        return None
+    lengths = torch.tensor([len(p) for p in prompts], device=dev)
+    logits[torch.arange(t, device=dev)[None, :] >= lengths[:, None]] = float("nan")
+    return logits.cpu()

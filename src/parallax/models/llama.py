@@ -1,0 +1,212 @@
+"""Llama-family decoder (llama, mistral, qwen2) built from tensor-parallel layers.
+
+Design choices:
+- One file serves the family: qwen2 differs only by q/k/v biases, mistral not at all at
+  inference without a sliding window.
+- q|k|v and gate|up are fused into one column-parallel matmul each (two weight sweeps fewer
+  per layer); o_proj and down_proj are row-parallel (one all-reduce each per layer).
+- Attention is split by whole KV groups (parallel/sharding.py), so uneven tp splits work.
+- The residual stream is carried next to the layer output and folded in by the fused
+  add + RMSNorm op, as vLLM does; a pipeline stage hands on their sum.
+- A module holds only its pipeline stage's layers (``layers`` range); the embedding lives on
+  the first stage, the final norm and LM head on the last.
+- Rotary cos/sin are computed per forward from positions (no max-length table), once for
+  all layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import ModelConfig
+from ..kv_cache import KVCache
+from ..parallel.context import ParallelContext
+from ..parallel.layers import (Chunk, ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
+                               VocabParallelEmbedding, _param)
+from ..parallel.sharding import head_partition, split_evenly
+
+
+@dataclass
+class ForwardBatch:
+    """Per-step inputs shared by every layer.
+
+    positions:    (B, T) long, the position of each token (right padding: 0..T-1 in prefill).
+    context_lens: (B,) int32, decode only: valid cache length including the new token.
+    rows:         the cache rows (sequences) this forward touches.
+    """
+    positions: torch.Tensor
+    context_lens: torch.Tensor | None = None
+    rows: slice = field(default_factory=lambda: slice(None))
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.context_lens is None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, name: str):
+        super().__init__()
+        self.weight = _param((dim,), dtype, [Chunk(name)])
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: rms_norm(x). With: (rms_norm(x + residual), x + residual)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """(D/2,) float32 inverse frequencies, with llama3 or linear scaling applied."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    kind = rs["rope_type"]
+    if kind == "linear":
+        return inv / rs["factor"]
+    if kind == "llama3":
+        factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (llama3, linear are)")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype):
+        super().__init__()
+        part = head_partition(cfg, ctx.tp_size, ctx.tp_rank)
+        d = cfg.head_dim
+        self.n_q, self.n_kv, self.head_dim = part.n_q, part.n_kv, d
+        kv_pieces = []   # contiguous runs of KV heads, as (start_row, rows)
+        for h in part.kv_heads:
+            if kv_pieces and kv_pieces[-1][0] + kv_pieces[-1][1] == h * d:
+                kv_pieces[-1] = (kv_pieces[-1][0], kv_pieces[-1][1] + d)
+            else:
+                kv_pieces.append((h * d, d))
+        pieces = [(f"{prefix}.q_proj", part.q_start * d, part.n_q * d)]
+        pieces += [(f"{prefix}.k_proj", s, n) for s, n in kv_pieces]
+        pieces += [(f"{prefix}.v_proj", s, n) for s, n in kv_pieces]
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, pieces, dtype, bias=cfg.attention_bias)
+        self.o_proj = RowParallelLinear(f"{prefix}.o_proj", part.q_start * d, part.n_q * d,
+                                        cfg.hidden_size, dtype, ctx)
+        self.scale = d ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv_proj(x)                                            # (B, T, (Hq+2Hk)*D)
+        q, k, v = qkv.split([self.n_q * self.head_dim, self.n_kv * self.head_dim,
+                             self.n_kv * self.head_dim], dim=-1)
+        q = q.view(b, t, self.n_q, self.head_dim)                         # (B, T, Hq, D)
+        k = k.view(b, t, self.n_kv, self.head_dim)                        # (B, T, Hk, D)
+        v = v.view(b, t, self.n_kv, self.head_dim)
+        q, k = ops.rotary_embedding(q, k, cos, sin)
+        if fb.is_prefill:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)                   # (B, Hk, T, D)
+            k_cache[:, :, :t] = k
+            v_cache[:, :, :t] = v
+            out = ops.prefill_attention(q.transpose(1, 2), k, v, self.scale)  # (B, Hq, T, D)
+            out = out.transpose(1, 2)                                     # (B, T, Hq, D)
+        else:
+            rows = torch.arange(b, device=x.device)
+            pos = fb.positions[:, 0]
+            k_cache[rows, :, pos] = k[:, 0]
+            v_cache[rows, :, pos] = v[:, 0]
+            out = ops.decode_attention(q[:, 0], k_cache, v_cache, fb.context_lens, self.scale)
+        return self.o_proj(out.reshape(b, t, self.n_q * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate|up fused and split by columns over tp."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype):
+        super().__init__()
+        start, n = split_evenly(cfg.intermediate_size, ctx.tp_size, ctx.tp_rank)
+        self.n = n
+        self.gate_up_proj = ColumnParallelLinear(
+            cfg.hidden_size, [(f"{prefix}.gate_proj", start, n), (f"{prefix}.up_proj", start, n)], dtype)
+        self.down_proj = RowParallelLinear(f"{prefix}.down_proj", start, n, cfg.hidden_size, dtype, ctx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.n, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, index: int, dtype: torch.dtype):
+        super().__init__()
+        prefix = f"model.layers.{index}"
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
+                                       f"{prefix}.input_layernorm.weight")
+        self.self_attn = Attention(cfg, ctx, f"{prefix}.self_attn", dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
+                                                f"{prefix}.post_attention_layernorm.weight")
+        self.mlp = MLP(cfg, ctx, f"{prefix}.mlp", dtype)
+
+    def forward(self, x, residual, cos, sin, fb, k_cache, v_cache):
+        """Returns (this layer's output, residual stream before it)."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, fb, k_cache, v_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """One pipeline stage of the model: layers ``layers`` on this tp rank's shard."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layers: range, dtype: torch.dtype):
+        super().__init__()
+        self.cfg, self.ctx, self.layer_ids = cfg, ctx, layers
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, ctx)
+                             if ctx.is_first_stage else None)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, i, dtype) for i in layers)
+        self.norm = self.lm_head = None
+        if ctx.is_last_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "model.norm.weight")
+            tied = cfg.tie_word_embeddings
+            self.lm_head = ParallelLMHead(
+                cfg.vocab_size, cfg.hidden_size, dtype, ctx,
+                name="model.embed_tokens.weight" if tied else "lm_head.weight",
+                tied=self.embed_tokens if tied else None)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.num_kv_heads_local = self.layers[0].self_attn.n_kv
+
+    def forward(self, x: torch.Tensor, fb: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """First stage: x is token ids (B, T) long; later stages: hidden (B, T, d).
+
+        Returns the hidden stream (B, T, d) for the next stage, or on the last stage the
+        final-normed hidden, ready for ``compute_logits`` on the rows that need them.
+        """
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(x)                                      # (B, T, d)
+        freqs = fb.positions.unsqueeze(-1).float() * self.inv_freq        # (B, T, D/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        residual = None
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = cache.layer(i, fb.rows)
+            x, residual = layer(x, residual, cos, sin, fb, k_cache, v_cache)
+        if self.norm is not None:
+            return self.norm(x, residual)[0]
+        return x + residual
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d) normed hidden -> (..., vocab) float32 logits, full vocabulary."""
+        return self.lm_head(h)
+
+    def linear_layers(self):
+        return [m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]

@@ -1,0 +1,123 @@
+"""Who holds what: the split of heads, MLP columns, vocabulary rows and layers over ranks.
+
+Pure arithmetic on the config, no tensors, so a layout is checked before any weight is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..errors import LayoutError
+
+
+def split_evenly(n: int, parts: int, index: int) -> tuple[int, int]:
+    """(start, length) of part ``index`` when n items are cut into ``parts`` contiguous pieces
+    whose sizes differ by at most one (the first ``n % parts`` pieces are one larger)."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, base + (index < extra)
+
+
+@dataclass(frozen=True)
+class HeadPartition:
+    """The attention heads one tp rank owns.
+
+    ``q_heads``: the contiguous global query heads it computes.
+    ``kv_heads``: the global KV head behind each local KV slot; local query head i reads
+    local KV slot ``i // local_group``.
+    """
+    q_start: int
+    n_q: int
+    kv_heads: tuple[int, ...]
+
+    @property
+    def n_kv(self) -> int:
+        return len(self.kv_heads)
+
+    @property
+    def local_group(self) -> int:
+        return self.n_q // self.n_kv
+
+
+def head_partition(cfg: ModelConfig, tp_size: int, tp_rank: int) -> HeadPartition:
+    """Split attention by whole KV groups when tp <= KV heads (groups may be uneven: 3 KV
+    heads over 2 ranks is 2 + 1); past that, split query heads and let each rank keep the
+    KV heads its query heads need (replicated across ranks)."""
+    group = cfg.group_size
+    if tp_size <= cfg.num_kv_heads:
+        kv_start, n_kv = split_evenly(cfg.num_kv_heads, tp_size, tp_rank)
+        return HeadPartition(kv_start * group, n_kv * group, tuple(range(kv_start, kv_start + n_kv)))
+    q_start, n_q = split_evenly(cfg.num_heads, tp_size, tp_rank)
+    kv_of_q = [q // group for q in range(q_start, q_start + n_q)]
+    distinct = sorted(set(kv_of_q))
+    if all(kv_of_q.count(h) == n_q // len(distinct) for h in distinct):
+        return HeadPartition(q_start, n_q, tuple(distinct))
+    # Query heads straddle KV groups unevenly: give every query head its own KV slot.
+    return HeadPartition(q_start, n_q, tuple(kv_of_q))
+
+
+def split_layers(cfg: ModelConfig, pp_size: int, layer_split: list[int] | None = None) -> list[range]:
+    """Contiguous layer blocks per pipeline stage.
+
+    By default stages are balanced by weight bytes (what a decode step reads): the last
+    stage also holds the LM head, which for SmolLM2 (49k x 576) weighs as much as ~8
+    layers, so it gets fewer layers. ``layer_split`` overrides: per-stage layer counts
+    summing to num_layers.
+    """
+    n = cfg.num_layers
+    if layer_split is not None:
+        if len(layer_split) != pp_size or sum(layer_split) != n or min(layer_split) < 1:
+            raise LayoutError(f"layer_split={layer_split} must have pp={pp_size} positive entries "
+                              f"summing to the model's {n} layers")
+        counts = list(layer_split)
+    else:
+        counts = _balanced_counts(cfg, pp_size)
+    bounds, start = [], 0
+    for c in counts:
+        bounds.append(range(start, start + c))
+        start += c
+    return bounds
+
+
+def _balanced_counts(cfg: ModelConfig, pp_size: int) -> list[int]:
+    """Layer counts minimising the heaviest stage, the LM head counted on the last stage."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    layer = d * cfg.head_dim * 2 * (cfg.num_heads + cfg.num_kv_heads) + 3 * d * f
+    head_in_layers = cfg.vocab_size * d / layer
+    n = cfg.num_layers
+    # Binary-search the smallest stage capacity (in layer units) that fits; fill from the back.
+    lo, hi = 1.0, n + head_in_layers
+    for _ in range(50):
+        cap = (lo + hi) / 2
+        if _fill(n, pp_size, cap, head_in_layers) is None:
+            lo = cap
+        else:
+            hi = cap
+    return _fill(n, pp_size, hi, head_in_layers)
+
+
+def _fill(n: int, pp_size: int, cap: float, head: float) -> list[int] | None:
+    counts, left = [], n
+    for stage in reversed(range(pp_size)):
+        room = int(cap - (head if stage == pp_size - 1 else 0))
+        take = min(max(room, 1), left - stage)   # leave at least one layer per earlier stage
+        if take < 1:
+            return None
+        counts.append(take)
+        left -= take
+    return counts[::-1] if left == 0 else None
+
+
+def check_layout(cfg: ModelConfig, tp_size: int, pp_size: int,
+                 layer_split: list[int] | None = None) -> None:
+    """Raise LayoutError, naming the valid choices, when the model cannot take tp x pp."""
+    if tp_size < 1 or pp_size < 1:
+        raise LayoutError(f"tp and pp must be >= 1, got tp={tp_size} pp={pp_size}")
+    if tp_size > cfg.num_heads:
+        raise LayoutError(f"tp={tp_size} exceeds the model's {cfg.num_heads} attention heads; "
+                          f"choose tp in 1..{cfg.num_heads}")
+    if pp_size > cfg.num_layers:
+        raise LayoutError(f"pp={pp_size} exceeds the model's {cfg.num_layers} layers; "
+                          f"choose pp in 1..{cfg.num_layers}")
+    split_layers(cfg, pp_size, layer_split)
