@@ -191,7 +191,7 @@ class GGUFCheckpoint:
         if dim is not None and dim != 0:      # the last dim: drop the rest of the edge blocks
             arr = arr[..., start:start + length]
         if not (arr.flags.writeable and arr.flags.c_contiguous) or arr.dtype != np.float32:
-            arr = np.ascontiguousarray(arr, dtype=np.float32).copy()
+            arr = np.array(arr, dtype=np.float32, order="C")      # own, writable memory
         return torch.from_numpy(arr).to(dtype)
 
     def close(self) -> None:
