@@ -265,8 +265,8 @@ def prompt_logits(model, ctx: ParallelContext, prompts: list[list[int]]) -> torc
             io.finish()
             return None
         logits = model.compute_logits(h)
-    if not ctx.is_driver:
-        return None
-    lengths = torch.tensor([len(p) for p in prompts], device=dev)
-    logits[torch.arange(t, device=dev)[None, :] >= lengths[:, None]] = float("nan")
-    return logits.cpu()
+        if not ctx.is_driver:
+            return None
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        logits[torch.arange(t, device=dev)[None, :] >= lengths[:, None]] = float("nan")
+    return logits.cpu().clone()   # a normal tensor, not an inference-mode one

