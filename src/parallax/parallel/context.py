@@ -71,11 +71,14 @@ class ParallelContext:
     @classmethod
     def initialize(cls, *, rank: int, tp_size: int, pp_size: int, device: str | torch.device,
                    master_addr: str = "127.0.0.1", master_port: int | None = None,
-                   timeout_s: float = DEFAULT_TIMEOUT_S) -> "ParallelContext":
+                   timeout_s: float = DEFAULT_TIMEOUT_S,
+                   store: dist.Store | None = None) -> "ParallelContext":
         """Join (or create) the default process group and build the tp groups.
 
-        With ``master_port=None`` the rendezvous comes from the environment (torchrun).
-        NCCL on CUDA devices, gloo otherwise.
+        Rendezvous, first match wins: ``store`` (an already connected ``dist.Store``, e.g.
+        the launcher's TCPStore client from ``connect_store``), then
+        ``tcp://master_addr:master_port``, then the environment (torchrun) when
+        ``master_port=None``. NCCL on CUDA devices, gloo otherwise.
         """
         world = tp_size * pp_size
         device = torch.device(device)
@@ -87,9 +90,13 @@ class ParallelContext:
         timeout = datetime.timedelta(seconds=timeout_s)
         owns = False
         if world > 1 and not dist.is_initialized():
-            init = "env://" if master_port is None else f"tcp://{master_addr}:{master_port}"
-            dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
-                                    timeout=timeout)
+            if store is not None:
+                dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                        timeout=timeout)
+            else:
+                init = "env://" if master_port is None else f"tcp://{master_addr}:{master_port}"
+                dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
+                                        timeout=timeout)
             owns = True
         if world > 1 and dist.get_world_size() != world:
             from ..errors import LayoutError
@@ -120,6 +127,16 @@ class ParallelContext:
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_process_group = False
+
+
+def connect_store(host: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> dist.TCPStore:
+    """Connect, as a client, to a TCPStore hosted by the launching process.
+
+    The launcher hosts the master store on port 0 (the OS picks a free port) and hands
+    host and port to its workers, so concurrent runs on one machine never race for a port.
+    """
+    return dist.TCPStore(host, port, is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def launched_by_torchrun() -> bool:
