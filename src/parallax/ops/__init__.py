@@ -1,14 +1,112 @@
-"""The hot-path ops, dispatched in one place: the CUDA extension when it is built and the
-tensors live on a GPU, else the torch references (ops/reference.py) with the same signature.
+"""The hot-path ops, dispatched in one place.
+
+``PARALLAX_KERNELS`` (read once, at import) picks the implementation:
+
+- ``auto`` (default): the CUDA extension for tensors on a GPU when it loads (prebuilt, or
+  JIT-built on the first GPU call), the torch references (ops/reference.py) otherwise;
+- ``cuda``: like auto, but the extension must load: importing this module raises if it cannot;
+- ``reference``: always the torch references.
+
+CPU tensors always take the reference. Inputs a kernel does not cover (float32, head dims
+other than 64/128, int8 batches above ``cuda.INT8_GEMV_MAX_M`` rows) also take the reference,
+which runs on the GPU through torch. Prefill attention, dense ``linear`` and ``quantize_int8``
+always use the reference: torch's SDPA (flash backend) and cuBLAS are what we would write
+(docs/kernels.md says why).
+
+Differences callers must know: the CUDA ``rotary_embedding`` rotates q and k in place and
+returns them (the reference returns new tensors), and CUDA ``decode_attention`` returns zeros
+for a sequence with ``context_lens == 0`` (the reference returns NaN).
 """
 
-from .reference import (add_rms_norm, decode_attention, int8_linear, linear, prefill_attention,
-                        quantize_int8, rms_norm, rotary_embedding)
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import cuda as _cuda
+from . import reference as _ref
+from .reference import linear, prefill_attention, quantize_int8
 
 __all__ = ["add_rms_norm", "decode_attention", "int8_linear", "linear", "prefill_attention",
            "quantize_int8", "rms_norm", "rotary_embedding", "active_backend"]
 
+_MODE = os.environ.get("PARALLAX_KERNELS", "auto").strip().lower() or "auto"
+if _MODE not in ("auto", "cuda", "reference"):
+    raise ValueError(f"PARALLAX_KERNELS must be auto, cuda or reference, got {_MODE!r}")
+
+_HALF = (torch.float16, torch.bfloat16)
+# None: not tried yet (auto loads lazily on the first GPU tensor); then True/False for good.
+_cuda_ok: bool | None = False if _MODE == "reference" else None
+
+if _MODE == "cuda":
+    if not _cuda.load_extension():
+        raise RuntimeError("PARALLAX_KERNELS=cuda but the parallax CUDA extension is not "
+                           f"available: {_cuda.load_error()}. Install parallax on a machine "
+                           "with CUDA torch and nvcc (or set PARALLAX_KERNELS=auto).")
+    _cuda_ok = True
+
+
+def _resolve() -> bool:
+    global _cuda_ok
+    _cuda_ok = _cuda.load_extension()
+    return _cuda_ok
+
+
+def _on_cuda(t: torch.Tensor) -> bool:
+    """True when t is on a GPU and the extension is usable (loaded once, then a flag test)."""
+    if not t.is_cuda:
+        return False
+    ok = _cuda_ok
+    return _resolve() if ok is None else ok
+
 
 def active_backend() -> str:
-    """Which implementation the ops use now: "reference" (or "cuda" once built)."""
-    return "reference"
+    """"cuda" when GPU tensors would use the extension, else "reference"."""
+    if _cuda_ok is None and torch.cuda.is_available():
+        _resolve()
+    return "cuda" if _cuda_ok else "reference"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _on_cuda(x) and x.dtype in _HALF and weight.dtype == x.dtype:
+        return _cuda.rms_norm(x, weight, eps)
+    return _ref.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if (_on_cuda(x) and x.dtype in _HALF and residual.dtype == x.dtype
+            and weight.dtype == x.dtype and residual.shape == x.shape):
+        return _cuda.add_rms_norm(x, residual, weight, eps)
+    return _ref.add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if (_on_cuda(q) and q.dtype in _HALF and k.dtype == q.dtype and q.dim() == 4
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.dtype == torch.float32):
+        return _cuda.rotary_embedding(q, k, cos, sin)
+    return _ref.rotary_embedding(q, k, cos, sin)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    d = q.shape[-1]
+    if (_on_cuda(q) and q.dtype in _HALF and (d == 64 or d == 128)
+            and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+            and k_cache.stride(-1) == 1 and k_cache.stride(-2) == d
+            and v_cache.stride(-1) == 1 and v_cache.stride(-2) == d):
+        return _cuda.decode_attention(q, k_cache, v_cache, context_lens, scale)
+    return _ref.decode_attention(q, k_cache, v_cache, context_lens, scale)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    k = x.shape[-1]
+    if (_on_cuda(x) and x.dtype in _HALF and k % 16 == 0 and qweight.is_contiguous()
+            and x.numel() <= _cuda.INT8_GEMV_MAX_M * k
+            and (bias is None or bias.dtype == x.dtype)):
+        return _cuda.int8_linear(x, qweight, scales, bias)
+    # Larger batches: dequantize-then-matmul (the reference), cuBLAS does the work.
+    return _ref.int8_linear(x, qweight, scales, bias)
