@@ -1,0 +1,282 @@
+"""Times parallax's CUDA kernels against their torch counterparts, then a decode step of a
+random-weight Llama-3-8B-shaped model with the kernels on and off. Prints one table.
+
+    PYTHONPATH=src python benchmarks/bench_kernels.py [--quick] [--skip-e2e]
+
+Method: CUDA events around each launch, median of many runs, inputs rotated over enough
+copies that the working set exceeds the L2 (so bandwidth is HBM's, not the cache's). Achieved
+GB/s counts the fewest bytes each op must move; it is compared with a measured device copy
+(read + write bytes). Needs a GPU and the extension (built by setup.py or JIT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import parallax.ops as ops
+from parallax.ops import cuda as C
+from parallax.ops import reference as ref
+
+DEV = "cuda"
+BF = torch.bfloat16
+ROWS: list[tuple[str, str, float, float, float]] = []  # name, detail, ms kernel, ms torch, GB
+
+
+def l2_bytes() -> int:
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 60 << 20)
+
+
+def copies_for(nbytes: int) -> int:
+    """How many input copies to rotate over so the set is >= 4x the L2."""
+    return max(1, min(16, math.ceil(4 * l2_bytes() / max(nbytes, 1))))
+
+
+def bench(fn, args_list, iters: int = 50, warmup: int = 5) -> float:
+    """Median milliseconds of fn(*args), rotating over args_list."""
+    for i in range(warmup):
+        fn(*args_list[i % len(args_list)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(iters):
+        a = args_list[i % len(args_list)]
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn(*a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a), [()], iters=20)
+    return 2 * n / ms / 1e6  # GB/s
+
+
+def record(name, detail, fn_k, fn_t, args_list, nbytes, iters=50):
+    mk = bench(fn_k, args_list, iters)
+    mt = bench(fn_t, args_list, iters) if fn_t is not None else float("nan")
+    ROWS.append((name, detail, mk, mt, nbytes / 1e9))
+
+
+# ----------------------------------------------------------------------------- per kernel
+
+def bench_decode(quick: bool):
+    hq, hk, d = 32, 8, 128   # Llama-3-8B attention
+    for b, ctx in [(1, 4096), (1, 16384), (16, 4096), (32, 2048)] if not quick else [(1, 4096)]:
+        kv_bytes = 2 * b * hk * ctx * d * 2
+        sets = []
+        for _ in range(copies_for(kv_bytes)):
+            q = torch.randn(b, hq, d, device=DEV, dtype=BF)
+            kc = torch.randn(b, hk, ctx, d, device=DEV, dtype=BF)
+            vc = torch.randn(b, hk, ctx, d, device=DEV, dtype=BF)
+            lens = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
+            sets.append((q, kc, vc, lens))
+        scale = d ** -0.5
+        # torch counterpart: SDPA on the same GQA problem (equal lengths, so no mask needed)
+        sdpa = lambda q, kc, vc, lens: F.scaled_dot_product_attention(  # noqa: E731
+            q[:, :, None], kc, vc, scale=scale, enable_gqa=True)
+        record("decode_attention", f"B={b} ctx={ctx} Hq=32 Hk=8 D=128",
+               lambda q, kc, vc, lens: C.decode_attention(q, kc, vc, lens, scale), sdpa, sets,
+               kv_bytes + 2 * b * hq * d * 2)
+
+
+def bench_int8(quick: bool):
+    shapes = [(14336, 4096), (4096, 14336)] if not quick else [(14336, 4096)]
+    for n, k in shapes:
+        for m in (1, 16) if not quick else (1,):
+            sets = []
+            for _ in range(copies_for(n * k * 2)):   # sized for the bf16 weight
+                w = torch.randn(n, k, device=DEV, dtype=BF) * 0.02
+                qw, sc = ref.quantize_int8(w)
+                sets.append((torch.randn(m, k, device=DEV, dtype=BF), qw, sc, w))
+            record("int8_linear", f"M={m} N={n} K={k} vs bf16 F.linear",
+                   lambda x, qw, sc, w: C.int8_linear(x, qw, sc),
+                   lambda x, qw, sc, w: F.linear(x, w), sets, n * k + 2 * m * (n + k))
+
+
+def bench_norm_rotary(quick: bool):
+    for rows in (16, 8192):
+        d = 4096
+        nbytes = rows * d * 2
+        sets = [(torch.randn(rows, d, device=DEV, dtype=BF), torch.randn(rows, d, device=DEV, dtype=BF),
+                 torch.randn(d, device=DEV, dtype=BF)) for _ in range(copies_for(4 * nbytes))]
+        record("add_rms_norm", f"rows={rows} d=4096",
+               lambda x, r, w: C.add_rms_norm(x, r, w, 1e-5),
+               lambda x, r, w: ref.add_rms_norm(x, r, w, 1e-5), sets, 4 * nbytes)
+    for b, t in [(16, 1), (1, 4096)]:
+        hq, hk, d = 32, 8, 128
+        nbytes = 2 * b * t * (hq + hk) * d * 2 + 2 * b * t * d // 2 * 4
+        sets = [(torch.randn(b, t, hq, d, device=DEV, dtype=BF), torch.randn(b, t, hk, d, device=DEV, dtype=BF),
+                 torch.rand(b, t, d // 2, device=DEV), torch.rand(b, t, d // 2, device=DEV))
+                for _ in range(copies_for(nbytes))]
+        record("rotary_embedding", f"B={b} T={t} (in place vs out of place)",
+               lambda q, k, c, s: C.rotary_embedding(q, k, c, s),
+               lambda q, k, c, s: ref.rotary_embedding(q, k, c, s), sets, nbytes)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+class TinyLlama:
+    """Llama-3-8B shapes, random bf16 weights, decode only, written on parallax.ops so the
+    same code runs with the kernels (`impl=ops`) or the torch references (`impl=ref`)."""
+
+    def __init__(self, layers=32, hidden=4096, heads=32, kv_heads=8, inter=14336,
+                 vocab=128256, max_len=2048, batch=16):
+        g = dict(device=DEV, dtype=BF)
+        self.h, self.nq, self.nk, self.d = hidden, heads, kv_heads, hidden // heads
+        std = 0.02
+        self.embed = torch.randn(vocab, hidden, **g) * std
+        self.layers = []
+        for _ in range(layers):
+            self.layers.append(dict(
+                ln1=torch.ones(hidden, **g), ln2=torch.ones(hidden, **g),
+                qkv=torch.randn((heads + 2 * kv_heads) * self.d, hidden, **g) * std,
+                o=torch.randn(hidden, hidden, **g) * std,
+                gate_up=torch.randn(2 * inter, hidden, **g) * std,
+                down=torch.randn(hidden, inter, **g) * std,
+                k=torch.randn(batch, kv_heads, max_len, self.d, **g),
+                v=torch.randn(batch, kv_heads, max_len, self.d, **g)))
+        self.norm = torch.ones(hidden, **g)
+        self.lm_head = torch.randn(vocab, hidden, **g) * std
+        inv = 1.0 / (500000.0 ** (torch.arange(0, self.d, 2, device=DEV).float() / self.d))
+        self.inv_freq = inv
+
+    def step(self, impl, tokens, pos):
+        """tokens: (B,) int64; pos: (B,) int64 position of the new token. Returns logits."""
+        b = tokens.shape[0]
+        x = self.embed[tokens][:, None]                                  # (B, 1, H)
+        ang = pos[:, None, None].float() * self.inv_freq                 # (B, 1, D/2)
+        cos, sin = ang.cos(), ang.sin()
+        lens = (pos + 1).to(torch.int32)
+        rows = torch.arange(b, device=DEV)
+        residual = None
+        for L in self.layers:
+            if residual is None:
+                residual, h = x, impl.rms_norm(x, L["ln1"], 1e-5)
+            else:
+                h, residual = impl.add_rms_norm(x, residual, L["ln1"], 1e-5)
+            qkv = impl.linear(h, L["qkv"])                               # (B, 1, (Hq+2Hk)D)
+            q, k, v = qkv.split([self.nq * self.d, self.nk * self.d, self.nk * self.d], -1)
+            q = q.view(b, 1, self.nq, self.d)
+            k = k.view(b, 1, self.nk, self.d)
+            q, k = impl.rotary_embedding(q, k, cos, sin)
+            L["k"][rows, :, pos] = k[:, 0]
+            L["v"][rows, :, pos] = v.view(b, self.nk, self.d)
+            att = impl.decode_attention(q[:, 0], L["k"][:b], L["v"][:b], lens, self.d ** -0.5)
+            x = impl.linear(att.reshape(b, 1, -1), L["o"])
+            h, residual = impl.add_rms_norm(x, residual, L["ln2"], 1e-5)
+            gu = impl.linear(h, L["gate_up"])
+            gate, up = gu.chunk(2, -1)
+            x = impl.linear(F.silu(gate) * up, L["down"])
+        h, _ = impl.add_rms_norm(x, residual, self.norm, 1e-5)
+        return impl.linear(h, self.lm_head)
+
+
+def bench_e2e(results: list[str], ctx: int = 1024, steps: int = 20):
+    model = TinyLlama(batch=16, max_len=ctx + 64)
+    for b in (1, 16):
+        tokens = torch.randint(0, 1000, (b,), device=DEV)
+        for name, impl in (("kernels on", ops), ("kernels off", ref)):
+            pos = torch.full((b,), ctx, dtype=torch.int64, device=DEV)
+            for _ in range(3):
+                model.step(impl, tokens, pos)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                model.step(impl, tokens, pos)
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) * 1e3 / steps
+            results.append(f"e2e decode  B={b:<2} ctx={ctx}  {name:<11}: {ms:7.2f} ms/step  "
+                           f"{b * 1e3 / ms:8.1f} tok/s  (eager)")
+        # kernels on, replayed as a CUDA graph: removes Python launch overhead
+        try:
+            pos = torch.full((b,), ctx, dtype=torch.int64, device=DEV)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    model.step(ops, tokens, pos)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model.step(ops, tokens, pos)
+            ms = bench(lambda: graph.replay(), [()], iters=steps, warmup=2)
+            weight_gb = 2 * 8.03e9 / 1e9
+            results.append(f"e2e decode  B={b:<2} ctx={ctx}  kernels on : {ms:7.2f} ms/step  "
+                           f"{b * 1e3 / ms:8.1f} tok/s  (CUDA graph; weights alone = "
+                           f"{weight_gb / ms:5.2f} TB/s)")
+        except Exception as e:  # noqa: BLE001 - report and go on
+            results.append(f"e2e decode  B={b:<2} CUDA graph capture failed: {type(e).__name__}: {e}")
+
+
+def sanitize_case():
+    """Each kernel once on small, odd-sized inputs (for compute-sanitizer memcheck)."""
+    g = dict(device=DEV, dtype=BF)
+    x, r, w = torch.randn(3, 100, **g), torch.randn(3, 100, **g), torch.randn(100, **g)
+    C.rms_norm(x, w, 1e-5)
+    C.add_rms_norm(x, r, w, 1e-5)
+    x8 = torch.randn(5, 4096, **g)
+    C.add_rms_norm(x8, x8.clone(), torch.randn(4096, **g), 1e-5)
+    C.rotary_embedding(torch.randn(2, 3, 9, 64, **g), torch.randn(2, 3, 3, 64, **g),
+                       torch.rand(2, 3, 32, device=DEV), torch.rand(2, 3, 32, device=DEV))
+    for d, hq, hk in ((64, 9, 3), (128, 32, 8), (128, 16, 1)):
+        q = torch.randn(3, hq, d, **g)
+        kc, vc = torch.randn(3, hk, 300, d, **g), torch.randn(3, hk, 300, d, **g)
+        C.decode_attention(q, kc, vc, torch.tensor([1, 300, 77], dtype=torch.int32, device=DEV),
+                           d ** -0.5)
+    qw, sc = ref.quantize_int8(torch.randn(37, 528, **g))
+    for m in (1, 3, 16):
+        C.int8_linear(torch.randn(m, 528, **g), qw, sc, torch.randn(37, **g))
+    torch.cuda.synchronize()
+    print("sanitize case ran")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one case per kernel")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--sanitize-case", action="store_true",
+                    help="run each kernel once on small inputs and exit")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "needs a GPU"
+    assert C.load_extension(), C.load_error()
+    if args.sanitize_case:
+        sanitize_case()
+        return
+    torch.manual_seed(0)
+    prop = torch.cuda.get_device_properties(0)
+    bw = copy_bandwidth()
+    print(f"# {prop.name}, {prop.multi_processor_count} SMs, L2 {l2_bytes() >> 20} MiB; "
+          f"device copy {bw:.0f} GB/s (read + write)")
+    for fn in (bench_decode, bench_int8, bench_norm_rotary):
+        try:
+            fn(args.quick)
+        except Exception as e:  # noqa: BLE001 - keep the other rows
+            print(f"# {fn.__name__} failed: {type(e).__name__}: {e}")
+        torch.cuda.empty_cache()
+    print(f"{'op':<17} {'case':<42} {'kernel ms':>9} {'torch ms':>9} {'speedup':>7} "
+          f"{'GB/s':>7} {'%copy':>6}")
+    for name, detail, mk, mt, gb in ROWS:
+        print(f"{name:<17} {detail:<42} {mk:9.4f} {mt:9.4f} {mt / mk:6.2f}x "
+              f"{gb / mk * 1e3:7.0f} {100 * gb / mk * 1e3 / bw:5.1f}%")
+    if not args.skip_e2e:
+        res: list[str] = []
+        try:
+            bench_e2e(res)
+        except Exception as e:  # noqa: BLE001
+            res.append(f"e2e failed: {type(e).__name__}: {e}")
+        print("\n".join(res))
+
+
+if __name__ == "__main__":
+    main()
