@@ -236,13 +236,15 @@ def test_two_pools_at_once(pool):
 def test_unguarded_script_works_and_workers_die_with_driver(tmp_path):
     script = tmp_path / "no_main_guard.py"
     script.write_text(textwrap.dedent(f"""
-        import os, signal, sys
+        import os, signal, sys, threading
         sys.path[:0] = [{str(SRC)!r}, {str(TESTS)!r}]
         from parallax.parallel.launch import WorkerPool
         from toy_engines import make_toy
         pool = WorkerPool(make_toy, (), tp_size=2, pp_size=1)
         print(pool.call("tp_sum", 1.0), *pool.pids, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)   # the driver dies without cleaning up
+        # The driver dies without cleaning up while the workers are busy in collectives.
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        pool.call("spin", 60.0)
     """))
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=60)

@@ -302,6 +302,9 @@ class _PoolState:
                 p.join(5.0)
         for conn in self.conns:
             conn.close()
+        for p in self.procs:                          # release their sentinel fds
+            with contextlib.suppress(ValueError):
+                p.close()
         self.store = None                             # stops the TCPStore server
 
 
