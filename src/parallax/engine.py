@@ -38,7 +38,12 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (Linux reports KiB)."""
+    """Peak resident memory of this process. VmHWM, not ru_maxrss: the latter survives
+    exec, so a spawned worker would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -68,8 +73,8 @@ class Engine:
 
     def memory(self) -> dict:
         """This rank's weight bytes and peak resident memory."""
-        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values()
-                      if t.device.type != "meta")
+        tensors = {t.data_ptr(): t for t in self.model.state_dict().values()}   # tied: once
+        weights = sum(t.numel() * t.element_size() for t in tensors.values())
         return {"rank": self.ctx.rank, "weight_bytes": weights, "peak_rss_bytes": peak_rss_bytes(),
                 "load_time_s": self.load_time_s, "pid": os.getpid()}
 
