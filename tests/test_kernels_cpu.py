@@ -253,3 +253,20 @@ def test_binding_registers_schemas_and_fakes(tmp_path):
     qw = torch.empty(48, 64, device="meta", dtype=torch.int8)
     y = C.int8_linear(torch.empty(2, 3, 64, **m), qw, torch.empty(48, **m), None)
     assert y.shape == (2, 3, 48)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+@pytest.mark.parametrize("n, k", [(960, 576), (12288, 64), (6, 10)])
+def test_cpu_small_m_linear_matches_reference(m, n, k):
+    """ops/cpu.py's batched-gemm decode matmul equals F.linear, with and without bias and
+    for non-contiguous (column-major) inputs."""
+    from parallax.ops import cpu
+    w = torch.randn(n, k)
+    b = torch.randn(n)
+    x = torch.randn(k, m).t()                       # column-major (m, k)
+    assert cpu.use_small_m(x, w) == (n % 2 == 0)
+    for bias in (None, b):
+        got = cpu.linear_small_m(x.unsqueeze(1), w, bias)
+        ref = torch.nn.functional.linear(x.unsqueeze(1), w, bias)
+        assert got.shape == ref.shape and got.is_contiguous()
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)

@@ -76,22 +76,24 @@ class LLM:
             raise ParallaxError(f"micro_batches must be >= 1, got {micro_batches}")
         # Read only the config (and tokenizer) here: the layout is checked before any weight.
         ckpt = open_checkpoint(model)
-        self.config = ckpt.config
-        check_layout(self.config, tp, pp, layer_split)
-        self.tokenizer = load_tokenizer(model, ckpt)
-        ckpt.close()
-        self.tp, self.pp = tp, pp
-        args = (model, dtype, layer_split, quantize, micro_batches)
-        if tp * pp == 1:
-            self._ctx = ParallelContext.single(device)
-            self._engine = Engine(self._ctx, *args, tokenizer=self.tokenizer)
-        elif launched_by_torchrun():
-            self._ctx = ParallelContext.from_torchrun_env(tp, pp, device, timeout_s)
-            self._engine = Engine(self._ctx, *args)
-        else:
-            from .parallel.launch import WorkerPool
-            self._pool = WorkerPool(Engine, args, tp_size=tp, pp_size=pp, device=device,
-                                    timeout_s=timeout_s, threads_per_rank=threads_per_rank)
+        try:
+            self.config = ckpt.config
+            check_layout(self.config, tp, pp, layer_split)
+            self.tokenizer = load_tokenizer(model, ckpt)
+            self.tp, self.pp = tp, pp
+            args = (model, dtype, layer_split, quantize, micro_batches)
+            if tp * pp == 1:
+                self._ctx = ParallelContext.single(device)
+                self._engine = Engine(self._ctx, *args, tokenizer=self.tokenizer, checkpoint=ckpt)
+            elif launched_by_torchrun():
+                self._ctx = ParallelContext.from_torchrun_env(tp, pp, device, timeout_s)
+                self._engine = Engine(self._ctx, *args, tokenizer=self.tokenizer, checkpoint=ckpt)
+            else:
+                from .parallel.launch import WorkerPool
+                self._pool = WorkerPool(Engine, args, tp_size=tp, pp_size=pp, device=device,
+                                        timeout_s=timeout_s, threads_per_rank=threads_per_rank)
+        finally:
+            ckpt.close()
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int = 32,

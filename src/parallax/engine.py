@@ -50,10 +50,10 @@ def peak_rss_bytes() -> int:
 class Engine:
     def __init__(self, ctx: ParallelContext, model: str, dtype: str | torch.dtype = "float32",
                  layer_split: list[int] | None = None, quantize: str | None = None,
-                 micro_batches: int | None = None, tokenizer=None):
+                 micro_batches: int | None = None, tokenizer=None, checkpoint=None):
         t0 = time.perf_counter()
         self.ctx = ctx
-        ckpt = open_checkpoint(model)
+        ckpt = checkpoint if checkpoint is not None else open_checkpoint(model)
         self.config = ckpt.config
         check_layout(self.config, ctx.tp_size, ctx.pp_size, layer_split)
         self.model = build_model(ckpt, ctx, parse_dtype(dtype), layer_split, quantize)

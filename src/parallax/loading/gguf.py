@@ -68,7 +68,20 @@ def hf_name(gguf_name: str) -> str | None:
 
 
 class _Reader(gguf.GGUFReader):
-    """GGUFReader that checks the file holds all tensor bytes before making views of them."""
+    """GGUFReader that checks the file holds all tensor bytes before making views of them.
+
+    It also keeps the mapped file as a plain ndarray view: slicing a np.memmap runs a
+    Python ``__array_finalize__`` per slice, and the metadata of a 49k-token vocabulary
+    takes ~750k slices (2.3 s -> 0.5 s to open SmolLM2).
+    """
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value.view(np.ndarray)   # still backed by the memory map
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         need, last = 0, ""

@@ -64,7 +64,8 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """(D/2,) float32 inverse frequencies, with llama3 or linear scaling applied."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    # Explicitly on the CPU: the model is built under a meta-device context.
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     rs = cfg.rope_scaling
     if rs is None:
         return inv

@@ -16,7 +16,6 @@ from ..loading.checkpoint import Checkpoint
 from ..parallel.context import ParallelContext
 from ..parallel.sharding import split_layers
 from . import MODEL_REGISTRY
-from .llama import rope_inv_freq
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
         model = cls(cfg, ctx, layers, dtype)
     t0 = time.perf_counter()
     load_weights(model, ckpt, ctx.device, dtype, show_progress=ctx.rank == 0)
-    model.inv_freq = rope_inv_freq(cfg).to(ctx.device)   # buffers were made on meta too
+    model.inv_freq = model.inv_freq.to(ctx.device)
     if quantize == "int8":
         for lin in model.linear_layers():
             lin.quantize_int8_()

@@ -7,7 +7,8 @@
 - ``cuda``: like auto, but the extension must load: importing this module raises if it cannot;
 - ``reference``: always the torch references.
 
-CPU tensors always take the reference. Inputs a kernel does not cover (float32, head dims
+CPU tensors take the reference, except ``linear`` with few rows (decode), which takes the
+batched-gemm form in ops/cpu.py. Inputs a kernel does not cover (float32, head dims
 other than 64/128, int8 batches above ``cuda.INT8_GEMV_MAX_M`` rows) also take the reference,
 which runs on the GPU through torch. Prefill attention, dense ``linear`` and ``quantize_int8``
 always use the reference: torch's SDPA (flash backend) and cuBLAS are what we would write
@@ -24,9 +25,10 @@ import os
 
 import torch
 
+from . import cpu as _cpu
 from . import cuda as _cuda
 from . import reference as _ref
-from .reference import linear, prefill_attention, quantize_int8
+from .reference import prefill_attention, quantize_int8
 
 __all__ = ["add_rms_norm", "decode_attention", "int8_linear", "linear", "prefill_attention",
            "quantize_int8", "rms_norm", "rotary_embedding", "active_backend"]
@@ -66,6 +68,12 @@ def active_backend() -> str:
     if _cuda_ok is None and torch.cuda.is_available():
         _resolve()
     return "cuda" if _cuda_ok else "reference"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if _cpu.use_small_m(x, weight):
+        return _cpu.linear_small_m(x, weight, bias)
+    return _ref.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
