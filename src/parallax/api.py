@@ -121,6 +121,11 @@ class LLM:
         ids = [self._check_ids(p) for p in prompts]
         return self._run("logits", ids)
 
+    def generation_stats(self) -> list[dict]:
+        """Per-rank ``busy_s`` / ``wall_s`` of the last generate; sum(busy) / (ranks * wall)
+        is the pipeline's busy fraction."""
+        return self._run("generation_stats")
+
     def memory(self) -> list[dict]:
         """Per-rank weight bytes and peak resident memory."""
         return self._run("all_memory")

@@ -63,10 +63,18 @@ class Engine:
         ckpt.close()
         self.micro_batches = micro_batches or ctx.pp_size
         self.load_time_s = time.perf_counter() - t0
+        self.last_stats: dict = {}
 
     def generate(self, prompts: list[list[int]], cfg: GenerationConfig,
                  emit: Callable[[tuple[int, str]], None] | None = None) -> list[SequenceOutput] | None:
-        return generate(self.model, self.ctx, prompts, cfg, self.tokenizer, self.micro_batches, emit)
+        self.last_stats = {}
+        return generate(self.model, self.ctx, prompts, cfg, self.tokenizer, self.micro_batches,
+                        emit, self.last_stats)
+
+    def generation_stats(self) -> list[dict]:
+        """Every rank's busy and wall seconds in the last generate (for the busy fraction)."""
+        from .parallel.collectives import all_gather_object
+        return all_gather_object({"rank": self.ctx.rank, **self.last_stats}, self.ctx)
 
     def logits(self, prompts: list[list[int]]) -> torch.Tensor | None:
         return prompt_logits(self.model, self.ctx, prompts)

@@ -172,7 +172,8 @@ class _Messenger:
 
 def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: GenerationConfig,
              tokenizer=None, n_micro: int = 1,
-             emit: Callable[[tuple[int, str]], None] | None = None) -> list[SequenceOutput] | None:
+             emit: Callable[[tuple[int, str]], None] | None = None,
+             stats: dict | None = None) -> list[SequenceOutput] | None:
     """Run generation for a batch of token-id prompts on this rank.
 
     Returns one SequenceOutput per prompt on the driver rank, None elsewhere. ``emit`` (driver
@@ -195,6 +196,7 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
             # Pad with each row's first token: penalising it twice is the same as once.
             seen = torch.tensor([p + [p[0]] * (cache.max_len - len(p)) for p in prompts], device=dev)
 
+    busy = 0.0
     with torch.inference_mode():
         for step in range(cfg.max_new_tokens + 1):
             for mb in mbs:
@@ -217,8 +219,10 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
                     x = mb.tokens.unsqueeze(1)
                 if not ctx.is_first_stage:
                     x = io.recv_hidden(mb.size, x.shape[1])
+                t_busy = time.perf_counter()
                 h = model(x, fb, cache)
                 if not ctx.is_last_stage:
+                    busy += time.perf_counter() - t_busy
                     io.send_hidden(h)
                     continue
                 last = h[torch.arange(mb.size, device=dev), mb.lengths - 1] if step == 0 else h[:, 0]
@@ -240,11 +244,14 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
                             if seen is not None:
                                 seen[i, len(prompts[i]) + step] = tok
                     msg[-1] = all(seqs[i].finish_reason for i in range(s.start, s.stop))
+                busy += time.perf_counter() - t_busy
                 io.share_tokens(msg)
                 mb.tokens, mb.alive = msg[:-1], not bool(msg[-1])
             if not any(mb.alive for mb in mbs):
                 break
         io.finish()
+    if stats is not None:
+        stats.update(busy_s=busy, wall_s=time.perf_counter() - t0)
     return [s.output() for s in seqs] if seqs is not None else None
 
 

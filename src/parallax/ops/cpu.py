@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-SMALL_M = 16
+SMALL_M = 16          # with >= 2 threads the blocks run in parallel: pays up to 16 rows
+SMALL_M_1_THREAD = 4  # on one thread only the better gemv kernel pays, and only for few rows
 
 
 def _blocks(n: int) -> int:
@@ -23,7 +24,8 @@ def _blocks(n: int) -> int:
 
 def use_small_m(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear_small_m`` applies (and pays) for this call."""
-    return (not x.is_cuda and x.numel() <= SMALL_M * x.shape[-1] and weight.dim() == 2
+    limit = SMALL_M if torch.get_num_threads() > 1 else SMALL_M_1_THREAD
+    return (not x.is_cuda and x.numel() <= limit * x.shape[-1] and weight.dim() == 2
             and weight.is_contiguous() and _blocks(weight.shape[0]) > 1)
 
 
