@@ -271,3 +271,28 @@ def test_cpu_small_m_linear_matches_reference(m, n, k):
         ref = torch.nn.functional.linear(x.unsqueeze(1), w, bias)
         assert got.shape == ref.shape and got.is_contiguous()
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 37])
+@pytest.mark.parametrize("n, k", [(64, 1), (192, 70), (960, 576), (128, 1536)])
+def test_cpu_packed_kernel_matches_reference(m, n, k, threads):
+    """csrc/cpu/gemm_f32.c (every tile remainder, 1 and 2 threads, column-major x) equals
+    its torch twin reference.linear_packed, which equals F.linear on the unpacked weight."""
+    from parallax.ops import cpu
+    assert cpu.packed_kernel() is not None, "the CPU kernel did not build (is gcc installed?)"
+    w, b = torch.randn(n, k), torch.randn(n)
+    packed = cpu.pack(w)
+    assert torch.equal(cpu.unpack(packed), w)
+    x = torch.randn(k, m).t()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpu.linear_packed(x.unsqueeze(0), packed, b)
+    finally:
+        torch.set_num_threads(old)
+    twin = ref.linear_packed(x.unsqueeze(0), packed, b)
+    torch.testing.assert_close(twin, F.linear(x.unsqueeze(0), w, b), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out, twin, atol=1e-4, rtol=1e-5)
+    ids = torch.randint(0, n, (3, 5))
+    assert torch.equal(cpu.embedding_packed(ids, packed), w[ids])

@@ -36,9 +36,24 @@ def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
             lin.quantize_int8_()
     elif quantize is not None:
         raise ValueError(f"quantize={quantize!r} is not supported; use None or 'int8'")
+    pack_weights_(model)
     logger.info("rank %d: loaded layers %d..%d in %.2f s", ctx.rank, layers.start, layers.stop - 1,
                 time.perf_counter() - t0)
     return model.eval()
+
+
+def pack_weights_(model: nn.Module) -> None:
+    """Re-lay fp32 CPU matmul weights as the CPU kernel's panels (ops/cpu.py), in place.
+
+    The parameter object is kept, so a tied embedding sees the packed tensor too. Only
+    one copy exists; the panels serve prefill, decode and (tied) embedding lookups.
+    """
+    from ..ops import cpu
+    heads = [model.lm_head] if model.lm_head is not None else []
+    for module in model.linear_layers() + heads:
+        w = module.weight
+        if w is not None and w.dim() == 2 and cpu.can_pack(w):
+            w.data = cpu.pack(w.data)
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,

@@ -30,7 +30,8 @@ from . import cuda as _cuda
 from . import reference as _ref
 from .reference import prefill_attention, quantize_int8
 
-__all__ = ["add_rms_norm", "decode_attention", "int8_linear", "linear", "prefill_attention",
+__all__ = ["add_rms_norm", "decode_attention", "embedding_packed", "int8_linear", "linear",
+           "linear_packed", "prefill_attention",
            "quantize_int8", "rms_norm", "rotary_embedding", "active_backend"]
 
 _MODE = os.environ.get("PARALLAX_KERNELS", "auto").strip().lower() or "auto"
@@ -74,6 +75,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _cpu.use_small_m(x, weight):
         return _cpu.linear_small_m(x, weight, bias)
     return _ref.linear(x, weight, bias)
+
+
+def linear_packed(x: torch.Tensor, packed: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights packed by ``ops.cpu.pack`` (done only where the CPU kernel is built)."""
+    if x.dtype == torch.float32 and not x.is_cuda and _cpu.packed_kernel() is not None:
+        return _cpu.linear_packed(x, packed, bias)
+    return _ref.linear_packed(x, packed, bias)
+
+
+embedding_packed = _cpu.embedding_packed
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -27,6 +27,14 @@ class Chunk(NamedTuple):
     length: int | None = None
 
 
+def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b, for a plain (N, K) weight or one packed for the CPU kernel (3-D panels,
+    see models/loader.py: pack_weights_)."""
+    if weight.dim() == 3:
+        return ops.linear_packed(x, weight, bias)
+    return ops.linear(x, weight, bias)
+
+
 def _param(shape: tuple[int, ...], dtype: torch.dtype, chunks: list[Chunk]) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     p.chunks = chunks
@@ -52,7 +60,7 @@ class _Linear(nn.Module):
     def _local(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.qweight is not None:
             return ops.int8_linear(x, self.qweight, self.scales, bias)
-        return ops.linear(x, self.weight, bias)
+        return _matmul(x, self.weight, bias)
 
 
 class ColumnParallelLinear(_Linear):
@@ -103,11 +111,12 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _param((n, dim), dtype, [Chunk(name, 0, self.start, n)])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:   # (B, T) long -> (B, T, dim)
+        lookup = ops.embedding_packed if self.weight.dim() == 3 else nn.functional.embedding
         if self.ctx.tp_size == 1:
-            return nn.functional.embedding(ids, self.weight)
+            return lookup(ids, self.weight)
         local = ids - self.start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        x = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        outside = (local < 0) | (local >= self.vocab_sizes[self.ctx.tp_rank])
+        x = lookup(local.masked_fill(outside, 0), self.weight)
         x = x.masked_fill(outside.unsqueeze(-1), 0.0)
         return C.all_reduce_tp(x, self.ctx)
 
@@ -115,7 +124,8 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """logits = h E^T with the vocabulary split like VocabParallelEmbedding; the rank-local
     logits are gathered over tp into the full vocabulary. With tied embeddings it reuses the
-    embedding's parameter (one tensor in memory); on a pipeline stage without the embedding
+    embedding's parameter (one tensor in memory; packed for the CPU kernel, the embedding
+    reads its rows from the panels); on a pipeline stage without the embedding
     it reads the embedding matrix under ``name``."""
 
     def __init__(self, vocab: int, dim: int, dtype: torch.dtype, ctx: ParallelContext,
@@ -130,5 +140,5 @@ class ParallelLMHead(nn.Module):
             self.weight = _param((n, dim), dtype, [Chunk(name, 0, start, n)])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:   # (..., dim) -> (..., vocab) float32
-        logits = ops.linear(h, self.weight).float()
+        logits = _matmul(h, self.weight).float()
         return C.gather_tp(logits, self.ctx, self.vocab_sizes)
