@@ -60,7 +60,10 @@ def rank_plan(cfg, tp: int, pp: int, layer_split: list[int] | None, bytes_per: i
             if cfg.attention_bias:
                 attn += hd * (part.n_q + 2 * part.n_kv)
             params = len(layers) * (attn + 3 * d * ffn + 2 * d)
-            has_embed, has_head = stage == 0, stage == pp - 1
+            has_head = stage == pp - 1
+            # Tied embeddings under pp live with the LM head (models/llama.py).
+            embed_stage = pp - 1 if cfg.tie_word_embeddings else 0
+            has_embed = stage == embed_stage
             params += vocab * d * (has_embed + (has_head and not (cfg.tie_word_embeddings and has_embed)))
             params += d * has_head
             rows.append(dict(rank=stage * tp + t, stage=stage, tp_rank=t,

@@ -148,6 +148,15 @@ class _Messenger:
     def send_hidden(self, h: torch.Tensor) -> None:
         self.pending.append((C.send_next_stage(h, self.ctx), h))
 
+    def send_embeddings(self, h: torch.Tensor) -> None:
+        """Last stage -> first stage (same tp rank): embeddings when the tied embedding
+        lives with the LM head."""
+        self.pending.append((C.send_to(h, self.ctx.stage_rank(0)), h))
+
+    def recv_embeddings(self, b: int, t: int) -> torch.Tensor:
+        buf = torch.empty(b, t, self.hidden, dtype=self.dtype, device=self.ctx.device)
+        return C.recv_from(buf, self.ctx.stage_rank(self.ctx.pp_size - 1))
+
     def share_tokens(self, msg: torch.Tensor) -> torch.Tensor:
         """On the last stage: tp rank 0's (b+1,) message to its tp group and to all other stages."""
         C.broadcast_tp(msg, self.ctx)
@@ -197,7 +206,11 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
             seen = torch.tensor([p + [p[0]] * (cache.max_len - len(p)) for p in prompts], device=dev)
 
     busy = 0.0
+    embeds_on_last = model.embeds_on_last_stage
     with torch.inference_mode():
+        if embeds_on_last and ctx.is_last_stage:
+            for mb in mbs:
+                io.send_embeddings(model.embed(mb.prompt))
         for step in range(cfg.max_new_tokens + 1):
             for mb in mbs:
                 if not mb.alive:
@@ -219,6 +232,8 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
                     x = mb.tokens.unsqueeze(1)
                 if not ctx.is_first_stage:
                     x = io.recv_hidden(mb.size, x.shape[1])
+                elif embeds_on_last:
+                    x = io.recv_embeddings(mb.size, x.shape[1])
                 t_busy = time.perf_counter()
                 h = model(x, fb, cache)
                 if not ctx.is_last_stage:
@@ -231,7 +246,7 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
                 if ctx.is_driver:
                     s = mb.rows
                     width = None if seen is None else int(mb.lengths.max()) + step
-                    toks = sampler(logits, None if seen is None else seen[s, :width])
+                    toks = sampler(logits, None if seen is None else seen[s, :width], s)
                     msg[:-1] = toks
                     now = time.perf_counter()
                     ids = toks.tolist()
@@ -247,6 +262,8 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
                 busy += time.perf_counter() - t_busy
                 io.share_tokens(msg)
                 mb.tokens, mb.alive = msg[:-1], not bool(msg[-1])
+                if embeds_on_last and mb.alive and step + 1 < cfg.max_new_tokens:
+                    io.send_embeddings(model.embed(mb.tokens.unsqueeze(1)))
             if not any(mb.alive for mb in mbs):
                 break
         io.finish()
@@ -264,8 +281,12 @@ def prompt_logits(model, ctx: ParallelContext, prompts: list[list[int]]) -> torc
     cache = KVCache(len(model.layers), b, model.num_kv_heads_local, t, model.cfg.head_dim, dtype, dev)
     io = _Messenger(ctx, model.cfg.hidden_size, dtype)
     with torch.inference_mode():
+        if model.embeds_on_last_stage and ctx.is_last_stage:
+            io.send_embeddings(model.embed(x))
         if not ctx.is_first_stage:
             x = io.recv_hidden(b, t)
+        elif model.embeds_on_last_stage:
+            x = io.recv_embeddings(b, t)
         h = model(x, ForwardBatch(torch.arange(t, device=dev).expand(b, t)), cache)
         if not ctx.is_last_stage:
             io.send_hidden(h)

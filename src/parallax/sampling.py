@@ -51,9 +51,10 @@ class Sampler:
                      else torch.randint(0, 2**62, (batch,)).tolist())
             self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-        """logits: (B, V) float32; seen: (B, L) long ids already in each sequence (repetition penalty).
-        Returns (B,) long."""
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None,
+                 rows: slice = slice(None)) -> torch.Tensor:
+        """logits: (b, V) float32 for the sequences ``rows`` of the batch (a micro-batch);
+        seen: (b, L) long ids already in each sequence (repetition penalty). Returns (b,) long."""
         p = self.params
         if p.repetition_penalty != 1.0 and seen is not None:
             logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
@@ -67,7 +68,7 @@ class Sampler:
             logits = _top_p_filter(logits, p.top_p)
         probs = torch.softmax(logits, dim=-1)
         return torch.cat([torch.multinomial(probs[i], 1, generator=g)
-                          for i, g in enumerate(self.generators)])
+                          for i, g in enumerate(self.generators[rows])])
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -173,8 +173,13 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layers: range, dtype: torch.dtype):
         super().__init__()
         self.cfg, self.ctx, self.layer_ids = cfg, ctx, layers
+        # Tied embeddings under pp live with the LM head on the last stage (one copy of the
+        # vocabulary matrix instead of two); that stage embeds tokens and sends the hidden
+        # states to the first stage (generation.py). Otherwise the first stage embeds.
+        self.embeds_on_last_stage = cfg.tie_word_embeddings and ctx.pp_size > 1
+        owns_embedding = ctx.is_last_stage if self.embeds_on_last_stage else ctx.is_first_stage
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, ctx)
-                             if ctx.is_first_stage else None)
+                             if owns_embedding else None)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, i, dtype) for i in layers)
         self.norm = self.lm_head = None
         if ctx.is_last_stage:
@@ -187,14 +192,19 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.num_kv_heads_local = self.layers[0].self_attn.n_kv
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) embeddings, on the stage that owns the embedding."""
+        return self.embed_tokens(ids)
+
     def forward(self, x: torch.Tensor, fb: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        """First stage: x is token ids (B, T) long; later stages: hidden (B, T, d).
+        """x: token ids (B, T) long, or hidden states (B, T, d) from the previous stage (or
+        from the last stage's embedding, see ``embeds_on_last_stage``).
 
         Returns the hidden stream (B, T, d) for the next stage, or on the last stage the
         final-normed hidden, ready for ``compute_logits`` on the rows that need them.
         """
-        if self.embed_tokens is not None:
-            x = self.embed_tokens(x)                                      # (B, T, d)
+        if x.dtype == torch.long:
+            x = self.embed(x)                                             # (B, T, d)
         freqs = fb.positions.unsqueeze(-1).float() * self.inv_freq        # (B, T, D/2)
         cos, sin = freqs.cos(), freqs.sin()
         residual = None
