@@ -1,0 +1,55 @@
+"""The SPMD path: torchrun launches the ranks, every rank builds LLM and gets the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import parallax
+
+HERE = os.path.dirname(__file__)
+
+
+def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("model, tp, pp", [("tiny_llama", 2, 1), ("tiny_qwen2", 1, 2),
+                                           pytest.param("smollm2", 2, 1, marks=pytest.mark.slow)])
+def test_torchrun_ranks_agree_with_one_process(request, tmp_path, model, tp, pp):
+    path = request.getfixturevalue(model)
+    r = _torchrun(tp * pp, os.path.join(HERE, "torchrun_script.py"), path, str(tp), str(pp),
+                  str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(tp * pp)]
+    assert all(res == results[0] for res in results), "ranks disagree"
+    with parallax.LLM(path) as one:
+        prompts = [[5, 6, 7, 8], [9, 10]] if one.tokenizer is None else ["Water boils at", "Hi"]
+        ref = one.generate(prompts, max_new_tokens=12, ignore_eos=True, chat=False)
+    assert results[0]["tokens"] == [o.token_ids for o in ref]
+    assert results[0]["streamed"] == ref[0].text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_cli_generate():
+    r = _torchrun(2, "-m", "parallax", "generate", "What is the capital of France?", "--tp", "2",
+                  "--max-new-tokens", "24")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("Paris") == 1, r.stdout   # printed once: by rank 0 only
