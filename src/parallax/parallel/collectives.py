@@ -1,5 +1,6 @@
 """Every collective parallax uses, named by what it does; the only file that calls
-``torch.distributed``. Each returns early when its group has one rank, so a size-1
+``torch.distributed`` for data (CPU tp groups on one machine go through shared memory,
+parallel/shm.py, when the tensor fits). Each returns early when its group has one rank, so a size-1
 context costs nothing.
 """
 
@@ -14,6 +15,8 @@ from .context import ParallelContext
 def all_reduce_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """Sum partial results across the tp group (row-parallel outputs), in place."""
     if ctx.tp_size > 1:
+        if ctx.tp_shm is not None and ctx.tp_shm.fits(x):
+            return ctx.tp_shm.all_reduce_(x)
         dist.all_reduce(x, group=ctx.tp_group)
     return x
 
@@ -25,14 +28,21 @@ def gather_tp(x: torch.Tensor, ctx: ParallelContext, sizes: list[int]) -> torch.
     width = max(sizes)
     if x.shape[-1] < width:   # all_gather needs equal shapes: pad, gather, strip
         x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
-    parts = [torch.empty_like(x) for _ in range(ctx.tp_size)]
-    dist.all_gather(parts, x.contiguous(), group=ctx.tp_group)
+    if ctx.tp_shm is not None and ctx.tp_shm.fits(x):
+        parts = ctx.tp_shm.all_gather(x)
+    else:
+        parts = [torch.empty_like(x) for _ in range(ctx.tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=ctx.tp_group)
     return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
 
 
 def broadcast_tp(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """Copy tp rank 0's tensor to every rank of its tp group, in place."""
     if ctx.tp_size > 1:
+        if ctx.tp_shm is not None and x.dtype == torch.long and x.is_contiguous() \
+                and ctx.tp_shm.fits(x.view(torch.float32)):
+            ctx.tp_shm.broadcast_(x.view(torch.float32), 0)   # bits copied, not converted
+            return x
         dist.broadcast(x, src=ctx.stage_rank(ctx.pp_rank, 0), group=ctx.tp_group)
     return x
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,7 @@ class ParallelContext:
     timeout_s: float = DEFAULT_TIMEOUT_S
     tp_group: dist.ProcessGroup | None = None
     owns_process_group: bool = False               # we called init_process_group
+    tp_shm: "ShmGroup | None" = None               # shared-memory tp collectives (CPU, one host)
 
     @property
     def tp_rank(self) -> int:
@@ -113,8 +115,10 @@ class ParallelContext:
         ctx = cls(rank=rank, world_size=world, tp_size=tp_size, pp_size=pp_size, device=device,
                   backend=backend if world > 1 else None, timeout_s=timeout_s,
                   tp_group=tp_group, owns_process_group=owns)
-        logger.debug("rank %d: tp %d/%d pp %d/%d on %s", rank, ctx.tp_rank, tp_size,
-                     ctx.pp_rank, pp_size, device)
+        if tp_group is not None and backend == "gloo":
+            ctx.tp_shm = _local_shm_group(ctx)
+        logger.debug("rank %d: tp %d/%d pp %d/%d on %s (shm collectives: %s)", rank, ctx.tp_rank,
+                     tp_size, ctx.pp_rank, pp_size, device, ctx.tp_shm is not None)
         return ctx
 
     @classmethod
@@ -124,9 +128,39 @@ class ParallelContext:
                               device=device, timeout_s=timeout_s)
 
     def destroy(self) -> None:
+        if self.tp_shm is not None:
+            self.tp_shm.close(unlink=False)
+            self.tp_shm = None
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_process_group = False
+
+
+def _local_shm_group(ctx: ParallelContext):
+    """A ShmGroup for ctx's tp group when all its ranks share this machine (else None).
+
+    tp rank 0 creates the file, the others open it, and it is unlinked at once: the mapping
+    lives on in each process and nothing is left in /dev/shm, even after a crash.
+    """
+    from .shm import ShmGroup, supported
+    if os.environ.get("PARALLAX_SHM", "1") == "0" or not supported():
+        return None
+    src = ctx.stage_rank(ctx.pp_rank, 0)
+    hosts = [None] * ctx.tp_size
+    dist.all_gather_object(hosts, socket.gethostname(), group=ctx.tp_group)
+    if len(set(hosts)) != 1:
+        return None
+    box = [ShmGroup.new_path() if ctx.tp_rank == 0 else None]
+    group = None
+    if ctx.tp_rank == 0:
+        group = ShmGroup(box[0], 0, ctx.tp_size, ctx.timeout_s, create=True)
+    dist.broadcast_object_list(box, src=src, group=ctx.tp_group)
+    if group is None:
+        group = ShmGroup(box[0], ctx.tp_rank, ctx.tp_size, ctx.timeout_s, create=False)
+    dist.barrier(group=ctx.tp_group)
+    if ctx.tp_rank == 0:
+        os.unlink(box[0])
+    return group
 
 
 def connect_store(host: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> dist.TCPStore:
