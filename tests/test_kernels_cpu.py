@@ -268,9 +268,13 @@ def test_cpu_small_m_linear_matches_reference(m, n, k):
     assert cpu.use_small_m(x, w) == (n % 2 == 0 and m <= limit)
     for bias in (None, b):
         got = cpu.linear_small_m(x.unsqueeze(1), w, bias)
-        ref = torch.nn.functional.linear(x.unsqueeze(1), w, bias)
-        assert got.shape == ref.shape and got.is_contiguous()
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+        exact = F.linear(x.unsqueeze(1).double(), w.double(),
+                         None if bias is None else bias.double())
+        # Worst-case fp32 dot-product rounding bound, whatever the summation order.
+        bound = (k + 1) * 2.0**-24 * (F.linear(x.unsqueeze(1).double().abs(), w.double().abs())
+                                      + (0 if bias is None else bias.double().abs()))
+        assert got.shape == exact.shape and got.is_contiguous()
+        assert ((got.double() - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -292,7 +296,12 @@ def test_cpu_packed_kernel_matches_reference(m, n, k, threads):
     finally:
         torch.set_num_threads(old)
     twin = ref.linear_packed(x.unsqueeze(0), packed, b)
-    torch.testing.assert_close(twin, F.linear(x.unsqueeze(0), w, b), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(out, twin, atol=1e-4, rtol=1e-5)
+    exact = F.linear(x.unsqueeze(0).double(), w.double(), b.double())
+    # The worst-case rounding bound of an fp32 dot product of length K+1 (bias included),
+    # whatever the summation order: (K+1) * 2^-24 * sum |x_k w_k|.
+    bound = (k + 1) * 2.0**-24 * (F.linear(x.unsqueeze(0).double().abs(), w.double().abs())
+                                  + b.double().abs())
+    assert ((out.double() - exact).abs() <= bound).all()
+    assert ((twin.double() - exact).abs() <= bound).all()
     ids = torch.randint(0, n, (3, 5))
     assert torch.equal(cpu.embedding_packed(ids, packed), w[ids])
