@@ -112,6 +112,50 @@ class _Sequence:
                               (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
 
 
+def _step_inputs(mb: _MicroBatch, step: int) -> tuple[torch.Tensor, ForwardBatch]:
+    """mb's token ids and positions at ``step``: the padded prompt at 0, then the last token."""
+    if step == 0:
+        pos = torch.arange(mb.prompt.shape[1], device=mb.prompt.device).expand_as(mb.prompt)
+        return mb.prompt, ForwardBatch(pos, rows=mb.rows)
+    pos = (mb.lengths + step - 1).unsqueeze(1)                                   # (b, 1)
+    return mb.tokens.unsqueeze(1), ForwardBatch(pos, (pos[:, 0] + 1).to(torch.int32), mb.rows)
+
+
+class _Driver:
+    """The sampling rank's part of generate: the sampler, each sequence's state, streaming."""
+
+    def __init__(self, prompts: list[list[int]], cfg: GenerationConfig, tokenizer,
+                 cache_len: int, dev: torch.device, t0: float, emit):
+        from .loading.tokenizer import IncrementalDecoder
+        self.prompts, self.emit = prompts, emit
+        self.seqs = [_Sequence(len(p), cfg, IncrementalDecoder(tokenizer) if tokenizer else None, t0)
+                     for p in prompts]
+        self.sampler = Sampler(cfg.sampling, len(prompts), dev)
+        self.seen = None
+        if cfg.sampling.repetition_penalty != 1.0:
+            # Pad with each row's first token: penalising it twice is the same as once.
+            self.seen = torch.tensor([p + [p[0]] * (cache_len - len(p)) for p in prompts], device=dev)
+
+    def sample(self, mb: _MicroBatch, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, bool]:
+        """Sample mb's next tokens from (b, V) logits; returns (tokens, all of mb finished)."""
+        rows = mb.rows
+        seen = None if self.seen is None else self.seen[rows, :int(mb.lengths.max()) + step]
+        toks = self.sampler(logits, seen, rows)
+        now = time.perf_counter()
+        for i, tok in enumerate(toks.tolist(), start=rows.start):
+            seq = self.seqs[i]
+            if seq.finish_reason is None:
+                piece = seq.add(tok, now)
+                if piece and self.emit is not None:
+                    self.emit((i, piece))
+                if self.seen is not None:
+                    self.seen[i, len(self.prompts[i]) + step] = tok
+        return toks, all(self.seqs[i].finish_reason for i in range(rows.start, rows.stop))
+
+    def outputs(self) -> list[SequenceOutput]:
+        return [s.output() for s in self.seqs]
+
+
 def _pad(prompts: list[list[int]], pad_id: int = 0) -> torch.Tensor:
     width = max(len(p) for p in prompts)
     return torch.tensor([p + [pad_id] * (width - len(p)) for p in prompts], dtype=torch.long)
@@ -195,15 +239,7 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
                     max(map(len, prompts)) + cfg.max_new_tokens, model.cfg.head_dim, dtype, dev)
     mbs = _micro_batches(prompts, n_micro, dev)
     io = _Messenger(ctx, model.cfg.hidden_size, dtype)
-    seqs = sampler = seen = None
-    if ctx.is_driver:
-        from .loading.tokenizer import IncrementalDecoder
-        seqs = [_Sequence(len(p), cfg, IncrementalDecoder(tokenizer) if tokenizer else None, t0)
-                for p in prompts]
-        sampler = Sampler(cfg.sampling, b_total, dev)
-        if cfg.sampling.repetition_penalty != 1.0:
-            # Pad with each row's first token: penalising it twice is the same as once.
-            seen = torch.tensor([p + [p[0]] * (cache.max_len - len(p)) for p in prompts], device=dev)
+    driver = _Driver(prompts, cfg, tokenizer, cache.max_len, dev, t0, emit) if ctx.is_driver else None
 
     busy = 0.0
     embeds_on_last = model.embeds_on_last_stage
@@ -222,14 +258,7 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
                         continue
                 if step == cfg.max_new_tokens:
                     continue
-                if step == 0:
-                    fb = ForwardBatch(torch.arange(mb.prompt.shape[1], device=dev).expand_as(mb.prompt),
-                                      rows=mb.rows)
-                    x = mb.prompt
-                else:
-                    pos = (mb.lengths + step - 1).unsqueeze(1)                    # (b, 1)
-                    fb = ForwardBatch(pos, (pos[:, 0] + 1).to(torch.int32), mb.rows)
-                    x = mb.tokens.unsqueeze(1)
+                x, fb = _step_inputs(mb, step)
                 if not ctx.is_first_stage:
                     x = io.recv_hidden(mb.size, x.shape[1])
                 elif embeds_on_last:
@@ -243,22 +272,8 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
                 last = h[torch.arange(mb.size, device=dev), mb.lengths - 1] if step == 0 else h[:, 0]
                 logits = model.compute_logits(last)                              # (b, V) fp32
                 msg = torch.zeros(mb.size + 1, dtype=torch.long, device=dev)
-                if ctx.is_driver:
-                    s = mb.rows
-                    width = None if seen is None else int(mb.lengths.max()) + step
-                    toks = sampler(logits, None if seen is None else seen[s, :width], s)
-                    msg[:-1] = toks
-                    now = time.perf_counter()
-                    ids = toks.tolist()
-                    for j, tok in enumerate(ids):
-                        i = s.start + j
-                        if seqs[i].finish_reason is None:
-                            piece = seqs[i].add(tok, now)
-                            if piece and emit is not None:
-                                emit((i, piece))
-                            if seen is not None:
-                                seen[i, len(prompts[i]) + step] = tok
-                    msg[-1] = all(seqs[i].finish_reason for i in range(s.start, s.stop))
+                if driver is not None:
+                    msg[:-1], msg[-1] = driver.sample(mb, logits, step)
                 busy += time.perf_counter() - t_busy
                 io.share_tokens(msg)
                 mb.tokens, mb.alive = msg[:-1], not bool(msg[-1])
@@ -269,7 +284,7 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
         io.finish()
     if stats is not None:
         stats.update(busy_s=busy, wall_s=time.perf_counter() - t0)
-    return [s.output() for s in seqs] if seqs is not None else None
+    return driver.outputs() if driver is not None else None
 
 
 def prompt_logits(model, ctx: ParallelContext, prompts: list[list[int]]) -> torch.Tensor | None:
