@@ -2,6 +2,7 @@
 
 Works as ``parallax ...``, ``python -m parallax ...`` and under
 ``torchrun --nproc-per-node N -m parallax generate ... --tp N`` (only rank 0 prints).
+Errors parallax raises on purpose (ParallaxError) print one line to stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -11,170 +12,246 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 from .errors import ParallaxError
 from .loading import DEFAULT_MODEL
 
+logger = logging.getLogger("parallax.cli")
+
+EXIT_ERROR = 2
+BENCHMARKS = ("generate", "parallel", "kernels")
+
 
 def _layer_split(text: str | None) -> list[int] | None:
-    return [int(x) for x in text.split(",")] if text else None
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ParallaxError(f"--layer-split {text!r} must be comma-separated layer counts, "
+                            "e.g. 16,14") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--layer-split", help="layers per stage, e.g. 16,14")
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
+# ---------------------------------------------------------------------- generate
 def cmd_generate(a: argparse.Namespace) -> int:
     from .api import LLM
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = _is_rank0()
+    t_load = time.perf_counter()
     with LLM(a.model, tp=a.tp, pp=a.pp, dtype=a.dtype, device=a.device,
              layer_split=_layer_split(a.layer_split), quantize=a.quantize,
              micro_batches=a.micro_batches, timeout_s=a.timeout) as llm:
+        load_s = time.perf_counter() - t_load
         kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                   top_p=a.top_p, seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos,
                   chat=False if a.no_chat else None, repetition_penalty=a.repetition_penalty)
+        pieces: list[str] = []
+        t0 = time.perf_counter()
+        t_first = None
         for piece in llm.stream(a.prompt, **kw):
+            if t_first is None:
+                t_first = time.perf_counter()
+            pieces.append(piece)
             if rank0:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+        t_end = time.perf_counter()
         if rank0:
             sys.stdout.write("\n")
+            sys.stdout.flush()
+            _report_stats(llm, "".join(pieces), load_s, t0, t_first, t_end, a.verbose)
     return 0
 
 
-def rank_plan(cfg, tp: int, pp: int, layer_split: list[int] | None, bytes_per: int) -> list[dict]:
-    """What each rank holds, computed from the sharding math without reading weights."""
-    from .parallel.sharding import head_partition, split_evenly, split_layers
-    stages = split_layers(cfg, pp, layer_split)
-    d, hd = cfg.hidden_size, cfg.head_dim
-    rows = []
-    for stage, layers in enumerate(stages):
-        for t in range(tp):
-            part = head_partition(cfg, tp, t)
-            ffn = split_evenly(cfg.intermediate_size, tp, t)[1]
-            vocab = split_evenly(cfg.vocab_size, tp, t)[1]
-            attn = d * hd * (2 * part.n_q + 2 * part.n_kv)
-            if cfg.attention_bias:
-                attn += hd * (part.n_q + 2 * part.n_kv)
-            params = len(layers) * (attn + 3 * d * ffn + 2 * d)
-            has_head = stage == pp - 1
-            # Tied embeddings under pp live with the LM head (models/llama.py).
-            embed_stage = pp - 1 if cfg.tie_word_embeddings else 0
-            has_embed = stage == embed_stage
-            params += vocab * d * (has_embed + (has_head and not (cfg.tie_word_embeddings and has_embed)))
-            params += d * has_head
-            rows.append(dict(rank=stage * tp + t, stage=stage, tp_rank=t,
-                             layers=f"{layers.start}-{layers.stop - 1}", q_heads=part.n_q,
-                             kv_heads=part.n_kv, weight_bytes=params * bytes_per))
-    return rows
+def _report_stats(llm, text: str, load_s: float, t0: float, t_first: float | None,
+                  t_end: float, verbose: bool) -> None:
+    """TTFT and decode speed of the streamed answer, to stderr (--verbose) or the log.
+
+    ``LLM.stream`` yields text, not tokens, so the token count is the answer re-encoded
+    (exact for almost all text; a token split differently on re-encoding shifts it by one).
+    """
+    n = len(llm.tokenizer.encode(text, add_special_tokens=False)) if llm.tokenizer and text else 0
+    ttft = (t_first or t_end) - t0
+    decode = (n - 1) / (t_end - t_first) if n > 1 and t_first and t_end > t_first else float("nan")
+    line = (f"parallax: {n} tokens in {t_end - t0:.2f} s; time to first token {ttft * 1e3:.0f} ms; "
+            f"decode {decode:.1f} tok/s; load {load_s:.1f} s (tp={llm.tp} pp={llm.pp})")
+    if verbose:
+        print(line, file=sys.stderr)
+    else:
+        logger.info(line)
+
+
+# ---------------------------------------------------------------------- info
+def _extension_status() -> str:
+    """Whether the CUDA extension can be used here, without building it on a CPU machine."""
+    import importlib.util
+
+    import torch
+
+    from .ops import cuda as cuda_ops
+    if torch.cuda.is_available():
+        return ("loaded" if cuda_ops.load_extension()
+                else f"not loadable ({cuda_ops.load_error()})")
+    prebuilt = importlib.util.find_spec("parallax._C") is not None
+    return (f"{'prebuilt parallax._C present' if prebuilt else 'not built'}; "
+            f"unused without a GPU (torch.version.cuda={torch.version.cuda})")
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n:,}"
 
 
 def cmd_info(a: argparse.Namespace) -> int:
     from . import ops
-    from .engine import parse_dtype
     from .loading import open_checkpoint
-    from .ops import cuda as cuda_ops
+    from .parallel.plan import rank_plan
     from .parallel.sharding import check_layout
     ckpt = open_checkpoint(a.model)
-    cfg = ckpt.config
-    ckpt.close()
+    try:
+        cfg = ckpt.config
+        path = getattr(ckpt, "path", a.model)
+    finally:
+        ckpt.close()
     split = _layer_split(a.layer_split)
     check_layout(cfg, a.tp, a.pp, split)
-    bytes_per = parse_dtype(a.dtype).itemsize
-    print(f"model            {a.model}")
-    print(f"architecture     {cfg.architecture}")
-    print(f"layers           {cfg.num_layers}")
-    print(f"hidden / ffn     {cfg.hidden_size} / {cfg.intermediate_size}")
-    print(f"heads / kv heads {cfg.num_heads} / {cfg.num_kv_heads} (head dim {cfg.head_dim})")
-    print(f"vocab            {cfg.vocab_size} (tied embeddings: {cfg.tie_word_embeddings})")
-    print(f"context          {cfg.max_position_embeddings}")
-    print(f"parameters       {cfg.num_parameters():,}")
-    print(f"kernels          {ops.active_backend()} (CUDA extension loadable: "
-          f"{cuda_ops.load_extension() if _has_gpu() else 'no GPU'})")
-    print(f"\nlayout tp={a.tp} pp={a.pp}, {a.dtype}; weights per rank (computed):")
-    plan = rank_plan(cfg, a.tp, a.pp, split, bytes_per)
-    measured = {}
+    plan = rank_plan(cfg, a.tp, a.pp, split, a.dtype)
+    measured: dict[int, dict] = {}
     if a.measure:
         from .api import LLM
         with LLM(a.model, tp=a.tp, pp=a.pp, dtype=a.dtype, layer_split=split) as llm:
             measured = {m["rank"]: m for m in llm.memory()}
-    print(f"{'rank':>4} {'stage':>5} {'tp':>3} {'layers':>8} {'q/kv heads':>10} {'weights MB':>11}"
-          + (f" {'measured MB':>11} {'peak RSS MB':>11}" if measured else ""))
+
+    print(f"model            {a.model}" + (f" ({path})" if path != a.model else ""))
+    print(f"architecture     {cfg.architecture}")
+    print(f"layers           {cfg.num_layers}")
+    print(f"hidden / ffn     {cfg.hidden_size} / {cfg.intermediate_size}")
+    print(f"heads / kv heads {cfg.num_heads} / {cfg.num_kv_heads} (head dim {cfg.head_dim})")
+    print(f"vocab            {cfg.vocab_size}")
+    print(f"tied embeddings  {cfg.tie_word_embeddings}")
+    print(f"parameters       {cfg.num_parameters():,}")
+    print(f"context          {cfg.max_position_embeddings}")
+    print(f"kernels          {ops.active_backend()} (CUDA extension: {_extension_status()})")
+    print()
+    print(f"layout tp={a.tp} pp={a.pp} ({a.tp * a.pp} ranks), {a.dtype}; weights per rank "
+          f"computed from the sharding math" + (", and measured" if measured else "") + ":")
+    print()
+    head = "| rank | pp stage | tp rank | layers | q / kv heads | vocab rows | embed / head | weight bytes | MiB |"
+    if measured:
+        head += " measured bytes | peak RSS MiB |"
+    print(head)
+    print("|" + "---:|" * (head.count("|") - 1))
     for r in plan:
-        line = (f"{r['rank']:>4} {r['stage']:>5} {r['tp_rank']:>3} {r['layers']:>8} "
-                f"{r['q_heads']:>4}/{r['kv_heads']:<5} {r['weight_bytes'] / 2**20:>11.1f}")
+        lay = r["layers"]
+        held = f"{lay.start}-{lay.stop - 1}" if len(lay) > 1 else str(lay.start)
+        eh = ("tied" if r["lm_head"] == "tied" else
+              "/".join(x for x, has in (("embed", r["embedding"]), ("head", r["lm_head"])) if has)
+              or "-")
+        line = (f"| {r['rank']} | {r['stage']} | {r['tp_rank']} | {held} | "
+                f"{r['q_heads']} / {r['kv_heads']} | {r['vocab_rows']} | {eh} | "
+                f"{_fmt_bytes(r['weight_bytes'])} | {r['weight_bytes'] / 2**20:.1f} |")
         if measured:
             m = measured[r["rank"]]
-            line += f" {m['weight_bytes'] / 2**20:>11.1f} {m['peak_rss_bytes'] / 2**20:>11.1f}"
+            line += f" {_fmt_bytes(m['weight_bytes'])} | {m['peak_rss_bytes'] / 2**20:.0f} |"
         print(line)
+    total = sum(r["weight_bytes"] for r in plan)
+    single = rank_plan(cfg, 1, 1, None, a.dtype)[0]["weight_bytes"]
+    print(f"\ntotal {_fmt_bytes(total)} bytes over all ranks; one process holds "
+          f"{_fmt_bytes(single)}; largest rank {max(r['weight_bytes'] for r in plan) / single:.0%} "
+          "of that")
+    if measured:
+        bad = [r["rank"] for r in plan if measured[r["rank"]]["weight_bytes"] != r["weight_bytes"]]
+        if bad:
+            print(f"warning: measured weight bytes differ from the plan on ranks {bad}",
+                  file=sys.stderr)
     return 0
 
 
-def _has_gpu() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
-def cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
+# ---------------------------------------------------------------------- bench
+def _benchmarks_dir() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
-    script = os.path.join(here, "..", "..", "benchmarks", f"bench_{a.which}.py")
-    if not os.path.exists(script):
-        raise ParallaxError(f"{script} not found; `parallax bench` runs from a source checkout")
-    return subprocess.call([sys.executable, script, *rest])
+    for d in (os.path.join(here, "..", "..", "benchmarks"), os.path.join(os.getcwd(), "benchmarks")):
+        if os.path.isfile(os.path.join(d, "bench_generate.py")):
+            return os.path.normpath(d)
+    return None
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    folder = _benchmarks_dir()
+    if folder is None:
+        raise ParallaxError("benchmarks/ not found; `parallax bench` runs from a source "
+                            "checkout of parallax (or a folder holding its benchmarks/)")
+    script = os.path.join(folder, f"bench_{a.which}.py")
+    return subprocess.call([sys.executable, script, *a.args])
+
+
+# ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parallax", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress and print generation stats to stderr")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="stream an answer to stdout")
+    def model_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
+        q.add_argument("--pp", type=int, default=1, help="pipeline stages")
+        q.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+        q.add_argument("--layer-split", help="layers per pipeline stage, e.g. 16,14")
+
+    g = sub.add_parser("generate", parents=[common], help="stream an answer to stdout")
     g.add_argument("prompt")
-    g.add_argument("--model", default=DEFAULT_MODEL)
-    _add_model_args(g)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"HF checkpoint folder, .gguf file or {DEFAULT_MODEL!r} (default)")
+    model_args(g)
+    g.add_argument("--device", default="cpu", help="cpu | cuda")
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--stop", nargs="+", action="extend", metavar="STR",
+                   help="stop strings (one or more; repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    g.add_argument("--quantize", choices=["int8"])
-    g.add_argument("--micro-batches", type=int)
+    g.add_argument("--quantize", choices=["int8"], help="weight-only int8")
+    g.add_argument("--micro-batches", type=int, help="micro-batches in flight (pp)")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds a rank may stall")
 
-    i = sub.add_parser("info", help="architecture, parameters and memory per rank")
+    i = sub.add_parser("info", parents=[common],
+                       help="architecture, parameters and memory per rank")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    _add_model_args(i)
-    i.add_argument("--measure", action="store_true", help="also load the model and measure")
+    model_args(i)
+    i.add_argument("--measure", action="store_true",
+                   help="also build the model and report measured weight bytes and peak RSS")
 
-    b = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
-    b.add_argument("which", choices=["generate", "parallel"])
+    b = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (args forwarded)")
+    b.add_argument("which", choices=BENCHMARKS)
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "bench":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "info":
             return cmd_info(args)
-        return cmd_bench(args, rest)
+        return cmd_bench(args)
     except ParallaxError as e:
-        print(f"parallax: error: {e}", file=sys.stderr)
-        return 2
+        msg = " ".join(str(e).split())     # one line, whatever the message holds
+        print(f"parallax: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
