@@ -1,14 +1,26 @@
-"""Tensor- and pipeline-parallel decode on SmolLM2-135M, one table per mode.
+"""Tensor- and pipeline-parallel decode on SmolLM2-135M, one markdown table.
 
-    python benchmarks/bench_parallel.py tp  [--device cpu|cuda] [--new-tokens 48]
-    python benchmarks/bench_parallel.py pp  [--device cpu|cuda] [--batch 16]
+    python benchmarks/bench_parallel.py [tp|pp|all] [--device cpu|cuda] [--threads 2]
+                                        [--max-new-tokens 48] [--batch 16] [--repeats 3]
+    parallax bench parallel ...        (the same, through the CLI)
 
-tp: decode tokens/s at tp=1 (one process, all cores) vs tp=2 (two processes, one thread
-each) at batch 1 and 8, plus the time the collectives of one decode step take (measured
-in the workers by timing the step's all-reduces and logits gather on real shapes).
-pp: generated tokens/s at batch 16 for pp=1, pp=2 without micro-batches and pp=2 with
-2 and 4, plus the busy fraction: sum over ranks of compute time / (ranks x wall time).
-On GPUs (--device cuda) the same runs use NCCL.
+tp: decode tokens/s (prefill subtracted: t(1 + N) - t(1)) at batch 1 and 8 for tp=1 (one
+    process, ``--threads`` threads) vs tp=2 (two processes, threads/2 each, so both use the
+    same cores). Collective time per decode step is measured two ways in the tp=2 workers:
+    - "in decode": every call of the tp collectives (``all_reduce_tp`` after o_proj and
+      down_proj, ``gather_tp`` of the logits) is timed inside a real generate, on each rank;
+      (t(1 + N) - t(1)) / N per rank. This includes waiting for the slower rank (SmolLM2's
+      9 heads split 6 + 3 over tp=2, so rank 1 waits for rank 0 in each all-reduce);
+      the smaller of the two ranks' numbers is closest to the pure transfer cost.
+    - "isolated": the same 2 x layers all-reduces of a (batch, 1, hidden) activation and
+      the logits gather, back to back after a barrier: the pure cost of the collectives.
+pp: generated tokens/s over a whole generate (prefill included) at batch ``--batch`` (16)
+    for pp=1, pp=2 without micro-batches and pp=2 with 2 and 4, one thread per rank. The
+    busy fraction is sum over ranks of compute time / (ranks x wall time): each rank times
+    its own model forward (+ sampling on the last stage) inside generate and reports it
+    through ``LLM.generation_stats()``; the rest of a rank's wall time is waiting for
+    activations or tokens from the other stage.
+With --device cuda the same runs use NCCL (CUDA timings synchronise around each collective).
 """
 
 from __future__ import annotations
@@ -22,10 +34,12 @@ import time
 import torch
 
 log = logging.getLogger("bench_parallel")
+MODEL = "smollm2-135m"
 
 
+# ---------------------------------------------------------------------- worker-side probes
 class CollectiveProbe:
-    """A worker-side engine that times one decode step's collectives on real shapes:
+    """Worker factory: times one decode step's collectives on real shapes, isolated:
     2 all-reduces per layer (o_proj, down_proj) and the logits gather."""
 
     def __init__(self, ctx, hidden: int, vocab: int, layers: int):
@@ -52,15 +66,55 @@ class CollectiveProbe:
         return statistics.median(times) * 1e3
 
 
-def _rate(llm, prompts, new_tokens: int) -> float:
-    llm.generate(prompts, max_new_tokens=2, ignore_eos=True)
-    t = time.perf_counter()
-    llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
-    return len(prompts) * new_tokens / (time.perf_counter() - t)
+def _timed(fn, clock: dict, cuda: bool):
+    def wrapper(*args, **kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        clock["s"] += time.perf_counter() - t
+        clock["calls"] += 1
+        return out
+    return wrapper
 
 
+class TimedCollectivesEngine:
+    """Worker factory: a parallax Engine whose tp collectives are timed in place.
+
+    The parallel layers call ``collectives.all_reduce_tp`` / ``gather_tp`` through the
+    module, so wrapping the module's functions in this worker process times every call.
+    """
+
+    def __init__(self, ctx, model: str):
+        from parallax.engine import Engine
+        from parallax.parallel import collectives as C
+        self.ctx = ctx
+        self.engine = Engine(ctx, model)
+        self.clock = {"s": 0.0, "calls": 0}
+        cuda = ctx.device.type == "cuda"
+        C.all_reduce_tp = _timed(C.all_reduce_tp, self.clock, cuda)
+        C.gather_tp = _timed(C.gather_tp, self.clock, cuda)
+
+    def _comm_s(self, prompts: list[list[int]], n: int) -> float:
+        from parallax.generation import GenerationConfig
+        self.clock["s"] = 0.0
+        self.engine.generate(prompts, GenerationConfig(max_new_tokens=n))   # greedy, no EOS stop
+        return self.clock["s"]
+
+    def comm_ms_per_step(self, prompts: list[list[int]], new_tokens: int, repeats: int) -> list[float]:
+        """Every rank's collective ms per decode step, median over repeats."""
+        from parallax.parallel import collectives as C
+        self._comm_s(prompts, 2)   # warm-up
+        per = [(self._comm_s(prompts, 1 + new_tokens) - self._comm_s(prompts, 1)) / new_tokens
+               for _ in range(repeats)]
+        return C.all_gather_object(statistics.median(per) * 1e3, self.ctx)
+
+
+# ---------------------------------------------------------------------- driver side
 def _decode_rate(llm, prompts, new_tokens: int) -> float:
-    """Decode-only tokens/s: time(1 + N) - time(1)."""
+    """Decode-only tokens/s for the batch: N steps = t(1 + N) - t(1)."""
     t0 = time.perf_counter()
     llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
     t1 = time.perf_counter()
@@ -69,75 +123,118 @@ def _decode_rate(llm, prompts, new_tokens: int) -> float:
     return len(prompts) * new_tokens / ((t2 - t1) - (t1 - t0))
 
 
-def bench_tp(a) -> None:
-    import parallax
-    from parallax.parallel.launch import WorkerPool
-    cores = os.cpu_count() or 2
-    prompts = {b: [[1, 2, 3, 4, 5, 6, 7, 8]] * b for b in (1, 8)}
-    rows = []
-    for tp in (1, 2):
-        threads = cores if tp == 1 else max(1, cores // tp)
-        torch.set_num_threads(cores)   # tp=1 runs in this process
-        with parallax.LLM("smollm2-135m", tp=tp, device=a.device, threads_per_rank=threads) as llm:
-            for b, p in prompts.items():
-                _decode_rate(llm, p, 4)
-                rate = statistics.median(_decode_rate(llm, p, a.new_tokens) for _ in range(a.repeats))
-                rows.append((tp, threads, b, rate))
-                log.info("tp=%d batch %d: %.1f tok/s", tp, b, rate)
-    cfg = _config()
-    comm = {}
-    with WorkerPool(CollectiveProbe, (cfg.hidden_size, cfg.vocab_size, cfg.num_layers), tp_size=2,
-                    pp_size=1, device=a.device, threads_per_rank=1) as pool:
-        for b in prompts:
-            comm[b] = pool.call("step_ms", b)
-    base = {b: r for tp, _, b, r in rows if tp == 1}
-    print(f"\nSmolLM2-135M fp32 decode, {cores} cores in all, {a.new_tokens} new tokens\n")
-    print("| tp | threads/rank | batch | tok/s | vs tp=1 | collectives ms/step |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for tp, threads, b, r in rows:
-        c = f"{comm[b]:.2f}" if tp == 2 else "-"
-        print(f"| {tp} | {threads} | {b} | {r:.1f} | {r / base[b]:.2f}x | {c} |")
+def _throughput(llm, prompts, new_tokens: int) -> tuple[float, float]:
+    """Generated tokens/s over a whole generate (prefill included), and its busy fraction."""
+    t = time.perf_counter()
+    llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+    rate = len(prompts) * new_tokens / (time.perf_counter() - t)
+    st = llm.generation_stats()
+    busy = sum(s["busy_s"] for s in st) / (len(st) * max(s["wall_s"] for s in st))
+    return rate, busy
 
 
 def _config():
     from parallax.loading import open_checkpoint
-    ckpt = open_checkpoint("smollm2-135m")
-    cfg = ckpt.config
-    ckpt.close()
-    return cfg
+    ckpt = open_checkpoint(MODEL)
+    try:
+        return ckpt.config
+    finally:
+        ckpt.close()
 
 
-def bench_pp(a) -> None:
+def bench_tp(a) -> list[dict]:
+    import parallax
+    from parallax.parallel.launch import WorkerPool
+    prompts = {b: [[1, 2, 3, 4, 5, 6, 7, 8]] * b for b in (1, 8)}
+    rows = []
+    for tp in (1, 2):
+        threads = a.threads if tp == 1 else max(1, a.threads // tp)
+        torch.set_num_threads(a.threads)   # tp=1 runs in this process
+        with parallax.LLM(MODEL, tp=tp, device=a.device, threads_per_rank=threads) as llm:
+            for b, p in prompts.items():
+                _decode_rate(llm, p, 4)    # warm-up
+                rate = statistics.median(_decode_rate(llm, p, a.new_tokens)
+                                         for _ in range(a.repeats))
+                rows.append(dict(bench="tp", layout=f"tp={tp}", procs=tp, threads=threads,
+                                 batch=b, tok_s=rate))
+                log.info("tp=%d batch %d: %.1f tok/s", tp, b, rate)
+
+    log.info("tp=2: timing collectives inside decode")
+    in_decode = {}
+    with WorkerPool(TimedCollectivesEngine, (MODEL,), tp_size=2, pp_size=1, device=a.device,
+                    threads_per_rank=max(1, a.threads // 2)) as pool:
+        for b, p in prompts.items():
+            in_decode[b] = pool.call("comm_ms_per_step", p, a.new_tokens, a.repeats)
+    log.info("tp=2: timing collectives in isolation")
+    cfg = _config()
+    isolated = {}
+    with WorkerPool(CollectiveProbe, (cfg.hidden_size, cfg.vocab_size, cfg.num_layers),
+                    tp_size=2, pp_size=1, device=a.device,
+                    threads_per_rank=max(1, a.threads // 2)) as pool:
+        for b in prompts:
+            isolated[b] = pool.call("step_ms", b)
+    base = {r["batch"]: r["tok_s"] for r in rows if r["layout"] == "tp=1"}
+    for r in rows:
+        r["vs"] = r["tok_s"] / base[r["batch"]]
+        if r["layout"] == "tp=2":
+            r["comm"] = (" / ".join(f"{x:.2f}" for x in in_decode[r["batch"]])
+                         + f" ({isolated[r['batch']]:.2f})")
+    return rows
+
+
+def bench_pp(a) -> list[dict]:
     import parallax
     prompts = [[1 + i, 2, 3, 4, 5, 6, 7, 8] for i in range(a.batch)]
     rows = []
     torch.set_num_threads(1)   # pp=1 runs in this process
     for pp, mb in ((1, 1), (2, 1), (2, 2), (2, 4)):
-        with parallax.LLM("smollm2-135m", pp=pp, micro_batches=mb, device=a.device,
+        with parallax.LLM(MODEL, pp=pp, micro_batches=mb, device=a.device,
                           threads_per_rank=1) as llm:
-            rate = statistics.median(_rate(llm, prompts, a.new_tokens) for _ in range(a.repeats))
-            st = llm.generation_stats()
-            busy = sum(s["busy_s"] for s in st) / (len(st) * max(s["wall_s"] for s in st))
-            rows.append((pp, mb, rate, busy))
+            _throughput(llm, prompts, 4)   # warm-up
+            runs = [_throughput(llm, prompts, a.new_tokens) for _ in range(a.repeats)]
+            rate = statistics.median(r for r, _ in runs)
+            busy = statistics.median(b for _, b in runs)
+            rows.append(dict(bench="pp", layout=f"pp={pp}, {mb} micro-batch" + "es" * (mb > 1),
+                             procs=pp, threads=1, batch=a.batch, tok_s=rate, busy=busy))
             log.info("pp=%d micro-batches=%d: %.1f tok/s, busy %.0f%%", pp, mb, rate, 100 * busy)
-    base = next(r for pp, mb, r, _ in rows if pp == 2 and mb == 1)
-    print(f"\nSmolLM2-135M fp32, batch {a.batch}, {a.new_tokens} new tokens, one thread per rank\n")
-    print("| pp | micro-batches | tok/s | vs pp=2 without micro-batches | busy fraction |")
-    print("|---:|---:|---:|---:|---:|")
-    for pp, mb, r, busy in rows:
-        print(f"| {pp} | {mb} | {r:.1f} | {r / base:.2f}x | {busy:.0%} |")
+    base = next(r["tok_s"] for r in rows if r["procs"] == 2 and "1 micro" in r["layout"])
+    for r in rows:
+        r["vs"] = r["tok_s"] / base
+    return rows
+
+
+def print_table(rows: list[dict], a) -> None:
+    print(f"\nSmolLM2-135M fp32 on {a.device}, {a.new_tokens} new tokens, median of {a.repeats}; "
+          f"tp: decode tok/s vs tp=1; pp: generated tok/s (prefill included) vs pp=2 without "
+          f"micro-batches\n")
+    print("| bench | layout | processes x threads | batch | tok/s | vs baseline "
+          "| collectives ms/step: in decode, rank 0 / 1 (isolated) | busy fraction |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        busy = f"{r['busy']:.0%}" if "busy" in r else "-"
+        print(f"| {r['bench']} | {r['layout']} | {r['procs']} x {r['threads']} | {r['batch']} | "
+              f"{r['tok_s']:.1f} | {r['vs']:.2f}x | {r.get('comm', '-')} | {busy} |")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["tp", "pp"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--batch", type=int, default=16)
+    ap = argparse.ArgumentParser(prog="bench_parallel", description=__doc__.splitlines()[0])
+    ap.add_argument("mode", nargs="?", choices=["tp", "pp", "all"], default="all")
+    ap.add_argument("--device", default="cpu", help="cpu (gloo + shared memory) | cuda (NCCL)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="cores in all for tp (tp=1: this many threads; tp=2: half each)")
+    ap.add_argument("--max-new-tokens", "--new-tokens", dest="new_tokens", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=16, help="batch of the pp runs")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    bench_tp(a) if a.mode == "tp" else bench_pp(a)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if a.device == "cuda" and torch.cuda.device_count() < 2:
+        raise SystemExit("--device cuda needs 2 GPUs (tp=2 and pp=2 use one GPU per rank)")
+    rows = []
+    if a.mode in ("tp", "all"):
+        rows += bench_tp(a)
+    if a.mode in ("pp", "all"):
+        rows += bench_pp(a)
+    print_table(rows, a)
 
 
 if __name__ == "__main__":
