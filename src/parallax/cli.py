@@ -191,9 +191,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parallax", description=__doc__.splitlines()[0])
+    verbose_help = "log progress and print generation stats to stderr"
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # Also accepted after the subcommand; SUPPRESS keeps a -v given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true",
-                        help="log progress and print generation stats to stderr")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help=verbose_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(q: argparse.ArgumentParser) -> None:
