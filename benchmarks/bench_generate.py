@@ -156,7 +156,8 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M fp32 decode, {a.threads} threads, {len(ids)}-token prompt, "
           f"{a.new_tokens} new tokens, median of {a.repeats} interleaved runs\n")
-    print("| batch | parallax tok/s | (parallax's own timer) | transformers tok/s | parallax / transformers |")
+    print("| batch | parallax tok/s | (parallax's own timer) | transformers tok/s "
+          "| parallax / transformers |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['batch']} | {r['parallax_tok_s']:.1f} | {r['parallax_own_timer_tok_s']:.1f} | "

@@ -139,7 +139,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"layout tp={a.tp} pp={a.pp} ({a.tp * a.pp} ranks), {a.dtype}; weights per rank "
           f"computed from the sharding math" + (", and measured" if measured else "") + ":")
     print()
-    head = "| rank | pp stage | tp rank | layers | q / kv heads | vocab rows | embed / head | weight bytes | MiB |"
+    head = ("| rank | pp stage | tp rank | layers | q / kv heads | vocab rows | embed / head "
+            "| weight bytes | MiB |")
     if measured:
         head += " measured bytes | peak RSS MiB |"
     print(head)
