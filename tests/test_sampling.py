@@ -48,3 +48,14 @@ def test_temperature_sampling_follows_the_distribution():
 def test_bad_sampling_values_name_the_parameter(kwargs, word):
     with pytest.raises(SamplingError, match=word):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999999])
+def test_top_p_candidate_shortcut_equals_full_sort(top_p):
+    """The top-k candidate shortcut keeps exactly what sorting the whole row keeps, also
+    when the nucleus is wider than the candidates (flat distribution -> full sort)."""
+    torch.manual_seed(0)
+    for logits in (torch.randn(4, 49152) * 4, torch.randn(2, 5000) * 0.01):
+        fast = _top_p_filter(logits, top_p, candidates=64)
+        full = _top_p_filter(logits, top_p, candidates=logits.shape[-1])
+        assert torch.equal(torch.isfinite(fast), torch.isfinite(full))

@@ -80,10 +80,22 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(1, seen, picked)
 
 
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+def _top_p_filter(logits: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
+    """Keep, per row, the smallest set of most likely tokens whose mass reaches top_p.
+
+    Sorting all 49k logits dominates sampling, so the nucleus is first looked for among
+    the ``candidates`` most likely tokens (exact whenever their mass reaches top_p, the
+    usual case); otherwise the whole row is sorted.
+    """
+    lse = logits.logsumexp(dim=-1, keepdim=True)
+    k = min(candidates, logits.shape[-1])
+    top, order = logits.topk(k, dim=-1)                                 # sorted, descending
+    if k < logits.shape[-1]:
+        cum_k = (top - lse).exp().cumsum(dim=-1)[:, -1]   # exactly the cum used below
+        if bool((cum_k < top_p).any()):
+            top, order = logits.sort(dim=-1, descending=True)
+    probs = (top - lse).exp()                                           # true probabilities
+    cum = probs.cumsum(dim=-1)
     # Drop a token when the mass before it already reaches top_p (the top token always stays).
-    drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    kept = top.masked_fill((cum - probs) >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, order, kept)
