@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -15,10 +16,33 @@ from conftest import make_checkpoint
 from parallax import CheckpointError, WorkerError
 
 
+def _new_children(before: set[int]) -> list:
+    """Live child processes not in ``before``; multiprocessing's resource tracker may stay."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE \
+                    and "resource_tracker" not in " ".join(p.cmdline()):
+                out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_left_behind():
+    """After every LLM of this module is closed, none of its processes may be alive."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    deadline = time.monotonic() + 10
+    while _new_children(before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _new_children(before), [(p.pid, p.name()) for p in _new_children(before)]
+
+
 @pytest.fixture(scope="module")
 def long_context(tmp_path_factory) -> str:
     """A tiny model with room for thousands of decode steps."""
-    return make_checkpoint(str(tmp_path_factory.mktemp("long")), "llama", max_position_embeddings=8192)
+    return make_checkpoint(str(tmp_path_factory.mktemp("long")), "llama",
+                           max_position_embeddings=8192)
 
 
 @pytest.mark.timeout(120)
@@ -42,6 +66,37 @@ def test_killed_worker_mid_generation_raises_quickly(long_context, kw, victim):
     with pytest.raises(WorkerError, match="closed"):
         llm.generate([[1, 2]], max_new_tokens=2)
     llm.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kw, victim", [(dict(tp=2), 1), (dict(pp=2), 0)],
+                         ids=["tp2-shm-collective", "pp2-stage-recv"])
+def test_stalled_worker_times_out_after_timeout_s(long_context, kw, victim):
+    """A worker that stops answering (SIGSTOP: alive, but stuck) is not a death the driver can
+    see; the other ranks' collectives give up after ``LLM(timeout_s=...)`` and the driver
+    raises WorkerError, then kills everything (SIGKILL reaches a stopped process)."""
+    timeout_s = 4.0
+    llm = parallax.LLM(long_context, threads_per_rank=1, timeout_s=timeout_s, **kw)
+    pids = llm._pool.pids
+    stopper = threading.Timer(1.0, os.kill, (pids[victim], signal.SIGSTOP))
+    stopper.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(WorkerError, match=r"[Tt]imed out .*(4\.0 s|4000 ?ms)") as info:
+            llm.generate([[1, 2, 3]] * 2, max_new_tokens=8000, ignore_eos=True)
+        elapsed = time.monotonic() - t0
+        assert f"ranks [{victim}] did not answer" in str(info.value)
+        # Not before the configured timeout (nothing died), and not long after it.
+        assert timeout_s <= elapsed < timeout_s + 15, elapsed
+    finally:
+        stopper.join()
+        llm.close()
+        for p in pids:                      # if the test failed early: never leave a stopped pid
+            if psutil.pid_exists(p):
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(p).kill()
+    assert not [p for p in pids if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
 @pytest.mark.timeout(60)
