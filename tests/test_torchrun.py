@@ -71,6 +71,26 @@ def test_torchrun_ranks_agree_with_one_process(request, tmp_path, model, tp, pp)
     assert results[0]["streamed"] == ref[0].text
 
 
+@pytest.mark.timeout(120)
+def test_torchrun_world_size_mismatch_is_a_layout_error(tiny_llama, tmp_path):
+    """tp*pp = 4 on 2 launched ranks: every rank should raise LayoutError at once ("launch
+    with --nproc-per-node 4 or change tp/pp"), not wait out the rendezvous timeout.
+
+    Known bug (src/parallax/parallel/context.py, ParallelContext.initialize): it calls
+    init_process_group(world_size=tp*pp) with torchrun's env:// rendezvous, which overrides
+    WORLD_SIZE and waits for ranks that never come; after timeout_s a raw DistStoreError is
+    raised and the LayoutError check after it is never reached."""
+    timeout_s = 10
+    r = _torchrun(2, os.path.join(HERE, "torchrun_script.py"), tiny_llama, "2", "2",
+                  str(tmp_path), str(timeout_s), timeout=90)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
+    for res in results:
+        assert res.get("error") == "LayoutError" and "started 2 ranks" in res["message"] \
+            and res["seconds"] < timeout_s / 2, \
+            f"expected an immediate LayoutError about the launched world size, got {res}"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_cli_generate():
