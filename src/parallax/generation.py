@@ -5,7 +5,7 @@ Every rank runs ``generate`` (SPMD). The driver rank (tp rank 0 of the last stag
 tracks stops and text, and sends each micro-batch's new tokens (plus a "finished" flag) to
 every rank outside its tp group, which the first stage feeds back in. With pp = 1 this
 reduces to prefill + decode_step on one stage; with pp = P and M >= P micro-batches, stage
-k works on micro-batch i while stage k+1 works on i-1 (docs/pipeline.md).
+k works on micro-batch i while stage k+1 works on i-1 (docs/parallel.md).
 """
 
 from __future__ import annotations

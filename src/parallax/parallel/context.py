@@ -83,6 +83,11 @@ class ParallelContext:
         ``master_port=None``. NCCL on CUDA devices, gloo otherwise.
         """
         world = tp_size * pp_size
+        launched = os.environ.get("WORLD_SIZE") if store is None and master_port is None else None
+        if launched is not None and int(launched) != world and not dist.is_initialized():
+            # Check before the rendezvous: env:// would wait out the timeout for ranks that
+            # the launcher never started.
+            _raise_world_mismatch(world, int(launched))
         device = torch.device(device)
         if device.type == "cuda":
             local = int(os.environ.get("LOCAL_RANK", rank)) % max(torch.cuda.device_count(), 1)
@@ -101,9 +106,7 @@ class ParallelContext:
                                         timeout=timeout)
             owns = True
         if world > 1 and dist.get_world_size() != world:
-            from ..errors import LayoutError
-            raise LayoutError(f"tp*pp = {world} but the launcher started {dist.get_world_size()} "
-                              f"ranks; launch with --nproc-per-node {world} or change tp/pp")
+            _raise_world_mismatch(world, dist.get_world_size())
         tp_group = None
         if world > 1:
             # Every rank must create every group, in the same order.
@@ -134,6 +137,12 @@ class ParallelContext:
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_process_group = False
+
+
+def _raise_world_mismatch(world: int, launched: int) -> None:
+    from ..errors import LayoutError
+    raise LayoutError(f"tp*pp = {world} but the launcher started {launched} ranks; "
+                      f"launch with --nproc-per-node {world} or change tp/pp")
 
 
 def _local_shm_group(ctx: ParallelContext):
