@@ -284,7 +284,7 @@ def test_cpu_packed_kernel_matches_reference(m, n, k, threads):
     """csrc/cpu/gemm_f32.c (every tile remainder, 1 and 2 threads, column-major x) equals
     its torch twin reference.linear_packed, which equals F.linear on the unpacked weight."""
     from parallax.ops import cpu
-    assert cpu.packed_kernel() is not None, "the CPU kernel did not build (is gcc installed?)"
+    assert cpu.kernels() is not None, "the CPU kernels did not build (is gcc installed?)"
     w, b = torch.randn(n, k), torch.randn(n)
     packed = cpu.pack(w)
     assert torch.equal(cpu.unpack(packed), w)
@@ -305,3 +305,89 @@ def test_cpu_packed_kernel_matches_reference(m, n, k, threads):
     assert ((twin.double() - exact).abs() <= bound).all()
     ids = torch.randint(0, n, (3, 5))
     assert torch.equal(cpu.embedding_packed(ids, packed), w[ids])
+
+
+# ----------------------------------------------------------------------------- CPU decode ops
+
+def _decode_inputs(b, hq, hk, d, s_cap, lens, dtype=torch.float32, seed=0):
+    """q, k, v as strided views of one fused qkv row per sequence (as the model makes them),
+    random caches, rotary angles and per-sequence context lengths."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, (hq + 2 * hk) * d, generator=g, dtype=dtype)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    kc = torch.randn(b, hk, s_cap, d, generator=g, dtype=dtype)
+    vc = torch.randn(b, hk, s_cap, d, generator=g, dtype=dtype)
+    theta = torch.rand(b, d // 2, generator=g) * 100.0
+    return (q.view(b, hq, d), k.view(b, hk, d), v.view(b, hk, d), kc, vc, theta.cos(),
+            theta.sin(), torch.tensor(lens, dtype=torch.int32))
+
+
+def test_reference_decode_attention_with_kvcache_is_rotate_write_attend():
+    """The reference equals its definition spelled out: rotate q and k, store k and v at slot
+    len - 1 of each row (nothing else in the cache changes), attend over [0, len)."""
+    q, k, v, kc, vc, cos, sin, lens = _decode_inputs(3, 6, 2, 16, 12, [1, 12, 5],
+                                                     dtype=torch.float64)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out = ref.decode_attention_with_kvcache(q, k, v, kc, vc, cos, sin, lens, 0.25)
+    rq, rk = ref.rotary_embedding(q[:, None], k[:, None], cos[:, None], sin[:, None])
+    for i, n in enumerate(lens.tolist()):
+        assert torch.equal(kc[i, :, n - 1], rk[i, 0]) and torch.equal(vc[i, :, n - 1], v[i])
+        keep = torch.arange(12) != n - 1
+        assert torch.equal(kc[i][:, keep], kc0[i][:, keep])
+        assert torch.equal(vc[i][:, keep], vc0[i][:, keep])
+        kk = kc[i, :, :n].repeat_interleave(3, 0)                     # (Hq, n, D)
+        vv = vc[i, :, :n].repeat_interleave(3, 0)
+        p = torch.softmax((rq[i, 0][:, None] @ kk.transpose(-1, -2))[:, 0] * 0.25, -1)  # (Hq, n)
+        assert rel_err(out[i], (p[:, None] @ vv)[:, 0]) < 1e-6   # rotary runs in fp32
+
+
+@pytest.mark.parametrize("hq,hk,d", [(9, 3, 64), (4, 4, 128), (8, 1, 32), (6, 2, 80)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_decode_attention_with_kvcache_matches_reference(hq, hk, d, threads):
+    """csrc/cpu/decode_f32.c against its torch twin: ragged lengths from 1 to past two
+    128-key blocks of the online softmax, strided q/k/v views, the same cache writes."""
+    from parallax.ops import cpu
+    lens = [1, 300, 128, 129, 37]
+    q, k, v, kc, vc, cos, sin, lens_t = _decode_inputs(5, hq, hk, d, 300, lens, seed=hq + d)
+    assert cpu.attention_layout_ok(q, k, v, kc, vc, cos, sin, lens_t)
+    kc2, vc2 = kc.clone(), vc.clone()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in (kc, vc):
+            t[:, :, -1] = float("nan")      # poisoned: slots past a length must not be read
+        kc2[:, :, -1] = vc2[:, :, -1] = float("nan")
+        lens_t[1] = 299
+        out = cpu.decode_attention_with_kvcache(q, k, v, kc, vc, cos, sin, lens_t, d ** -0.5)
+    finally:
+        torch.set_num_threads(old)
+    want = ref.decode_attention_with_kvcache(q, k, v, kc2, vc2, cos, sin, lens_t, d ** -0.5)
+    assert out.shape == want.shape and torch.isfinite(out).all()
+    assert rel_err(out, want) < 1e-5
+    assert torch.allclose(kc, kc2, atol=1e-6, equal_nan=True)
+    assert torch.equal(vc.nan_to_num(), vc2.nan_to_num())
+
+
+def test_dispatched_decode_attention_with_kvcache_composes_where_c_does_not_apply():
+    """float64 (no C kernel): the dispatcher's rotary + write + attention equals the reference."""
+    args = _decode_inputs(2, 4, 2, 16, 9, [3, 9], dtype=torch.float64)
+    twin = [a.clone() for a in args]
+    out = ops.decode_attention_with_kvcache(*args, 0.3)
+    assert torch.equal(out, ref.decode_attention_with_kvcache(*twin, 0.3))
+    assert torch.equal(args[3], twin[3]) and torch.equal(args[4], twin[4])
+
+
+@pytest.mark.parametrize("d", [576, 100, 7])
+def test_cpu_norms_and_silu_and_mul_match_reference(d):
+    from parallax.ops import cpu
+    g = torch.Generator().manual_seed(d)
+    x, r = torch.randn(3, 5, d, generator=g), torch.randn(3, 5, d, generator=g)
+    w = torch.randn(d, generator=g)
+    out, res = cpu.add_rms_norm(x, r, w, 1e-5)
+    want, want_res = ref.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(res, want_res) and rel_err(out, want) < 1e-6
+    assert rel_err(cpu.add_rms_norm(x, None, w, 1e-5)[0], ref.rms_norm(x, w, 1e-5)) < 1e-6
+    gu = torch.randn(4, 1, 2 * d, generator=g)
+    assert rel_err(cpu.silu_and_mul(gu), ref.silu_and_mul(gu)) < 1e-6
+    s = gu.double()
+    assert rel_err(ref.silu_and_mul(gu), F.silu(s[..., :d]) * s[..., d:]) < 1e-6

@@ -113,19 +113,16 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_q, self.head_dim)                         # (B, T, Hq, D)
         k = k.view(b, t, self.n_kv, self.head_dim)                        # (B, T, Hk, D)
         v = v.view(b, t, self.n_kv, self.head_dim)
-        q, k = ops.rotary_embedding(q, k, cos, sin)
         if fb.is_prefill:
+            q, k = ops.rotary_embedding(q, k, cos, sin)
             k, v = k.transpose(1, 2), v.transpose(1, 2)                   # (B, Hk, T, D)
             k_cache[:, :, :t] = k
             v_cache[:, :, :t] = v
             out = ops.prefill_attention(q.transpose(1, 2), k, v, self.scale)  # (B, Hq, T, D)
             out = out.transpose(1, 2)                                     # (B, T, Hq, D)
-        else:
-            rows = torch.arange(b, device=x.device)
-            pos = fb.positions[:, 0]
-            k_cache[rows, :, pos] = k[:, 0]
-            v_cache[rows, :, pos] = v[:, 0]
-            out = ops.decode_attention(q[:, 0], k_cache, v_cache, fb.context_lens, self.scale)
+        else:   # rotary, cache write and attention in one op; cos, sin: (B, D/2)
+            out = ops.decode_attention_with_kvcache(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache,
+                                                    cos, sin, fb.context_lens, self.scale)
         return self.o_proj(out.reshape(b, t, self.n_q * self.head_dim))
 
 
@@ -135,14 +132,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype):
         super().__init__()
         start, n = split_evenly(cfg.intermediate_size, ctx.tp_size, ctx.tp_rank)
-        self.n = n
         self.gate_up_proj = ColumnParallelLinear(
             cfg.hidden_size, [(f"{prefix}.gate_proj", start, n), (f"{prefix}.up_proj", start, n)], dtype)
         self.down_proj = RowParallelLinear(f"{prefix}.down_proj", start, n, cfg.hidden_size, dtype, ctx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.n, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -206,6 +201,8 @@ class LlamaForCausalLM(nn.Module):
         if x.dtype == torch.long:
             x = self.embed(x)                                             # (B, T, d)
         freqs = fb.positions.unsqueeze(-1).float() * self.inv_freq        # (B, T, D/2)
+        if not fb.is_prefill:
+            freqs = freqs[:, 0]                                           # (B, D/2)
         cos, sin = freqs.cos(), freqs.sin()
         residual = None
         for i, layer in enumerate(self.layers):

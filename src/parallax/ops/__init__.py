@@ -7,8 +7,9 @@
 - ``cuda``: like auto, but the extension must load: importing this module raises if it cannot;
 - ``reference``: always the torch references.
 
-CPU tensors take the reference, except ``linear`` with few rows (decode), which takes the
-batched-gemm form in ops/cpu.py. Inputs a kernel does not cover (float32, head dims
+fp32 CPU tensors take the C kernels of csrc/cpu (ops/cpu.py: packed matmul, norms,
+``silu_and_mul``, decode attention with the cache write) where they build, and ``linear``
+with few rows the batched-gemm form in ops/cpu.py; other CPU tensors the reference. Inputs a kernel does not cover (float32, head dims
 other than 64/128, int8 batches above ``cuda.INT8_GEMV_MAX_M`` rows) also take the reference,
 which runs on the GPU through torch. Prefill attention, dense ``linear`` and ``quantize_int8``
 always use the reference: torch's SDPA (flash backend) and cuBLAS are what we would write
@@ -30,9 +31,9 @@ from . import cuda as _cuda
 from . import reference as _ref
 from .reference import prefill_attention, quantize_int8
 
-__all__ = ["add_rms_norm", "decode_attention", "embedding_packed", "int8_linear", "linear",
-           "linear_packed", "prefill_attention",
-           "quantize_int8", "rms_norm", "rotary_embedding", "active_backend"]
+__all__ = ["add_rms_norm", "decode_attention", "decode_attention_with_kvcache",
+           "embedding_packed", "int8_linear", "linear", "linear_packed", "prefill_attention",
+           "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "active_backend"]
 
 _MODE = os.environ.get("PARALLAX_KERNELS", "auto").strip().lower() or "auto"
 if _MODE not in ("auto", "cuda", "reference"):
@@ -80,7 +81,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_packed(x: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """Weights packed by ``ops.cpu.pack`` (done only where the CPU kernel is built)."""
-    if x.dtype == torch.float32 and not x.is_cuda and _cpu.packed_kernel() is not None:
+    if x.dtype == torch.float32 and not x.is_cuda and _cpu.kernels() is not None:
         return _cpu.linear_packed(x, packed, bias)
     return _ref.linear_packed(x, packed, bias)
 
@@ -91,6 +92,8 @@ embedding_packed = _cpu.embedding_packed
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _on_cuda(x) and x.dtype in _HALF and weight.dtype == x.dtype:
         return _cuda.rms_norm(x, weight, eps)
+    if _cpu.fits(x, weight) and x.is_contiguous():
+        return _cpu.add_rms_norm(x, None, weight, eps)[0]
     return _ref.rms_norm(x, weight, eps)
 
 
@@ -99,7 +102,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     if (_on_cuda(x) and x.dtype in _HALF and residual.dtype == x.dtype
             and weight.dtype == x.dtype and residual.shape == x.shape):
         return _cuda.add_rms_norm(x, residual, weight, eps)
+    if (_cpu.fits(x, residual, weight) and residual.shape == x.shape and x.is_contiguous()
+            and residual.is_contiguous()):
+        return _cpu.add_rms_norm(x, residual, weight, eps)
     return _ref.add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _cpu.fits(x) and x.is_contiguous():
+        return _cpu.silu_and_mul(x)
+    return _ref.silu_and_mul(x)
 
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -119,6 +131,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             and v_cache.stride(-1) == 1 and v_cache.stride(-2) == d):
         return _cuda.decode_attention(q, k_cache, v_cache, context_lens, scale)
     return _ref.decode_attention(q, k_cache, v_cache, context_lens, scale)
+
+
+def decode_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  cos: torch.Tensor, sin: torch.Tensor,
+                                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """See reference.decode_attention_with_kvcache. On the CPU (fp32) one C call; elsewhere
+    the dispatched rotary and decode attention around the reference cache write."""
+    args = (q, k, v, k_cache, v_cache, cos, sin, context_lens)
+    if _cpu.fits(q, k, v, k_cache, v_cache) and _cpu.attention_layout_ok(*args):
+        return _cpu.decode_attention_with_kvcache(*args, scale)
+    q, k = rotary_embedding(q[:, None], k[:, None], cos[:, None], sin[:, None])
+    _ref.write_kv_cache(k[:, 0], v, k_cache, v_cache, context_lens)
+    return decode_attention(q[:, 0], k_cache, v_cache, context_lens, scale)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

@@ -65,29 +65,48 @@ PANEL = 64
 _lib: dict = {}
 
 
-def _compile() -> ctypes.CDLL | None:
-    """Build csrc/cpu/gemm_f32.c for this CPU (gcc -O3 -march=native), cached by source and
-    CPU flags; link torch's own libgomp so the kernel shares torch's thread pool."""
-    src = os.path.join(os.path.dirname(__file__), "..", "csrc", "cpu", "gemm_f32.c")
+_SOURCES = ("gemm_f32.c", "decode_f32.c")
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+_SIGNATURES = {
+    "parallax_gemm_packed_f32": [_P] * 3 + [_I] * 4,
+    "parallax_add_rms_norm_f32": [_P] * 5 + [_I, _I, _F],
+    "parallax_silu_and_mul_f32": [_P, _P, _I, _I],
+    "parallax_decode_attention_kv_f32": [_P, _L, _P, _L, _P, _L] + [_P] * 4 + [_L, _L, _P, _P]
+                                        + [_I] * 4 + [_F, _I],
+}
+
+
+def _compile() -> ctypes.CDLL:
+    """Build csrc/cpu/*.c into one library for this CPU (gcc -O3 -march=native), cached by
+    source and CPU flags; link torch's own libgomp so the kernels share torch's thread pool."""
+    folder = os.path.join(os.path.dirname(__file__), "..", "csrc", "cpu")
+    srcs = [os.path.join(folder, name) for name in _SOURCES]
     gomp = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
     cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None or not os.path.exists(src):
+    if cc is None or not all(map(os.path.exists, srcs)):
         raise RuntimeError("no C compiler (gcc) found")
-    with open(src, "rb") as f:
-        key = hashlib.sha256(f.read() + _cpu_flags().encode() + cc.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(_cpu_flags().encode() + cc.encode())
+    for src in srcs:
+        with open(src, "rb") as f:
+            digest.update(f.read())
     cache = os.environ.get("PARALLAX_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "parallax")
-    out = os.path.join(cache, f"gemm_f32-{key}.so")
+    out = os.path.join(cache, f"cpu_kernels-{digest.hexdigest()[:16]}.so")
     if not os.path.exists(out):
         os.makedirs(cache, exist_ok=True)
         tmp = f"{out}.{os.getpid()}.tmp"
-        link = [gomp] if os.path.exists(gomp) else ["-lgomp"]
-        subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", src, *link,
-                        "-o", tmp], check=True, capture_output=True, timeout=120)
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", *srcs,
+               gomp if os.path.exists(gomp) else "-lgomp", "-lm", "-o", tmp]
+        try:   # with glibc's vector math library (vector expf), else without
+            subprocess.run(cmd[:1] + ["-DPARALLAX_MVEC"] + cmd[1:] + ["-lmvec"], check=True,
+                           capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.replace(tmp, out)   # atomic: concurrent ranks may build at once
     lib = ctypes.CDLL(out)
-    lib.parallax_gemm_packed_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
-    lib.parallax_gemm_packed_f32.restype = None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
     return lib
 
 
@@ -99,8 +118,8 @@ def _cpu_flags() -> str:
         return ""
 
 
-def packed_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (logged once) where it cannot be built."""
+def kernels() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (logged once) where they cannot be built."""
     if "lib" not in _lib:
         if os.environ.get("PARALLAX_KERNELS", "auto").strip().lower() == "reference":
             _lib["lib"] = None
@@ -108,7 +127,7 @@ def packed_kernel() -> ctypes.CDLL | None:
             try:
                 _lib["lib"] = _compile()
             except Exception as e:   # no compiler, sandboxed /tmp, ...: fall back, loudly
-                logger.warning("CPU matmul kernel unavailable (%s); using torch", e)
+                logger.warning("CPU kernels unavailable (%s); using torch", e)
                 _lib["lib"] = None
     return _lib["lib"]
 
@@ -116,7 +135,7 @@ def packed_kernel() -> ctypes.CDLL | None:
 def can_pack(weight: torch.Tensor) -> bool:
     """fp32 CPU weights whose row count is a whole number of panels."""
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and weight.shape[0] % PANEL == 0 and packed_kernel() is not None)
+            and weight.shape[0] % PANEL == 0 and kernels() is not None)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -138,7 +157,7 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor,
     n = p * PANEL
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    packed_kernel().parallax_gemm_packed_f32(rows.data_ptr(), packed.data_ptr(), y.data_ptr(),
+    kernels().parallax_gemm_packed_f32(rows.data_ptr(), packed.data_ptr(), y.data_ptr(),
                                              rows.shape[0], n, k, torch.get_num_threads())
     if bias is not None:
         y += bias
@@ -148,3 +167,56 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor,
 def embedding_packed(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of W (an embedding tied to a packed LM head). ids: (...) -> (..., K)."""
     return packed[ids // PANEL, :, ids % PANEL]
+
+
+# ---------------------------------------------------------------------------------------
+# The small ops of a decode step (csrc/cpu/decode_f32.c). Callers check ``fits``.
+
+def fits(*tensors: torch.Tensor) -> bool:
+    """All fp32 CPU tensors and the kernels built: the C ops below apply."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) \
+        and kernels() is not None
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rms_norm(x + residual) * weight, x + residual); residual None: (rms_norm(x), None).
+    x, residual: (..., D) contiguous; weight: (D,)."""
+    d = x.shape[-1]
+    out = torch.empty_like(x)
+    res = None if residual is None else torch.empty_like(x)
+    kernels().parallax_add_rms_norm_f32(
+        x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+        out.data_ptr(), None if res is None else res.data_ptr(), x.numel() // d, d, eps)
+    return out, res
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x (..., 2N) contiguous -> silu(x[..., :N]) * x[..., N:], (..., N)."""
+    n = x.shape[-1] // 2
+    out = x.new_empty(*x.shape[:-1], n)
+    kernels().parallax_silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.numel() // (2 * n), n)
+    return out
+
+
+def decode_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, context_lens, scale):
+    """reference.decode_attention_with_kvcache in one call. Requires unit stride along D,
+    heads D apart in q/k/v, cache slots D apart, cos/sin contiguous (B, D/2), int32 lens."""
+    b, hq, d = q.shape
+    out = q.new_empty(b, hq, d)
+    kernels().parallax_decode_attention_kv_f32(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_cache.stride(0), k_cache.stride(1), context_lens.data_ptr(), out.data_ptr(),
+        b, hq, k.shape[1], d, scale, torch.get_num_threads())
+    return out
+
+
+def attention_layout_ok(q, k, v, k_cache, v_cache, cos, sin, context_lens) -> bool:
+    """Whether decode_attention_with_kvcache's C kernel can read these tensors as they are."""
+    d = q.shape[-1]
+    rows = all(t.stride(-1) == 1 and t.stride(-2) == d for t in (q, k, v, k_cache, v_cache))
+    return (rows and d % 16 == 0 and d <= 256 and q.shape[1] // k.shape[1] <= 16
+            and k_cache.stride() == v_cache.stride() and cos.is_contiguous()
+            and sin.is_contiguous() and context_lens.dtype == torch.int32
+            and context_lens.is_contiguous())

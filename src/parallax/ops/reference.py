@@ -79,6 +79,38 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return torch.matmul(probs, v).view(b, hq, d)                     # (B, Hq, D)
 
 
+def decode_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  cos: torch.Tensor, sin: torch.Tensor,
+                                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode step of attention with the cache update folded in (the contract of
+    flash-attn's ``flash_attn_with_kvcache``): rotate q and the new k, write k and v into
+    slot ``context_lens - 1`` of each sequence's cache, attend over ``[0, context_lens)``.
+
+    q: (B, Hq, D); k, v: (B, Hk, D) the new token's key and value, not yet rotated;
+    k_cache, v_cache: (B, Hk, S, D), written in place; cos, sin: (B, D/2) float32;
+    context_lens: (B,) int32, including the new token. Returns (B, Hq, D).
+    """
+    q, k = rotary_embedding(q[:, None], k[:, None], cos[:, None], sin[:, None])
+    write_kv_cache(k[:, 0], v, k_cache, v_cache, context_lens)
+    return decode_attention(q[:, 0], k_cache, v_cache, context_lens, scale)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, context_lens: torch.Tensor) -> None:
+    """Store one token's k, v (B, Hk, D) at slot ``context_lens - 1`` of caches (B, Hk, S, D)."""
+    rows = torch.arange(k.shape[0], device=k.device)
+    slots = (context_lens - 1).long()
+    k_cache[rows, :, slots] = k
+    v_cache[rows, :, slots] = v
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: x (..., 2N) = [gate | up] -> silu(gate) * up, (..., N)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight.T + bias. x: (..., K); weight: (N, K)."""
     return F.linear(x, weight, bias)

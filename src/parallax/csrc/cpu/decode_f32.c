@@ -1,0 +1,177 @@
+/* The small fp32 ops of a CPU decode step, one call each instead of ~10 torch ops.
+ *
+ * At decode the matmuls stream the weights (csrc/cpu/gemm_f32.c); everything else in a
+ * layer touches a few KB, so its cost is per-op dispatch, not arithmetic. These fuse what
+ * the torch references do in many ops:
+ *   parallax_add_rms_norm_f32        reference.add_rms_norm / rms_norm
+ *   parallax_silu_and_mul_f32        reference.silu_and_mul
+ *   parallax_decode_attention_kv_f32 reference.decode_attention_with_kvcache
+ *                                    (rotary on q and the new k, cache write, attention)
+ * Built with gemm_f32.c into one library by parallax/ops/cpu.py.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef PARALLAX_MVEC
+/* glibc's libmvec has vector expf (what <math.h> declares only under -ffast-math): loops
+ * over expf below then run 16 lanes at a time. ops/cpu.py builds without it where it
+ * does not link. */
+float expf(float) __attribute__((simd("notinbranch")));
+#endif
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline v16 load16(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+static inline float hsum16(v16 v) {
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* Sixteen lanes of partial sums in one vector, folded once at the end. */
+static inline float dot(const float* a, const float* b, int n) {
+    v16 acc = {0};
+    int i = 0;
+    for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
+    float s = hsum16(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out = rms_norm(x + residual) * w, residual_out = x + residual (residual may be NULL:
+ * plain rms_norm, residual_out unused). Rows of length D, M rows. */
+void parallax_add_rms_norm_f32(const float* x, const float* residual, const float* w,
+                               float* out, float* residual_out, int M, int D, float eps) {
+    for (int m = 0; m < M; m++) {
+        const float* xm = x + (size_t)m * D;
+        const float* src = xm;
+        if (residual) {
+            const float* rm = residual + (size_t)m * D;
+            float* ro = residual_out + (size_t)m * D;
+            for (int i = 0; i < D; i++) ro[i] = xm[i] + rm[i];
+            src = ro;
+        }
+        float r = 1.f / sqrtf(dot(src, src, D) / D + eps);
+        float* om = out + (size_t)m * D;
+        for (int i = 0; i < D; i++) om[i] = (src[i] * r) * w[i];
+    }
+}
+
+/* out (M, N) = silu(x[:, :N]) * x[:, N:], x (M, 2N). */
+void parallax_silu_and_mul_f32(const float* x, float* out, int M, int N) {
+    for (int m = 0; m < M; m++) {
+        const float* g = x + (size_t)m * 2 * N;
+        const float* u = g + N;
+        float* o = out + (size_t)m * N;
+        #pragma omp simd
+        for (int i = 0; i < N; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
+/* HF rotate_half: pairs (i, i + D/2) rotate by angle i. */
+static inline void rotate(const float* x, const float* cos, const float* sin, float* out,
+                          int D) {
+    int h = D / 2;
+    for (int i = 0; i < h; i++) {
+        float a = x[i], b = x[i + h];
+        out[i] = a * cos[i] - b * sin[i];
+        out[i + h] = b * cos[i] + a * sin[i];
+    }
+}
+
+#define KEYS 128   /* keys scored per block of the online softmax */
+#define MAX_D 256
+#define MAX_G 16
+
+/* acc (D) = acc * corr + sum_j p[j] * v[j], v rows D apart; D % 16 == 0. Blocks of 64
+ * (then 16) dims stay in registers across the keys. */
+static void pv(float* acc, float corr, const float* p, const float* v, int n, int D) {
+    int i0 = 0;
+    for (; i0 + 64 <= D; i0 += 64) {
+        v16 a0 = load16(acc + i0) * corr, a1 = load16(acc + i0 + 16) * corr;
+        v16 a2 = load16(acc + i0 + 32) * corr, a3 = load16(acc + i0 + 48) * corr;
+        for (int j = 0; j < n; j++) {
+            const float* vj = v + (size_t)j * D + i0;
+            a0 += p[j] * load16(vj);
+            a1 += p[j] * load16(vj + 16);
+            a2 += p[j] * load16(vj + 32);
+            a3 += p[j] * load16(vj + 48);
+        }
+        store16(acc + i0, a0);
+        store16(acc + i0 + 16, a1);
+        store16(acc + i0 + 32, a2);
+        store16(acc + i0 + 48, a3);
+    }
+    for (; i0 < D; i0 += 16) {
+        v16 a = load16(acc + i0) * corr;
+        for (int j = 0; j < n; j++) a += p[j] * load16(v + (size_t)j * D + i0);
+        store16(acc + i0, a);
+    }
+}
+
+/* One new token per sequence: rotate q and k, write k and v into cache slot
+ * context_lens[b] - 1, then attend over slots [0, context_lens[b]).
+ *   q (B, Hq, D) rows q_stride apart; k, v (B, Hk, D) rows k_stride / v_stride apart;
+ *   cos, sin (B, D/2); caches (B, Hk, S, D) with strides (cache_b, cache_h, D, 1);
+ *   out (B, Hq, D) contiguous. Query heads h*G .. h*G+G-1 share KV head h (G = Hq/Hk).
+ *   D % 16 == 0, D <= MAX_D, G <= MAX_G (ops/cpu.py checks).
+ * Work items are (sequence, KV head): each key and value row is read once for the G
+ * queries that share it, keys in blocks with an online softmax.
+ */
+void parallax_decode_attention_kv_f32(
+        const float* q, long q_stride, const float* k, long k_stride, const float* v,
+        long v_stride, const float* cos, const float* sin, float* k_cache, float* v_cache,
+        long cache_b, long cache_h, const int32_t* context_lens, float* out, int B, int Hq,
+        int Hk, int D, float scale, int num_threads) {
+    int G = Hq / Hk, h2 = D / 2;
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int item = 0; item < B * Hk; item++) {
+        int b = item / Hk, h = item % Hk;
+        int len = context_lens[b];
+        const float* cb = cos + (size_t)b * h2;
+        const float* sb = sin + (size_t)b * h2;
+        float* kc = k_cache + b * cache_b + h * cache_h;
+        float* vc = v_cache + b * cache_b + h * cache_h;
+        rotate(k + b * k_stride + (size_t)h * D, cb, sb, kc + (size_t)(len - 1) * D, D);
+        const float* vn = v + b * v_stride + (size_t)h * D;
+        for (int i = 0; i < D; i++) vc[(size_t)(len - 1) * D + i] = vn[i];
+
+        float qr[MAX_G][MAX_D], acc[MAX_G][MAX_D], s[MAX_G][KEYS], mx[MAX_G], denom[MAX_G];
+        for (int g = 0; g < G; g++) {
+            rotate(q + b * q_stride + (size_t)(h * G + g) * D, cb, sb, qr[g], D);
+            for (int i = 0; i < D; i++) acc[g][i] = 0.f;
+            mx[g] = -INFINITY;
+            denom[g] = 0.f;
+        }
+        for (int j0 = 0; j0 < len; j0 += KEYS) {
+            int n = len - j0 < KEYS ? len - j0 : KEYS;
+            const float* kb = kc + (size_t)j0 * D;
+            for (int j = 0; j < n; j++)
+                for (int g = 0; g < G; g++) s[g][j] = dot(qr[g], kb + (size_t)j * D, D) * scale;
+            for (int g = 0; g < G; g++) {
+                float m = mx[g], sum = 0.f;
+                for (int j = 0; j < n; j++) m = s[g][j] > m ? s[g][j] : m;
+                float corr = expf(mx[g] - m);   /* 0 on the first block */
+                #pragma omp simd reduction(+:sum)
+                for (int j = 0; j < n; j++) {
+                    s[g][j] = expf(s[g][j] - m);
+                    sum += s[g][j];
+                }
+                denom[g] = denom[g] * corr + sum;
+                mx[g] = m;
+                pv(acc[g], corr, s[g], vc + (size_t)j0 * D, n, D);
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            float* o = out + ((size_t)b * Hq + h * G + g) * D;
+            float inv = 1.f / denom[g];
+            for (int i = 0; i < D; i++) o[i] = acc[g][i] * inv;
+        }
+    }
+}
