@@ -1,4 +1,5 @@
-"""Shared-memory tp collectives (parallel/shm.py) against gloo, in real processes."""
+"""Shared-memory tp collectives and stage-to-stage messages (parallel/shm.py) against gloo,
+in real processes."""
 
 from __future__ import annotations
 
@@ -57,6 +58,53 @@ def _stall_on_rank_one(ctx):
 def test_shm_wait_times_out_instead_of_hanging():
     results = spawn_ranks(2, _stall_on_rank_one)
     assert "timed out after 2.0 s waiting for ranks [1]" in results[0]
+
+
+def _messages_both_ways(ctx, sizes):
+    """Rank 0 sends every size to rank 1 (bf16 and int64, some over the slot size, so the
+    transports interleave), rank 1 answers each; more messages than the ring has slots."""
+    assert ctx.p2p_shm is not None, "expected shared-memory messages between local stages"
+    peer = 1 - ctx.rank
+    got = []
+    for i, n in enumerate(sizes):
+        dtype = torch.bfloat16 if i % 2 else torch.int64
+        if ctx.rank == 0:
+            C.send_to(torch.arange(n).to(dtype) + i, peer, ctx)
+            reply = C.recv_from(torch.empty(n, dtype=dtype), peer, ctx)
+            got.append(torch.equal(reply, (torch.arange(n).to(dtype) + i) * 2))
+        else:
+            x = C.recv_from(torch.empty(n, dtype=dtype), peer, ctx)
+            got.append(torch.equal(x, torch.arange(n).to(dtype) + i))
+            work = C.send_to(x * 2, peer, ctx)
+            if work is not None:
+                work.wait()
+    return got
+
+
+@pytest.mark.timeout(120)
+def test_shm_messages_in_order_across_transports():
+    from parallax.parallel.shm import ShmMailbox
+    big = ShmMailbox.SLOT_BYTES // 8 + 5                     # int64: past one slot -> gloo
+    sizes = [1, 577, big, 3] * (ShmMailbox.RING // 2) + [9]   # wraps around the ring
+    results = spawn_ranks(2, _messages_both_ways, sizes, tp_size=1, pp_size=2)
+    assert results[0] == [True] * len(sizes) and results[1] == [True] * len(sizes)
+
+
+def _recv_from_silent_peer(ctx):
+    ctx.p2p_shm.timeout_s = 2.0
+    if ctx.rank == 0:
+        return "silent"
+    try:
+        C.recv_from(torch.empty(4), 0, ctx)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.timeout(120)
+def test_shm_recv_times_out_instead_of_hanging():
+    results = spawn_ranks(2, _recv_from_silent_peer, tp_size=1, pp_size=2)
+    assert "timed out after 2.0 s waiting for a message from rank 0" in results[1]
 
 
 def test_no_files_left_in_dev_shm():

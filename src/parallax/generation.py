@@ -10,6 +10,7 @@ k works on micro-batch i while stage k+1 works on i-1 (docs/parallel.md).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -178,7 +179,12 @@ class _Messenger:
     Shapes are known on every rank from the prompts, so nothing but the tensors is sent.
     """
 
-    def __init__(self, ctx: ParallelContext, hidden: int, dtype: torch.dtype):
+    def __init__(self, ctx: ParallelContext, hidden: int, dtype: torch.dtype, n_micro: int = 1):
+        # A pair of ranks carries up to 2 messages per micro-batch per step (tokens and tied
+        # embeddings, driver -> stage 0); a shared-memory ring must never fill up, or the
+        # sender would wait on a receiver that waits on it.
+        if ctx.p2p_shm is not None and 2 * n_micro >= ctx.p2p_shm.RING:
+            ctx = dataclasses.replace(ctx, p2p_shm=None)
         self.ctx, self.hidden, self.dtype = ctx, hidden, dtype
         # Ranks outside the driver's tp group get tokens point-to-point.
         self.token_peers = [r for r in range(ctx.world_size)
@@ -190,29 +196,34 @@ class _Messenger:
         return C.recv_prev_stage(buf, self.ctx)
 
     def send_hidden(self, h: torch.Tensor) -> None:
-        self.pending.append((C.send_next_stage(h, self.ctx), h))
+        self._track(C.send_next_stage(h, self.ctx), h)
 
     def send_embeddings(self, h: torch.Tensor) -> None:
         """Last stage -> first stage (same tp rank): embeddings when the tied embedding
         lives with the LM head."""
-        self.pending.append((C.send_to(h, self.ctx.stage_rank(0)), h))
+        self._track(C.send_to(h, self.ctx.stage_rank(0), self.ctx), h)
 
     def recv_embeddings(self, b: int, t: int) -> torch.Tensor:
         buf = torch.empty(b, t, self.hidden, dtype=self.dtype, device=self.ctx.device)
-        return C.recv_from(buf, self.ctx.stage_rank(self.ctx.pp_size - 1))
+        return C.recv_from(buf, self.ctx.stage_rank(self.ctx.pp_size - 1), self.ctx)
 
     def share_tokens(self, msg: torch.Tensor) -> torch.Tensor:
         """On the last stage: tp rank 0's (b+1,) message to its tp group and to all other stages."""
         C.broadcast_tp(msg, self.ctx)
         if self.ctx.is_driver:
             for r in self.token_peers:
-                self.pending.append((C.send_to(msg, r), msg))
+                self._track(C.send_to(msg, r, self.ctx), msg)
         self._prune()
         return msg
 
     def recv_tokens(self, b: int) -> torch.Tensor:
         msg = torch.empty(b + 1, dtype=torch.long, device=self.ctx.device)
-        return C.recv_from(msg, self.ctx.driver_rank)
+        return C.recv_from(msg, self.ctx.driver_rank, self.ctx)
+
+    def _track(self, work, tensor: torch.Tensor) -> None:
+        """Keep an in-flight send's tensor alive until it completes (None: delivered)."""
+        if work is not None:
+            self.pending.append((work, tensor))
 
     def _prune(self) -> None:
         self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
@@ -238,7 +249,7 @@ def generate(model, ctx: ParallelContext, prompts: list[list[int]], cfg: Generat
     cache = KVCache(len(model.layers), b_total, model.num_kv_heads_local,
                     max(map(len, prompts)) + cfg.max_new_tokens, model.cfg.head_dim, dtype, dev)
     mbs = _micro_batches(prompts, n_micro, dev)
-    io = _Messenger(ctx, model.cfg.hidden_size, dtype)
+    io = _Messenger(ctx, model.cfg.hidden_size, dtype, len(mbs))
     driver = _Driver(prompts, cfg, tokenizer, cache.max_len, dev, t0, emit) if ctx.is_driver else None
 
     busy = 0.0

@@ -1,7 +1,7 @@
 """CPU fast paths for the decode-time matmul (few rows, large weight).
 
 Packed fp32 weights (the default for fp32 models on the CPU whose shard rows are a
-multiple of 64) go through a small C kernel, csrc/cpu/gemm_f32.c, built just in time:
+multiple of 32) go through a small C kernel, csrc/cpu/gemm_f32.c, built just in time:
 ~2x MKL's speed at 4-16 rows and equal at one. Other weights take the batched-gemm
 form below.
 
@@ -59,9 +59,9 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------
-# Packed fp32 matmul (csrc/cpu/gemm_f32.c): weights stored as 64-column panels of W^T.
+# Packed fp32 matmul (csrc/cpu/gemm_f32.c): weights stored as 32-column panels of W^T.
 
-PANEL = 64
+PANEL = 32
 _lib: dict = {}
 
 
@@ -139,13 +139,13 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) -> (N/64, K, 64) panels of W^T, contiguous."""
+    """(N, K) -> (N/32, K, 32) panels of W^T, contiguous."""
     n, k = weight.shape
     return weight.t().reshape(k, n // PANEL, PANEL).permute(1, 0, 2).contiguous()
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """(N/64, K, 64) panels -> the (N, K) weight (a copy)."""
+    """(N/32, K, 32) panels -> the (N, K) weight (a copy)."""
     p, k, _ = packed.shape
     return packed.permute(1, 0, 2).reshape(k, p * PANEL).t().contiguous()
 

@@ -118,8 +118,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_packed(x: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias with W stored as 64-column panels of W^T: packed (N/64, K, 64),
-    ``packed[n // 64, k, n % 64] = W[n, k]`` (the CPU kernel's layout, ops/cpu.py)."""
+    """y = x @ W^T + bias with W stored as 32-column panels of W^T: packed (N/32, K, 32),
+    ``packed[n // 32, k, n % 32] = W[n, k]`` (the CPU kernel's layout, ops/cpu.py)."""
     p, k, width = packed.shape
     return F.linear(x, packed.permute(1, 0, 2).reshape(k, p * width).t(), bias)
 

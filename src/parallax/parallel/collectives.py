@@ -1,6 +1,6 @@
 """Every collective parallax uses, named by what it does; the only file that calls
-``torch.distributed`` for data (CPU tp groups on one machine go through shared memory,
-parallel/shm.py, when the tensor fits). Each returns early when its group has one rank, so a size-1
+``torch.distributed`` for data (CPU ranks on one machine go through shared memory,
+parallel/shm.py, when the tensor fits: tp collectives and stage-to-stage messages). Each returns early when its group has one rank, so a size-1
 context costs nothing.
 """
 
@@ -63,24 +63,30 @@ def broadcast_object(obj: object, ctx: ParallelContext, src: int) -> object:
     return box[0]
 
 
-def send_next_stage(x: torch.Tensor, ctx: ParallelContext) -> dist.Work:
+def send_next_stage(x: torch.Tensor, ctx: ParallelContext) -> dist.Work | None:
     """Start sending activations to the same tp rank of the next stage (non-blocking)."""
-    return dist.isend(x.contiguous(), dst=ctx.stage_rank(ctx.pp_rank + 1))
+    return send_to(x, ctx.stage_rank(ctx.pp_rank + 1), ctx)
 
 
 def recv_prev_stage(out: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """Receive activations from the same tp rank of the previous stage into ``out``."""
-    dist.recv(out, src=ctx.stage_rank(ctx.pp_rank - 1))
-    return out
+    return recv_from(out, ctx.stage_rank(ctx.pp_rank - 1), ctx)
 
 
-def send_to(x: torch.Tensor, dst: int) -> dist.Work:
-    """Start a point-to-point send to global rank ``dst`` (non-blocking)."""
-    return dist.isend(x.contiguous(), dst=dst)
+def send_to(x: torch.Tensor, dst: int, ctx: ParallelContext) -> dist.Work | None:
+    """Start a point-to-point send to global rank ``dst``: a gloo/NCCL Work to wait on, or
+    None when it went through shared memory (already delivered to dst's mailbox)."""
+    x = x.contiguous()
+    if ctx.p2p_shm is not None and ctx.p2p_shm.fits(x):
+        ctx.p2p_shm.send(x, dst)
+        return None
+    return dist.isend(x, dst=dst)
 
 
-def recv_from(out: torch.Tensor, src: int) -> torch.Tensor:
-    """Blocking receive from global rank ``src`` into ``out``."""
+def recv_from(out: torch.Tensor, src: int, ctx: ParallelContext) -> torch.Tensor:
+    """Blocking receive from global rank ``src`` into ``out`` (contiguous)."""
+    if ctx.p2p_shm is not None and ctx.p2p_shm.fits(out):
+        return ctx.p2p_shm.recv(out, src)
     dist.recv(out, src=src)
     return out
 

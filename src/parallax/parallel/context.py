@@ -35,6 +35,7 @@ class ParallelContext:
     tp_group: dist.ProcessGroup | None = None
     owns_process_group: bool = False               # we called init_process_group
     tp_shm: "ShmGroup | None" = None               # shared-memory tp collectives (CPU, one host)
+    p2p_shm: "ShmMailbox | None" = None            # shared-memory stage-to-stage messages
 
     @property
     def tp_rank(self) -> int:
@@ -120,8 +121,11 @@ class ParallelContext:
                   tp_group=tp_group, owns_process_group=owns)
         if tp_group is not None and backend == "gloo":
             ctx.tp_shm = _local_shm_group(ctx)
-        logger.debug("rank %d: tp %d/%d pp %d/%d on %s (shm collectives: %s)", rank, ctx.tp_rank,
-                     tp_size, ctx.pp_rank, pp_size, device, ctx.tp_shm is not None)
+        if pp_size > 1 and backend == "gloo":
+            ctx.p2p_shm = _local_mailbox(ctx)
+        logger.debug("rank %d: tp %d/%d pp %d/%d on %s (shm collectives: %s, messages: %s)",
+                     rank, ctx.tp_rank, tp_size, ctx.pp_rank, pp_size, device,
+                     ctx.tp_shm is not None, ctx.p2p_shm is not None)
         return ctx
 
     @classmethod
@@ -134,6 +138,9 @@ class ParallelContext:
         if self.tp_shm is not None:
             self.tp_shm.close(unlink=False)
             self.tp_shm = None
+        if self.p2p_shm is not None:
+            self.p2p_shm.close()
+            self.p2p_shm = None
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_process_group = False
@@ -146,30 +153,44 @@ def _raise_world_mismatch(world: int, launched: int) -> None:
 
 
 def _local_shm_group(ctx: ParallelContext):
-    """A ShmGroup for ctx's tp group when all its ranks share this machine (else None).
+    """A ShmGroup for ctx's tp group when all its ranks share this machine (else None)."""
+    from .shm import ShmGroup
+    return _shared_mapping(
+        ctx, ctx.tp_group, ctx.stage_rank(ctx.pp_rank, 0), ctx.tp_size,
+        lambda path, create: ShmGroup(path, ctx.tp_rank, ctx.tp_size, ctx.timeout_s, create))
 
-    tp rank 0 creates the file, the others open it, and it is unlinked at once: the mapping
-    lives on in each process and nothing is left in /dev/shm, even after a crash.
+
+def _local_mailbox(ctx: ParallelContext):
+    """A ShmMailbox for all ranks when they share this machine (else None)."""
+    from .shm import ShmMailbox
+    return _shared_mapping(
+        ctx, None, 0, ctx.world_size,
+        lambda path, create: ShmMailbox(path, ctx.rank, ctx.world_size, ctx.timeout_s, create))
+
+
+def _shared_mapping(ctx: ParallelContext, group, src: int, size: int, open_at):
+    """``open_at(path, create)`` on every rank of ``group`` (None: the world) when they all run
+    on this machine, else None. ``PARALLAX_SHM=0`` turns shared memory off.
+
+    Global rank ``src`` creates the file, the others open it, and it is unlinked at once: the
+    mapping lives on in each process and nothing is left in /dev/shm, even after a crash.
     """
-    from .shm import ShmGroup, supported
+    from .shm import new_path, supported
     if os.environ.get("PARALLAX_SHM", "1") == "0" or not supported():
         return None
-    src = ctx.stage_rank(ctx.pp_rank, 0)
-    hosts = [None] * ctx.tp_size
-    dist.all_gather_object(hosts, socket.gethostname(), group=ctx.tp_group)
+    hosts = [None] * size
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
     if len(set(hosts)) != 1:
         return None
-    box = [ShmGroup.new_path() if ctx.tp_rank == 0 else None]
-    group = None
-    if ctx.tp_rank == 0:
-        group = ShmGroup(box[0], 0, ctx.tp_size, ctx.timeout_s, create=True)
-    dist.broadcast_object_list(box, src=src, group=ctx.tp_group)
-    if group is None:
-        group = ShmGroup(box[0], ctx.tp_rank, ctx.tp_size, ctx.timeout_s, create=False)
-    dist.barrier(group=ctx.tp_group)
-    if ctx.tp_rank == 0:
+    box = [new_path() if ctx.rank == src else None]
+    mapping = open_at(box[0], True) if ctx.rank == src else None
+    dist.broadcast_object_list(box, src=src, group=group)
+    if mapping is None:
+        mapping = open_at(box[0], False)
+    dist.barrier(group=group)
+    if ctx.rank == src:
         os.unlink(box[0])
-    return group
+    return mapping
 
 
 def connect_store(host: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> dist.TCPStore:
