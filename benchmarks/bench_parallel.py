@@ -6,7 +6,7 @@
 
 tp: decode tokens/s (prefill subtracted: t(1 + N) - t(1)) at batch 1 and 8 for tp=1 (one
     process, ``--threads`` threads) vs tp=2 (two processes, threads/2 each, so both use the
-    same cores). Collective time per decode step is measured two ways in the tp=2 workers:
+    same cores), runs interleaved. Collective time per decode step is measured two ways in the tp=2 workers:
     - "in decode": every call of the tp collectives (``all_reduce_tp`` after o_proj and
       down_proj, ``gather_tp`` of the logits) is timed inside a real generate, on each rank;
       (t(1 + N) - t(1)) / N per rank. This includes waiting for the slower rank (SmolLM2's
@@ -146,17 +146,25 @@ def bench_tp(a) -> list[dict]:
     from parallax.parallel.launch import WorkerPool
     prompts = {b: [[1, 2, 3, 4, 5, 6, 7, 8]] * b for b in (1, 8)}
     rows = []
-    for tp in (1, 2):
-        threads = a.threads if tp == 1 else max(1, a.threads // tp)
-        torch.set_num_threads(a.threads)   # tp=1 runs in this process
-        with parallax.LLM(MODEL, tp=tp, device=a.device, threads_per_rank=threads) as llm:
-            for b, p in prompts.items():
+    torch.set_num_threads(a.threads)   # tp=1 runs in this process
+    half = max(1, a.threads // 2)
+    # Both layouts stay loaded and their runs alternate (tp=1, tp=2, tp=1, ...), so drift
+    # on the machine hits both alike; the idle one's processes wait on a pipe.
+    with parallax.LLM(MODEL, device=a.device) as one, \
+            parallax.LLM(MODEL, tp=2, device=a.device, threads_per_rank=half) as two:
+        for b, p in prompts.items():
+            rates: dict[int, list[float]] = {1: [], 2: []}
+            for llm in (one, two):
                 _decode_rate(llm, p, 4)    # warm-up
-                rate = statistics.median(_decode_rate(llm, p, a.new_tokens)
-                                         for _ in range(a.repeats))
-                rows.append(dict(bench="tp", layout=f"tp={tp}", procs=tp, threads=threads,
-                                 batch=b, tok_s=rate))
-                log.info("tp=%d batch %d: %.1f tok/s", tp, b, rate)
+            for _ in range(a.repeats):
+                for tp, llm in ((1, one), (2, two)):
+                    rates[tp].append(_decode_rate(llm, p, a.new_tokens))
+            for tp in (1, 2):
+                rate = statistics.median(rates[tp])
+                rows.append(dict(bench="tp", layout=f"tp={tp}", procs=tp,
+                                 threads=a.threads if tp == 1 else half, batch=b, tok_s=rate))
+                log.info("tp=%d batch %d: %.1f tok/s (runs: %s)", tp, b, rate,
+                         ", ".join(f"{r:.0f}" for r in rates[tp]))
 
     log.info("tp=2: timing collectives inside decode")
     in_decode = {}
