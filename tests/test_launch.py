@@ -190,26 +190,21 @@ def test_collective_one_rank_skips_times_out():
 
 
 def test_ctrl_c_while_waiting_shuts_the_pool_down():
-    p = WorkerPool(make_toy, (), tp_size=2, pp_size=1)
-    pids = p.pids
-    # A real SIGINT to the main thread, as a terminal sends it, every 0.5 s until the call
-    # gives up (a user presses Ctrl-C again): in the full suite a single simulated interrupt
-    # was occasionally lost before it reached the pool's wait loop.
-    stop = threading.Event()
-
-    def press_ctrl_c() -> None:
-        while not stop.wait(0.5) and p.alive:   # not once the pool is shutting down
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    presser = threading.Thread(target=press_ctrl_c, daemon=True)
-    t0 = time.monotonic()
-    presser.start()
+    # A process started in the background by a non-interactive shell inherits SIGINT as
+    # ignored, and Python then keeps it ignored: install the handler a terminal user has.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        p = WorkerPool(make_toy, (), tp_size=2, pp_size=1)
+        pids = p.pids
+        ctrl_c = threading.Timer(
+            0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        t0 = time.monotonic()
+        ctrl_c.start()
         with pytest.raises(KeyboardInterrupt):
             p.call("spin", 30.0)
+        ctrl_c.join()
     finally:
-        stop.set()
-        presser.join()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - t0 < 10
     assert wait_gone(pids, 1) and not p.alive
     with pytest.raises(WorkerError, match="closed because KeyboardInterrupt while running spin"):
