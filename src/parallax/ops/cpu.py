@@ -1,8 +1,10 @@
-"""CPU fast paths for the decode-time matmul (few rows, large weight).
+"""CPU fast paths of a decode step: the matmul (few rows, large weight) and, in C, the small
+ops around it (csrc/cpu/decode_f32.c: add + RMSNorm, SiLU-and-mul, decode attention with
+rotary and the cache write), each the twin of a reference in ops/reference.py.
 
 Packed fp32 weights (the default for fp32 models on the CPU whose shard rows are a
 multiple of 32) go through a small C kernel, csrc/cpu/gemm_f32.c, built just in time:
-~2x MKL's speed at 4-16 rows and equal at one. Other weights take the batched-gemm
+2-3x `F.linear` at 1-16 rows (docs/kernels.md). Other weights take the batched-gemm
 form below.
 
 For x with M <= 16 rows, MKL's sgemv/sgemm path behind ``F.linear`` streams the weight
@@ -158,7 +160,7 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor,
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     kernels().parallax_gemm_packed_f32(rows.data_ptr(), packed.data_ptr(), y.data_ptr(),
-                                             rows.shape[0], n, k, torch.get_num_threads())
+                                       rows.shape[0], n, k, torch.get_num_threads())
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], n)
