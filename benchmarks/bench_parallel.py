@@ -15,7 +15,8 @@ tp: decode tokens/s (prefill subtracted: t(1 + N) - t(1)) at batch 1 and 8 for t
     - "isolated": the same 2 x layers all-reduces of a (batch, 1, hidden) activation and
       the logits gather, back to back after a barrier: the pure cost of the collectives.
 pp: generated tokens/s over a whole generate (prefill included) at batch ``--batch`` (16)
-    for pp=1, pp=2 without micro-batches and pp=2 with 2 and 4, one thread per rank. The
+    for pp=1, pp=2 without micro-batches and pp=2 with 2 and 4, one thread per rank, runs
+    interleaved. The
     busy fraction is sum over ranks of compute time / (ranks x wall time): each rank times
     its own model forward (+ sampling on the last stage) inside generate and reports it
     through ``LLM.generation_stats()``; the rest of a rank's wall time is waiting for
@@ -192,18 +193,29 @@ def bench_tp(a) -> list[dict]:
 def bench_pp(a) -> list[dict]:
     import parallax
     prompts = [[1 + i, 2, 3, 4, 5, 6, 7, 8] for i in range(a.batch)]
-    rows = []
     torch.set_num_threads(1)   # pp=1 runs in this process
-    for pp, mb in ((1, 1), (2, 1), (2, 2), (2, 4)):
-        with parallax.LLM(MODEL, pp=pp, micro_batches=mb, device=a.device,
-                          threads_per_rank=1) as llm:
+    layouts = ((1, 1), (2, 1), (2, 2), (2, 4))
+    # All layouts stay loaded and their runs alternate, as in bench_tp.
+    llms = [parallax.LLM(MODEL, pp=pp, micro_batches=mb, device=a.device, threads_per_rank=1)
+            for pp, mb in layouts]
+    try:
+        for llm in llms:
             _throughput(llm, prompts, 4)   # warm-up
-            runs = [_throughput(llm, prompts, a.new_tokens) for _ in range(a.repeats)]
-            rate = statistics.median(r for r, _ in runs)
-            busy = statistics.median(b for _, b in runs)
-            rows.append(dict(bench="pp", layout=f"pp={pp}, {mb} micro-batch" + "es" * (mb > 1),
-                             procs=pp, threads=1, batch=a.batch, tok_s=rate, busy=busy))
-            log.info("pp=%d micro-batches=%d: %.1f tok/s, busy %.0f%%", pp, mb, rate, 100 * busy)
+        runs: list[list[tuple[float, float]]] = [[] for _ in layouts]
+        for _ in range(a.repeats):
+            for i, llm in enumerate(llms):
+                runs[i].append(_throughput(llm, prompts, a.new_tokens))
+    finally:
+        for llm in llms:
+            llm.close()
+    rows = []
+    for (pp, mb), rs in zip(layouts, runs):
+        rate = statistics.median(r for r, _ in rs)
+        busy = statistics.median(b for _, b in rs)
+        rows.append(dict(bench="pp", layout=f"pp={pp}, {mb} micro-batch" + "es" * (mb > 1),
+                         procs=pp, threads=1, batch=a.batch, tok_s=rate, busy=busy))
+        log.info("pp=%d micro-batches=%d: %.1f tok/s, busy %.0f%% (runs: %s)", pp, mb, rate,
+                 100 * busy, ", ".join(f"{r:.0f}" for r, _ in rs))
     base = next(r["tok_s"] for r in rows if r["procs"] == 2 and "1 micro" in r["layout"])
     for r in rows:
         r["vs"] = r["tok_s"] / base

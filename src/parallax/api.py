@@ -53,7 +53,7 @@ class LLM:
         tp, pp: tensor- and pipeline-parallel sizes (world = tp * pp processes).
         dtype: "float32" | "bfloat16" | "float16" weights and activations.
         device: "cpu" or "cuda".
-        layer_split: per-stage layer counts (default: balanced by weight bytes).
+        layer_split: per-stage layer counts (default: balanced by decode cost, parallel/sharding.py).
         quantize: None or "int8" (weight-only, per-channel scales).
         micro_batches: micro-batches in flight in the pipeline (default: pp).
         timeout_s: how long a collective or a worker may stall before it is an error.
