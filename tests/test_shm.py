@@ -69,7 +69,9 @@ def _messages_both_ways(ctx, sizes):
     for i, n in enumerate(sizes):
         dtype = torch.bfloat16 if i % 2 else torch.int64
         if ctx.rank == 0:
-            C.send_to(torch.arange(n).to(dtype) + i, peer, ctx)
+            work = C.send_to(torch.arange(n).to(dtype) + i, peer, ctx)
+            if work is not None:       # a gloo send: keep it (and its tensor) until done
+                work.wait()
             reply = C.recv_from(torch.empty(n, dtype=dtype), peer, ctx)
             got.append(torch.equal(reply, (torch.arange(n).to(dtype) + i) * 2))
         else:
