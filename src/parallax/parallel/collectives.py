@@ -1,7 +1,7 @@
 """Every collective parallax uses, named by what it does; the only file that calls
 ``torch.distributed`` for data (CPU ranks on one machine go through shared memory,
-parallel/shm.py, when the tensor fits: tp collectives and stage-to-stage messages). Each returns early when its group has one rank, so a size-1
-context costs nothing.
+parallel/shm.py, when the tensor fits: tp collectives and stage-to-stage messages). Each
+returns early when its group has one rank, so a size-1 context costs nothing.
 """
 
 from __future__ import annotations
