@@ -329,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, metavar="N",
                    help="seed of the sampler, for reproducible samples (default: random)")
     g.add_argument("--stop", nargs="+", action="extend", metavar="STR",
-                   help="stop when the answer contains one of these strings (repeatable; "
-                        "default: none)")
+                   help="stop when the answer contains one of these strings; repeatable "
+                        "(default: none)")
     g.add_argument("--ignore-eos", action="store_true",
                    help="keep generating past the end-of-sequence token (default: stop there)")
     g.add_argument("--no-chat", action="store_true",
