@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import textwrap
 
 import pytest
 import yaml
@@ -63,6 +64,15 @@ def _own_doc(obj) -> str:
     return inspect.cleandoc(doc or "")
 
 
+def _args_entries(doc: str) -> list[str]:
+    """The names of the entries of a Google-style ``Args:`` section."""
+    m = re.search(r"^(?:Args|Arguments|Parameters):\n((?:[ \t]+\S.*\n?|[ \t]*\n)*)", doc, re.M)
+    if not m:
+        return []
+    block = textwrap.dedent(m.group(1))
+    return [e.split(" (")[0].lstrip("*") for e in re.findall(r"^(\S[^:\n]*):", block, re.M)]
+
+
 def _params(fn) -> list[str]:
     if isinstance(fn, property):
         return []
@@ -82,6 +92,12 @@ def test_docstring_names_every_parameter(name, obj, fn):
     assert doc.strip(), f"{name} has no docstring"
     missing = [p for p in _params(fn) if not re.search(rf"\b{re.escape(p)}\b", doc)]
     assert not missing, f"{name}'s docstring does not mention its parameters {missing}"
+    # An Args section documents one parameter per entry, by its name (mkdocstrings renders
+    # "tp, pp: ..." as one unknown parameter).
+    if _params(fn):
+        unknown = [e for e in _args_entries(doc) if e not in _params(fn)]
+        assert not unknown, f"{name}'s Args section has entries {unknown} that are not " \
+                            f"parameter names {_params(fn)}"
 
 
 def test_every_public_symbol_has_a_reference_entry():
