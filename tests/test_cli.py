@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
+import argparse
+import inspect
 import os
 import re
 import shutil
@@ -12,6 +14,8 @@ import sys
 import pytest
 
 import parallax
+from parallax import cli
+from parallax.extras import MissingExtraError, require
 from parallax.parallel.plan import rank_plan
 
 # The subprocesses run the parallax this test imports, whatever the environment installed.
@@ -35,6 +39,143 @@ def _bytes(cell: str) -> int:
     return int(cell.replace(",", ""))
 
 
+def _must_not_run(what: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} ran, but the arguments were already known to be bad")
+    return fail
+
+
+def _main(argv: list[str]) -> int:
+    """cli.main in this process; argparse's own errors exit through SystemExit."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+# ---------------------------------------------------------------------- help, defaults, version
+def _parsers() -> dict[str, "argparse.ArgumentParser"]:
+    top = cli.build_parser()
+    sub = next(a for a in top._actions if a.dest == "command")
+    return {"parallax": top, **{f"parallax {n}": q for n, q in sub.choices.items()}}
+
+
+def _help_entries(text: str) -> list[str]:
+    """The option entries of a --help page, each joined onto one line."""
+    entries: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("  ") and not line.startswith("   "):
+            entries.append(line.strip())
+        elif line.startswith("   ") and entries:
+            entries[-1] += " " + line.strip()
+        else:
+            entries.append("")                  # a section title or blank line ends one
+    return [e for e in entries if e]
+
+
+@pytest.mark.parametrize("name", ["parallax", "parallax generate", "parallax info",
+                                  "parallax bench"])
+def test_help_describes_every_option_with_its_default(name, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    parser = _parsers()[name]
+    entries = _help_entries(parser.format_help())
+    for action in parser._actions:
+        if action.dest in ("help", "version", "command") or action.help == "==SUPPRESS==":
+            continue
+        label = action.option_strings[-1] if action.option_strings else action.metavar or action.dest
+        [entry] = [e for e in entries if e.split(" ")[0].rstrip(",") in
+                   (*action.option_strings, label)] or [None]
+        assert entry, (name, label, entries)
+        assert action.help and len(action.help) > 10, (name, label)
+        if action.nargs == argparse.REMAINDER or (not action.option_strings
+                                                  and action.nargs is None):
+            continue                            # a required positional has no default
+        shown = re.search(r"\(default: ([^)]*)\)", entry)
+        assert shown, (name, label, entry)
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert shown.group(1) == str(action.default), (name, label, entry)
+
+
+def test_cli_defaults_are_the_python_defaults():
+    """One source of truth: `parallax generate` given nothing does what LLM(...) and
+    llm.generate(...) given nothing do."""
+    gen = _parsers()["parallax generate"]
+    cli_defaults = {a.dest: a.default for a in gen._actions}
+    py = {**inspect.signature(parallax.LLM.__init__).parameters,
+          **inspect.signature(parallax.LLM.generate).parameters}
+    rename = {"timeout": "timeout_s"}
+    checked = []
+    for dest, default in cli_defaults.items():
+        param = py.get(rename.get(dest, dest))
+        if param is None or param.default is inspect.Parameter.empty:
+            continue
+        assert default == param.default, (dest, default, param.default)
+        checked.append(dest)
+    assert {"model", "tp", "pp", "dtype", "device", "max_new_tokens", "temperature", "top_k",
+            "top_p", "repetition_penalty", "seed", "ignore_eos", "timeout", "quantize",
+            "micro_batches", "layer_split", "stop"} <= set(checked)
+    info_defaults = {a.dest: a.default for a in _parsers()["parallax info"]._actions}
+    assert all(info_defaults[k] == cli_defaults[k] for k in ("model", "tp", "pp", "dtype"))
+
+
+def test_version():
+    r = _run("--version", timeout=60)
+    assert r.returncode == 0 and r.stdout == f"parallax {parallax.__version__}\n", r
+
+
+def test_usage_error_is_one_line_exit_2():
+    r = _run("generate", "hi", "--tp", "two", timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == ("parallax: error: argument --tp: 'two' is not an integer; "
+                        "see `parallax generate --help`\n")
+    assert _run(timeout=60).stderr.count("\n") == 1      # no command given
+
+
+# ---------------------------------------------------------------------- checks before loading
+BAD_ARGS = [("--max-new-tokens", "0"), ("--temperature", "-0.5"), ("--top-p", "0"),
+            ("--top-p", "1.5"), ("--top-k", "-1"), ("--repetition-penalty", "0"),
+            ("--tp", "0"), ("--pp", "-1"), ("--layer-split", "16,x"), ("--micro-batches", "0"),
+            ("--timeout", "0")]
+
+
+@pytest.mark.parametrize("option, value", BAD_ARGS, ids=[f"{o}={v}" for o, v in BAD_ARGS])
+def test_bad_option_fails_before_the_checkpoint_is_opened(option, value, monkeypatch, capsys):
+    """Option values are checked before the model path is even looked at: the checkpoint
+    opener and LLM are replaced by functions that fail the test if called."""
+    import parallax.api
+    import parallax.loading
+    monkeypatch.setattr(parallax.loading, "open_checkpoint", _must_not_run("open_checkpoint"))
+    monkeypatch.setattr(parallax.api, "LLM", _must_not_run("LLM"))
+    assert _main(["generate", "hi", option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("parallax: error: ") and err.count("\n") == 1, err
+    assert option in err, err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--tp", "9"], "choose tp in 1..8"),
+    (["--pp", "2", "--layer-split", "1,1,1"], "layer_split=[1, 1, 1]"),
+    (["--pp", "9"], "choose pp in 1..4"),
+])
+def test_layout_is_checked_before_the_model_is_built(tiny_llama, args, words, monkeypatch,
+                                                     capsys):
+    """A layout the model cannot take is found from the config alone: exit 2, LLM never built."""
+    import parallax.api
+    monkeypatch.setattr(parallax.api, "LLM", _must_not_run("LLM"))
+    assert _main(["generate", "hi", "--model", tiny_llama, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+    assert _main(["info", tiny_llama, *args]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_unknown_model_path_is_a_usage_error(monkeypatch, capsys):
+    import parallax.api
+    monkeypatch.setattr(parallax.api, "LLM", _must_not_run("LLM"))
+    assert _main(["generate", "hi", "--model", "/no/such/model"]) == 2
+    assert "model path '/no/such/model' does not exist" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- generate
 @pytest.mark.slow
 def test_generate_streams_real_text_with_stats():
@@ -44,10 +185,10 @@ def test_generate_streams_real_text_with_stats():
     assert re.search(r"time to first token \d+ ms; decode [\d.]+ tok/s", r.stderr), r.stderr
 
 
-def test_text_prompt_without_tokenizer_exits_2(tiny_llama):
-    """A tokenizer-less checkpoint refuses text prompts with one line (PromptError -> 2)."""
+def test_text_prompt_without_tokenizer_is_a_runtime_error(tiny_llama):
+    """A tokenizer-less checkpoint refuses text prompts while running: one line, exit 1."""
     r = _run("generate", "hello", "--model", tiny_llama, "--max-new-tokens", "2")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1 and "no tokenizer" in r.stderr
 
 
@@ -134,7 +275,41 @@ def test_entry_point_is_declared_and_runs(tiny_llama):
     assert "architecture     llama" in r.stdout
 
 
-def test_bench_forwards_arguments():
-    r = _run("bench", "parallel", "--help")
-    assert r.returncode == 0, r.stderr
-    assert "bench_parallel" in r.stdout or "usage" in r.stdout
+def test_bench_forwards_arguments(monkeypatch):
+    """Everything after the benchmark's name reaches its script untouched, in order, and the
+    script's exit code is parallax's."""
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda argv: calls.append(argv) or 7)
+    assert cli.main(["bench", "parallel", "tp", "--repeats", "2", "--help", "-v"]) == 7
+    [argv] = calls
+    assert argv[0] == sys.executable
+    assert argv[1].endswith(os.path.join("benchmarks", "bench_parallel.py"))
+    assert argv[2:] == ["tp", "--repeats", "2", "--help", "-v"]
+
+
+def test_bench_script_parses_the_forwarded_arguments():
+    """End to end: the script's own parser sees the value (its error, not parallax's)."""
+    r = _run("bench", "parallel", "tp", "--repeats", "notanint", timeout=60)
+    assert r.returncode == 2
+    assert "bench_parallel: error: argument --repeats: invalid int value: 'notanint'" in r.stderr
+
+
+def test_bench_without_its_extra_names_the_pip_line(monkeypatch, capsys):
+    """`parallax bench generate` needs transformers: without it, one line naming the extra,
+    exit 1, and the script is never started."""
+    monkeypatch.setitem(sys.modules, "transformers", None)     # as if not installed
+    monkeypatch.setattr(cli.subprocess, "call", _must_not_run("the benchmark script"))
+    assert cli.main(["bench", "generate"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'transformers'" in err, err
+    assert "pip install 'parallax[bench]'" in err, err
+
+
+def test_require_names_module_and_extra():
+    with pytest.raises(MissingExtraError) as e:
+        require("parallax_no_such_module", "serve", "parallax serve")
+    assert isinstance(e.value, parallax.ParallaxError) and isinstance(e.value, ImportError)
+    assert str(e.value).startswith("parallax serve needs the Python package "
+                                   "'parallax_no_such_module'")
+    assert "pip install 'parallax[serve]'" in str(e.value)
+    require("json", "serve")                   # installed: no error

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from . import defaults as D
 from .engine import Engine, parse_dtype
 from .errors import ParallaxError, PromptError, SamplingError
 from .generation import GenerationConfig, SequenceOutput
@@ -60,8 +61,8 @@ class LLM:
         threads_per_rank: torch threads per worker process (default: cores / world).
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, tp: int = 1, pp: int = 1,
-                 dtype: str | torch.dtype = "float32", device: str = "cpu", *,
+    def __init__(self, model: str = DEFAULT_MODEL, tp: int = D.TP, pp: int = D.PP,
+                 dtype: str | torch.dtype = D.DTYPE, device: str = D.DEVICE, *,
                  layer_split: list[int] | None = None, quantize: str | None = None,
                  micro_batches: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  threads_per_rank: int | None = None):
@@ -96,11 +97,11 @@ class LLM:
             ckpt.close()
 
     # ------------------------------------------------------------------ public API
-    def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int = 32,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+    def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int = D.MAX_NEW_TOKENS,
+                 temperature: float = D.TEMPERATURE, top_k: int | None = None, top_p: float = D.TOP_P,
                  seed: int | None = None, stop: str | list[str] | None = None,
                  ignore_eos: bool = False, chat: bool | None = None,
-                 repetition_penalty: float = 1.0,
+                 repetition_penalty: float = D.REPETITION_PENALTY,
                  stop_token_ids: list[int] | None = None) -> list[Completion]:
         """Generate for each prompt (a string or a list of token ids); one Completion each, in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -109,7 +110,7 @@ class LLM:
                                  ignore_eos, chat, repetition_penalty, stop_token_ids)
         return [Completion._from(o) for o in self._run("generate", ids, cfg)]
 
-    def stream(self, prompt: Prompt, max_new_tokens: int = 32, **kwargs: Any) -> Iterator[str]:
+    def stream(self, prompt: Prompt, max_new_tokens: int = D.MAX_NEW_TOKENS, **kwargs: Any) -> Iterator[str]:
         """Yield the answer to one prompt piece by piece, as it is generated."""
         ids, cfg = self._prepare([prompt], max_new_tokens, **kwargs)
         for _, piece in self._run_stream(ids, cfg):
@@ -175,8 +176,8 @@ class LLM:
             return
         yield from _stream_in_thread(self._engine, ids, cfg)
 
-    def _prepare(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0,
-                 seed=None, stop=None, ignore_eos=False, chat=None, repetition_penalty=1.0,
+    def _prepare(self, prompts, max_new_tokens, temperature=D.TEMPERATURE, top_k=None, top_p=D.TOP_P,
+                 seed=None, stop=None, ignore_eos=False, chat=None, repetition_penalty=D.REPETITION_PENALTY,
                  stop_token_ids=None):
         if not prompts:
             raise PromptError("no prompts given; pass a string, a list of token ids, or a list of those")

@@ -2,7 +2,13 @@
 
 Works as ``parallax ...``, ``python -m parallax ...`` and under
 ``torchrun --nproc-per-node N -m parallax generate ... --tp N`` (only rank 0 prints).
-Errors parallax raises on purpose (ParallaxError) print one line to stderr and exit 2.
+
+Every argument is checked before a weight is read: option values first, then the model
+path and the tp/pp layout against the checkpoint's config (its header only). Errors print
+one line to stderr, naming the problem and the fix. Exit codes: 0 done; 2 a usage error (a
+bad option value, an unknown model path, a layout the model cannot take); 1 an error while
+running (a ParallaxError from the run: a prompt the model cannot take, a worker that died,
+a missing optional dependency); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,27 +20,108 @@ import subprocess
 import sys
 import time
 
+from . import __version__, defaults
 from .errors import ParallaxError
-from .loading import DEFAULT_MODEL
+from .extras import require
 
 logger = logging.getLogger("parallax.cli")
 
-EXIT_ERROR = 2
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
 BENCHMARKS = ("generate", "parallel", "kernels")
+# Optional modules each benchmark imports, with the extra that brings them.
+BENCH_NEEDS = {"generate": [("transformers", "bench")]}
 
 
-def _layer_split(text: str | None) -> list[int] | None:
-    if not text:
-        return None
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"parallax: error: {message}; see `{self.prog} --help`\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default (an option without one says in its help what leaving it
+    out means)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1 (ranks, stages, tokens, micro-batches)."""
     try:
-        return [int(x) for x in text.split(",")]
+        n = int(text)
     except ValueError:
-        raise ParallaxError(f"--layer-split {text!r} must be comma-separated layer counts, "
-                            "e.g. 16,14") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {n}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return s
+
+
+def _layer_split(text: str) -> list[int]:
+    """argparse type: comma-separated layer counts per pipeline stage, e.g. ``16,14``."""
+    try:
+        split = [int(x) for x in text.split(",")]
+    except ValueError:
+        split = []
+    if not split or min(split) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be comma-separated layer counts >= 1, one per pipeline stage, "
+            "e.g. 16,14")
+    return split
 
 
 def _is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------------- checks (exit 2)
+def check_sampling(a: argparse.Namespace) -> None:
+    """Check the sampling options with the same rules as the Python API (SamplingParams),
+    naming the option in the message. Raises ParallaxError."""
+    from .sampling import SamplingParams
+    try:
+        SamplingParams(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
+    except ParallaxError as e:
+        msg = str(e)
+        name = msg.split(" ", 1)[0]
+        if name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+            msg = "--" + name.replace("_", "-") + msg[len(name):]
+        raise type(e)(msg) from None
+
+
+def check_model(a: argparse.Namespace) -> None:
+    """Open the checkpoint's header (no weights) and check the tp/pp layout against its
+    config; sets ``a.config`` and ``a.model_path``. Raises ParallaxError."""
+    from .loading import open_checkpoint
+    from .parallel.sharding import check_layout
+    ckpt = open_checkpoint(a.model)
+    try:
+        a.config = ckpt.config
+        a.model_path = getattr(ckpt, "path", a.model)
+    finally:
+        ckpt.close()
+    check_layout(a.config, a.tp, a.pp, a.layer_split)
+
+
+def check_generate(a: argparse.Namespace) -> None:
+    """All of ``generate``'s checks: sampling options, then model and layout."""
+    check_sampling(a)
+    check_model(a)
 
 
 # ---------------------------------------------------------------------- generate
@@ -43,7 +130,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     rank0 = _is_rank0()
     t_load = time.perf_counter()
     with LLM(a.model, tp=a.tp, pp=a.pp, dtype=a.dtype, device=a.device,
-             layer_split=_layer_split(a.layer_split), quantize=a.quantize,
+             layer_split=a.layer_split, quantize=a.quantize,
              micro_batches=a.micro_batches, timeout_s=a.timeout) as llm:
         load_s = time.perf_counter() - t_load
         kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
@@ -107,17 +194,8 @@ def _fmt_bytes(n: int) -> str:
 
 def cmd_info(a: argparse.Namespace) -> int:
     from . import ops
-    from .loading import open_checkpoint
     from .parallel.plan import rank_plan
-    from .parallel.sharding import check_layout
-    ckpt = open_checkpoint(a.model)
-    try:
-        cfg = ckpt.config
-        path = getattr(ckpt, "path", a.model)
-    finally:
-        ckpt.close()
-    split = _layer_split(a.layer_split)
-    check_layout(cfg, a.tp, a.pp, split)
+    cfg, path, split = a.config, a.model_path, a.layer_split
     plan = rank_plan(cfg, a.tp, a.pp, split, a.dtype)
     measured: dict[int, dict] = {}
     if a.measure:
@@ -181,6 +259,8 @@ def _benchmarks_dir() -> str | None:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    for module, extra in BENCH_NEEDS.get(a.which, ()):
+        require(module, extra, f"parallax bench {a.which}")
     folder = _benchmarks_dir()
     if folder is None:
         raise ParallaxError("benchmarks/ not found; `parallax bench` runs from a source "
@@ -191,69 +271,126 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parallax", description=__doc__.splitlines()[0])
+    """The ``parallax`` argument parser (also renders docs/cli.md)."""
+    from .engine import DTYPES
+    p = _Parser(prog="parallax", formatter_class=_Formatter,
+                description="Model-parallel LLM inference: generate text, inspect a model's "
+                            "layout and memory per rank, run the benchmarks.",
+                epilog="Exit codes: 0 done, 1 an error while running, 2 a usage error (found "
+                       "before any weight is loaded). `parallax COMMAND --help` for each "
+                       "command's options.")
+    p.add_argument("--version", action="version",
+                   version=f"parallax {__version__}")
     verbose_help = "log progress and print generation stats to stderr"
-    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help + " (default: off)")
     # Also accepted after the subcommand; SUPPRESS keeps a -v given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help=verbose_help)
-    sub = p.add_subparsers(dest="command", required=True)
+                        help=verbose_help + " (default: off)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=_Parser)
+
+    def command(name: str, help: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              formatter_class=_Formatter, **kw)
 
     def model_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
-        q.add_argument("--pp", type=int, default=1, help="pipeline stages")
-        q.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-        q.add_argument("--layer-split", help="layers per pipeline stage, e.g. 16,14")
+        q.add_argument("--tp", type=_count, default=defaults.TP, metavar="N",
+                       help="tensor-parallel ranks (attention heads are split by whole KV groups)")
+        q.add_argument("--pp", type=_count, default=defaults.PP, metavar="N",
+                       help="pipeline stages")
+        q.add_argument("--dtype", default=defaults.DTYPE, choices=list(DTYPES),
+                       metavar="{" + ",".join(defaults.DTYPES) + "}",
+                       help="dtype of the weights and activations")
+        q.add_argument("--layer-split", type=_layer_split, metavar="N,N,...",
+                       help="layers per pipeline stage, e.g. 16,14 (default: balanced by "
+                            "decode cost)")
 
-    g = sub.add_parser("generate", parents=[common], help="stream an answer to stdout")
-    g.add_argument("prompt")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"HF checkpoint folder, .gguf file or {DEFAULT_MODEL!r} (default)")
+    g = command("generate", "stream the answer to PROMPT to stdout", parents=[common])
+    g.add_argument("prompt", help="the prompt; the model's chat template is applied unless "
+                                  "--no-chat")
+    g.add_argument("--model", default=defaults.MODEL,
+                   help="HF checkpoint folder, .gguf file or 'smollm2-135m'")
     model_args(g)
-    g.add_argument("--device", default="cpu", help="cpu | cuda")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--device", default=defaults.DEVICE, choices=["cpu", "cuda"],
+                   help="where the ranks run")
+    g.add_argument("--max-new-tokens", type=_count, default=defaults.MAX_NEW_TOKENS, metavar="N",
+                   help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=defaults.TEMPERATURE, metavar="T",
+                   help="sampling temperature; 0 = greedy")
+    g.add_argument("--top-k", type=int, metavar="K",
+                   help="sample among the K most likely tokens only (default: all tokens)")
+    g.add_argument("--top-p", type=float, default=defaults.TOP_P, metavar="P",
+                   help="sample among the smallest set of tokens whose probability reaches P; "
+                        "in (0, 1], 1 = off")
+    g.add_argument("--repetition-penalty", type=float, default=defaults.REPETITION_PENALTY,
+                   metavar="R",
+                   help="> 1 makes tokens already in the text less likely; 1 = off")
+    g.add_argument("--seed", type=int, metavar="N",
+                   help="seed of the sampler, for reproducible samples (default: random)")
     g.add_argument("--stop", nargs="+", action="extend", metavar="STR",
-                   help="stop strings (one or more; repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    g.add_argument("--quantize", choices=["int8"], help="weight-only int8")
-    g.add_argument("--micro-batches", type=int, help="micro-batches in flight (pp)")
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds a rank may stall")
+                   help="stop when the answer contains one of these strings; repeatable "
+                        "(default: none)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past the end-of-sequence token (default: stop there)")
+    g.add_argument("--no-chat", action="store_true",
+                   help="send the prompt as is, without the model's chat template (default: "
+                        "apply it when the model has one)")
+    g.add_argument("--quantize", choices=["int8"],
+                   help="weight-only quantization (default: none, the checkpoint's weights)")
+    g.add_argument("--micro-batches", type=_count, metavar="N",
+                   help="micro-batches in flight in the pipeline (default: pp)")
+    g.add_argument("--timeout", type=_seconds, default=defaults.TIMEOUT_S, metavar="S",
+                   help="seconds a rank may stall before it is an error")
 
-    i = sub.add_parser("info", parents=[common],
-                       help="architecture, parameters and memory per rank")
-    i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    i = command("info", "print the architecture, parameter count and memory per rank",
+                parents=[common])
+    i.add_argument("model", nargs="?", default=defaults.MODEL,
+                   help="HF checkpoint folder, .gguf file or 'smollm2-135m'")
     model_args(i)
     i.add_argument("--measure", action="store_true",
-                   help="also build the model and report measured weight bytes and peak RSS")
+                   help="also build the model and report measured weight bytes and peak RSS "
+                        "(default: computed only)")
 
-    b = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (args forwarded)")
-    b.add_argument("which", choices=BENCHMARKS)
-    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    b = command("bench", "run a benchmark script from benchmarks/ (arguments forwarded)")
+    b.add_argument("which", choices=BENCHMARKS, metavar="WHICH",
+                   help="the script benchmarks/bench_WHICH.py: " + " | ".join(BENCHMARKS))
+    b.add_argument("args", nargs=argparse.REMAINDER,
+                   help="arguments for the script (see `parallax bench WHICH --help`)")
     return p
 
 
+# Per command: the checks that need no weights (exit 2), then the run (exit 1 on error).
+COMMANDS = {
+    "generate": (check_generate, cmd_generate),
+    "info": (check_model, cmd_info),
+    "bench": (None, cmd_bench),
+}
+
+
+def _fail(e: ParallaxError, code: int) -> int:
+    msg = " ".join(str(e).split())     # one line, whatever the message holds
+    print(f"parallax: error: {msg}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``parallax`` command with ``argv`` (default: ``sys.argv[1:]``); returns the
+    exit code."""
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    check, run = COMMANDS[args.command]
     try:
-        if args.command == "generate":
-            return cmd_generate(args)
-        if args.command == "info":
-            return cmd_info(args)
-        return cmd_bench(args)
+        if check is not None:
+            check(args)
     except ParallaxError as e:
-        msg = " ".join(str(e).split())     # one line, whatever the message holds
-        print(f"parallax: error: {msg}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(e, EXIT_USAGE)
+    try:
+        return run(args)
+    except ParallaxError as e:
+        return _fail(e, EXIT_RUNTIME)
     except KeyboardInterrupt:
         return 130
 

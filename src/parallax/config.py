@@ -27,6 +27,31 @@ SUPPORTED_ARCHITECTURES = {
 
 @dataclass
 class ModelConfig:
+    """The architecture of a checkpoint, as parallax uses it (``LLM.config``).
+
+    Built by :meth:`from_json` / :meth:`from_hf_dict` (HF ``config.json``) or
+    :meth:`from_gguf_metadata` (GGUF); the field comments say what each holds.
+
+    Attributes:
+        architecture: the model family, "llama" | "mistral" | "qwen2".
+        vocab_size: rows of the embedding and of the LM head.
+        hidden_size: the model width (d_model).
+        intermediate_size: the inner width of the SwiGLU MLP.
+        num_layers: transformer blocks.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (grouped-query attention when fewer than num_heads).
+        head_dim: width of one attention head.
+        rms_norm_eps: epsilon of the RMSNorms.
+        rope_theta: base of the rotary position embedding.
+        rope_scaling: None, or the HF rope scaling dict ({"rope_type": "llama3" | "linear", ...}).
+        max_position_embeddings: the context length, in tokens (prompt + new tokens).
+        tie_word_embeddings: whether the LM head reuses the embedding matrix.
+        attention_bias: whether q/k/v carry a bias (qwen2).
+        bos_token_id: the beginning-of-sequence token, if the checkpoint names one.
+        eos_token_ids: tokens that end generation (unless ``ignore_eos``).
+        pad_token_id: the padding token, if the checkpoint names one.
+    """
+
     architecture: str                 # "llama" | "mistral" | "qwen2"
     vocab_size: int
     hidden_size: int                  # d_model
@@ -69,7 +94,12 @@ class ModelConfig:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        """Build from the dict in a HF ``config.json``."""
+        """Build from ``cfg``, the dict in a HF ``config.json``.
+
+        Raises:
+            CheckpointError: an architecture parallax does not support, or an inconsistent
+                config.
+        """
         archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
         family = SUPPORTED_ARCHITECTURES.get(archs[0]) or SUPPORTED_ARCHITECTURES.get(
             cfg.get("model_type", ""))
@@ -115,6 +145,12 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "ModelConfig":
+        """Build from the HF ``config.json`` file at ``path``.
+
+        Raises:
+            CheckpointError: the file is missing, not valid JSON or lacks a required key;
+                or see ``from_hf_dict``.
+        """
         try:
             with open(path) as f:
                 cfg = json.load(f)
@@ -130,7 +166,12 @@ class ModelConfig:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> "ModelConfig":
-        """Build from GGUF key/value metadata (``general.architecture`` = llama | qwen2 ...)."""
+        """Build from ``meta``, a GGUF file's key/value metadata (``general.architecture`` =
+        llama | qwen2 | mistral).
+
+        Raises:
+            CheckpointError: an architecture parallax does not support.
+        """
         arch = meta.get("general.architecture")
         if arch not in ("llama", "qwen2", "mistral"):
             raise CheckpointError(

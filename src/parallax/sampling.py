@@ -16,6 +16,23 @@ from .errors import SamplingError
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How the next token is chosen; checked when built (``LLM.generate`` builds one from its
+    arguments).
+
+    Args:
+        temperature: divides the logits; 0 = greedy (argmax), the default.
+        top_k: keep only the k most likely tokens; None or 0 = all.
+        top_p: keep the smallest set of most likely tokens whose probability reaches top_p;
+            in (0, 1], 1 = off.
+        repetition_penalty: HF/CTRL style, > 1 makes tokens already in the sequence less
+            likely (positive logits divided, negative ones multiplied); 1 = off.
+        seed: sequence i of a batch samples from its own generator seeded ``seed + i``;
+            None = a random seed per sequence.
+
+    Raises:
+        SamplingError: a value outside the ranges above.
+    """
+
     temperature: float = 0.0          # 0 = greedy
     top_k: int | None = None          # keep the k most likely tokens (None / 0: all)
     top_p: float = 1.0                # keep the smallest set with cumulative prob >= top_p
@@ -37,6 +54,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Whether sampling reduces to argmax (temperature 0 or top_k 1)."""
         return self.temperature == 0 or self.top_k == 1
 
 
