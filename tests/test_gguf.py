@@ -98,8 +98,9 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny(path, qtype: Q = Q.F32, arch: str = "llama", tied: bool = False,
-               seed: int = 0) -> dict[str, np.ndarray]:
-    """A one-layer model; returns the HF-layout float32 source of every tensor."""
+               seed: int = 0, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A one-layer model (plus ``extra`` GGUF tensors as given); returns the HF-layout
+    float32 source of every mapped tensor."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
@@ -142,7 +143,8 @@ def write_tiny(path, qtype: Q = Q.F32, arch: str = "llama", tied: bool = False,
         x = rng.uniform(0.5, 1.5, size=n).astype(np.float32)
         src[hname] = x
         w.add_tensor(gname, x)
-    w.add_tensor("rope_freqs.weight", np.ones(HD // 2, np.float32))   # unmapped: skipped
+    for gname, x in (extra or {}).items():
+        w.add_tensor(gname, x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -158,7 +160,7 @@ def test_dequantize_each_type(tmp_path, qtype):
     raw = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     with GGUFCheckpoint(str(path)) as ckpt:
         assert ckpt.config.hidden_size == H and ckpt.config.num_kv_heads == NKV
-        assert ckpt.skipped == ["rope_freqs.weight"]
+        assert ckpt.unmapped == [] and ckpt.config.rope_freq_factors is None
         assert set(ckpt.names()) == set(src)
         for name, x in src.items():
             got = ckpt.read(name)
