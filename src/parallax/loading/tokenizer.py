@@ -24,7 +24,7 @@ from typing import Any, Iterable
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, PromptError
 
 # llama.cpp token types (llama_token_type).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -132,13 +132,25 @@ class Tokenizer:
         if not self.chat_template:
             raise CheckpointError("this tokenizer has no chat template; pass chat=False "
                                   "or format the prompt yourself")
-        if self._compiled is None:
-            self._compiled = _jinja_env().from_string(self.chat_template)
+        import jinja2
+        from jinja2.sandbox import SecurityError
+        try:
+            if self._compiled is None:
+                self._compiled = _jinja_env().from_string(self.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise CheckpointError(f"the model's chat template does not parse ({e}); pass "
+                                  f"chat=False and format the prompt yourself") from None
         variables = {**self.special_tokens, "bos_token": self.bos_token or "",
                      "eos_token": self.eos_token or ""}
         variables.update(kwargs)
-        return self._compiled.render(messages=messages,
-                                     add_generation_prompt=add_generation_prompt, **variables)
+        try:
+            return self._compiled.render(messages=messages,
+                                         add_generation_prompt=add_generation_prompt, **variables)
+        except SecurityError as e:
+            raise CheckpointError(f"the model's chat template did something the sandbox forbids "
+                                  f"({e}); pass chat=False and format the prompt yourself") from None
+        except jinja2.TemplateError as e:   # raise_exception(...) or an undefined value
+            raise PromptError(f"the model's chat template refused these messages: {e.message}") from None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
