@@ -62,6 +62,17 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Upper bounds that no real model reaches, so a corrupt value is refused before it sizes
+# anything (the loader builds the whole model on the meta device to check the key set).
+_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 20, "intermediate_size": 1 << 22,
+           "num_layers": 1024, "num_heads": 4096, "num_kv_heads": 4096, "head_dim": 4096,
+           "max_position_embeddings": 1 << 40}
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclass
 class ModelConfig:
     architecture: str                 # "llama" | "mistral" | "qwen2"
@@ -89,11 +100,17 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name, limit in _LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise CheckpointError(f"config value {name}={value!r} must be a positive integer")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+                raise CheckpointError(f"config value {name}={value!r} must be an integer in 1..{limit}")
+        for name in ("bos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                raise CheckpointError(f"config value {name}={getattr(self, name)!r} must be an integer")
+        if not all(map(_is_int, self.eos_token_ids)):
+            raise CheckpointError(f"config value eos_token_id={self.eos_token_ids!r} must be integers")
+        if not isinstance(self.hidden_act, str):
+            raise CheckpointError(f"config value hidden_act={self.hidden_act!r} must be a string")
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -172,6 +189,8 @@ class ModelConfig:
             qkv_bias, o_bias, mlp_bias = family == "qwen2", False, False
         window = _hf_sliding_window(cfg, family, defaults)
         max_pos = get("max_position_embeddings")
+        if window is not None and window < 1:
+            raise CheckpointError(f"sliding_window={window} must be positive")
         if window is not None and window < max_pos:
             logger.info("the checkpoint attends over a sliding window of %d tokens; parallax "
                         "limits the context to it (max_position_embeddings %d)", window, max_pos)
@@ -217,9 +236,10 @@ class ModelConfig:
             raise CheckpointError(f"{path} lacks required keys {missing}")
         try:
             return cls.from_hf_dict(cfg)
-        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
-            if isinstance(e, CheckpointError):
-                raise
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, AttributeError,
+                OverflowError) as e:
             raise CheckpointError(f"{path} has a malformed value ({type(e).__name__}: {e})") from None
 
     @classmethod
@@ -275,7 +295,8 @@ class ModelConfig:
             )
         except CheckpointError:
             raise
-        except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, AttributeError,
+                OverflowError) as e:
             raise CheckpointError(f"GGUF metadata of the {arch} model is missing or malformed "
                                   f"({type(e).__name__}: {e})") from None
 

@@ -56,7 +56,7 @@ def _check_file(path: str) -> dict[str, tuple[int, ...]]:
         if not isinstance(meta, dict):
             raise corrupt(f"entry {name!r} is not an object")
         dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-        if dtype not in _DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
             raise corrupt(f"tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise corrupt(f"tensor {name!r} has a malformed shape {shape!r}")
