@@ -205,7 +205,8 @@ def test_defaults_equal_hf(model_type):
     assert ours.num_kv_heads == hf.num_key_value_heads
     assert ours.head_dim == (getattr(hf, "head_dim", None) or 256 // 32)
     assert ours.rms_norm_eps == hf.rms_norm_eps
-    assert ours.rope_theta == hf.rope_parameters["rope_theta"] and ours.rope_scaling is None
+    theta = hf.rope_parameters["rope_theta"] if hasattr(hf, "rope_parameters") else hf.rope_theta
+    assert ours.rope_theta == theta and ours.rope_scaling is None
     assert ours.tie_word_embeddings == hf.tie_word_embeddings
     assert ours.hidden_act == hf.hidden_act
     window = getattr(hf, "sliding_window", None)

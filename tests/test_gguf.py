@@ -275,7 +275,7 @@ def write_from_hf(path, hf_folder: str, extra: dict[str, np.ndarray]) -> None:
     w.add_head_count(cfg["num_attention_heads"])
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_rope_freq_base((cfg.get("rope_parameters") or cfg)["rope_theta"])
     for name, x in sd.items():
         stem, kind = name.rsplit(".", 1)
         if stem.endswith(("q_proj", "k_proj")):
