@@ -344,6 +344,18 @@ def test_unimplemented_gguf_rope_type_refused(tmp_path, kind, monkeypatch):
 
 
 # ---------------------------------------------------------------------- tensor accounting
+def test_llama_gguf_biases_follow_the_tensors(tmp_path):
+    """llama.cpp loads a llama layer's biases when present; the config follows the file."""
+    from parallax.models.loader import check_tensor_names
+    o_bias = np.linspace(-1, 1, H).astype(np.float32)
+    write_tiny(tmp_path / "t.gguf", extra={"blk.0.attn_output.bias": o_bias})
+    with GGUFCheckpoint(str(tmp_path / "t.gguf")) as ckpt:
+        c = ckpt.config
+        assert c.o_proj_bias and not c.attention_bias and not c.mlp_bias
+        check_tensor_names(ckpt)
+        assert torch.equal(ckpt.read("model.layers.0.self_attn.o_proj.bias"), torch.from_numpy(o_bias))
+
+
 def test_unmapped_gguf_tensor_refused_by_name(tmp_path):
     from parallax.models.loader import check_tensor_names
     write_tiny(tmp_path / "t.gguf", extra={"blk.0.attn_rot_embd.weight": np.ones(8, np.float32)})

@@ -92,6 +92,9 @@ class GGUFCheckpoint:
         tensors = self._file.tensors
         self.metadata: dict[str, Any] = dict(self._file.metadata)
         self.metadata["parallax.tied_embeddings"] = "output.weight" not in tensors
+        # llama.cpp loads the biases of a llama-family layer when they are there: so do we.
+        for key, stem in (("qkv", "attn_q"), ("o_proj", "attn_output"), ("mlp", "ffn_up")):
+            self.metadata[f"parallax.{key}_bias"] = f"blk.0.{stem}.bias" in tensors
         if "token_embd.weight" in tensors:
             self.metadata["parallax.embedding_rows"] = tensors["token_embd.weight"].shape[0]
         factors = None
