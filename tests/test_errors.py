@@ -204,3 +204,23 @@ def test_bad_quantize_is_parallax_error(tiny_llama, quantize):
         parallax.LLM(tiny_llama, quantize=quantize)
     with pytest.raises(ParallaxError, match="quantize"):
         build_model(open_checkpoint(tiny_llama), ParallelContext.single(), torch.float32, quantize=quantize)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors"])
+def test_index_cannot_point_outside_the_folder(tmp_path, shard):
+    path = make_checkpoint(str(tmp_path / "m"), "llama", shards=True)
+    index = os.path.join(path, "model.safetensors.index.json")
+    data = json.load(open(index))
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = shard
+    json.dump(data, open(index, "w"))
+    with pytest.raises(CheckpointError, match="not a file name inside"):
+        parallax.LLM(path)
+
+
+def test_corrupt_index(tiny_llama, tmp_path):
+    path = make_checkpoint(str(tmp_path / "m"), "llama", shards=True)
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        f.write('{"weight_map": [1, 2]}')
+    with pytest.raises(CheckpointError, match="weight_map"):
+        parallax.LLM(path)
