@@ -327,6 +327,9 @@ def test_rope_freqs_of_wrong_length_refused(tmp_path):
     write_tiny(tmp_path / "t.gguf", extra={"rope_freqs.weight": np.ones(HD, np.float32)})
     with pytest.raises(CheckpointError, match="rope frequency factors have 64 entries"):
         GGUFCheckpoint(str(tmp_path / "t.gguf"))
+    write_tiny(tmp_path / "z.gguf", extra={"rope_freqs.weight": np.zeros(HD // 2, np.float32)})
+    with pytest.raises(CheckpointError, match="finite and positive"):
+        GGUFCheckpoint(str(tmp_path / "z.gguf"))
 
 
 @pytest.mark.parametrize("kind", ["yarn", "longrope"])

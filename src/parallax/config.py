@@ -141,6 +141,8 @@ class ModelConfig:
         if ff is not None and len(ff) != self.head_dim // 2:
             raise CheckpointError(f"rope frequency factors have {len(ff)} entries; head_dim "
                                   f"{self.head_dim} needs {self.head_dim // 2}")
+        if ff is not None and not all(0 < f < float("inf") for f in ff):
+            raise CheckpointError("rope frequency factors (rope_freqs) must be finite and positive")
 
     @property
     def group_size(self) -> int:
