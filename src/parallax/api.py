@@ -20,6 +20,7 @@ from .engine import Engine, parse_dtype
 from .errors import ParallaxError, PromptError, SamplingError
 from .generation import GenerationConfig, SequenceOutput
 from .loading import DEFAULT_MODEL, load_tokenizer, open_checkpoint
+from .models.loader import check_tensor_names
 from .parallel import collectives as C
 from .parallel.context import DEFAULT_TIMEOUT_S, ParallelContext, launched_by_torchrun
 from .parallel.sharding import check_layout
@@ -80,6 +81,7 @@ class LLM:
         try:
             self.config = ckpt.config
             check_layout(self.config, tp, pp, layer_split)
+            check_tensor_names(ckpt)        # before any worker starts
             self.tokenizer = load_tokenizer(model, ckpt)
             self.tp, self.pp = tp, pp
             args = (model, dtype, layer_split, quantize, micro_batches)

@@ -1,18 +1,33 @@
 """ModelConfig: the architecture facts parallax needs, read from HF ``config.json`` or GGUF metadata.
 
-One dataclass for the whole Llama family (llama, mistral, qwen2): they differ only in
-whether q/k/v carry a bias, the rope variant and the default theta, so one model file
-serves all three (see ``models/llama.py``).
+One dataclass for the whole Llama family (llama, mistral, qwen2): they differ in which
+projections carry a bias, the gate activation, the rope variant, a sliding window and
+their defaults, so one model file serves all three (see ``models/llama.py``).
+
+Every field that changes the math is either honoured or refused here, in the calling
+process, before any weight is read or any worker starts:
+- Defaults for absent keys are HF's for each ``model_type`` (``_HF_DEFAULTS``).
+- Biases follow HF's modeling code: llama's ``attention_bias`` covers q/k/v *and* o_proj
+  and ``mlp_bias`` gate/up/down; qwen2 hard-codes q/k/v bias on, o_proj and MLP off;
+  mistral hard-codes all off (a key in its config.json is ignored, as HF ignores it).
+- ``rope_scaling`` types other than linear and llama3 are refused (CheckpointError).
+- A sliding window (mistral ``sliding_window``, qwen2 ``use_sliding_window``) shorter than
+  ``max_position_embeddings`` clamps the usable context to the window: within it, sliding
+  attention equals full attention, so a longer prompt is a PromptError rather than a
+  silently different answer.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 # HF `architectures[0]` / `model_type` -> our family name.
 SUPPORTED_ARCHITECTURES = {
@@ -23,6 +38,39 @@ SUPPORTED_ARCHITECTURES = {
     "mistral": "mistral",
     "qwen2": "qwen2",
 }
+
+# Gate activations of the gated MLP (HF ``hidden_act`` names; "swish" is HF's alias of silu).
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+_ACTIVATION_ALIASES = {"swish": "silu"}
+
+# rope_scaling types models/llama.py:rope_inv_freq implements, with the keys each needs.
+SUPPORTED_ROPE_TYPES = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+# HF's defaults for keys a config.json may omit (transformers' *Config classes).
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(max_position_embeddings=2048, num_key_value_heads=None, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False),
+    "mistral": dict(max_position_embeddings=4096 * 32, num_key_value_heads=8, rms_norm_eps=1e-6,
+                    rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                    sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                  sliding_window=4096, max_window_layers=28),
+}
+
+
+# Upper bounds that no real model reaches, so a corrupt value is refused before it sizes
+# anything (the loader builds the whole model on the meta device to check the key set).
+_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 20, "intermediate_size": 1 << 22,
+           "num_layers": 1024, "num_heads": 4096, "num_kv_heads": 4096, "head_dim": 4096,
+           "max_position_embeddings": 1 << 40}
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -55,26 +103,71 @@ class ModelConfig:
     architecture: str                 # "llama" | "mistral" | "qwen2"
     vocab_size: int
     hidden_size: int                  # d_model
-    intermediate_size: int            # SwiGLU inner width
+    intermediate_size: int            # gated-MLP inner width
     num_layers: int
     num_heads: int                    # query heads
     num_kv_heads: int                 # key/value heads (GQA when < num_heads)
-    head_dim: int
+    head_dim: int                     # may differ from hidden_size // num_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None   # {"rope_type": "llama3"|"linear", ...}
-    max_position_embeddings: int = 2048
+    rope_freq_factors: list[float] | None = None  # (head_dim/2,) divisors of the rope
+                                                  # frequencies (GGUF ``rope_freqs.weight``)
+    max_position_embeddings: int = 2048  # usable context (clamped to a sliding window)
     tie_word_embeddings: bool = False
-    attention_bias: bool = False      # q/k/v bias (qwen2)
+    hidden_act: str = "silu"          # gate activation, one of SUPPORTED_ACTIVATIONS
+    attention_bias: bool = False      # q/k/v bias (qwen2; llama attention_bias)
+    o_proj_bias: bool = False         # attention output bias (llama attention_bias)
+    mlp_bias: bool = False            # gate/up/down bias (llama mlp_bias)
+    sliding_window: int | None = None  # attention window of the checkpoint, if any
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        for name, limit in _LIMITS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+                raise CheckpointError(f"config value {name}={value!r} must be an integer in 1..{limit}")
+        for name in ("bos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                raise CheckpointError(f"config value {name}={getattr(self, name)!r} must be an integer")
+        if not all(map(_is_int, self.eos_token_ids)):
+            raise CheckpointError(f"config value eos_token_id={self.eos_token_ids!r} must be integers")
+        if not isinstance(self.hidden_act, str):
+            raise CheckpointError(f"config value hidden_act={self.hidden_act!r} must be a string")
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}; the config is inconsistent")
+        if self.head_dim % 2:
+            raise CheckpointError(f"head_dim={self.head_dim} is odd; rotary embeddings need pairs")
+        act = _ACTIVATION_ALIASES.get(self.hidden_act, self.hidden_act)
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise CheckpointError(
+                f"hidden_act={self.hidden_act!r} is not implemented; parallax supports "
+                f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+        self.hidden_act = act
+        self._check_rope()
+
+    def _check_rope(self) -> None:
+        rs = self.rope_scaling
+        if rs is not None:
+            kind = rs.get("rope_type")
+            if kind not in SUPPORTED_ROPE_TYPES:
+                raise CheckpointError(
+                    f"rope scaling type {kind!r} is not implemented; parallax supports "
+                    f"{', '.join(SUPPORTED_ROPE_TYPES)} (and GGUF rope_freqs factors). Running "
+                    f"the model without it would give wrong answers")
+            lacking = [k for k in SUPPORTED_ROPE_TYPES[kind] if not isinstance(rs.get(k), (int, float))]
+            if lacking:
+                raise CheckpointError(f"rope scaling {kind!r} lacks numeric {lacking} in the config")
+        ff = self.rope_freq_factors
+        if ff is not None and len(ff) != self.head_dim // 2:
+            raise CheckpointError(f"rope frequency factors have {len(ff)} entries; head_dim "
+                                  f"{self.head_dim} needs {self.head_dim // 2}")
+        if ff is not None and not all(0 < f < float("inf") for f in ff):
+            raise CheckpointError("rope frequency factors (rope_freqs) must be finite and positive")
 
     @property
     def group_size(self) -> int:
@@ -87,7 +180,10 @@ class ModelConfig:
         attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
         if self.attention_bias:
             attn += hd * (self.num_heads + 2 * self.num_kv_heads)
-        layer = attn + 3 * d * f + 2 * d
+        if self.o_proj_bias:
+            attn += d
+        mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+        layer = attn + mlp + 2 * d
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + d
 
@@ -101,28 +197,36 @@ class ModelConfig:
                 config.
         """
         archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
-        family = SUPPORTED_ARCHITECTURES.get(archs[0]) or SUPPORTED_ARCHITECTURES.get(
-            cfg.get("model_type", ""))
+        family = SUPPORTED_ARCHITECTURES.get(archs[0]) if isinstance(archs[0], str) else None
+        family = family or SUPPORTED_ARCHITECTURES.get(str(cfg.get("model_type", "")))
         if family is None:
             raise CheckpointError(
                 f"unsupported architecture {archs[0]!r} (model_type={cfg.get('model_type')!r}); "
                 f"parallax supports {sorted(k for k in SUPPORTED_ARCHITECTURES if 'For' in k)}")
+        defaults = _HF_DEFAULTS[family]
+
+        def get(key: str) -> Any:
+            value = cfg.get(key)
+            return defaults.get(key) if value is None else value
+
         n_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        rope_scaling = cfg.get("rope_scaling")
-        rope_params = cfg.get("rope_parameters")   # transformers >= 5 folds theta + scaling here
-        rope_theta = cfg.get("rope_theta")
-        if isinstance(rope_params, dict):
-            rope_theta = rope_params.get("rope_theta", rope_theta)
-            if rope_params.get("rope_type", "default") != "default":
-                rope_scaling = rope_params
-        if rope_scaling is not None:
-            rope_scaling = dict(rope_scaling)
-            rope_scaling.setdefault("rope_type", rope_scaling.get("type", "default"))
-            if rope_scaling["rope_type"] == "default":
-                rope_scaling = None
+        rope_theta, rope_scaling = _hf_rope(cfg, defaults["rope_theta"])
+        if family == "llama":
+            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+            mlp_bias = bool(cfg.get("mlp_bias", False))
+        else:   # HF's Mistral and Qwen2 modules hard-code their biases
+            qkv_bias, o_bias, mlp_bias = family == "qwen2", False, False
+        window = _hf_sliding_window(cfg, family, defaults)
+        max_pos = get("max_position_embeddings")
+        if window is not None and window < 1:
+            raise CheckpointError(f"sliding_window={window} must be positive")
+        if window is not None and window < max_pos:
+            logger.info("the checkpoint attends over a sliding window of %d tokens; parallax "
+                        "limits the context to it (max_position_embeddings %d)", window, max_pos)
+            max_pos = window
         return cls(
             architecture=family,
             vocab_size=cfg["vocab_size"],
@@ -130,14 +234,18 @@ class ModelConfig:
             intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"],
             num_heads=n_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            num_kv_heads=get("num_key_value_heads") or n_heads,
             head_dim=cfg.get("head_dim") or hidden // n_heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rms_norm_eps=float(get("rms_norm_eps")),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(get("tie_word_embeddings")),
+            hidden_act=get("hidden_act"),
+            attention_bias=qkv_bias,
+            o_proj_bias=o_bias,
+            mlp_bias=mlp_bias,
+            sliding_window=window,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=cfg.get("pad_token_id"),
@@ -156,18 +264,29 @@ class ModelConfig:
                 cfg = json.load(f)
         except FileNotFoundError:
             raise CheckpointError(f"no config.json at {path}; a HF checkpoint folder needs one") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or re-save the checkpoint") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{path} holds a JSON {type(cfg).__name__}, not an object")
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size", "vocab_size") if k not in cfg]
         if missing:
             raise CheckpointError(f"{path} lacks required keys {missing}")
-        return cls.from_hf_dict(cfg)
+        try:
+            return cls.from_hf_dict(cfg)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, AttributeError,
+                OverflowError) as e:
+            raise CheckpointError(f"{path} has a malformed value ({type(e).__name__}: {e})") from None
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any]) -> "ModelConfig":
+    def from_gguf_metadata(cls, meta: dict[str, Any],
+                           rope_freq_factors: list[float] | None = None) -> "ModelConfig":
         """Build from ``meta``, a GGUF file's key/value metadata (``general.architecture`` =
         llama | qwen2 | mistral).
+
+        ``rope_freq_factors``: the file's ``rope_freqs.weight`` (Llama 3.x rope scaling).
 
         Raises:
             CheckpointError: an architecture parallax does not support.
@@ -180,38 +299,102 @@ class ModelConfig:
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
 
-        n_heads = int(get("attention.head_count"))
-        hidden = int(get("embedding_length"))
-        n_vocab = get("vocab_size")
-        if n_vocab is None:
-            n_vocab = len(meta.get("tokenizer.ggml.tokens", []))
-        rope_scaling = None
-        if get("rope.scaling.type") == "linear":
-            rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-        eos = meta.get("tokenizer.ggml.eos_token_id")
-        eos_ids = [int(eos)] if eos is not None else []
-        eot = meta.get("tokenizer.ggml.eot_token_id")
-        if eot is not None and int(eot) not in eos_ids:
-            eos_ids.append(int(eot))
-        return cls(
-            architecture=arch,
-            vocab_size=int(n_vocab),
-            hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
-            num_layers=int(get("block_count")),
-            num_heads=n_heads,
-            num_kv_heads=int(get("attention.head_count_kv", n_heads)),
-            head_dim=int(get("attention.key_length", hidden // n_heads)),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=int(get("context_length", 2048)),
-            tie_word_embeddings=bool(meta.get("parallax.tied_embeddings", True)),
-            attention_bias=arch == "qwen2",
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=eos_ids,
-            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-        )
+        try:
+            n_heads = int(get("attention.head_count"))
+            hidden = int(get("embedding_length"))
+            n_vocab = get("vocab_size", meta.get("parallax.embedding_rows"))
+            if n_vocab is None:
+                n_vocab = len(meta.get("tokenizer.ggml.tokens", []))
+            rope_scaling = _gguf_rope(get("rope.scaling.type"), get("rope.scaling.factor"))
+            eos_ids = []
+            for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+                if meta.get(key) is not None and int(meta[key]) not in eos_ids:
+                    eos_ids.append(int(meta[key]))
+            max_pos = int(get("context_length", 2048))
+            window = get("attention.sliding_window")
+            if window is not None and 0 < int(window) < max_pos:
+                max_pos = int(window)
+            return cls(
+                architecture=arch,
+                vocab_size=int(n_vocab),
+                hidden_size=hidden,
+                intermediate_size=int(get("feed_forward_length")),
+                num_layers=int(get("block_count")),
+                num_heads=n_heads,
+                num_kv_heads=int(get("attention.head_count_kv", n_heads)),
+                head_dim=int(get("attention.key_length", hidden // n_heads)),
+                rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(get("rope.freq_base", 10000.0)),
+                rope_scaling=rope_scaling,
+                rope_freq_factors=rope_freq_factors,
+                max_position_embeddings=max_pos,
+                tie_word_embeddings=bool(meta.get("parallax.tied_embeddings", True)),
+                attention_bias=bool(meta.get("parallax.qkv_bias", arch == "qwen2")),
+                o_proj_bias=bool(meta.get("parallax.o_proj_bias", False)),
+                mlp_bias=bool(meta.get("parallax.mlp_bias", False)),
+                sliding_window=None if window is None else int(window),
+                bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                eos_token_ids=eos_ids,
+                pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+            )
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, AttributeError,
+                OverflowError) as e:
+            raise CheckpointError(f"GGUF metadata of the {arch} model is missing or malformed "
+                                  f"({type(e).__name__}: {e})") from None
+
+
+def _hf_rope(cfg: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling or None) from a HF config, old or new (transformers >= 5
+    folds theta and scaling into ``rope_parameters``)."""
+    rope_scaling = cfg.get("rope_scaling")
+    rope_params = cfg.get("rope_parameters")
+    rope_theta = cfg.get("rope_theta")
+    if isinstance(rope_params, dict):
+        rope_theta = rope_params.get("rope_theta", rope_theta)
+        if rope_params.get("rope_type", "default") != "default":
+            rope_scaling = rope_params
+    if rope_scaling is not None:
+        if not isinstance(rope_scaling, dict):
+            raise CheckpointError(f"rope_scaling must be an object, got {rope_scaling!r}")
+        rope_scaling = dict(rope_scaling)
+        rope_scaling.setdefault("rope_type", rope_scaling.get("type", "default"))
+        rope_scaling.pop("rope_theta", None)
+        if rope_scaling["rope_type"] == "default":
+            rope_scaling = None
+    return float(rope_theta if rope_theta is not None else default_theta), rope_scaling
+
+
+def _hf_sliding_window(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> int | None:
+    """The attention window some layer of the model uses, as HF's modeling code decides it."""
+    if family == "mistral":
+        window = cfg["sliding_window"] if "sliding_window" in cfg else defaults["sliding_window"]
+        return None if window is None else int(window)
+    if family == "qwen2":
+        if not cfg.get("use_sliding_window", False):
+            return None
+        window = cfg["sliding_window"] if "sliding_window" in cfg else defaults["sliding_window"]
+        if window is None:
+            return None
+        types = cfg.get("layer_types")
+        if types is None:
+            first = cfg.get("max_window_layers", defaults["max_window_layers"])
+            types = ["sliding_attention" if i >= first else "full_attention"
+                     for i in range(cfg["num_hidden_layers"])]
+        return int(window) if "sliding_attention" in types else None
+    return None
+
+
+def _gguf_rope(kind: Any, factor: Any) -> dict[str, Any] | None:
+    """rope_scaling from GGUF ``rope.scaling.type`` / ``.factor``; unknown types refused."""
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor if factor is not None else 1.0)}
+    raise CheckpointError(f"GGUF rope scaling type {kind!r} is not implemented; parallax supports "
+                          f"none, linear and rope_freqs factors. Running the model without it "
+                          f"would give wrong answers")
 
 
 def is_gguf(path: str) -> bool:

@@ -42,11 +42,14 @@ def open_checkpoint(model: str) -> Checkpoint:
 
 
 def load_tokenizer(model: str, checkpoint: Checkpoint | None = None):
-    """The model's tokenizer, or None for a folder without tokenizer.json."""
+    """The model's tokenizer, or None for a folder without tokenizer.json or a GGUF without
+    ``tokenizer.*`` metadata (token-id prompts still work)."""
     from .tokenizer import Tokenizer
     path = resolve_model_path(model)
     if os.path.isdir(path):
         return Tokenizer.from_dir(path)
     if checkpoint is None:
         checkpoint = open_checkpoint(model)
+    if "tokenizer.ggml.model" not in checkpoint.metadata:
+        return None
     return Tokenizer.from_gguf_metadata(checkpoint.metadata)

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, PromptError
 
 # llama.cpp token types (llama_token_type).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -132,13 +132,25 @@ class Tokenizer:
         if not self.chat_template:
             raise CheckpointError("this tokenizer has no chat template; pass chat=False "
                                   "or format the prompt yourself")
-        if self._compiled is None:
-            self._compiled = _jinja_env().from_string(self.chat_template)
+        import jinja2
+        from jinja2.sandbox import SecurityError
+        try:
+            if self._compiled is None:
+                self._compiled = _jinja_env().from_string(self.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise CheckpointError(f"the model's chat template does not parse ({e}); pass "
+                                  f"chat=False and format the prompt yourself") from None
         variables = {**self.special_tokens, "bos_token": self.bos_token or "",
                      "eos_token": self.eos_token or ""}
         variables.update(kwargs)
-        return self._compiled.render(messages=messages,
-                                     add_generation_prompt=add_generation_prompt, **variables)
+        try:
+            return self._compiled.render(messages=messages,
+                                         add_generation_prompt=add_generation_prompt, **variables)
+        except SecurityError as e:
+            raise CheckpointError(f"the model's chat template did something the sandbox forbids "
+                                  f"({e}); pass chat=False and format the prompt yourself") from None
+        except jinja2.TemplateError as e:   # raise_exception(...) or an undefined value
+            raise PromptError(f"the model's chat template refused these messages: {e.message}") from None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -198,9 +210,22 @@ class Tokenizer:
             raise CheckpointError(
                 f"GGUF tokenizer model {kind!r} is not supported; parallax rebuilds byte-level "
                 f"BPE ('gpt2') vocabularies only -- use the model's tokenizer.json instead")
-        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-        types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        tokens = meta.get("tokenizer.ggml.tokens")
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens or ())
+        merges = meta.get("tokenizer.ggml.merges", [])
+        if not (_list_of(tokens, str) and _list_of(types, int) and _list_of(merges, str)
+                and len(types) == len(tokens) and all(" " in m for m in merges)):
+            raise CheckpointError("the GGUF tokenizer metadata is malformed (tokenizer.ggml.tokens, "
+                                  "token_type and merges must be lists of strings / ints / 'a b' "
+                                  "pairs of one length); re-convert the file")
+        for key in ("bos_token_id", "eos_token_id", "eot_token_id", "unknown_token_id",
+                    "padding_token_id"):
+            if not isinstance(meta.get(f"tokenizer.ggml.{key}", 0), int):
+                raise CheckpointError(f"GGUF tokenizer.ggml.{key} must be an integer")
+        for key in ("tokenizer.ggml.pre", "tokenizer.chat_template"):
+            if not isinstance(meta.get(key, ""), str):
+                raise CheckpointError(f"GGUF {key} must be a string")
+        merges = [tuple(m.split(" ", 1)) for m in merges]
 
         alphabet = _byte_alphabet()
         letters = set(alphabet.values())
@@ -209,7 +234,10 @@ class Tokenizer:
             if not set(tok) <= letters:     # stored as raw text: spell its bytes
                 tok = "".join(alphabet[b] for b in tok.encode("utf-8"))
             vocab.setdefault(tok, i)
-        backend = _Backend(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+        try:
+            backend = _Backend(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+        except Exception as e:    # tokenizers raises plain Exception for merges of unknown tokens
+            raise CheckpointError(f"the GGUF tokenizer cannot be rebuilt ({e}); re-convert the file") from None
         backend.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
         backend.decoder = decoders.ByteLevel()
 
@@ -273,6 +301,10 @@ class IncrementalDecoder:
 
 
 # ---------------------------------------------------------------------- helpers
+def _list_of(x: Any, kind: type) -> bool:
+    return isinstance(x, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in x)
+
+
 def _read_json(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         return {}

@@ -1,8 +1,8 @@
 """Llama-family decoder (llama, mistral, qwen2) built from tensor-parallel layers.
 
 Design choices:
-- One file serves the family: qwen2 differs only by q/k/v biases, mistral not at all at
-  inference without a sliding window.
+- One file serves the family: which projections carry a bias, the gate activation and the
+  rope variant come from ModelConfig (config.py refuses what this file does not implement).
 - q|k|v and gate|up are fused into one column-parallel matmul each (two weight sweeps fewer
   per layer); o_proj and down_proj are row-parallel (one all-reduce each per layer).
 - Attention is split by whole KV groups (parallel/sharding.py), so uneven tp splits work.
@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..config import ModelConfig
+from ..errors import CheckpointError
 from ..kv_cache import KVCache
 from ..parallel.context import ParallelContext
 from ..parallel.layers import (Chunk, ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
@@ -62,7 +63,15 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """(D/2,) float32 inverse frequencies, with llama3 or linear scaling applied."""
+    """(D/2,) float32 inverse frequencies, with llama3 or linear scaling applied, divided by
+    the GGUF frequency factors if any (as llama.cpp does with ``rope_freqs.weight``)."""
+    inv = _scaled_inv_freq(cfg)
+    if cfg.rope_freq_factors is not None:
+        inv = inv / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32, device="cpu")
+    return inv
+
+
+def _scaled_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     d = cfg.head_dim
     # Explicitly on the CPU: the model is built under a meta-device context.
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
@@ -81,7 +90,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(medium, smoothed, scaled)
-    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported (llama3, linear are)")
+    raise CheckpointError(f"rope_scaling type {kind!r} is not supported (llama3, linear are)")
 
 
 class Attention(nn.Module):
@@ -101,7 +110,7 @@ class Attention(nn.Module):
         pieces += [(f"{prefix}.v_proj", s, n) for s, n in kv_pieces]
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, pieces, dtype, bias=cfg.attention_bias)
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj", part.q_start * d, part.n_q * d,
-                                        cfg.hidden_size, dtype, ctx)
+                                        cfg.hidden_size, dtype, ctx, bias=cfg.o_proj_bias)
         self.scale = d ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch,
@@ -126,18 +135,35 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(b, t, self.n_q * self.head_dim))
 
 
+# Gate activations other than silu (which has a fused op); names as HF's ``hidden_act``.
+GATE_ACTIVATIONS = {
+    "gelu": nn.functional.gelu,
+    "gelu_new": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "relu": nn.functional.relu,
+}
+
+
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), gate|up fused and split by columns over tp."""
+    """Gated MLP: down(act(gate(x)) * up(x)), gate|up fused and split by columns over tp;
+    act is silu (SwiGLU) unless the config names another."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype):
         super().__init__()
         start, n = split_evenly(cfg.intermediate_size, ctx.tp_size, ctx.tp_rank)
         self.gate_up_proj = ColumnParallelLinear(
-            cfg.hidden_size, [(f"{prefix}.gate_proj", start, n), (f"{prefix}.up_proj", start, n)], dtype)
-        self.down_proj = RowParallelLinear(f"{prefix}.down_proj", start, n, cfg.hidden_size, dtype, ctx)
+            cfg.hidden_size, [(f"{prefix}.gate_proj", start, n), (f"{prefix}.up_proj", start, n)], dtype,
+            bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(f"{prefix}.down_proj", start, n, cfg.hidden_size, dtype, ctx,
+                                           bias=cfg.mlp_bias)
+        self.act = None if cfg.hidden_act == "silu" else GATE_ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)                                    # (..., 2 * F_local)
+        if self.act is None:
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):

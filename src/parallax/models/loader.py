@@ -1,9 +1,17 @@
 """Build one rank's model on the meta device, then fill each parameter with exactly its
-shard read from the checkpoint (``param.chunks``), so weights are never held twice."""
+shard read from the checkpoint (``param.chunks``), so weights are never held twice.
+
+Before any weight is read, ``check_tensor_names`` accounts for the checkpoint both ways
+(as nanoGPT's ``from_pretrained`` does): every tensor the model needs is present with the
+shape the config implies, and every tensor in the checkpoint is used by some rank, except
+the few in ``DERIVED_TENSORS`` that are recomputed from the config. A rank reads only its
+slices, so the check runs on names against the whole model built on the meta device.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -11,7 +19,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..errors import CheckpointError
+from ..config import ModelConfig
+from ..errors import CheckpointError, ParallaxError
 from ..loading.checkpoint import Checkpoint
 from ..parallel.context import ParallelContext
 from ..parallel.sharding import split_layers
@@ -19,11 +28,65 @@ from . import MODEL_REGISTRY
 
 logger = logging.getLogger(__name__)
 
+# Checkpoint tensors that parallax recomputes instead of reading (documented in
+# docs/loading.md): rotary inverse frequencies that older HF Llama checkpoints saved per
+# layer (derived from rope_theta / rope_scaling).
+DERIVED_TENSORS = (re.compile(r"^model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$"),)
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor the whole model (all stages, tp=1) reads, with its HF shape."""
+    cls = MODEL_REGISTRY[cfg.architecture]
+    with torch.device("meta"):
+        model = cls(cfg, ParallelContext.single(), range(cfg.num_layers), torch.float32)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for p in model.parameters():
+        for c in p.chunks:
+            shape = list(p.shape)
+            if c.dim is not None and c.length is not None:
+                shape[c.dim] = c.length       # at tp=1 a piece is the whole tensor
+            shapes[c.name] = tuple(shape)
+    return shapes
+
+
+def check_tensor_names(ckpt: Checkpoint) -> None:
+    """Raise CheckpointError unless the checkpoint's tensors are exactly what the model reads
+    (shapes included), up to ``DERIVED_TENSORS`` and a redundant tied ``lm_head.weight``."""
+    cfg = ckpt.config
+    expected = expected_tensors(cfg)
+    present = set(ckpt.names())
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} tensor(s) its config needs, e.g. {missing[:5]}; "
+            f"the checkpoint does not match its config (re-download or re-convert it)")
+    unused = sorted(n for n in present - set(expected) if not _derived(n, cfg))
+    if unused:
+        raise CheckpointError(
+            f"the checkpoint holds {len(unused)} tensor(s) the model would not use, e.g. "
+            f"{unused[:5]}: its config does not describe them (a bias or layer the config turns "
+            f"off, or another architecture); parallax refuses rather than ignore weights")
+    for name, shape in expected.items():
+        got = tuple(ckpt.shape(name))
+        if got != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {got} but the config implies {shape}; "
+                                  f"the checkpoint does not match its config")
+
+
+def _derived(name: str, cfg: ModelConfig) -> bool:
+    # HF ties lm_head to the embedding and ignores a saved copy; so do we.
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return True
+    return any(p.match(name) for p in DERIVED_TENSORS)
+
 
 def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
                 layer_split: list[int] | None = None, quantize: str | None = None) -> nn.Module:
     """This rank's stage of the model with its tp shard of every weight loaded."""
+    if quantize not in (None, "int8"):
+        raise ParallaxError(f"quantize={quantize!r} is not supported; use None or 'int8'")
     cfg = ckpt.config
+    check_tensor_names(ckpt)
     layers = split_layers(cfg, ctx.pp_size, layer_split)[ctx.pp_rank]
     cls = MODEL_REGISTRY[cfg.architecture]
     with torch.device("meta"):
@@ -34,8 +97,6 @@ def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
     if quantize == "int8":
         for lin in model.linear_layers():
             lin.quantize_int8_()
-    elif quantize is not None:
-        raise ValueError(f"quantize={quantize!r} is not supported; use None or 'int8'")
     pack_weights_(model)
     logger.info("rank %d: loaded layers %d..%d in %.2f s", ctx.rank, layers.start, layers.stop - 1,
                 time.perf_counter() - t0)
