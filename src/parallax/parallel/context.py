@@ -202,8 +202,9 @@ def _shared_mapping(ctx: ParallelContext, group, src: int, size: int, kind_cls, 
     ``PARALLAX_SHM=0`` turns shared memory off.
 
     Global rank ``src`` checks the space and creates the segment (0600), the others map it,
-    and src unlinks it once they all have, or as soon as the attempt fails: from then on
-    the mapping lives only in the processes and dies with them. A rank killed in between
+    and src unlinks it once they all have (a second barrier holds them until it has), or
+    as soon as the attempt fails: from then on the mapping lives only in the processes and
+    dies with them. A rank killed in between
     leaves the file; the worker pool sweeps its run's segments (``shm.sweep``) when it
     shuts down, and its workers do when the driver dies.
     """
@@ -230,6 +231,10 @@ def _shared_mapping(ctx: ParallelContext, group, src: int, size: int, kind_cls, 
         if mapping is None:
             _crash_hook(ctx.rank)
             mapping = open_at(box[0], False)
+        dist.barrier(group=group)                   # everyone has mapped it
+        if ctx.rank == src:
+            os.unlink(box[0])
+        # ... and nobody goes on (and maybe fails, and gets src killed) before it is gone.
         dist.barrier(group=group)
     finally:
         if ctx.rank == src and box[0] is not None:
