@@ -110,3 +110,23 @@ def named_in_dev_shm(inodes) -> list[str]:
     """The names in /dev/shm that still link to one of ``inodes``."""
     wanted = set(inodes)
     return [e.name for e in os.scandir("/dev/shm") if e.inode() in wanted]
+
+
+def gone(pid: int) -> bool:
+    """True when ``pid`` has exited (a zombie awaiting its parent's wait counts as gone)."""
+    import psutil
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids, within_s: float) -> bool:
+    """Wait up to ``within_s`` seconds for every pid to be gone; whether they all are."""
+    import time
+    deadline = time.monotonic() + within_s
+    while not all(gone(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import parallax
-from conftest import make_checkpoint, named_in_dev_shm, shm_files_mapped_by
+from conftest import make_checkpoint, named_in_dev_shm, shm_files_mapped_by, wait_gone
 from parallax import CheckpointError, WorkerError
 
 
@@ -138,7 +138,7 @@ def test_live_pool_listens_on_loopback_only(tiny_llama, tmp_path, monkeypatch):
         ours = {os.getpid(), *llm._pool.pids}
         listening = [c for c in psutil.net_connections(kind="tcp")
                      if c.pid in ours and c.status == psutil.CONN_LISTEN]
-        print(f"\nlistening while LLM(tp=2) is alive: {sorted((c.pid, c.laddr) for c in listening)}")
+        print("\nlistening while LLM(tp=2) is alive:", sorted((c.pid, c.laddr) for c in listening))
         assert listening, "expected gloo's loopback listeners (is psutil seeing our sockets?)"
         assert all(_is_loopback(c.laddr.ip) for c in listening), listening
         assert llm.generate([[1, 2, 3]], max_new_tokens=2, ignore_eos=True)[0].token_ids
@@ -182,13 +182,8 @@ def test_killed_driver_leaves_nothing_in_dev_shm(tiny_llama, tmp_path, kill):
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(10)
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 5 and any(
-                psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                for p in workers):
-            time.sleep(0.05)
+        assert wait_gone(workers, 5), "workers outlived their driver"
         print(f"workers gone {time.monotonic() - t0:.2f} s after the kill")
-        assert not [p for p in workers if psutil.pid_exists(p)
-                    and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         assert not named_in_dev_shm(mapped)
         assert not [f for f in os.listdir("/dev/shm") if run_id in f]
         assert not [f for f in os.listdir(tmp_path) if f.startswith("parallax-")]

@@ -23,27 +23,12 @@ SRC = TESTS.parent / "src"
 if importlib.util.find_spec("parallax") is None:    # not installed: use the checkout
     sys.path.insert(0, str(SRC))                     # (spawned workers inherit sys.path)
 
+from conftest import gone, wait_gone  # noqa: E402
 from dist_utils import spawn_ranks  # noqa: E402
 from parallax.errors import CheckpointError, PromptError, WorkerError  # noqa: E402
 from parallax.parallel.launch import WorkerPool  # noqa: E402
 from toy_engines import (describe_layout, fail_on_rank_one,  # noqa: E402
                          make_broken_checkpoint, make_broken_generic, make_toy)
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_gone(pids: list[int], within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if all(gone(p) for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import wait_gone
 from dist_utils import spawn_ranks
 from parallax.errors import WorkerError
 from parallax.parallel import collectives as C
@@ -245,27 +246,13 @@ def test_driver_killed_between_create_and_attach_leaves_nothing(tmp_path):
             time.sleep(0.05)
         assert driver.returncode == -signal.SIGKILL
         assert len(workers) == 2
-        assert _wait_gone(workers, 10), "workers outlived their driver"
+        assert wait_gone(workers, 10), "workers outlived their driver"
         assert not glob.glob(f"/dev/shm/parallax-{run_id}*")
         assert not os.listdir(tmp_path)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(10)
-
-
-def _wait_gone(pids, within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        alive = []
-        for pid in pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-        if not alive:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 # ------------------------------------------------------------------ room in /dev/shm
