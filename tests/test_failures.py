@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -132,8 +133,13 @@ def _is_loopback(ip: str) -> bool:
 def test_live_pool_listens_on_loopback_only(tiny_llama, tmp_path, monkeypatch):
     """While an LLM(tp=2) is alive, no process of ours (driver or worker) has a TCP port
     listening beyond loopback: the rendezvous is a file in an owner-only folder (a c10d
-    TCPStore listened on '::', every interface) and gloo binds the loopback interface."""
+    TCPStore listened on '::', every interface) and gloo binds the loopback interface, even
+    when GLOO_SOCKET_IFNAME names a public one."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    public = [name for name, addrs in psutil.net_if_addrs().items()
+              if any(a.family == socket.AF_INET and not _is_loopback(a.address) for a in addrs)]
+    if public:      # as a multi-node job's environment would say; a pool is one machine
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", public[0])
     with parallax.LLM(tiny_llama, tp=2, threads_per_rank=1) as llm:
         ours = {os.getpid(), *llm._pool.pids}
         listening = [c for c in psutil.net_connections(kind="tcp")
