@@ -268,23 +268,34 @@ def _fake_statvfs(free_bytes: int):
 
 def test_segment_larger_than_free_dev_shm_falls_back_to_gloo(one_rank_world, monkeypatch,
                                                                caplog):
-    """Docker's default /dev/shm is 64 MiB: the pp mailbox (64 MiB + counters at world 2,
-    16 MiB at world 1 here) must not be created beyond the free space (tmpfs would SIGBUS
-    on first touch past it): gloo instead, with a warning. Below the limit it is made."""
-    from parallax.parallel.context import ParallelContext, _local_mailbox
-    from parallax.parallel.shm import ShmMailbox
+    """Docker's default /dev/shm is 64 MiB. A segment must not be created beyond the free
+    space (tmpfs would SIGBUS on first touch past it): gloo instead, with a warning. Just
+    below the need it is refused, just above it is made (the tp segment of a one-rank
+    group here, 8 MiB)."""
+    from parallax.parallel.context import ParallelContext, _local_shm_group
+    from parallax.parallel.shm import ShmGroup
     ctx = ParallelContext(rank=0, world_size=1, backend="gloo")
-    need = ShmMailbox.nbytes(1)
+    need = ShmGroup.nbytes(1)
     monkeypatch.setattr(os, "statvfs", _fake_statvfs(need - 4096))
     with caplog.at_level(logging.WARNING, logger="parallax.parallel.context"):
-        assert _local_mailbox(ctx, f"{os.getpid()}-room") is None
-    assert "gloo instead" in caplog.text and "/dev/shm has 16.0 MiB free" in caplog.text
+        assert _local_shm_group(ctx, f"{os.getpid()}-room") is None
+    assert "gloo instead" in caplog.text and "/dev/shm has 8.0 MiB free" in caplog.text
     assert not glob.glob(f"/dev/shm/parallax-{os.getpid()}-room*")
     monkeypatch.setattr(os, "statvfs", _fake_statvfs(need + 4096))
-    box = _local_mailbox(ctx, f"{os.getpid()}-room")
-    assert isinstance(box, ShmMailbox)
-    box.close()
+    group = _local_shm_group(ctx, f"{os.getpid()}-room")
+    assert isinstance(group, ShmGroup)
+    group.close()
     assert not glob.glob(f"/dev/shm/parallax-{os.getpid()}-room*")   # unlinked once mapped
+
+
+def test_mailbox_needs_its_pairs_and_the_tp_segments():
+    """What the space check asks for: 16 MiB per ordered pair of different ranks (a rank
+    never messages itself), plus the tp segments made just before and not yet touched.
+    Docker's 64 MiB holds tp=2 (16 MiB) and pp=2 (32 MiB), not tp=2 x pp=2's mailbox."""
+    from parallax.parallel.shm import ShmGroup, ShmMailbox
+    mib = 2**20
+    assert ShmGroup.nbytes(2) // mib == 16
+    assert ShmMailbox.nbytes(2) // mib == 32 and ShmMailbox.nbytes(4) // mib == 192
 
 
 def _transport_and_sum(ctx):

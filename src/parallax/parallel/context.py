@@ -171,17 +171,20 @@ def _object_group(backend: str, timeout: datetime.timedelta) -> dist.ProcessGrou
 def _local_shm_group(ctx: ParallelContext, run_id: str | None):
     """A ShmGroup for ctx's tp group when all its ranks share this machine (else None)."""
     from .shm import ShmGroup
+    every_stage = ShmGroup.nbytes(ctx.tp_size) * ctx.pp_size     # made at the same time
     return _shared_mapping(
-        ctx, ctx.tp_group, ctx.stage_rank(ctx.pp_rank, 0), ctx.tp_size, ShmGroup,
+        ctx, ctx.tp_group, ctx.stage_rank(ctx.pp_rank, 0), ctx.tp_size, every_stage,
         f"tp{ctx.pp_rank}", run_id,
         lambda path, create: ShmGroup(path, ctx.tp_rank, ctx.tp_size, ctx.timeout_s, create))
 
 
 def _local_mailbox(ctx: ParallelContext, run_id: str | None):
     """A ShmMailbox for all ranks when they share this machine (else None)."""
-    from .shm import ShmMailbox
+    from .shm import ShmGroup, ShmMailbox
+    tp_segments = ShmGroup.nbytes(ctx.tp_size) * ctx.pp_size if ctx.tp_shm is not None else 0
     return _shared_mapping(
-        ctx, None, 0, ctx.world_size, ShmMailbox, "p2p", run_id,
+        ctx, None, 0, ctx.world_size, ShmMailbox.nbytes(ctx.world_size) + tp_segments, "p2p",
+        run_id,
         lambda path, create: ShmMailbox(path, ctx.rank, ctx.world_size, ctx.timeout_s, create))
 
 
@@ -195,11 +198,12 @@ def _machine_key() -> tuple:
     return socket.gethostname(), boot, os.stat("/dev/shm").st_dev
 
 
-def _shared_mapping(ctx: ParallelContext, group, src: int, size: int, kind_cls, kind: str,
-                    run_id: str | None, open_at):
+def _shared_mapping(ctx: ParallelContext, group, src: int, size: int, need_bytes: int,
+                    kind: str, run_id: str | None, open_at):
     """``open_at(path, create)`` on every rank of ``group`` (None: the world) when they all
-    share this machine's /dev/shm and the segment fits there, else None (gloo is used).
-    ``PARALLAX_SHM=0`` turns shared memory off.
+    share this machine's /dev/shm and ``need_bytes`` (this segment and the run's others
+    that are not touched yet, so statvfs does not count them) fit there, else None (gloo
+    is used). ``PARALLAX_SHM=0`` turns shared memory off.
 
     Global rank ``src`` checks the space and creates the segment (0600), the others map it,
     and src unlinks it once they all have (a second barrier holds them until it has), or
@@ -218,7 +222,7 @@ def _shared_mapping(ctx: ParallelContext, group, src: int, size: int, kind_cls, 
     box, mapping = [None], None
     try:
         if ctx.rank == src:
-            short = shm.room_for(kind_cls.nbytes(size))
+            short = shm.room_for(need_bytes)
             if short is None:
                 box[0] = shm.segment_path(run_id or shm.new_run_id(), kind)
                 mapping = open_at(box[0], True)

@@ -181,7 +181,7 @@ class ShmGroup:
 class ShmMailbox:
     """Point-to-point messages between the ``world`` ranks of one machine.
 
-    Ordered pair (src, dst) owns ``RING`` slots of ``SLOT_BYTES`` and two counters on their
+    Ordered pair (src, dst), src != dst, owns ``RING`` slots of ``SLOT_BYTES`` and two counters on their
     own cache lines: messages sent (written only by src) and taken (only by dst). A send
     waits only when dst has ``RING`` messages it has not taken yet; callers keep fewer than
     that in flight per pair (generation.py: 2 x micro-batches < RING). Messages arrive in
@@ -194,7 +194,7 @@ class ShmMailbox:
 
     def __init__(self, path: str, rank: int, world: int, timeout_s: float, create: bool):
         self.path, self.rank, self.world, self.timeout_s = path, rank, world, timeout_s
-        pairs = world * world
+        pairs = world * (world - 1)
         counter_bytes = 2 * 64 * pairs                       # one cache line per counter
         self._map = _map_segment(path, self.nbytes(world), create)
         counters = np.frombuffer(self._map, dtype=np.int64, count=16 * pairs)[::8]
@@ -206,15 +206,19 @@ class ShmMailbox:
     @classmethod
     def nbytes(cls, world: int) -> int:
         """Bytes of the segment: two counters per ordered pair, then each pair's ring."""
-        pairs = world * world
+        pairs = world * (world - 1)
         return 2 * 64 * pairs + pairs * cls.RING * cls.SLOT_BYTES
 
     def fits(self, x: torch.Tensor) -> bool:
         return not x.is_cuda and x.numel() * x.element_size() <= self.SLOT_BYTES
 
+    def _pair(self, src: int, dst: int) -> int:
+        """Index of the ordered pair (src, dst), src != dst: src's world - 1 targets in order."""
+        return src * (self.world - 1) + (dst if dst < src else dst - 1)
+
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Copy x (contiguous) into the next slot for dst; returns once it is there."""
-        pair = self.rank * self.world + dst
+        pair = self._pair(self.rank, dst)
         seq = int(self._sent[pair])
         _wait(lambda: self._taken[pair] > seq - self.RING, self.timeout_s,
               lambda: f"rank {dst} to take earlier messages")
@@ -224,7 +228,7 @@ class ShmMailbox:
 
     def recv(self, out: torch.Tensor, src: int) -> torch.Tensor:
         """Fill ``out`` (contiguous, of the sent shape and dtype) with src's next message."""
-        pair = src * self.world + self.rank
+        pair = self._pair(src, self.rank)
         seq = int(self._taken[pair])
         _wait(lambda: self._sent[pair] > seq, self.timeout_s, lambda: f"a message from rank {src}")
         data = out.view(-1).view(torch.uint8)
