@@ -385,6 +385,8 @@ class WorkerPool:
     Errors: ``WorkerError`` when a worker dies or raises; ``ParallaxError`` subclasses raised
     by a worker (start-up included) keep their type. See the module docstring for when the
     pool survives an error. Not re-entrant: one command at a time (other threads wait).
+    ``run_id`` names the pool's shared-memory segments (``/dev/shm/parallax-<run_id>-*``),
+    ``rendezvous_dir`` is the owner-only folder of its ``FileStore``.
     """
 
     def __init__(self, factory: Callable[..., Any], factory_args: tuple = (), *, tp_size: int,
