@@ -9,6 +9,7 @@ failure, nothing left behind.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -32,9 +33,11 @@ def _rank_main(rank: int, tp_size: int, pp_size: int, store_path: str, timeout_s
         store = file_store(store_path, tp_size * pp_size, timeout_s)
         ctx = ParallelContext.initialize(rank=rank, tp_size=tp_size, pp_size=pp_size,
                                          device="cpu", timeout_s=timeout_s, store=store)
-        conn.send(("ok", fn(ctx, *args)))
+        # Plain pickle: a connection's pickler would share tensors by passing a file
+        # descriptor that the parent fetches from this process later, after os._exit below.
+        conn.send_bytes(pickle.dumps(("ok", fn(ctx, *args))))
     except BaseException:  # noqa: BLE001
-        conn.send(("error", traceback.format_exc()))
+        conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
     finally:
         if ctx is not None:
             ctx.destroy()
@@ -82,7 +85,7 @@ def spawn_ranks(n: int, fn: Callable[..., Any], *args: Any, timeout: float = 120
             for r in waiting:
                 if conns[r].poll():
                     try:
-                        kind, value = conns[r].recv()
+                        kind, value = pickle.loads(conns[r].recv_bytes())
                     except EOFError:
                         kind, value = "error", f"exit code {procs[r].join(5) or procs[r].exitcode}"
                     if kind == "error":
