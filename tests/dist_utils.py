@@ -1,42 +1,43 @@
 """``spawn_ranks``: run one function on every rank of a tp x pp layout, in fresh processes.
 
-The multi-process tier of the tests goes through this one helper: spawn context, a
-TCPStore hosted here on an OS-assigned port (no port races between concurrent runs),
-a timeout, exit codes checked, every process killed on failure, nothing left behind.
+The multi-process tier of the tests goes through this one helper: spawn context, the
+worker pool's rendezvous (a FileStore in an owner-only temporary folder: no port, so no
+races between concurrent runs), a timeout, exit codes checked, every process killed on
+failure, nothing left behind.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
+import pickle
+import shutil
+import tempfile
 import time
 import traceback
 from multiprocessing import connection, get_context
 from typing import Any, Callable
 
-import torch.distributed as dist
-
-_HOST = "127.0.0.1"
 
 
-def _rank_main(rank: int, tp_size: int, pp_size: int, port: int, timeout_s: float,
+def _rank_main(rank: int, tp_size: int, pp_size: int, store_path: str, timeout_s: float,
                fn: Callable[..., Any], args: tuple, conn: connection.Connection) -> None:
-    if "lo" in {name for _, name in socket.if_nameindex()}:   # all ranks are local
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch
 
-    from parallax.parallel.context import ParallelContext, connect_store
+    from parallax.parallel.context import ParallelContext, file_store
+    from parallax.parallel.launch import _loopback_only
 
+    _loopback_only()                                  # all ranks are local
     torch.set_num_threads(1)
     ctx = None
     try:
-        store = connect_store(_HOST, port, timeout_s)
+        store = file_store(store_path, tp_size * pp_size, timeout_s)
         ctx = ParallelContext.initialize(rank=rank, tp_size=tp_size, pp_size=pp_size,
                                          device="cpu", timeout_s=timeout_s, store=store)
-        conn.send(("ok", fn(ctx, *args)))
+        # Plain pickle: a connection's pickler would share tensors by passing a file
+        # descriptor that the parent fetches from this process later, after os._exit below.
+        conn.send_bytes(pickle.dumps(("ok", fn(ctx, *args))))
     except BaseException:  # noqa: BLE001
-        conn.send(("error", traceback.format_exc()))
+        conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
     finally:
         if ctx is not None:
             ctx.destroy()
@@ -58,16 +59,15 @@ def spawn_ranks(n: int, fn: Callable[..., Any], *args: Any, timeout: float = 120
     elif pp_size is None:
         pp_size = n // tp_size
     assert tp_size * pp_size == n, f"tp {tp_size} x pp {pp_size} != {n} ranks"
-    store = dist.TCPStore(_HOST, 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout))
+    folder = tempfile.mkdtemp(prefix="parallax-test-rdzv-")
     mp = get_context("spawn")
     procs, conns = [], []
     try:
         for rank in range(n):
             parent_end, child_end = mp.Pipe(duplex=False)
             p = mp.Process(target=_rank_main, name=f"spawn-rank-{rank}",
-                           args=(rank, tp_size, pp_size, store.port, min(timeout, 60.0),
-                                 fn, args, child_end))
+                           args=(rank, tp_size, pp_size, os.path.join(folder, "store"),
+                                 min(timeout, 60.0), fn, args, child_end))
             p.start()
             child_end.close()
             procs.append(p)
@@ -85,7 +85,7 @@ def spawn_ranks(n: int, fn: Callable[..., Any], *args: Any, timeout: float = 120
             for r in waiting:
                 if conns[r].poll():
                     try:
-                        kind, value = conns[r].recv()
+                        kind, value = pickle.loads(conns[r].recv_bytes())
                     except EOFError:
                         kind, value = "error", f"exit code {procs[r].join(5) or procs[r].exitcode}"
                     if kind == "error":
@@ -107,3 +107,4 @@ def spawn_ranks(n: int, fn: Callable[..., Any], *args: Any, timeout: float = 120
             p.join(10)
         for c in conns:
             c.close()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,10 +1,15 @@
-"""A dead rank ends the run with a clear error in bounded time, and nothing is left behind."""
+"""A dead rank ends the run with a clear error in bounded time, and nothing is left behind;
+a live pool is reachable only from this machine, and a killed driver leaves nothing either."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +17,7 @@ import psutil
 import pytest
 
 import parallax
-from conftest import make_checkpoint
+from conftest import make_checkpoint, named_in_dev_shm, shm_files_mapped_by, wait_gone
 from parallax import CheckpointError, WorkerError
 
 
@@ -118,3 +123,77 @@ def test_close_leaves_no_process(tiny_llama):
     llm.close()
     assert not [p for p in pids if psutil.pid_exists(p)
                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def _is_loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip.split("%")[0]).is_loopback
+
+
+@pytest.mark.timeout(120)
+def test_live_pool_listens_on_loopback_only(tiny_llama, tmp_path, monkeypatch):
+    """While an LLM(tp=2) is alive, no process of ours (driver or worker) has a TCP port
+    listening beyond loopback: the rendezvous is a file in an owner-only folder (a c10d
+    TCPStore listened on '::', every interface) and gloo binds the loopback interface, even
+    when GLOO_SOCKET_IFNAME names a public one."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    public = [name for name, addrs in psutil.net_if_addrs().items()
+              if any(a.family == socket.AF_INET and not _is_loopback(a.address) for a in addrs)]
+    if public:      # as a multi-node job's environment would say; a pool is one machine
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", public[0])
+    with parallax.LLM(tiny_llama, tp=2, threads_per_rank=1) as llm:
+        ours = {os.getpid(), *llm._pool.pids}
+        listening = [c for c in psutil.net_connections(kind="tcp")
+                     if c.pid in ours and c.status == psutil.CONN_LISTEN]
+        print("\nlistening while LLM(tp=2) is alive:", sorted((c.pid, c.laddr) for c in listening))
+        assert listening, "expected gloo's loopback listeners (is psutil seeing our sockets?)"
+        assert all(_is_loopback(c.laddr.ip) for c in listening), listening
+        assert llm.generate([[1, 2, 3]], max_new_tokens=2, ignore_eos=True)[0].token_ids
+        assert not os.listdir(tmp_path)          # the rendezvous folder went after start-up
+
+
+DRIVER = """
+import sys
+import parallax
+llm = parallax.LLM({model!r}, tp=2, threads_per_rank=1)
+llm.generate([[1, 2, 3]], max_new_tokens=2, ignore_eos=True)
+print(getattr(llm._pool, "run_id", "?"), *llm._pool.pids, flush=True)
+sys.stdin.read()                                 # until the test kills us
+"""
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kill", ["driver", "process-group"])
+def test_killed_driver_leaves_nothing_in_dev_shm(tiny_llama, tmp_path, kill):
+    """A driver holding an LLM(tp=2) is SIGKILLed: alone (its workers must notice and exit)
+    or with its whole process group, workers and multiprocessing's resource tracker
+    included (what a notebook kernel restart does). Nothing of ours may stay in /dev/shm:
+    while the pool lives, no /dev/shm file its processes map still has a name (spawn-
+    context semaphores, sem.mp-*, would: only the resource tracker unlinks them), and after
+    the kill none of those files and no segment of the pool's run is there."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(model=tiny_llama)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=env, start_new_session=True)
+    try:
+        run_id, *pids = driver.stdout.readline().split()
+        workers = [int(p) for p in pids]
+        assert len(workers) == 2, run_id
+        tree = [driver.pid] + [p.pid for p in psutil.Process(driver.pid).children(True)]
+        mapped = shm_files_mapped_by(tree)
+        print(f"\n/dev/shm files mapped by the pool's processes: {sorted(mapped.values())}")
+        assert not named_in_dev_shm(mapped), (mapped, named_in_dev_shm(mapped))
+        if kill == "driver":
+            os.kill(driver.pid, signal.SIGKILL)
+        else:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(10)
+        t0 = time.monotonic()
+        assert wait_gone(workers, 5), "workers outlived their driver"
+        print(f"workers gone {time.monotonic() - t0:.2f} s after the kill")
+        assert not named_in_dev_shm(mapped)
+        assert not [f for f in os.listdir("/dev/shm") if run_id in f]
+        assert not [f for f in os.listdir(tmp_path) if f.startswith("parallax-")]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(10)

@@ -4,6 +4,7 @@ quickly as errors and leave no process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -22,27 +23,12 @@ SRC = TESTS.parent / "src"
 if importlib.util.find_spec("parallax") is None:    # not installed: use the checkout
     sys.path.insert(0, str(SRC))                     # (spawned workers inherit sys.path)
 
+from conftest import gone, wait_gone  # noqa: E402
 from dist_utils import spawn_ranks  # noqa: E402
 from parallax.errors import CheckpointError, PromptError, WorkerError  # noqa: E402
 from parallax.parallel.launch import WorkerPool  # noqa: E402
 from toy_engines import (describe_layout, fail_on_rank_one,  # noqa: E402
                          make_broken_checkpoint, make_broken_generic, make_toy)
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_gone(pids: list[int], within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if all(gone(p) for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +128,22 @@ def test_worker_exception_is_worker_error_and_closes_pool():
     p.close()
 
 
+def _children() -> set[int]:
+    """Our child processes, less multiprocessing's resource tracker (started by the first
+    spawn in this process, whichever test that is, and meant to stay)."""
+    out = set()
+    for c in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "resource_tracker" not in " ".join(c.cmdline()):
+                out.add(c.pid)
+    return out
+
+
 def test_factory_checkpoint_error_keeps_its_type():
-    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    before = _children()
     with pytest.raises(CheckpointError, match="no checkpoint at /nope/model"):
         WorkerPool(make_broken_checkpoint, ("/nope/model",), tp_size=2, pp_size=1)
-    after = {c.pid for c in psutil.Process().children(recursive=True)}
-    assert wait_gone(list(after - before), 2)
+    assert wait_gone(list(_children() - before), 2)
 
 
 def test_factory_other_error_is_worker_error():

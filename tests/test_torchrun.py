@@ -73,13 +73,12 @@ def test_torchrun_ranks_agree_with_one_process(request, tmp_path, model, tp, pp)
 
 @pytest.mark.timeout(120)
 def test_torchrun_world_size_mismatch_is_a_layout_error(tiny_llama, tmp_path):
-    """tp*pp = 4 on 2 launched ranks: every rank should raise LayoutError at once ("launch
-    with --nproc-per-node 4 or change tp/pp"), not wait out the rendezvous timeout.
+    """tp*pp = 4 on 2 launched ranks: every rank raises LayoutError at once ("launch with
+    --nproc-per-node 4 or change tp/pp"), not after the rendezvous timeout.
 
-    Known bug (src/parallax/parallel/context.py, ParallelContext.initialize): it calls
-    init_process_group(world_size=tp*pp) with torchrun's env:// rendezvous, which overrides
-    WORLD_SIZE and waits for ranks that never come; after timeout_s a raw DistStoreError is
-    raised and the LayoutError check after it is never reached."""
+    ParallelContext.initialize compares tp*pp with the launcher's WORLD_SIZE before it joins
+    the process group: init_process_group(world_size=tp*pp) over env:// would wait out
+    timeout_s for ranks that never come and end in a raw DistStoreError."""
     timeout_s = 10
     r = _torchrun(2, os.path.join(HERE, "torchrun_script.py"), tiny_llama, "2", "2",
                   str(tmp_path), str(timeout_s), timeout=90)

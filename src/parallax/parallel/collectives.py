@@ -1,7 +1,8 @@
 """Every collective parallax uses, named by what it does; the only file that calls
 ``torch.distributed`` for data (CPU ranks on one machine go through shared memory,
 parallel/shm.py, when the tensor fits: tp collectives and stage-to-stage messages). Each
-returns early when its group has one rank, so a size-1 context costs nothing.
+returns early when its group has one rank, so a size-1 context costs nothing. Pickled
+objects go through ``ctx.object_group``: gloo in host memory even when tensors use NCCL.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def broadcast_object(obj: object, ctx: ParallelContext, src: int) -> object:
     if ctx.world_size == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=ctx.object_group)
     return box[0]
 
 
@@ -101,5 +102,5 @@ def all_gather_object(obj: object, ctx: ParallelContext) -> list:
     if ctx.world_size == 1:
         return [obj]
     out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=ctx.object_group)
     return out

@@ -7,9 +7,14 @@ scripts, notebooks). Design choices:
   point lives here, so children never need the user's ``__main__``; unless the factory (or
   its arguments) come from ``__main__``, the children do not re-import it either, so a
   script without an ``if __name__ == "__main__"`` guard still works.
-* **Rendezvous without port races**: this process hosts the master ``TCPStore`` on port 0
-  (the OS picks a free port) and hands host and port to the workers, which join the
-  process group through it. Any number of pools and runs can share a machine.
+* **Nothing reachable from outside, nothing left behind**: the workers meet through a
+  ``FileStore`` in an owner-only (0700) temporary folder (a TCPStore would listen on every
+  interface, unauthenticated, even when given 127.0.0.1; a file needs no port, so pools
+  never race for one), and gloo (NCCL: its bootstrap) listens on the loopback interface
+  only. The folder goes once start-up is done (on CPUs, where gloo connects every group
+  while it is created), at close, or when a worker sees the driver die; so do shared-memory
+  segments a killed rank left (``shm.sweep``). Workers create no named semaphores (the
+  ``sem.mp-*`` files that outlive a killed process group).
 * **SPMD commands over one duplex pipe per worker**: ``call(method, ...)`` sends the same
   command to every rank; every rank runs ``getattr(engine, method)(...)``; only the driver
   rank (``ctx.driver_rank``) sends its result back, the others send a bare acknowledgement.
@@ -34,7 +39,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import datetime
 import io
 import logging
 import multiprocessing as mp
@@ -42,9 +46,11 @@ import multiprocessing.connection as mpc
 import multiprocessing.util  # noqa: F401  imported before atexit.register below: hooks run LIFO
 import os
 import pickle
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -63,7 +69,6 @@ _ERROR_GRACE_S = 1.0   # driver: after one rank fails, how long the others get t
 _STOP_GRACE_S = 5.0    # close(): how long workers get to exit on their own
 _KILL_GRACE_S = 2.0    # after SIGTERM, before SIGKILL
 _WATCHDOG_S = 0.5      # worker: how often it checks that the driver is still alive
-_HOST = "127.0.0.1"    # workers are always local to the driver
 
 
 # ---------------------------------------------------------------------------- worker side
@@ -76,7 +81,8 @@ class _WorkerSpec:
     device: str
     timeout_s: float
     threads: int
-    store_port: int
+    store_path: str        # FileStore in the driver's owner-only temporary folder
+    run_id: str            # names this pool's shared-memory segments
     parent_pid: int
 
 
@@ -93,23 +99,51 @@ def _error_info(exc: BaseException, rank: int) -> dict:
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Exit when the driver is gone (we were re-parented), even mid-collective."""
+def _release(store_path: str, run_id: str) -> None:
+    """Remove a pool's rendezvous folder and any shared-memory segment of its run."""
+    from .shm import sweep
+    shutil.rmtree(os.path.dirname(store_path), ignore_errors=True)
+    removed = sweep(run_id)
+    if removed:
+        logger.debug("removed shared-memory segments left by a killed rank: %s", removed)
+
+
+def _watch_parent(spec: _WorkerSpec) -> None:
+    """Exit when the driver is gone (we were re-parented), even mid-collective, removing
+    what the driver would have. A polling thread rather than PR_SET_PDEATHSIG, which
+    fires when the *thread* that started us ends (a driver may build its pool in a
+    short-lived thread)."""
     while True:
-        if os.getppid() != parent_pid:
+        if os.getppid() != spec.parent_pid:
+            with contextlib.suppress(Exception):
+                _release(spec.store_path, spec.run_id)
             os._exit(1)
         time.sleep(_WATCHDOG_S)
 
 
-def _prefer_loopback_for_gloo() -> None:
-    # All ranks are on this machine; without this gloo resolves the hostname, which may
-    # be slow, unreachable, or only warn about falling back to loopback.
-    if "GLOO_SOCKET_IFNAME" not in os.environ and hasattr(socket, "if_nameindex"):
-        names = [name for _, name in socket.if_nameindex()]
-        for lo in ("lo", "lo0"):
-            if lo in names:
-                os.environ["GLOO_SOCKET_IFNAME"] = lo
-                break
+def _loopback_only() -> None:
+    """All ranks are on this machine: gloo (and NCCL's bootstrap) listen on the loopback
+    interface, whatever GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say for multi-node jobs.
+    Left alone, gloo binds the address the hostname resolves to (possibly a public one)."""
+    names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") \
+        else set()
+    for lo in ("lo", "lo0"):
+        if lo in names:
+            os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = lo
+            return
+    logger.warning("no loopback interface found; gloo picks its own (GLOO_SOCKET_IFNAME)")
+
+
+def _thread_lock_for_tqdm() -> None:
+    """tqdm's first progress bar creates a multiprocessing RLock: under spawn a named POSIX
+    semaphore (/dev/shm/sem.mp-*) that only the resource tracker removes, so a killed
+    process group (a notebook kernel restart) leaves it behind. A worker's bars are its
+    own; a thread lock is enough."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 def _bind_cores(rank: int, world: int, threads: int) -> None:
@@ -130,23 +164,25 @@ def _bind_cores(rank: int, world: int, threads: int) -> None:
 def _worker_main(rank: int, spec: _WorkerSpec, conn: mpc.Connection) -> None:
     """Entry point of one worker process: join the group, build the engine, serve."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the driver's to handle
-    threading.Thread(target=_watch_parent, args=(spec.parent_pid,), daemon=True,
+    threading.Thread(target=_watch_parent, args=(spec,), daemon=True,
                      name="parallax-watchdog").start()
     ctx = None
     try:
         import torch
 
-        from .context import ParallelContext, connect_store
+        from .context import ParallelContext, file_store
 
         os.environ["LOCAL_RANK"] = str(rank)          # single node: picks the CUDA device
+        _loopback_only()
+        _thread_lock_for_tqdm()
         if not spec.device.startswith("cuda"):
-            _prefer_loopback_for_gloo()
             _bind_cores(rank, spec.tp_size * spec.pp_size, spec.threads)
         torch.set_num_threads(spec.threads)
-        store = connect_store(_HOST, spec.store_port, spec.timeout_s)
+        world = spec.tp_size * spec.pp_size
+        store = file_store(spec.store_path, world, spec.timeout_s)
         ctx = ParallelContext.initialize(rank=rank, tp_size=spec.tp_size, pp_size=spec.pp_size,
                                          device=spec.device, timeout_s=spec.timeout_s,
-                                         store=store)
+                                         store=store, run_id=spec.run_id)
         engine = spec.factory(ctx, *spec.factory_args)
         conn.send(("ready", None))
     except BaseException as exc:  # noqa: BLE001  everything goes back to the driver
@@ -278,11 +314,11 @@ def _main_hidden(hide: bool) -> Iterator[None]:
 
 
 class _PoolState:
-    """The processes, pipes and store of one pool. Holds no reference to the pool, so the
-    pool can be garbage-collected and its finalizer can still shut this down."""
+    """The processes, pipes and rendezvous files of one pool. Holds no reference to the
+    pool, so the pool can be garbage-collected and its finalizer can still shut this down."""
 
-    def __init__(self, store: Any) -> None:
-        self.store = store
+    def __init__(self, store_path: str, run_id: str) -> None:
+        self.store_path, self.run_id = store_path, run_id
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[mpc.Connection] = []
         self.pids: list[int] = []
@@ -321,7 +357,7 @@ class _PoolState:
         for p in self.procs:                          # release their sentinel fds
             with contextlib.suppress(ValueError):
                 p.close()
-        self.store = None                             # stops the TCPStore server
+        _release(self.store_path, self.run_id)        # every worker is gone by now
 
 
 _LIVE: set[_PoolState] = set()
@@ -349,13 +385,13 @@ class WorkerPool:
     Errors: ``WorkerError`` when a worker dies or raises; ``ParallaxError`` subclasses raised
     by a worker (start-up included) keep their type. See the module docstring for when the
     pool survives an error. Not re-entrant: one command at a time (other threads wait).
+    ``run_id`` names the pool's shared-memory segments (``/dev/shm/parallax-<run_id>-*``),
+    ``rendezvous_dir`` is the owner-only folder of its ``FileStore``.
     """
 
     def __init__(self, factory: Callable[..., Any], factory_args: tuple = (), *, tp_size: int,
                  pp_size: int, device: str = "cpu", timeout_s: float = 60.0,
                  threads_per_rank: int | None = None) -> None:
-        import torch.distributed as dist
-
         if tp_size < 1 or pp_size < 1:
             raise ValueError(f"tp_size and pp_size must be >= 1, got {tp_size} and {pp_size}")
         self.tp_size, self.pp_size = tp_size, pp_size
@@ -364,11 +400,13 @@ class WorkerPool:
         self.device = str(device)
         needs_main = _check_picklable(factory, tuple(factory_args))
         threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world)
-        store = dist.TCPStore(_HOST, 0, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=timeout_s))
+        from .shm import new_run_id
+        store_path = os.path.join(tempfile.mkdtemp(prefix="parallax-rdzv-"), "store")  # 0700
         spec = _WorkerSpec(factory, tuple(factory_args), tp_size, pp_size, self.device,
-                           float(timeout_s), threads, store.port, os.getpid())
-        self._state = state = _PoolState(store)
+                           float(timeout_s), threads, store_path, new_run_id(), os.getpid())
+        self.run_id = spec.run_id
+        self.rendezvous_dir = os.path.dirname(store_path)
+        self._state = state = _PoolState(store_path, spec.run_id)
         self._lock = threading.Lock()
         self._owner: int | None = None               # thread id running a command
         _LIVE.add(state)
@@ -392,6 +430,9 @@ class WorkerPool:
         except BaseException as exc:
             state.shutdown(f"start-up failed: {exc}", graceful=False)
             raise
+        if not self.device.startswith("cuda"):
+            # gloo has connected every group; NCCL connects on first use, through the store.
+            shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
         logger.debug("worker pool up: tp=%d pp=%d pids=%s", tp_size, pp_size, state.pids)
 
     # ------------------------------------------------------------------ public surface

@@ -17,10 +17,18 @@ thread to get a core, which on a machine whose cores all compute costs milliseco
 Ordering relies on x86's total store order (data stores become visible before the flag
 store that follows them); other CPUs keep gloo. Waiting spins briefly, then yields the
 core, and gives up after the context's timeout, so a dead peer ends in an error.
+
+Segments are private and short-lived (parallel/context.py creates them): a file
+``/dev/shm/parallax-<run id>-<kind>`` is created owner-only (0600, ``O_EXCL``, no symlinks
+followed), every rank maps it, and it is unlinked as soon as they all have (or the
+attempt failed); ``sweep(run_id)`` removes whatever a killed rank left in between. A
+segment is only created when it fits the free space of /dev/shm (tmpfs maps pages on first
+touch, so an oversized segment would end in SIGBUS mid-run); otherwise gloo is used.
 """
 
 from __future__ import annotations
 
+import glob
 import mmap
 import os
 import platform
@@ -48,12 +56,71 @@ def _wait(ready, timeout_s: float, waiting_for) -> None:
                                    f"waiting for {waiting_for()}")
 
 
-def new_path() -> str:
-    return f"/dev/shm/parallax-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+SHM_DIR = "/dev/shm"
+PREFIX = "parallax-"
+
+
+def new_run_id() -> str:
+    """A name for one run's segments: the creating process's pid and a random part."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def segment_path(run_id: str, kind: str) -> str:
+    return f"{SHM_DIR}/{PREFIX}{run_id}-{kind}"
+
+
+def sweep(run_id: str) -> list[str]:
+    """Remove every segment of ``run_id`` still named in /dev/shm (a rank was killed between
+    creating and unlinking it); returns the paths removed."""
+    removed = []
+    for path in glob.glob(glob.escape(segment_path(run_id, "")) + "*"):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def supported() -> bool:
-    return platform.machine() in ("x86_64", "AMD64") and os.path.isdir("/dev/shm")
+    return platform.machine() in ("x86_64", "AMD64") and os.path.isdir(SHM_DIR)
+
+
+def room_for(nbytes: int) -> str | None:
+    """None when a segment of ``nbytes`` may be created; else why not (for a warning).
+
+    Limits: ``PARALLAX_SHM_MAX_BYTES`` when set, and the free space of /dev/shm (Docker's
+    default is 64 MiB), checked now: tmpfs hands out pages on first touch, so a segment
+    larger than the free space is created without complaint and SIGBUSes later.
+    """
+    cap = os.environ.get("PARALLAX_SHM_MAX_BYTES")
+    if cap is not None and nbytes > int(cap):
+        return f"it needs {nbytes / 2**20:.1f} MiB and PARALLAX_SHM_MAX_BYTES is {int(cap)}"
+    st = os.statvfs(SHM_DIR)
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        return (f"it needs {nbytes / 2**20:.1f} MiB and {SHM_DIR} has {free / 2**20:.1f} MiB "
+                f"free (in Docker, raise it with --shm-size)")
+    return None
+
+
+def _map_segment(path: str, nbytes: int, create: bool) -> mmap.mmap:
+    """Create (owner-only, exclusive) or open the segment at ``path`` and map it shared."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    if create:
+        flags |= os.O_CREAT | os.O_EXCL
+    fd = os.open(path, flags, 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, nbytes)
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077 or st.st_size != nbytes:
+            raise RuntimeError(f"refusing shared-memory segment {path}: owner {st.st_uid}, mode "
+                               f"{st.st_mode & 0o777:o}, {st.st_size} bytes; expected ours, "
+                               f"0600, {nbytes} bytes")
+        return mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
 
 
 class ShmGroup:
@@ -62,16 +129,16 @@ class ShmGroup:
     def __init__(self, path: str, rank: int, size: int, timeout_s: float, create: bool):
         self.path, self.rank, self.size, self.timeout_s = path, rank, size, timeout_s
         flag_bytes = 64 * size                                    # one cache line per rank
-        nbytes = flag_bytes + 2 * size * SLOT_FLOATS * 4
-        if create:
-            with open(path, "wb") as f:
-                f.truncate(nbytes)
-        with open(path, "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), nbytes)
+        self._map = _map_segment(path, self.nbytes(size), create)
         self._flags = np.frombuffer(self._map, dtype=np.int64, count=8 * size)[::8]
         self._slots = torch.frombuffer(self._map, dtype=torch.float32, offset=flag_bytes,
                                        count=2 * size * SLOT_FLOATS).view(2, size, SLOT_FLOATS)
         self._seq = 0
+
+    @staticmethod
+    def nbytes(size: int) -> int:
+        """Bytes of the segment for ``size`` ranks: flags, then two buffers of slots."""
+        return 64 * size + 2 * size * SLOT_FLOATS * 4
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype == torch.float32 and x.numel() <= SLOT_FLOATS and not x.is_cuda
@@ -103,20 +170,18 @@ class ShmGroup:
             x.copy_(parts[src].view_as(x))
         return x
 
-    def close(self, unlink: bool) -> None:
+    def close(self) -> None:
         try:
             self._slots = self._flags = None
             self._map.close()
         except BufferError:       # a view is still alive somewhere; the OS frees it at exit
             pass
-        if unlink and os.path.exists(self.path):
-            os.unlink(self.path)
 
 
 class ShmMailbox:
     """Point-to-point messages between the ``world`` ranks of one machine.
 
-    Ordered pair (src, dst) owns ``RING`` slots of ``SLOT_BYTES`` and two counters on their
+    Ordered pair (src, dst), src != dst, owns ``RING`` slots of ``SLOT_BYTES`` and two counters on their
     own cache lines: messages sent (written only by src) and taken (only by dst). A send
     waits only when dst has ``RING`` messages it has not taken yet; callers keep fewer than
     that in flight per pair (generation.py: 2 x micro-batches < RING). Messages arrive in
@@ -129,26 +194,31 @@ class ShmMailbox:
 
     def __init__(self, path: str, rank: int, world: int, timeout_s: float, create: bool):
         self.path, self.rank, self.world, self.timeout_s = path, rank, world, timeout_s
-        pairs = world * world
+        pairs = world * (world - 1)
         counter_bytes = 2 * 64 * pairs                       # one cache line per counter
-        nbytes = counter_bytes + pairs * self.RING * self.SLOT_BYTES
-        if create:
-            with open(path, "wb") as f:
-                f.truncate(nbytes)                           # tmpfs: pages appear on first touch
-        with open(path, "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), nbytes)
+        self._map = _map_segment(path, self.nbytes(world), create)
         counters = np.frombuffer(self._map, dtype=np.int64, count=16 * pairs)[::8]
         self._sent, self._taken = counters[:pairs], counters[pairs:]
         self._slots = torch.frombuffer(self._map, dtype=torch.uint8, offset=counter_bytes,
                                        count=pairs * self.RING * self.SLOT_BYTES
                                        ).view(pairs, self.RING, self.SLOT_BYTES)
 
+    @classmethod
+    def nbytes(cls, world: int) -> int:
+        """Bytes of the segment: two counters per ordered pair, then each pair's ring."""
+        pairs = world * (world - 1)
+        return 2 * 64 * pairs + pairs * cls.RING * cls.SLOT_BYTES
+
     def fits(self, x: torch.Tensor) -> bool:
         return not x.is_cuda and x.numel() * x.element_size() <= self.SLOT_BYTES
 
+    def _pair(self, src: int, dst: int) -> int:
+        """Index of the ordered pair (src, dst), src != dst: src's world - 1 targets in order."""
+        return src * (self.world - 1) + (dst if dst < src else dst - 1)
+
     def send(self, x: torch.Tensor, dst: int) -> None:
         """Copy x (contiguous) into the next slot for dst; returns once it is there."""
-        pair = self.rank * self.world + dst
+        pair = self._pair(self.rank, dst)
         seq = int(self._sent[pair])
         _wait(lambda: self._taken[pair] > seq - self.RING, self.timeout_s,
               lambda: f"rank {dst} to take earlier messages")
@@ -158,7 +228,7 @@ class ShmMailbox:
 
     def recv(self, out: torch.Tensor, src: int) -> torch.Tensor:
         """Fill ``out`` (contiguous, of the sent shape and dtype) with src's next message."""
-        pair = src * self.world + self.rank
+        pair = self._pair(src, self.rank)
         seq = int(self._taken[pair])
         _wait(lambda: self._sent[pair] > seq, self.timeout_s, lambda: f"a message from rank {src}")
         data = out.view(-1).view(torch.uint8)
