@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .engine import Engine, parse_dtype
+from .engine.runner import Engine, parse_dtype
 from .errors import ParallaxError, PromptError, SamplingError
 from .generation import GenerationConfig, SequenceOutput
 from .loading import DEFAULT_MODEL, load_tokenizer, open_checkpoint

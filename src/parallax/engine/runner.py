@@ -15,12 +15,12 @@ from typing import Callable
 
 import torch
 
-from .errors import ParallaxError
-from .generation import GenerationConfig, SequenceOutput, generate, prompt_logits
-from .loading import load_tokenizer, open_checkpoint
-from .models.loader import build_model
-from .parallel.context import ParallelContext
-from .parallel.sharding import check_layout
+from ..errors import ParallaxError
+from ..generation import GenerationConfig, SequenceOutput, generate, prompt_logits
+from ..loading import load_tokenizer, open_checkpoint
+from ..models.loader import build_model
+from ..parallel.context import ParallelContext
+from ..parallel.sharding import check_layout
 
 logger = logging.getLogger(__name__)
 
