@@ -258,9 +258,11 @@ def paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, slot_mappi
 def paged_layout_ok(q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables,
                     context_lens, query_start_loc) -> bool:
     """Whether the paged C kernel can read these tensors as they are."""
-    d = q.shape[-1]
+    d, bs = q.shape[-1], k_cache.shape[2]
     rows = all(t.stride(-1) == 1 and t.stride(-2) == d for t in (q, k, v))
-    return (rows and k_cache.is_contiguous() and v_cache.is_contiguous()
+    shape = (d % 16 == 0 and d <= 256 and q.shape[1] % k.shape[1] == 0
+             and q.shape[1] // k.shape[1] <= 16 and 128 % bs == 0)
+    return (rows and shape and k_cache.is_contiguous() and v_cache.is_contiguous()
             and k_cache.shape == v_cache.shape and cos.is_contiguous() and sin.is_contiguous()
             and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
             and all(x.dtype == torch.int32 and x.is_contiguous()
