@@ -189,6 +189,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, script, *a.args])
 
 
+# ---------------------------------------------------------------------- serve
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve.server import main as serve_main     # FastAPI/uvicorn only when serving
+    return serve_main(a)
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parallax", description=__doc__.splitlines()[0])
@@ -233,6 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--measure", action="store_true",
                    help="also build the model and report measured weight bytes and peak RSS")
 
+    s = sub.add_parser("serve", parents=[common],
+                       help="OpenAI-compatible HTTP server (docs/serving.md)")
+    s.add_argument("model", help=f"HF checkpoint folder, .gguf file or {DEFAULT_MODEL!r}")
+    model_args(s)
+    s.add_argument("--device", default="cpu", help="cpu | cuda")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    s.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set "
+                   "PARALLAX_API_KEY)")
+    s.add_argument("--max-queue", type=int,
+                   help="answer 429 while this many requests wait (default: unbounded)")
+    s.add_argument("--served-model-name", help="the model id clients send (default: MODEL)")
+    s.add_argument("--max-num-seqs", type=int, help="requests decoded together at most")
+    s.add_argument("--kv-cache-tokens", type=int, help="KV-cache capacity in tokens")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds running requests may take to finish after SIGTERM")
+    s.add_argument("--health-timeout", type=float, default=30.0,
+                   help="/health is 503 after the engine is silent or stuck this long")
+
     b = sub.add_parser("bench", help="run a benchmark script from benchmarks/ (args forwarded)")
     b.add_argument("which", choices=BENCHMARKS)
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
@@ -249,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_bench(args)
     except ParallaxError as e:
         msg = " ".join(str(e).split())     # one line, whatever the message holds
