@@ -197,16 +197,14 @@ class FakeLLM:
 
     # the toy engine
     def _cancel(self, r: FakeRequest) -> None:
+        """As the engine does: drop it from the queues and end it with an "abort" delta."""
         with self.lock:
-            for q in (self.waiting, self.running):
-                if r in q:
-                    q.remove(r)
-        with r._cond:
+            queued = [q for q in (self.waiting, self.running) if r in q]
+            for q in queued:
+                q.remove(r)
             r.cancelled = True
-            r._cond.notify_all()
-            waiters = list(r._waiters)
-        for loop, ev in waiters:
-            loop.call_soon_threadsafe(ev.set)
+        if not r.finished.is_set():
+            r._push(Delta("", [], "abort"))
 
     def _next_token(self, r: FakeRequest) -> int:
         if r.rng is not None:

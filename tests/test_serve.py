@@ -306,7 +306,7 @@ def test_disconnect_mid_stream_cancels(fake):
         assert any(x.startswith("data: ") for x in got)
         req = fake.submitted[0]
         assert wait_until(lambda: req.cancelled)
-        assert len(req.generated) < 200 and not req.finished.is_set()
+        assert len(req.generated) < 200 and req.deltas[-1].finish_reason == "abort"
         assert wait_until(lambda: fake.stats()["num_requests_running"] == 0)
         assert wait_until(lambda: metric(s.url, "parallax:request_failed_total",
                                          reason="aborted") == 1)
@@ -321,7 +321,10 @@ def test_disconnect_non_streaming_cancels(fake):
                        json={"model": MODEL, "prompt": "Hi", "max_tokens": 200})
         req = fake.submitted[0]
         assert wait_until(lambda: req.cancelled)
-        assert not req.finished.is_set()
+        assert len(req.generated) < 200 and req.deltas[-1].finish_reason == "abort"
+        assert wait_until(lambda: metric(s.url, "parallax:request_failed_total",
+                                         reason="aborted") == 1)
+        assert metric(s.url, "parallax:request_success_total") == 0
 
 
 # ---------------------------------------------------------------------- health, metrics

@@ -28,7 +28,14 @@ from . import protocol as P
 from .health import EngineMonitor
 from .metrics import CONTENT_TYPE, ServerMetrics
 
+try:       # the engine's "closed or crashed" error; a WorkerError where it does not exist
+    from ..engine.handle import EngineDeadError
+except ImportError:
+    EngineDeadError = WorkerError
+
 logger = logging.getLogger(__name__)
+
+FINISHED = ("stop", "length")       # finish reasons of a complete answer ("abort" is not)
 
 
 class APIError(Exception):
@@ -185,12 +192,20 @@ def _finish(state: ServeState, choices: list[_Choice], failure: str | None) -> N
     """Record metrics once per choice; cancel what did not finish."""
     now = time.monotonic()
     for c in choices:
-        if c.finish_reason is not None:
+        if c.finish_reason in FINISHED:
             state.metrics.observe_finished(c.finish_reason, c.arrival, c.first, c.last or now,
-                                           c.gaps)
-        else:
+                                           c.gaps, _queue_time(c.handle))
+        else:           # cut short: the client left (the engine says "abort") or an error
             c.handle.cancel()
             state.metrics.observe_failed(failure or "aborted")
+
+
+def _queue_time(handle) -> float | None:
+    """Seconds the engine kept the request waiting, when its Completion reports it."""
+    try:
+        return getattr(handle.result(timeout=0), "queue_time_s", None)
+    except Exception:
+        return None
 
 
 async def _pump(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Any]]:
@@ -294,7 +309,7 @@ async def _stream(state: ServeState, choices: list[_Choice], chunk,
 def _error_info(e: Exception) -> tuple[int, APIError]:
     if isinstance(e, APIError):
         return e.status, e
-    if isinstance(e, WorkerError):
+    if isinstance(e, (WorkerError, EngineDeadError)):
         return 503, APIError(503, f"the engine failed: {e}", "service_unavailable",
                              code="engine_failed")
     if isinstance(e, ParallaxError):
