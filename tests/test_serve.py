@@ -407,3 +407,42 @@ def test_sigterm_drains_running_requests_and_exits_0(tok_dir):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+# ---------------------------------------------------------------------- load (toy engine)
+def check_load(url: str, llm, prompts, budgets, oracle_texts, records) -> None:
+    """Every request answered once; completed greedy answers equal the oracle; the success
+    counter equals the completed count; the engine idle and its KV cache empty after."""
+    from parallax.serve.loadgen import summarize
+    assert [r.index for r in records] == list(range(len(prompts)))
+    assert all(r.status == 200 and r.error is None for r in records), [
+        r.error for r in records if r.error][:3]
+    done = [r for r in records if r.ok]
+    assert len(done) + sum(r.disconnected for r in records) == len(records)
+    for r in done:
+        assert r.text == oracle_texts[r.index], r.index
+        assert r.output_tokens <= budgets[r.index]
+    assert wait_until(lambda: llm.stats()["num_requests_running"] == 0
+                      and llm.stats()["num_requests_waiting"] == 0)
+    assert llm.stats()["kv_cache_usage"] == 0
+    assert metric(url, "parallax:request_success_total") == len(done)
+    assert metric(url, "parallax:request_failed_total", reason="aborted") == sum(
+        r.disconnected for r in records)
+    assert metric(url, "parallax:e2e_request_latency_seconds_count") == len(done)
+    s = summarize(records, 1.0)
+    assert s["completed"] == len(done) and s["failed"] == 0
+
+
+def test_load_toy_engine(fake):
+    from parallax.serve.loadgen import run_load, synthetic_prompts
+    fake.max_running = 8
+    prompts = synthetic_prompts(120, (2, 20), seed=1)
+    budgets = [4 + (i * 7) % 29 for i in range(len(prompts))]
+    want = [oracle(fake, p, b).text for p, b in zip(prompts, budgets)]
+    fake.submitted.clear()
+    with serve(fake) as s:
+        records, _ = run_load(s.url, prompts, model=MODEL, max_tokens=budgets, concurrency=32,
+                              stream=0.5, disconnect_fraction=0.2, seed=2, timeout_s=60)
+        assert any(r.disconnected for r in records) and any(not r.stream for r in records)
+        check_load(s.url, fake, prompts, budgets, want, records)
+        assert len(fake.submitted) == len(prompts)        # none lost, none duplicated
