@@ -88,7 +88,7 @@ class TimedCollectivesEngine:
     """
 
     def __init__(self, ctx, model: str):
-        from parallax.engine import Engine
+        from parallax.engine.runner import Engine
         from parallax.parallel import collectives as C
         self.ctx = ctx
         self.engine = Engine(ctx, model)

@@ -11,8 +11,9 @@ from parallax.sampling import Sampler, SamplingParams, _top_p_filter, apply_repe
 
 def test_top_k_only_draws_from_the_k_best():
     logits = torch.tensor([[0.0, 5.0, 4.0, 3.0, -1.0, 2.0]])
-    s = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=0), 1, torch.device("cpu"))
-    draws = {int(s(logits)) for _ in range(200)}
+    s = Sampler()
+    s.add(0, SamplingParams(temperature=1.0, top_k=2, seed=0))
+    draws = {s(logits, [0])[0] for _ in range(200)}
     assert draws == {1, 2}
 
 
@@ -34,8 +35,9 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative():
 
 def test_temperature_sampling_follows_the_distribution():
     logits = torch.tensor([[0.0, 1.0]])
-    s = Sampler(SamplingParams(temperature=1.0, seed=3), 1, torch.device("cpu"))
-    frac = sum(int(s(logits)) for _ in range(4000)) / 4000
+    s = Sampler()
+    s.add(0, SamplingParams(temperature=1.0, seed=3))
+    frac = sum(s(logits, [0])[0] for _ in range(4000)) / 4000
     assert abs(frac - torch.sigmoid(torch.tensor(1.0)).item()) < 0.03
 
 

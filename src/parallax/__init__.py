@@ -5,7 +5,7 @@
         print(llm.generate(["What is the capital of France?"])[0].text)
 """
 
-from .api import LLM, Completion
+from .api import LLM, Completion, Delta, RequestHandle, Usage
 from .config import ModelConfig
 from .errors import (CheckpointError, LayoutError, ParallaxError, PromptError, SamplingError,
                      WorkerError)
@@ -13,5 +13,5 @@ from .sampling import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "Completion", "ModelConfig", "SamplingParams", "ParallaxError",
+__all__ = ["LLM", "Completion", "Delta", "RequestHandle", "Usage", "ModelConfig", "SamplingParams", "ParallaxError",
            "CheckpointError", "LayoutError", "PromptError", "SamplingError", "WorkerError"]

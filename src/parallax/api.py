@@ -1,23 +1,27 @@
-"""The user-facing surface: ``LLM`` and ``Completion``.
+"""The user-facing surface: ``LLM``, ``Completion`` and request handles.
 
 ``LLM`` validates everything it can in the calling process (paths, layout, prompts,
-sampling values) before any worker is involved, then drives the Engine(s): in-process for
-one device or under torchrun (SPMD), or through a WorkerPool of spawned processes.
+sampling values) before any worker is involved. It owns one serving engine
+(engine/core.py): a scheduler and paged-KV block manager in this process, a background
+thread that steps them, and a ModelRunner per rank reached in-process (one device), through
+a WorkerPool of spawned processes (tp * pp > 1), or by broadcasting each step's plan
+(torchrun, SPMD). Every entry point (generate, stream, chat, submit) feeds that engine.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from .engine import Engine, parse_dtype
+from .engine.block_manager import BlockManager
+from .engine.core import EngineCore, LocalExecutor, PoolExecutor, SpmdExecutor, follow
+from .engine.handle import RequestHandle
+from .engine.request import Completion, Delta, StopConditions, Usage
+from .engine.runner import ModelRunner, parse_dtype
+from .engine.scheduler import Scheduler
 from .errors import ParallaxError, PromptError, SamplingError
-from .generation import GenerationConfig, SequenceOutput
 from .loading import DEFAULT_MODEL, load_tokenizer, open_checkpoint
 from .parallel import collectives as C
 from .parallel.context import DEFAULT_TIMEOUT_S, ParallelContext, launched_by_torchrun
@@ -28,25 +32,13 @@ logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 
+__all__ = ["LLM", "Completion", "Delta", "RequestHandle", "Usage"]
 
-@dataclass
-class Completion:
-    """One generated answer."""
-    text: str
-    token_ids: list[int]
-    finish_reason: str                # "length" | "stop"
-    prompt_tokens: int
-    time_to_first_token_s: float
-    tokens_per_s: float               # decode speed after the first token
-
-    @classmethod
-    def _from(cls, out: SequenceOutput) -> "Completion":
-        return cls(out.text, out.token_ids, out.finish_reason, out.prompt_tokens,
-                   out.time_to_first_token_s, out.decode_tokens_per_s)
+_CPU_KV_BUDGET = 1 << 30    # default KV cache bytes per rank on the CPU, at most
 
 
 class LLM:
-    """A model spread over ``tp * pp`` ranks, with ``generate``, ``stream`` and ``logits``.
+    """A model spread over ``tp * pp`` ranks, served by one continuous-batching engine.
 
     Args:
         model: HF checkpoint folder, ``.gguf`` file, or ``"smollm2-135m"``.
@@ -55,25 +47,50 @@ class LLM:
         device: "cpu" or "cuda".
         layer_split: per-stage layer counts (default: balanced by decode cost, parallel/sharding.py).
         quantize: None or "int8" (weight-only, per-channel scales).
-        micro_batches: micro-batches in flight in the pipeline (default: pp).
+        micro_batches: accepted for compatibility; the engine runs one scheduled batch at a
+            time through the pipeline stages.
         timeout_s: how long a collective or a worker may stall before it is an error.
         threads_per_rank: torch threads per worker process (default: cores / world).
+        max_num_seqs: requests decoded together at most (default 64).
+        max_num_batched_tokens: tokens computed per engine step at most; longer prompts are
+            prefilled in chunks (default 512).
+        kv_cache_tokens: KV cache capacity in tokens; None sizes it from memory (on the
+            CPU: at most 1 GiB per rank and 10% of available memory, and no more than
+            ``max_num_seqs`` full contexts).
+        block_size: tokens per KV cache block (default 16).
+        prefix_caching: reuse the KV blocks of prompt prefixes seen before (default True).
+
+    Raises:
+        LayoutError, CheckpointError, ParallaxError: bad layout, checkpoint or setting,
+        before any worker starts.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, tp: int = 1, pp: int = 1,
                  dtype: str | torch.dtype = "float32", device: str = "cpu", *,
                  layer_split: list[int] | None = None, quantize: str | None = None,
                  micro_batches: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 threads_per_rank: int | None = None):
-        self._engine: Engine | None = None
+                 threads_per_rank: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512, kv_cache_tokens: int | None = None,
+                 block_size: int = 16, prefix_caching: bool = True):
+        self._core: EngineCore | None = None
+        self._runner: ModelRunner | None = None
         self._pool = None
-        parse_dtype(dtype)
+        self._closed = False
+        torch_dtype = parse_dtype(dtype)
         if quantize not in (None, "int8"):
             raise ParallaxError(f"quantize={quantize!r} is not supported; use None or 'int8'")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ParallaxError("device='cuda' but torch sees no GPU; use device='cpu'")
         if micro_batches is not None and micro_batches < 1:
             raise ParallaxError(f"micro_batches must be >= 1, got {micro_batches}")
+        for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ParallaxError(f"{name} must be an integer >= 1, got {value!r}")
+        if kv_cache_tokens is not None and (not isinstance(kv_cache_tokens, int)
+                                            or kv_cache_tokens < block_size):
+            raise ParallaxError(f"kv_cache_tokens must be an integer >= block_size "
+                                f"({block_size}), got {kv_cache_tokens!r}")
         # Read only the config (and tokenizer) here: the layout is checked before any weight.
         ckpt = open_checkpoint(model)
         try:
@@ -81,19 +98,56 @@ class LLM:
             check_layout(self.config, tp, pp, layer_split)
             self.tokenizer = load_tokenizer(model, ckpt)
             self.tp, self.pp = tp, pp
-            args = (model, dtype, layer_split, quantize, micro_batches)
+            if kv_cache_tokens is None:
+                kv_cache_tokens = self._default_kv_tokens(torch_dtype, device, max_num_seqs)
+            num_blocks = max(1, kv_cache_tokens // block_size)
+            args = (model, dtype, layer_split, quantize, num_blocks, block_size)
             if tp * pp == 1:
                 self._ctx = ParallelContext.single(device)
-                self._engine = Engine(self._ctx, *args, tokenizer=self.tokenizer, checkpoint=ckpt)
+                self._runner = ModelRunner(self._ctx, *args, checkpoint=ckpt)
+                executor = LocalExecutor(self._runner)
             elif launched_by_torchrun():
                 self._ctx = ParallelContext.from_torchrun_env(tp, pp, device, timeout_s)
-                self._engine = Engine(self._ctx, *args, tokenizer=self.tokenizer, checkpoint=ckpt)
+                self._runner = ModelRunner(self._ctx, *args, checkpoint=ckpt)
+                executor = SpmdExecutor(self._runner)
             else:
                 from .parallel.launch import WorkerPool
-                self._pool = WorkerPool(Engine, args, tp_size=tp, pp_size=pp, device=device,
-                                        timeout_s=timeout_s, threads_per_rank=threads_per_rank)
+                self._pool = WorkerPool(ModelRunner, args, tp_size=tp, pp_size=pp,
+                                        device=device, timeout_s=timeout_s,
+                                        threads_per_rank=threads_per_rank)
+                executor = PoolExecutor(self._pool)
         finally:
             ckpt.close()
+        self._executor = executor
+        bm = BlockManager(num_blocks, block_size, prefix_caching)
+        scheduler = Scheduler(bm, max_num_seqs, max_num_batched_tokens)
+        make_decoder = None
+        if self.tokenizer is not None:
+            from .loading.tokenizer import IncrementalDecoder
+            tok = self.tokenizer
+            make_decoder = lambda: IncrementalDecoder(tok)   # noqa: E731
+        self._core = EngineCore(executor, bm, scheduler, make_decoder)
+        if not self._spmd:
+            self._core.start()
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,
+                    num_blocks * block_size)
+
+    def _default_kv_tokens(self, dtype: torch.dtype, device: str, max_num_seqs: int) -> int:
+        """Capacity from memory: the largest rank's KV bytes per token against a budget."""
+        cfg = self.config
+        layers = -(-cfg.num_layers // self.pp)
+        kv_heads = -(-cfg.num_kv_heads // self.tp)
+        per_token = 2 * layers * kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+        if device.startswith("cuda"):
+            budget = int(0.5 * torch.cuda.mem_get_info()[0])
+        else:
+            import psutil
+            budget = min(_CPU_KV_BUDGET, int(0.1 * psutil.virtual_memory().available))
+        return max(16, min(budget // per_token, max_num_seqs * cfg.max_position_embeddings))
+
+    @property
+    def _spmd(self) -> bool:
+        return self._pool is None and self._runner is not None and self._ctx.world_size > 1
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int = 32,
@@ -102,42 +156,91 @@ class LLM:
                  ignore_eos: bool = False, chat: bool | None = None,
                  repetition_penalty: float = 1.0,
                  stop_token_ids: list[int] | None = None) -> list[Completion]:
-        """Generate for each prompt (a string or a list of token ids); one Completion each, in order."""
+        """Generate for each prompt (a string or a list of token ids); one Completion each,
+        in order. All prompts are submitted to the engine at once (prompt i is seeded with
+        ``seed + i``) and their results awaited."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        ids, cfg = self._prepare(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                                 ignore_eos, chat, repetition_penalty, stop_token_ids)
-        return [Completion._from(o) for o in self._run("generate", ids, cfg)]
+        ids, sampling, stops = self._prepare(prompts, max_new_tokens, temperature, top_k,
+                                             top_p, seed, stop, ignore_eos, chat,
+                                             repetition_penalty, stop_token_ids)
+        return self._run_all(ids, sampling, stops)
+
+    def submit(self, prompt: Prompt, max_new_tokens: int = 32, **kwargs: Any) -> RequestHandle:
+        """Queue one request (``generate``'s arguments, one prompt) and return its handle at
+        once: iterate it for deltas, ``result()`` for the Completion, ``cancel()`` to stop.
+        Thread-safe. Not available under torchrun (use generate there)."""
+        if self._spmd:
+            raise ParallaxError("submit() needs the engine's background thread, which "
+                                "torchrun ranks do not run; use generate() under torchrun")
+        ids, sampling, stops = self._prepare([prompt], max_new_tokens, **kwargs)
+        return self._engine().submit(ids[0], sampling[0], stops)
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 32, **kwargs: Any) -> Iterator[str]:
-        """Yield the answer to one prompt piece by piece, as it is generated."""
-        ids, cfg = self._prepare([prompt], max_new_tokens, **kwargs)
-        for _, piece in self._run_stream(ids, cfg):
-            yield piece
+        """Yield the answer to one prompt piece by piece, as it is generated. Leaving the
+        loop early (or dropping the iterator) cancels the request."""
+        if self._spmd:   # torchrun: every rank runs it; pieces arrive at the end
+            yield from [c.text for c in self.generate([prompt], max_new_tokens, **kwargs)]
+            return
+        handle = self.submit(prompt, max_new_tokens, **kwargs)
+        try:
+            for d in handle:
+                if d.text:
+                    yield d.text
+        finally:
+            handle.cancel()
+
+    def chat(self, messages: list[dict] | list[list[dict]], max_new_tokens: int = 32,
+             **kwargs: Any) -> Completion | list[Completion]:
+        """Answer a conversation (a list of {"role", "content"} messages) with the model's
+        chat template; a list of conversations gives a list of Completions.
+
+        Raises PromptError if the model has no tokenizer or chat template."""
+        if self.tokenizer is None or not self.tokenizer.has_chat_template:
+            raise PromptError("chat() needs a model with a chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not convs or any(not c or not all(isinstance(m, dict) and "role" in m
+                                              and "content" in m for m in c) for c in convs):
+            raise PromptError("chat() takes a list of {'role': ..., 'content': ...} messages "
+                              "or a list of such lists")
+        ids = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
+                                     add_special_tokens=False) for c in convs]
+        outs = self.generate(ids, max_new_tokens, **kwargs)
+        return outs[0] if convs is not messages else outs
 
     def logits(self, prompts: list[list[int]]) -> torch.Tensor:
         """float32 (batch, seq, vocab) logits on the CPU for token-id prompts (ragged: NaN past
         each prompt's end)."""
         ids = [self._check_ids(p) for p in prompts]
-        return self._run("logits", ids)
+        return self._call("logits", ids)
+
+    def stats(self) -> dict:
+        """Serving counters: num_requests_running, num_requests_waiting, kv_cache_usage
+        (0..1), kv_cache_tokens, num_preemptions, prefix_cache_queries, prefix_cache_hits
+        (both in tokens), prompt_tokens, generation_tokens (counters since start)."""
+        return self._engine().stats()
 
     def generation_stats(self) -> list[dict]:
-        """Per-rank ``busy_s`` / ``wall_s`` of the last generate; sum(busy) / (ranks * wall)
-        is the pipeline's busy fraction."""
-        return self._run("generation_stats")
+        """Per-rank ``busy_s``: seconds spent inside engine steps since start."""
+        return self._call("all_stats")
 
     def memory(self) -> list[dict]:
-        """Per-rank weight bytes and peak resident memory."""
-        return self._run("all_memory")
+        """Per-rank weight bytes, KV cache bytes and peak resident memory."""
+        return self._call("all_memory")
 
     def close(self) -> None:
-        """Shut down worker processes (idempotent)."""
+        """Stop the engine and shut down worker processes (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._core is not None:
+            self._core.shutdown()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        if self._engine is not None:
+        if self._runner is not None:
             self._ctx.destroy()
-            self._engine = None
+            self._runner = None
 
     def __enter__(self) -> "LLM":
         return self
@@ -152,28 +255,36 @@ class LLM:
             pass
 
     # ------------------------------------------------------------------ plumbing
-    def _run(self, method: str, *args):
-        if self._pool is not None:
-            return self._pool.call(method, *args)
-        if self._engine is None:
+    def _engine(self) -> EngineCore:
+        if self._closed or self._core is None:
             raise ParallaxError("this LLM is closed; build a new one")
-        out = getattr(self._engine, method)(*args)
-        # SPMD (torchrun): the driver's result goes to every rank.
-        return C.broadcast_object(out, self._ctx, self._ctx.driver_rank)
+        return self._core
 
-    def _run_stream(self, ids: list[list[int]], cfg: GenerationConfig) -> Iterator[tuple[int, str]]:
-        if self._pool is not None:
-            yield from self._pool.call_stream("generate", ids, cfg)
-            return
-        if self._engine is None:
-            raise ParallaxError("this LLM is closed; build a new one")
-        if self._ctx.world_size > 1:
-            # torchrun: pieces appear on the driver rank only; every rank gets them at the end.
-            pieces: list = []
-            self._engine.generate(ids, cfg, emit=pieces.append)
-            yield from C.broadcast_object(pieces, self._ctx, self._ctx.driver_rank)
-            return
-        yield from _stream_in_thread(self._engine, ids, cfg)
+    def _call(self, method: str, *args):
+        """A side call (logits, memory, stats) on every rank; the driver rank's result."""
+        self._engine()
+        out = self._executor.call(method, *args)
+        if self._spmd:
+            return C.broadcast_object(out, self._ctx, self._ctx.driver_rank)
+        return out
+
+    def _run_all(self, ids: list[list[int]], sampling: list[SamplingParams],
+                 stops: StopConditions) -> list[Completion]:
+        core = self._engine()
+        if not self._spmd:
+            handles = [core.submit(p, s, stops) for p, s in zip(ids, sampling)]
+            return [h.result() for h in handles]
+        if self._ctx.is_driver:   # torchrun: this rank schedules, the others follow
+            handles = [core.submit(p, s, stops) for p, s in zip(ids, sampling)]
+            try:
+                core.run_until(lambda: all(h.finished for h in handles))
+            finally:
+                self._executor.execute(None)            # release the followers
+            outs = [h.result() for h in handles]
+        else:
+            follow(self._runner)
+            outs = None
+        return C.broadcast_object(outs, self._ctx, self._ctx.driver_rank)
 
     def _prepare(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0,
                  seed=None, stop=None, ignore_eos=False, chat=None, repetition_penalty=1.0,
@@ -183,6 +294,9 @@ class LLM:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise SamplingError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        per_prompt = [sampling if seed is None else
+                      SamplingParams(temperature, top_k, top_p, repetition_penalty, seed + i)
+                      for i in range(len(prompts))]
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) or not s for s in stops):
             raise SamplingError(f"stop must be a non-empty string or a list of them, got {stop!r}")
@@ -202,7 +316,7 @@ class LLM:
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
                     f"exceeds the model's context of {limit} tokens. Shorten the prompt or lower "
                     f"max_new_tokens to at most {limit - len(p)}")
-        return ids, GenerationConfig(max_new_tokens, sampling, frozenset(stop_ids), stops)
+        return ids, per_prompt, StopConditions(max_new_tokens, frozenset(stop_ids), stops)
 
     def _encode(self, prompt: Prompt, chat: bool | None) -> list[int]:
         if not isinstance(prompt, str):
@@ -231,24 +345,3 @@ class LLM:
             raise PromptError(f"token ids {bad[:5]} are outside the vocabulary "
                               f"[0, {self.config.vocab_size})")
         return ids
-
-
-def _stream_in_thread(engine: Engine, ids, cfg) -> Iterator[tuple[int, str]]:
-    """Run a local generate in a thread and yield its emitted pieces as they come."""
-    q: queue.Queue = queue.Queue()
-    done = object()
-
-    def work() -> None:
-        try:
-            engine.generate(ids, cfg, emit=q.put)
-            q.put(done)
-        except BaseException as e:     # re-raised in the caller's thread
-            q.put(e)
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-    t.join()

@@ -1,13 +1,15 @@
-"""Token sampling: greedy, temperature, top-k, top-p, repetition penalty, per-sequence seeds.
+"""Token sampling: greedy, temperature, top-k, top-p, repetition penalty, per-request seeds.
 
-Only one rank samples (the driver rank, which holds the full-vocabulary logits) and the
-token is broadcast, so ranks can never diverge.
+Only one rank samples (the driver rank, which holds the full-vocabulary logits); the tokens
+go back to the scheduler, which sends them to every rank in the next step's plan, so ranks
+can never diverge.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -20,7 +22,7 @@ class SamplingParams:
     top_k: int | None = None          # keep the k most likely tokens (None / 0: all)
     top_p: float = 1.0                # keep the smallest set with cumulative prob >= top_p
     repetition_penalty: float = 1.0   # HF/CTRL style: divide positive logits of seen tokens
-    seed: int | None = None           # sequence i draws from its own generator seeded seed + i
+    seed: int | None = None           # the request's own generator's seed (generate: seed + i for prompt i)
 
     def __post_init__(self) -> None:
         t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
@@ -40,35 +42,69 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-class Sampler:
-    """Samples one token per sequence from (B, V) float32 logits."""
+class _RequestState:
+    """One request's sampling state: its parameters, its generator, the ids it has seen."""
 
-    def __init__(self, params: SamplingParams, batch: int, device: torch.device):
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device):
         self.params = params
-        self.generators = None
+        self.generator = None
         if not params.greedy:
-            seeds = ([params.seed + i for i in range(batch)] if params.seed is not None
-                     else torch.randint(0, 2**62, (batch,)).tolist())
-            self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
+            self.generator = torch.Generator(device).manual_seed(seed)
+        self.seen: list[int] | None = list(prompt_ids) if params.repetition_penalty != 1.0 else None
 
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None,
-                 rows: slice = slice(None)) -> torch.Tensor:
-        """logits: (b, V) float32 for the sequences ``rows`` of the batch (a micro-batch);
-        seen: (b, L) long ids already in each sequence (repetition penalty). Returns (b,) long."""
-        p = self.params
-        if p.repetition_penalty != 1.0 and seen is not None:
-            logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
-        if p.greedy:
-            return logits.argmax(dim=-1)
-        logits = logits / p.temperature
-        if p.top_k:
-            kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            logits = _top_p_filter(logits, p.top_p)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.cat([torch.multinomial(probs[i], 1, generator=g)
-                          for i, g in enumerate(self.generators[rows])])
+
+class Sampler:
+    """Next tokens for many requests at once, each with its own parameters and generator.
+
+    A request's draws depend only on its own logits row and its own generator (seeded with
+    ``params.seed``), never on the other rows of the batch, so its tokens do not depend on
+    what it is batched with. Lives on the one rank that samples (the driver rank).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.requests: dict[int, _RequestState] = {}
+
+    def add(self, request_id: int, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
+        """Start sampling for a request (``prompt_ids``: for the repetition penalty)."""
+        self.requests[request_id] = _RequestState(params, prompt_ids, self.device)
+
+    def remove(self, request_id: int) -> None:
+        self.requests.pop(request_id, None)
+
+    def __call__(self, logits: torch.Tensor, request_ids: Sequence[int]) -> list[int]:
+        """logits: (R, V) float32, row i for ``request_ids[i]``. Returns R token ids."""
+        states = [self.requests[r] for r in request_ids]
+        out: list[int | None] = [None] * len(states)
+        plain = [i for i, s in enumerate(states) if s.params.greedy and s.seen is None]
+        if plain:   # the common case, one argmax for all of them
+            for i, tok in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+                out[i] = tok
+        for i, s in enumerate(states):
+            if out[i] is None:
+                out[i] = _sample_row(logits[i:i + 1], s)
+            if s.seen is not None:
+                s.seen.append(out[i])
+        return out   # type: ignore[return-value]
+
+
+def _sample_row(logits: torch.Tensor, s: _RequestState) -> int:
+    """One request's token from its (1, V) logits."""
+    p = s.params
+    if s.seen is not None:
+        logits = apply_repetition_penalty(logits, torch.tensor([s.seen], device=logits.device),
+                                          p.repetition_penalty)
+    if p.greedy:
+        return int(logits.argmax(dim=-1))
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        logits = _top_p_filter(logits, p.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs[0], 1, generator=s.generator))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -17,35 +17,16 @@ Design choices:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from .. import ops
 from ..config import ModelConfig
-from ..kv_cache import KVCache
 from ..parallel.context import ParallelContext
+from .attention import AttentionMetadata, PagedAttention
 from ..parallel.layers import (Chunk, ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
                                VocabParallelEmbedding, _param)
 from ..parallel.sharding import head_partition, split_evenly
-
-
-@dataclass
-class ForwardBatch:
-    """Per-step inputs shared by every layer.
-
-    positions:    (B, T) long, the position of each token (right padding: 0..T-1 in prefill).
-    context_lens: (B,) int32, decode only: valid cache length including the new token.
-    rows:         the cache rows (sequences) this forward touches.
-    """
-    positions: torch.Tensor
-    context_lens: torch.Tensor | None = None
-    rows: slice = field(default_factory=lambda: slice(None))
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.context_lens is None
 
 
 class RMSNorm(nn.Module):
@@ -102,28 +83,20 @@ class Attention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, pieces, dtype, bias=cfg.attention_bias)
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj", part.q_start * d, part.n_q * d,
                                         cfg.hidden_size, dtype, ctx)
-        self.scale = d ** -0.5
+        self.attn = PagedAttention(part.n_q, part.n_kv, d, d ** -0.5)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        qkv = self.qkv_proj(x)                                            # (B, T, (Hq+2Hk)*D)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)                                            # (T, (Hq+2Hk)*D)
         q, k, v = qkv.split([self.n_q * self.head_dim, self.n_kv * self.head_dim,
                              self.n_kv * self.head_dim], dim=-1)
-        q = q.view(b, t, self.n_q, self.head_dim)                         # (B, T, Hq, D)
-        k = k.view(b, t, self.n_kv, self.head_dim)                        # (B, T, Hk, D)
-        v = v.view(b, t, self.n_kv, self.head_dim)
-        if fb.is_prefill:
-            q, k = ops.rotary_embedding(q, k, cos, sin)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)                   # (B, Hk, T, D)
-            k_cache[:, :, :t] = k
-            v_cache[:, :, :t] = v
-            out = ops.prefill_attention(q.transpose(1, 2), k, v, self.scale)  # (B, Hq, T, D)
-            out = out.transpose(1, 2)                                     # (B, T, Hq, D)
-        else:   # rotary, cache write and attention in one op; cos, sin: (B, D/2)
-            out = ops.decode_attention_with_kvcache(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache,
-                                                    cos, sin, fb.context_lens, self.scale)
-        return self.o_proj(out.reshape(b, t, self.n_q * self.head_dim))
+        q = q.view(t, self.n_q, self.head_dim)                            # (T, Hq, D)
+        k = k.view(t, self.n_kv, self.head_dim)                           # (T, Hk, D)
+        v = v.view(t, self.n_kv, self.head_dim)
+        out = self.attn(q, k, v, cos, sin, meta, k_cache, v_cache)        # (T, Hq, D)
+        return self.o_proj(out.reshape(t, self.n_q * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -151,13 +124,13 @@ class DecoderLayer(nn.Module):
                                                 f"{prefix}.post_attention_layernorm.weight")
         self.mlp = MLP(cfg, ctx, f"{prefix}.mlp", dtype)
 
-    def forward(self, x, residual, cos, sin, fb, k_cache, v_cache):
+    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache):
         """Returns (this layer's output, residual stream before it)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, fb, k_cache, v_cache)
+        x = self.self_attn(x, cos, sin, meta, k_cache, v_cache)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -188,26 +161,28 @@ class LlamaForCausalLM(nn.Module):
         self.num_kv_heads_local = self.layers[0].self_attn.n_kv
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, d) embeddings, on the stage that owns the embedding."""
+        """(T,) token ids -> (T, d) embeddings, on the stage that owns the embedding."""
         return self.embed_tokens(ids)
 
-    def forward(self, x: torch.Tensor, fb: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        """x: token ids (B, T) long, or hidden states (B, T, d) from the previous stage (or
-        from the last stage's embedding, see ``embeds_on_last_stage``).
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One step over a flat batch of T new tokens from any number of sequences.
 
-        Returns the hidden stream (B, T, d) for the next stage, or on the last stage the
+        x: token ids (T,) long, or hidden states (T, d) from the previous stage (or from the
+        last stage's embedding, see ``embeds_on_last_stage``); meta: the step's attention
+        metadata; kv_caches: (k_cache, v_cache) per layer of this stage, each
+        (num_blocks, Hk_local, block_size, D), written in place.
+
+        Returns the hidden stream (T, d) for the next stage, or on the last stage the
         final-normed hidden, ready for ``compute_logits`` on the rows that need them.
         """
         if x.dtype == torch.long:
-            x = self.embed(x)                                             # (B, T, d)
-        freqs = fb.positions.unsqueeze(-1).float() * self.inv_freq        # (B, T, D/2)
-        if not fb.is_prefill:
-            freqs = freqs[:, 0]                                           # (B, D/2)
+            x = self.embed(x)                                             # (T, d)
+        freqs = meta.positions.unsqueeze(-1).float() * self.inv_freq      # (T, D/2)
         cos, sin = freqs.cos(), freqs.sin()
         residual = None
-        for i, layer in enumerate(self.layers):
-            k_cache, v_cache = cache.layer(i, fb.rows)
-            x, residual = layer(x, residual, cos, sin, fb, k_cache, v_cache)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache)
         if self.norm is not None:
             return self.norm(x, residual)[0]
         return x + residual

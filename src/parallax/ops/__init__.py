@@ -29,9 +29,10 @@ import torch
 from . import cpu as _cpu
 from . import cuda as _cuda
 from . import reference as _ref
-from .reference import prefill_attention, quantize_int8
+from .reference import paged_attention, prefill_attention, quantize_int8, write_paged_kv
 
 __all__ = ["add_rms_norm", "decode_attention", "decode_attention_with_kvcache",
+           "paged_attention", "paged_attention_with_kvcache", "write_paged_kv",
            "embedding_packed", "int8_linear", "linear", "linear_packed", "prefill_attention",
            "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "active_backend"]
 
@@ -145,6 +146,22 @@ def decode_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     q, k = rotary_embedding(q[:, None], k[:, None], cos[:, None], sin[:, None])
     _ref.write_kv_cache(k[:, 0], v, k_cache, v_cache, context_lens)
     return decode_attention(q[:, 0], k_cache, v_cache, context_lens, scale)
+
+
+def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 cos: torch.Tensor, sin: torch.Tensor,
+                                 slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                                 context_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+    """See reference.paged_attention_with_kvcache (rotary, paged cache write, causal
+    attention of a flat mixed prefill/decode batch). fp32 CPU: one C call; elsewhere the
+    reference. Both raise ParallaxError on out-of-range slots, lengths or block ids."""
+    args = (q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens,
+            query_start_loc)
+    if _cpu.fits(q, k, v, k_cache, v_cache) and _cpu.paged_layout_ok(*args):
+        return _cpu.paged_attention_with_kvcache(*args, scale)
+    return _ref.paged_attention_with_kvcache(*args, scale)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

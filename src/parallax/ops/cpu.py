@@ -67,7 +67,7 @@ PANEL = 32
 _lib: dict = {}
 
 
-_SOURCES = ("gemm_f32.c", "decode_f32.c")
+_SOURCES = ("gemm_f32.c", "decode_f32.c", "paged_attention_f32.c")
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGNATURES = {
     "parallax_gemm_packed_f32": [_P] * 3 + [_I] * 4,
@@ -75,7 +75,10 @@ _SIGNATURES = {
     "parallax_silu_and_mul_f32": [_P, _P, _I, _I],
     "parallax_decode_attention_kv_f32": [_P, _L, _P, _L, _P, _L] + [_P] * 4 + [_L, _L, _P, _P]
                                         + [_I] * 4 + [_F, _I],
+    "parallax_paged_attention_kv_f32": [_P, _L, _P, _L, _P, _L] + [_P] * 6 + [_I, _P, _P, _P]
+                                       + [_I] * 7 + [_F, _I],
 }
+_RESTYPES = {"parallax_paged_attention_kv_f32": ctypes.c_int}
 
 
 def _compile() -> ctypes.CDLL:
@@ -108,7 +111,7 @@ def _compile() -> ctypes.CDLL:
     lib = ctypes.CDLL(out)
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name)
     return lib
 
 
@@ -222,3 +225,45 @@ def attention_layout_ok(q, k, v, k_cache, v_cache, cos, sin, context_lens) -> bo
             and k_cache.stride() == v_cache.stride() and cos.is_contiguous()
             and sin.is_contiguous() and context_lens.dtype == torch.int32
             and context_lens.is_contiguous())
+
+
+_PAGED_ERRORS = {-1: "a slot in slot_mapping is negative or beyond the cache's capacity",
+                 -2: "a context length is shorter than its new tokens or needs more blocks "
+                     "than the block table has",
+                 -3: "a block id in a block table is negative or beyond the cache",
+                 -4: "query_start_loc does not cover the tokens (or a sequence has none)",
+                 -5: "unsupported shape (head dim a multiple of 16 up to 256, <= 16 query "
+                     "heads per KV head, block size dividing 128)"}
+
+
+def paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, slot_mapping,
+                                 block_tables, context_lens, query_start_loc, scale):
+    """reference.paged_attention_with_kvcache in one C call (csrc/cpu/paged_attention_f32.c).
+    Needs ``paged_layout_ok``; raises ParallaxError on out-of-range metadata, writing nothing."""
+    from ..errors import ParallaxError
+    t, hq, d = q.shape
+    n, hk, bs, _ = k_cache.shape
+    out = q.new_empty(t, hq, d)
+    err = kernels().parallax_paged_attention_kv_f32(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        context_lens.data_ptr(), query_start_loc.data_ptr(), out.data_ptr(),
+        t, context_lens.shape[0], hq, hk, d, n, bs, scale, torch.get_num_threads())
+    if err:
+        raise ParallaxError(f"paged attention: {_PAGED_ERRORS.get(err, err)}")
+    return out
+
+
+def paged_layout_ok(q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables,
+                    context_lens, query_start_loc) -> bool:
+    """Whether the paged C kernel can read these tensors as they are."""
+    d, bs = q.shape[-1], k_cache.shape[2]
+    rows = all(t.stride(-1) == 1 and t.stride(-2) == d for t in (q, k, v))
+    shape = (d % 16 == 0 and d <= 256 and q.shape[1] % k.shape[1] == 0
+             and q.shape[1] // k.shape[1] <= 16 and 128 % bs == 0)
+    return (rows and shape and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k_cache.shape == v_cache.shape and cos.is_contiguous() and sin.is_contiguous()
+            and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+            and all(x.dtype == torch.int32 and x.is_contiguous()
+                    for x in (block_tables, context_lens, query_start_loc)))

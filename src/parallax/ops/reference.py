@@ -105,6 +105,95 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     v_cache[rows, :, slots] = v
 
 
+def check_paged_metadata(slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                         num_blocks: int, block_size: int) -> None:
+    """Raise ParallaxError unless every slot, length and needed block id is in range
+    (the paged kernels' input contract; nothing is written when this fails)."""
+    from ..errors import ParallaxError
+    t, b = slot_mapping.shape[0], context_lens.shape[0]
+    qsl = query_start_loc.tolist()
+    if len(qsl) != b + 1 or qsl[0] != 0 or qsl[-1] != t:
+        raise ParallaxError(f"query_start_loc must run from 0 to the {t} tokens over {b} "
+                            f"sequences, got {qsl[:8]}")
+    cap = num_blocks * block_size
+    if t and (int(slot_mapping.min()) < 0 or int(slot_mapping.max()) >= cap):
+        raise ParallaxError(f"slot_mapping has slots outside the cache's [0, {cap}): "
+                            f"{slot_mapping.min().item()}..{slot_mapping.max().item()}")
+    lens, n = context_lens.tolist(), [qsl[i + 1] - qsl[i] for i in range(b)]
+    for i in range(b):
+        if n[i] < 1 or lens[i] < n[i]:
+            raise ParallaxError(f"sequence {i}: context_lens {lens[i]} with {n[i]} new tokens; "
+                                "each sequence needs >= 1 new token and context_lens >= that")
+        need = -(-lens[i] // block_size)
+        if need > block_tables.shape[1]:
+            raise ParallaxError(f"sequence {i}: {lens[i]} tokens need {need} blocks but the "
+                                f"block table has {block_tables.shape[1]} columns")
+        ids = block_tables[i, :need]
+        if need and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+            raise ParallaxError(f"sequence {i}: block ids {ids.tolist()[:8]} outside "
+                                f"[0, {num_blocks})")
+
+
+def write_paged_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new tokens' k, v (T, Hk, D) into paged caches (N, Hk, bs, D) at
+    ``slot_mapping`` (T,): slot s is row s % bs of block s // bs."""
+    bs = k_cache.shape[2]
+    slots = slot_mapping.long()
+    blk, off = slots // bs, slots % bs
+    k_cache[blk, :, off] = k
+    v_cache[blk, :, off] = v
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of a flat batch of new tokens over paged caches, causal, GQA-aware.
+
+    q: (T, Hq, D), rotated; k_cache, v_cache: (N, Hk, bs, D) with the new tokens already
+    written; block_tables: (B, max_blocks) int32; context_lens: (B,) int32, tokens in the
+    cache per sequence (new ones included); query_start_loc: (B+1,) int32, sequence b's new
+    tokens are q[qsl[b]:qsl[b+1]], the last ones of its context. Returns (T, Hq, D).
+    """
+    n_blocks, hk, bs, d = k_cache.shape
+    out = torch.empty_like(q)
+    qsl, lens = query_start_loc.tolist(), context_lens.tolist()
+    for b in range(len(lens)):
+        s, e, length = qsl[b], qsl[b + 1], lens[b]
+        blocks = block_tables[b, :-(-length // bs)].long()
+        k = k_cache[blocks].transpose(1, 2).reshape(-1, hk, d)[:length]      # (L, Hk, D)
+        v = v_cache[blocks].transpose(1, 2).reshape(-1, hk, d)[:length]
+        pos = torch.arange(length - (e - s), length, device=q.device)       # new tokens' positions
+        mask = torch.arange(length, device=q.device)[None, :] <= pos[:, None]   # (n, L)
+        o = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != hk)        # (1, Hq, n, D)
+        out[s:e] = o[0].transpose(0, 1)
+    return out
+
+
+def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 cos: torch.Tensor, sin: torch.Tensor,
+                                 slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                                 context_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+    """One step of paged attention with rotary and the cache write folded in.
+
+    q: (T, Hq, D); k, v: (T, Hk, D) the new tokens' keys and values, not yet rotated;
+    cos, sin: (T, D/2) float32; slot_mapping: (T,) each new token's cache slot; the rest as
+    in ``paged_attention``. Writes k (rotated) and v into the caches, returns (T, Hq, D).
+    Raises ParallaxError (before writing) on a slot, length or block id out of range.
+    """
+    check_paged_metadata(slot_mapping, block_tables, context_lens, query_start_loc,
+                         k_cache.shape[0], k_cache.shape[2])
+    q, k = rotary_embedding(q[None], k[None], cos[None], sin[None])
+    write_paged_kv(k[0], v, k_cache, v_cache, slot_mapping)
+    return paged_attention(q[0], k_cache, v_cache, block_tables, context_lens,
+                           query_start_loc, scale)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gate: x (..., 2N) = [gate | up] -> silu(gate) * up, (..., N)."""
     gate, up = x.chunk(2, dim=-1)

@@ -23,7 +23,7 @@ from .sharding import head_partition, split_evenly, split_layers
 
 
 def _bytes_per_element(dtype: str | torch.dtype) -> int:
-    from ..engine import parse_dtype
+    from ..engine.runner import parse_dtype
     return parse_dtype(dtype).itemsize
 
 

@@ -1,0 +1,246 @@
+"""EngineCore: the step loop. One step = schedule -> run the model on every rank -> sample
+(on the driver rank) -> update requests -> emit deltas.
+
+The core lives in the process that owns the ``LLM``. It reaches the ranks through an
+executor: ``LocalExecutor`` (one process), ``PoolExecutor`` (spawned workers: each step is
+one ``WorkerPool.call("execute", plan)``) or ``SpmdExecutor`` (torchrun: the scheduling
+rank broadcasts each plan, the other ranks ``follow``). Steps run in a background thread
+(``start``) fed by ``submit`` from any thread; under torchrun ``run_until`` drives steps
+in the caller's thread, on every rank in step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from typing import Any, Callable
+
+from ..errors import WorkerError
+from ..parallel import collectives as C
+from .block_manager import BlockManager
+from .handle import EngineDeadError, RequestHandle
+from .request import Request, StopConditions
+from .runner import ModelRunner, NewRequest, StepPlan
+from .scheduler import Scheduler, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- executors
+class LocalExecutor:
+    """The runner in this process (one rank)."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self._lock = threading.Lock()        # steps and side calls never overlap
+
+    def execute(self, plan: StepPlan) -> list[int]:
+        with self._lock:
+            return self.runner.execute(plan)
+
+    def call(self, method: str, *args: Any) -> Any:
+        with self._lock:
+            return getattr(self.runner, method)(*args)
+
+
+class SpmdExecutor(LocalExecutor):
+    """torchrun: this rank schedules; every plan is broadcast so all ranks run it."""
+
+    def execute(self, plan: StepPlan | None) -> list[int]:
+        ctx = self.runner.ctx
+        with self._lock:
+            C.broadcast_object(plan, ctx, ctx.driver_rank)
+            return self.runner.execute(plan) if plan is not None else []
+
+
+def follow(runner: ModelRunner) -> None:
+    """torchrun, on every rank but the scheduling one: run broadcast plans until None."""
+    ctx = runner.ctx
+    while (plan := C.broadcast_object(None, ctx, ctx.driver_rank)) is not None:
+        runner.execute(plan)
+
+
+class PoolExecutor:
+    """Spawned workers: each step and side call goes to every rank through the pool."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def execute(self, plan: StepPlan) -> list[int]:
+        return self.pool.call("execute", plan)
+
+    def call(self, method: str, *args: Any) -> Any:
+        return self.pool.call(method, *args)
+
+
+# ---------------------------------------------------------------------------- the core
+class EngineCore:
+    """Requests in, deltas out, one model step at a time.
+
+    Args:
+        executor: how steps reach the ranks (see above).
+        block_manager, scheduler: the KV bookkeeping and the batch policy.
+        make_decoder: returns a fresh incremental detokenizer per request, or None.
+    """
+
+    def __init__(self, executor, block_manager: BlockManager, scheduler: Scheduler,
+                 make_decoder: Callable[[], Any] | None = None):
+        self.executor, self.bm, self.scheduler = executor, block_manager, scheduler
+        self.make_decoder = make_decoder
+        self._ids = itertools.count()
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[Request, RequestHandle]] = []
+        self._cancels: set[int] = set()
+        self._live: dict[int, tuple[Request, RequestHandle]] = {}
+        self._new: list[NewRequest] = []          # for the runner's sampler, next plan
+        self._finished: list[int] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+        self.prompt_tokens = self.generation_tokens = 0
+
+    # ------------------------------------------------------------------ any thread
+    def submit(self, prompt_ids: list[int], sampling, stops: StopConditions) -> RequestHandle:
+        """Queue a request (checked to fit the cache alone); returns at once."""
+        self._check_alive()
+        self.scheduler.check_fits(len(prompt_ids), stops.max_new_tokens)
+        rid = next(self._ids)
+        decoder = self.make_decoder() if self.make_decoder is not None else None
+        req = Request(rid, prompt_ids, sampling, stops, decoder)
+        handle = RequestHandle(rid, self.cancel)
+        with self._cv:
+            self._check_alive()
+            self._inbox.append((req, handle))
+            self._cv.notify()
+        return handle
+
+    def cancel(self, request_id: int) -> None:
+        with self._cv:
+            self._cancels.add(request_id)
+            self._cv.notify()
+
+    def stats(self) -> dict:
+        """The serving counters (DESIGN.md "Serving"), a consistent snapshot."""
+        with self._cv:
+            waiting = len(self._inbox)
+        return {"num_requests_running": len(self.scheduler.running),
+                "num_requests_waiting": len(self.scheduler.waiting) + waiting,
+                "kv_cache_usage": self.bm.usage(),
+                "kv_cache_tokens": self.bm.num_blocks * self.bm.block_size,
+                "num_preemptions": self.scheduler.num_preemptions,
+                "prefix_cache_queries": self.bm.prefix_cache_queries,
+                "prefix_cache_hits": self.bm.prefix_cache_hits,
+                "prompt_tokens": self.prompt_tokens,
+                "generation_tokens": self.generation_tokens}
+
+    def start(self) -> None:
+        """Run steps in a background thread whenever there is work."""
+        self._thread = threading.Thread(target=self._loop, name="parallax-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the loop; unfinished requests fail with EngineDeadError."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
+        self._fail_all(EngineDeadError("the LLM was closed"))
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopping or self._inbox or self._cancels
+                           or self.scheduler.has_work):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except BaseException as exc:   # noqa: BLE001  every waiting caller gets it
+                logger.error("engine step failed: %s", exc)
+                self.error = exc
+                self._fail_all(exc)
+                return
+
+    def run_until(self, done: Callable[[], bool]) -> None:
+        """Step in this thread until ``done()`` (torchrun's driver; no background thread)."""
+        while not done():
+            try:
+                self.step()
+            except BaseException as exc:
+                self.error = exc
+                self._fail_all(exc)
+                raise
+
+    def step(self) -> bool:
+        """One engine step; False when there was nothing to do."""
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, set()
+        for req, handle in inbox:
+            self._live[req.request_id] = (req, handle)
+            self.scheduler.add(req)
+            self.prompt_tokens += req.num_prompt_tokens
+            self._new.append(NewRequest(req.request_id, req.sampling,
+                                        req.prompt_ids if req.sampling.repetition_penalty != 1.0
+                                        else []))
+        for rid in cancels:
+            if rid in self._live:
+                req, handle = self._live[rid]
+                self._end(req, handle, req.abort())
+        if not self.scheduler.has_work:
+            if self._new or self._finished:         # let the sampler forget cancelled ones
+                self.executor.execute(self._plan(SchedulerOutput()))
+            return False
+        out = self.scheduler.schedule()
+        tokens = self.executor.execute(self._plan(out))
+        self.scheduler.update(out)
+        sampled = [s for s in out.scheduled if s.samples]
+        for s, tok in zip(sampled, tokens):
+            req = s.request
+            _, handle = self._live[req.request_id]
+            delta = req.append_token(tok)
+            self.generation_tokens += 1
+            if delta.finish_reason is not None:
+                self._end(req, handle, delta)
+            else:
+                handle._push(delta)
+        return True
+
+    def _plan(self, out: SchedulerOutput) -> StepPlan:
+        token_ids, seqs, rows, ids = [], [], [], []
+        for s in out.scheduled:
+            req = s.request
+            token_ids += req.all_token_ids[s.start:s.start + s.num_tokens]
+            seqs.append((s.start, s.num_tokens, s.block_table))
+            if s.samples:
+                rows.append(len(token_ids) - 1)
+                ids.append(req.request_id)
+        plan = StepPlan(token_ids, seqs, rows, ids, self._new, self._finished)
+        self._new, self._finished = [], []
+        return plan
+
+    def _end(self, req: Request, handle: RequestHandle, last) -> None:
+        self.scheduler.finish(req)
+        self._finished.append(req.request_id)
+        del self._live[req.request_id]
+        handle._push(last, req.completion())
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+            self._stopping = True
+        for _, handle in list(self._live.values()) + inbox:
+            handle._fail(exc)
+        self._live.clear()
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            kind = WorkerError if isinstance(self.error, WorkerError) else EngineDeadError
+            raise kind(f"the engine is closed because a step failed: {self.error}") \
+                from self.error
+        if self._stopping:
+            raise EngineDeadError("this LLM is closed; build a new one")

@@ -1,0 +1,154 @@
+"""Paged attention twins: the C kernel (ops/cpu.py) and the torch reference against a dense
+oracle built without block tables, on ragged mixed prefill/decode batches that cross block
+boundaries and share prefix blocks; and their refusal of out-of-range metadata."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parallax import ParallaxError
+from parallax.ops import cpu as cpu_ops
+from parallax.ops import reference as ref
+
+BS = 16
+
+
+def _rot(x, cos, sin):
+    """rotate_half rotary; x (T, H, D), cos/sin (T, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, None], sin[:, None]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def _case(seed, seqs, hq=8, hk=2, d=64, shared_blocks=0, num_blocks=64):
+    """seqs: [(context_len, new_tokens)]. Sequences 0 and 1 share their first
+    ``shared_blocks`` blocks (same ids, same cached contents), as after a prefix-cache hit."""
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(num_blocks, hk, BS, d, generator=g)
+    v_cache = torch.randn(num_blocks, hk, BS, d, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(-(-length // BS) for length, _ in seqs) + 1
+    tables = torch.full((len(seqs), width), -1, dtype=torch.int32)   # unused entries stay -1
+    for b, (length, _) in enumerate(seqs):
+        for i in range(-(-length // BS)):
+            tables[b, i] = tables[0, i] if b == 1 and i < shared_blocks else perm.pop()
+    t = sum(n for _, n in seqs)
+    q = torch.randn(t, hq, d, generator=g)
+    k = torch.randn(t, hk, d, generator=g)
+    v = torch.randn(t, hk, d, generator=g)
+    pos = torch.cat([torch.arange(length - n, length) for length, n in seqs])
+    freqs = pos[:, None].float() * (1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    slots = torch.cat([tables[b, p // BS].long() * BS + p % BS
+                       for b, (length, n) in enumerate(seqs)
+                       for p in [torch.arange(length - n, length)]])
+    qsl = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(),
+                       dtype=torch.int32)
+    lens = torch.tensor([length for length, _ in seqs], dtype=torch.int32)
+    return dict(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, cos=freqs.cos(),
+                sin=freqs.sin(), slot_mapping=slots, block_tables=tables, context_lens=lens,
+                query_start_loc=qsl)
+
+
+def _args(c):
+    return (c["q"], c["k"], c["v"], c["k_cache"].clone(), c["v_cache"].clone(), c["cos"],
+            c["sin"], c["slot_mapping"], c["block_tables"], c["context_lens"],
+            c["query_start_loc"])
+
+
+def _oracle(c, scale):
+    """Dense attention per sequence: old keys read from the cache by position, new keys
+    rotated here; no block table walk, no paged write."""
+    outs = []
+    qsl = c["query_start_loc"].tolist()
+    q = _rot(c["q"], c["cos"], c["sin"])
+    k_new = _rot(c["k"], c["cos"], c["sin"])
+    for b, length in enumerate(c["context_lens"].tolist()):
+        s, e = qsl[b], qsl[b + 1]
+        old = length - (e - s)
+        ks = [c["k_cache"][c["block_tables"][b, p // BS], :, p % BS] for p in range(old)]
+        vs = [c["v_cache"][c["block_tables"][b, p // BS], :, p % BS] for p in range(old)]
+        k = torch.cat([torch.stack(ks), k_new[s:e]]) if ks else k_new[s:e]
+        v = torch.cat([torch.stack(vs), c["v"][s:e]]) if vs else c["v"][s:e]
+        mask = torch.arange(length)[None, :] <= torch.arange(old, length)[:, None]
+        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+IMPLS = {"reference": ref.paged_attention_with_kvcache,
+         "c": cpu_ops.paged_attention_with_kvcache}
+
+CASES = {
+    "decode-ragged": [(1, 1), (17, 1), (16, 1), (33, 1), (100, 1)],
+    "prefill-ragged": [(5, 5), (16, 16), (40, 40), (129, 129)],
+    "mixed-chunked": [(47, 1), (64, 30), (200, 7), (3, 3), (18, 2)],
+    "block-boundaries": [(15, 1), (16, 1), (17, 1), (32, 16), (33, 17)],
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", CASES)
+def test_paged_attention_matches_dense_oracle(impl, name):
+    if impl == "c" and cpu_ops.kernels() is None:
+        pytest.fail("the CPU kernels did not build (gcc missing?)")
+    c = _case(hash(name) % 1000, CASES[name])
+    scale = 64 ** -0.5
+    args = _args(c)
+    out = IMPLS[impl](*args, scale)
+    torch.testing.assert_close(out, _oracle(c, scale), atol=2e-5, rtol=1e-5)
+    # The new tokens' keys (rotated) and values landed in their slots, nothing else moved.
+    kc, vc = args[3], args[4]
+    bs_idx, off = c["slot_mapping"] // BS, c["slot_mapping"] % BS
+    torch.testing.assert_close(kc[bs_idx, :, off], _rot(c["k"], c["cos"], c["sin"]), atol=1e-6,
+                               rtol=1e-6)
+    assert torch.equal(vc[bs_idx, :, off], c["v"])
+    untouched = torch.ones(kc.shape[0] * BS, dtype=torch.bool)
+    untouched[c["slot_mapping"]] = False
+    flat = lambda x: x.transpose(1, 2).reshape(-1, *x.shape[1:2], x.shape[-1])  # noqa: E731
+    assert torch.equal(flat(kc)[untouched], flat(c["k_cache"])[untouched])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shared_prefix_blocks_give_the_same_answer_as_private_copies(impl):
+    """Two sequences reading the same physical prefix blocks equal the same sequences with
+    private copies of those blocks."""
+    seqs = [(70, 1), (70, 6)]
+    shared = _case(3, seqs, shared_blocks=4)
+    private = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in shared.items()}
+    used = set(shared["block_tables"].flatten().tolist())
+    spare = [i for i in range(shared["k_cache"].shape[0]) if i not in used]
+    for i in range(4):      # give sequence 1 its own copies of the 4 shared blocks
+        src, dst = int(shared["block_tables"][1, i]), spare[i]
+        private["k_cache"][dst] = shared["k_cache"][src]
+        private["v_cache"][dst] = shared["v_cache"][src]
+        private["block_tables"][1, i] = dst
+    assert shared["block_tables"][1, :4].tolist() == shared["block_tables"][0, :4].tolist()
+    private["slot_mapping"] = shared["slot_mapping"]          # new tokens land in block 4
+    a = IMPLS[impl](*_args(shared), 0.125)
+    b = IMPLS[impl](*_args(private), 0.125)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", ["negative-slot", "slot-beyond-capacity", "zero-length",
+                                 "block-beyond-cache", "negative-block"])
+def test_out_of_range_metadata_is_an_error_and_writes_nothing(impl, bad):
+    c = _case(5, [(20, 1), (9, 9)])
+    if bad == "negative-slot":
+        c["slot_mapping"][3] = -1
+    elif bad == "slot-beyond-capacity":
+        c["slot_mapping"][0] = c["k_cache"].shape[0] * BS
+    elif bad == "zero-length":
+        c["context_lens"][0] = 0
+    elif bad == "block-beyond-cache":
+        c["block_tables"][1, 0] = c["k_cache"].shape[0]
+    else:
+        c["block_tables"][0, 1] = -3
+    args = _args(c)
+    with pytest.raises(ParallaxError):
+        IMPLS[impl](*args, 0.125)
+    assert torch.equal(args[3], c["k_cache"]) and torch.equal(args[4], c["v_cache"])
