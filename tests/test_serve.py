@@ -446,3 +446,133 @@ def test_load_toy_engine(fake):
         assert any(r.disconnected for r in records) and any(not r.stream for r in records)
         check_load(s.url, fake, prompts, budgets, want, records)
         assert len(fake.submitted) == len(prompts)        # none lost, none duplicated
+
+
+# ====================================================================== the real engine
+@pytest.fixture(scope="module")
+def tiny_chat_ckpt(tmp_path_factory) -> str:
+    """A tiny random Llama with a trained tokenizer and a ChatML template (eos = id 2)."""
+    from conftest import make_checkpoint
+    folder = str(tmp_path_factory.mktemp("tiny_chat"))
+    vocab = make_tokenizer(folder)
+    return make_checkpoint(folder, "llama", vocab_size=vocab)
+
+
+@pytest.fixture(scope="module")
+def real(tiny_chat_ckpt):
+    import parallax
+    llm = parallax.LLM(tiny_chat_ckpt, max_num_seqs=16, kv_cache_tokens=4096)
+    with BackgroundServer(build_app(llm, "tiny")) as s:
+        yield llm, s
+    llm.close()
+
+
+def offline(llm, prompts, budgets, **kw) -> list[str]:
+    """LLM.generate's texts for (prompt, max_new_tokens) pairs, one generate per budget."""
+    out = [None] * len(prompts)
+    for b in sorted(set(budgets)):
+        idx = [i for i, x in enumerate(budgets) if x == b]
+        texts = llm.generate([prompts[i] for i in idx], max_new_tokens=b, chat=False, **kw)
+        for i, c in zip(idx, texts):
+            out[i] = c.text
+    return out
+
+
+@pytest.mark.slow
+def test_real_completions_chat_stream_equal_offline(real):
+    llm, s = real
+    c = client(s.url)
+    r = c.completions.create(model="tiny", prompt="Water boils at", max_tokens=12,
+                             temperature=0)
+    want = llm.generate("Water boils at", max_new_tokens=12, chat=False)[0]
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (
+        want.usage.prompt_tokens, want.usage.completion_tokens)
+    chunks = list(c.completions.create(model="tiny", prompt="Water boils at", max_tokens=12,
+                                       temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == want.usage.completion_tokens
+
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == llm.chat(msgs, max_new_tokens=10).text
+
+    ids = llm.tokenizer.encode("Hello, how are you?")
+    r = c.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    assert r.choices[0].text == llm.generate([ids], max_new_tokens=6)[0].text
+
+
+@pytest.mark.slow
+def test_real_seeded_n2_and_stop_strings(real):
+    llm, s = real
+    c = client(s.url)
+    kw = dict(model="tiny", prompt="Hello", max_tokens=10, temperature=0.9, seed=77, n=2)
+    a, b = c.completions.create(**kw), c.completions.create(**kw)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices]
+    # choice i samples with seed + i, as LLM.generate seeds prompt i
+    want = llm.generate(["Hello", "Hello"], max_new_tokens=10, temperature=0.9, seed=77,
+                        chat=False)
+    assert [x.text for x in a.choices] == [w.text for w in want]
+
+    full = llm.generate("The quick brown", max_new_tokens=16, chat=False)[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    r = c.completions.create(model="tiny", prompt="The quick brown", max_tokens=16,
+                             temperature=0, stop=[stop])
+    want = llm.generate("The quick brown", max_new_tokens=16, chat=False, stop=[stop])[0]
+    assert r.choices[0].text == want.text == full[:full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_real_prompt_too_long_names_numbers(real):
+    llm, s = real
+    ctx = llm.config.max_position_embeddings
+    e = err(httpx.post(s.url + "/v1/completions", json={
+        "model": "tiny", "prompt": [5] * (ctx - 10), "max_tokens": 50}), 400)
+    assert str(ctx - 10) in e["message"] and str(ctx) in e["message"]
+    e = err(httpx.post(s.url + "/v1/completions", json={
+        "model": "tiny", "prompt": [5] * ctx, "max_tokens": None}), 400)
+    assert str(ctx) in e["message"]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.slow
+def test_real_load_200_requests(real):
+    """200 requests at concurrency 32, half streaming, mixed lengths, ~10% hanging up."""
+    from parallax.serve.loadgen import run_load, synthetic_prompts
+    llm, s = real
+    prompts = synthetic_prompts(200, (2, 40), seed=5)
+    budgets = [2 + (i * 11) % 30 for i in range(len(prompts))]
+    want = offline(llm, prompts, budgets)
+    before = metric(s.url, "parallax:request_success_total")
+    # warm-up, then the measured run
+    run_load(s.url, prompts[:32], model="tiny", max_tokens=budgets[:32], concurrency=32)
+    warm_rss = rss_bytes()
+    before = metric(s.url, "parallax:request_success_total")
+    aborted0 = metric(s.url, "parallax:request_failed_total", reason="aborted")
+    t0 = time.monotonic()
+    records, wall = run_load(s.url, prompts, model="tiny", max_tokens=budgets, concurrency=32,
+                             stream=0.5, disconnect_fraction=0.2, seed=9, timeout_s=120)
+    assert time.monotonic() - t0 < 120
+    done = [r for r in records if r.ok]
+    hung = [r for r in records if r.disconnected]
+    assert 10 <= len(hung) <= 40 and len(done) + len(hung) == 200
+    assert all(r.status == 200 and r.error is None for r in records)
+    for r in done:
+        assert r.text == want[r.index], r.index
+    assert wait_until(lambda: llm.stats()["num_requests_running"] == 0
+                      and llm.stats()["num_requests_waiting"] == 0)
+    assert wait_until(lambda: llm.stats()["kv_cache_usage"] == 0)
+    assert metric(s.url, "parallax:request_success_total") - before == len(done)
+    assert wait_until(lambda: metric(s.url, "parallax:request_failed_total",
+                                     reason="aborted") - aborted0 == len(hung))
+    assert metric(s.url, "parallax:kv_cache_usage_perc") == 0
+    assert rss_bytes() < 1.1 * warm_rss, (rss_bytes(), warm_rss)
