@@ -576,3 +576,110 @@ def test_real_load_200_requests(real):
                                      reason="aborted") - aborted0 == len(hung))
     assert metric(s.url, "parallax:kv_cache_usage_perc") == 0
     assert rss_bytes() < 1.1 * warm_rss, (rss_bytes(), warm_rss)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_real_load_parallel_layouts(tiny_chat_ckpt, tp, pp):
+    """The same load (smaller) on a tp=2 and a pp=2 engine: answers equal offline ones."""
+    import parallax
+    from parallax.serve.loadgen import run_load, synthetic_prompts
+    prompts = synthetic_prompts(60, (2, 30), seed=7)
+    budgets = [2 + (i * 5) % 20 for i in range(len(prompts))]
+    with parallax.LLM(tiny_chat_ckpt, tp=tp, pp=pp, max_num_seqs=16,
+                      kv_cache_tokens=4096) as llm:
+        want = offline(llm, prompts, budgets)
+        with BackgroundServer(build_app(llm, "tiny")) as s:
+            records, _ = run_load(s.url, prompts, model="tiny", max_tokens=budgets,
+                                  concurrency=16, stream=0.5, disconnect_fraction=0.1, seed=3,
+                                  timeout_s=120)
+            done = [r for r in records if r.ok]
+            assert all(r.status == 200 and r.error is None for r in records)
+            assert len(done) + sum(r.disconnected for r in records) == len(records)
+            assert all(r.text == want[r.index] for r in done)
+            assert metric(s.url, "parallax:request_success_total") == len(done)
+            assert wait_until(lambda: llm.stats()["kv_cache_usage"] == 0)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:          # a zombie is dead too
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_real_worker_killed_under_load(tiny_chat_ckpt):
+    """Kill a tp=2 worker mid-load: in-flight requests end with a 5xx error (no hang),
+    /health turns 503 within its timeout, and closing leaves no worker behind."""
+    import parallax
+    from parallax.serve.loadgen import run_load_async, synthetic_prompts
+    import asyncio
+    prompts = synthetic_prompts(24, (2, 10), seed=11)
+    llm = parallax.LLM(tiny_chat_ckpt, tp=2, max_num_seqs=8, kv_cache_tokens=4096,
+                       timeout_s=10)
+    pids = [m["pid"] for m in llm.memory()]
+    victim = next(p for p in pids if p != os.getpid())
+    try:
+        with BackgroundServer(build_app(llm, "tiny", health_timeout_s=3.0)) as s:
+            async def scenario():
+                load = asyncio.create_task(run_load_async(
+                    s.url, prompts, model="tiny", max_tokens=200, concurrency=24,
+                    stream=0.5, seed=1, timeout_s=60, extra_body={"ignore_eos": True}))
+                await asyncio.sleep(1.0)
+                os.kill(victim, signal.SIGKILL)
+                return await load
+            t0 = time.monotonic()
+            records, _ = asyncio.run(scenario())
+            assert time.monotonic() - t0 < 60
+            failed = [r for r in records if r.error is not None]
+            assert failed, "no request saw the dead worker"
+            for r in failed:
+                assert r.status is None or r.status >= 500 or r.stream, (r.status, r.error)
+                assert "503" in r.error or "engine" in r.error.lower(), r.error
+            # at once: requests saw the engine die (else within health_timeout_s)
+            assert httpx.get(s.url + "/health").status_code == 503
+            r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "Hi"})
+            assert r.status_code == 503, r.text
+    finally:
+        llm.close()
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids if p != os.getpid()), 20)
+
+
+@pytest.mark.slow
+def test_cli_serve_sigterm_drains_and_exits_0(tiny_chat_ckpt):
+    """`parallax serve` on loopback: logs URL, layout and KV capacity; SIGTERM lets a
+    running stream finish, refuses new connections, exits 0."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.join(os.path.dirname(__file__), "..", "src"), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, "-m", "parallax", "serve", tiny_chat_ckpt,
+                          "--port", "0", "--served-model-name", "tiny",
+                          "--kv-cache-tokens", "2048"],
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "parallax serve:" not in line and time.monotonic() < deadline:
+            line = p.stderr.readline()
+            assert line or p.poll() is None, "server exited before starting"
+        url = line.split(" at ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        assert "tp=1 pp=1" in line and "KV cache 2048 tokens" in line
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 80, "stream": True,
+                "temperature": 0, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            p.send_signal(signal.SIGTERM)
+            events = sse_events(lines)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+        assert p.wait(timeout=60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -299,17 +299,19 @@ async def _stream(state: ServeState, choices: list[_Choice], chunk,
     except Exception as e:
         failure = "error"
         logger.exception("stream failed")
-        status, info = _error_info(e)
+        status, info = _error_info(e, state)
         yield _sse(P.error_body(info.message, info.type, info.param, status))
         yield "data: [DONE]\n\n"
     finally:
         _finish(state, choices, failure)
 
 
-def _error_info(e: Exception) -> tuple[int, APIError]:
+def _error_info(e: Exception, state: ServeState | None = None) -> tuple[int, APIError]:
     if isinstance(e, APIError):
         return e.status, e
     if isinstance(e, (WorkerError, EngineDeadError)):
+        if state is not None:
+            state.monitor.mark_dead(str(e))
         return 503, APIError(503, f"the engine failed: {e}", "service_unavailable",
                              code="engine_failed")
     if isinstance(e, ParallaxError):
@@ -460,8 +462,8 @@ def _install_error_handlers(app: FastAPI) -> None:
                         code="invalid_value").response()
 
     @app.exception_handler(ParallaxError)
-    async def parallax_error(_: Request, e: ParallaxError):
-        return _error_info(e)[1].response()
+    async def parallax_error(request: Request, e: ParallaxError):
+        return _error_info(e, request.app.state.serve)[1].response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):

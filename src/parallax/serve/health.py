@@ -24,6 +24,7 @@ class EngineMonitor:
         self.last_answer = time.monotonic()     # last time stats() returned
         self.progress_at = time.monotonic()     # last time the engine was idle or moved
         self.error: str | None = None           # set when stats() raised
+        self.fatal: str | None = None           # set when a request saw the engine die
         self._tokens: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -61,9 +62,18 @@ class EngineMonitor:
         self._stop.set()
         self._thread = None
 
+    def mark_dead(self, reason: str) -> None:
+        """A request failed with the engine's own failure: unhealthy from now on (an engine
+        that died stays dead; its stats() may keep answering with the last numbers)."""
+        if self.fatal is None:
+            logger.error("engine failed: %s", reason)
+        self.fatal = reason
+
     def problem(self) -> str | None:
         """None when healthy, else why not."""
         now = time.monotonic()
+        if self.fatal is not None:
+            return f"engine is dead: {self.fatal}"
         if self.error is not None:
             return f"engine is dead: {self.error}"
         if now - self.last_answer > self.timeout_s:
