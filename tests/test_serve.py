@@ -382,6 +382,22 @@ print("EXITED CLEANLY", flush=True)
 """
 
 
+def stream_through_sigterm(p: subprocess.Popen, url: str, body: dict) -> None:
+    """SIGTERM the server ``p`` once a greedy stream has started: the stream must finish
+    (finish_reason "length", then [DONE]), the process exit 0 and the port close."""
+    body = {**body, "stream": True, "temperature": 0}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        p.send_signal(signal.SIGTERM)
+        events = sse_events(lines)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"     # finished, not cut
+    assert p.wait(timeout=60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health")
+
+
 def test_sigterm_drains_running_requests_and_exits_0(tok_dir):
     script = DRAIN_SCRIPT.format(tests=os.path.dirname(__file__), tok=tok_dir)
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -389,20 +405,8 @@ def test_sigterm_drains_running_requests_and_exits_0(tok_dir):
         line = p.stdout.readline()
         assert line.startswith("URL "), line
         url = line.split()[1]
-        body = {"model": "m", "prompt": "Hi", "max_tokens": 60, "stream": True,
-                "temperature": 0}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-            p.send_signal(signal.SIGTERM)
-            rest = list(lines)
-        events = sse_events(rest)
-        assert events[-1] == "[DONE]"
-        assert events[-2]["choices"][0]["finish_reason"] == "length"   # finished, not cut
-        assert p.wait(timeout=30) == 0
+        stream_through_sigterm(p, url, {"model": "m", "prompt": "Hi", "max_tokens": 60})
         assert "EXITED CLEANLY" in p.stdout.read()
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(url + "/health")
     finally:
         if p.poll() is None:
             p.kill()
@@ -667,18 +671,8 @@ def test_cli_serve_sigterm_drains_and_exits_0(tiny_chat_ckpt):
         url = line.split(" at ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:")
         assert "tp=1 pp=1" in line and "KV cache 2048 tokens" in line
-        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 80, "stream": True,
-                "temperature": 0, "ignore_eos": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-            p.send_signal(signal.SIGTERM)
-            events = sse_events(lines)
-        assert events[-1] == "[DONE]"
-        assert events[-2]["choices"][0]["finish_reason"] == "length"
-        assert p.wait(timeout=60) == 0
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(url + "/health")
+        stream_through_sigterm(p, url, {"model": "tiny", "prompt": "Hi", "max_tokens": 80,
+                                        "ignore_eos": True})
     finally:
         if p.poll() is None:
             p.kill()

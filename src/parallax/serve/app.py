@@ -280,20 +280,20 @@ def _sse(obj: P.BaseModel | dict) -> str:
     return f"data: {body}\n\n"
 
 
-async def _stream(state: ServeState, choices: list[_Choice], chunk,
-                  usage_chunk=None) -> AsyncIterator[str]:
-    """SSE body: the chunks ``chunk(choice, delta)`` gives, a usage chunk when asked,
-    then [DONE]. Cancellation (the client left) lands in ``finally`` and cancels."""
+async def _stream(state: ServeState, choices: list[_Choice], fmt,
+                  usage_n: int | None) -> AsyncIterator[str]:
+    """SSE body: ``fmt``'s chunks, a usage chunk when ``usage_n`` (the request's n) is
+    given, then [DONE]. Cancellation (the client left) lands in ``finally`` and cancels."""
     failure = "aborted"
     try:
         for c in choices:
-            opening = chunk(c, None)
+            opening = fmt.opening(c)
             if opening is not None:
                 yield _sse(opening)
         async for c, d in _pump(choices):
-            yield _sse(chunk(c, d))
-        if usage_chunk is not None:
-            yield _sse(usage_chunk())
+            yield _sse(fmt.chunk(c, d))
+        if usage_n is not None:
+            yield _sse(fmt.usage(_usage(choices, usage_n)))
         failure = None
         yield "data: [DONE]\n\n"
     except Exception as e:
@@ -304,6 +304,62 @@ async def _stream(state: ServeState, choices: list[_Choice], chunk,
         yield "data: [DONE]\n\n"
     finally:
         _finish(state, choices, failure)
+
+
+async def _respond(state: ServeState, request: Request, body: P._SamplingRequest,
+                   prompts: list[list[int]], max_tokens: int | None, fmt):
+    choices = _submit(state, prompts, max_tokens, body)
+    if body.stream:
+        return _sse_response(_stream(state, choices, fmt,
+                                     body.n if body.include_usage else None))
+    await _collect(request, state, choices)
+    return fmt.full(choices, _usage(choices, body.n))
+
+
+class _CompletionFormat:
+    """/v1/completions bodies for one request."""
+
+    def __init__(self, model: str):
+        self.head = dict(id=P.new_id("cmpl"), created=P.now(), model=model)
+
+    def opening(self, c: _Choice) -> None:
+        return None
+
+    def chunk(self, c: _Choice, d) -> P.CompletionResponse:
+        return P.CompletionResponse(**self.head, choices=[P.CompletionChoice(
+            index=c.index, text=d.text or "", finish_reason=d.finish_reason)])
+
+    def usage(self, u: P.Usage) -> P.CompletionResponse:
+        return P.CompletionResponse(**self.head, choices=[], usage=u)
+
+    def full(self, choices: list[_Choice], u: P.Usage) -> P.CompletionResponse:
+        return P.CompletionResponse(**self.head, usage=u, choices=[P.CompletionChoice(
+            index=c.index, text="".join(c.text), finish_reason=c.finish_reason)
+            for c in choices])
+
+
+class _ChatFormat:
+    """/v1/chat/completions bodies for one request (a stream opens with the role)."""
+
+    def __init__(self, model: str):
+        self.head = dict(id=P.new_id("chatcmpl"), created=P.now(), model=model)
+
+    def opening(self, c: _Choice) -> P.ChatCompletionChunk:
+        return P.ChatCompletionChunk(**self.head, choices=[P.ChatChunkChoice(
+            index=c.index, delta=P.ChatDelta(role="assistant", content=""))])
+
+    def chunk(self, c: _Choice, d) -> P.ChatCompletionChunk:
+        return P.ChatCompletionChunk(**self.head, choices=[P.ChatChunkChoice(
+            index=c.index, delta=P.ChatDelta(content=d.text or ""),
+            finish_reason=d.finish_reason)])
+
+    def usage(self, u: P.Usage) -> P.ChatCompletionChunk:
+        return P.ChatCompletionChunk(**self.head, choices=[], usage=u)
+
+    def full(self, choices: list[_Choice], u: P.Usage) -> P.ChatCompletionResponse:
+        return P.ChatCompletionResponse(**self.head, usage=u, choices=[P.ChatChoice(
+            index=c.index, message=P.AssistantMessage(content="".join(c.text)),
+            finish_reason=c.finish_reason) for c in choices])
 
 
 def _error_info(e: Exception, state: ServeState | None = None) -> tuple[int, APIError]:
@@ -366,57 +422,15 @@ def build_app(llm, model_name: str, *, api_key: str | None = None, max_queue: in
         _check_model(state, body.model)
         _admit(state)
         prompts = [_encode_text(state, p) if isinstance(p, str) else p for p in body.prompts()]
-        choices = _submit(state, prompts, body.max_tokens, body)
-        rid, created, model = P.new_id("cmpl"), P.now(), model_name
-
-        def chunk(c: _Choice, d) -> P.CompletionResponse | None:
-            if d is None:
-                return None
-            return P.CompletionResponse(id=rid, created=created, model=model, choices=[
-                P.CompletionChoice(index=c.index, text=d.text or "",
-                                   finish_reason=d.finish_reason)])
-
-        def usage_chunk() -> P.CompletionResponse:
-            return P.CompletionResponse(id=rid, created=created, model=model, choices=[],
-                                        usage=_usage(choices, body.n))
-
-        if body.stream:
-            return _sse_response(_stream(state, choices, chunk,
-                                         usage_chunk if body.include_usage else None))
-        await _collect(request, state, choices)
-        return P.CompletionResponse(id=rid, created=created, model=model, usage=_usage(choices, body.n),
-                                    choices=[P.CompletionChoice(index=c.index, text="".join(c.text),
-                                                                finish_reason=c.finish_reason)
-                                             for c in choices])
+        return await _respond(state, request, body, prompts, body.max_tokens,
+                              _CompletionFormat(model_name))
 
     @v1.post("/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         _check_model(state, body.model)
         _admit(state)
-        ids = _chat_ids(state, body.messages)
-        choices = _submit(state, [ids], body.max_new_tokens, body)
-        rid, created, model = P.new_id("chatcmpl"), P.now(), model_name
-
-        def chunk(c: _Choice, d) -> P.ChatCompletionChunk:
-            delta = (P.ChatDelta(role="assistant", content="") if d is None
-                     else P.ChatDelta(content=d.text or ""))
-            return P.ChatCompletionChunk(id=rid, created=created, model=model, choices=[
-                P.ChatChunkChoice(index=c.index, delta=delta,
-                                  finish_reason=None if d is None else d.finish_reason)])
-
-        def usage_chunk() -> P.ChatCompletionChunk:
-            return P.ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
-                                         usage=_usage(choices, body.n))
-
-        if body.stream:
-            return _sse_response(_stream(state, choices, chunk,
-                                         usage_chunk if body.include_usage else None))
-        await _collect(request, state, choices)
-        return P.ChatCompletionResponse(
-            id=rid, created=created, model=model, usage=_usage(choices, body.n),
-            choices=[P.ChatChoice(index=c.index,
-                                  message=P.AssistantMessage(content="".join(c.text)),
-                                  finish_reason=c.finish_reason) for c in choices])
+        return await _respond(state, request, body, [_chat_ids(state, body.messages)],
+                              body.max_new_tokens, _ChatFormat(model_name))
 
     app.include_router(v1)
 
