@@ -677,3 +677,29 @@ def test_cli_serve_sigterm_drains_and_exits_0(tiny_chat_ckpt):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_draining_refuses_new_requests_503(srv):
+    srv.server.config.app.state.serve.draining = True
+    r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+    e = err(r, 503)
+    assert e["code"] == "shutting_down" and r.headers["retry-after"] == "1"
+    assert httpx.get(srv.url + "/health").status_code == 503
+
+
+def test_chat_content_parts_and_default_budget(srv, fake):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hel"},
+                                         {"type": "text", "text": "lo"}]}]
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": msgs,
+                                                           "user": "someone"})
+    assert r.status_code == 200, r.text
+    ids = fake.tokenizer.encode(fake.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}]), add_special_tokens=False)
+    req = fake.submitted[-1]
+    assert req.ids == ids
+    # chat without max_tokens: the rest of the context
+    assert req.kw["max_new_tokens"] == fake.config.max_position_embeddings - len(ids)
+    e = err(httpx.post(srv.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
+    assert e["param"].startswith("messages")
