@@ -414,27 +414,49 @@ def test_sigterm_drains_running_requests_and_exits_0(tok_dir):
 
 
 # ---------------------------------------------------------------------- load (toy engine)
-def check_load(url: str, llm, prompts, budgets, oracle_texts, records) -> None:
-    """Every request answered once; completed greedy answers equal the oracle; the success
-    counter equals the completed count; the engine idle and its KV cache empty after."""
+def check_load(url: str, llm, budgets, oracle_texts, records, before: dict | None = None):
+    """Every request answered once; completed greedy answers equal the oracle; the engine
+    idle and its KV cache empty after; the server counted each request exactly once.
+
+    A request whose client hung up just as its last token was on the wire is complete for
+    the server and cut for the client, so success may exceed the client's completed count
+    by at most the number of hang-ups; success + aborted always equals the requests sent."""
     from parallax.serve.loadgen import summarize
-    assert [r.index for r in records] == list(range(len(prompts)))
+    before = before or {}
+    assert [r.index for r in records] == list(range(len(budgets)))
     assert all(r.status == 200 and r.error is None for r in records), [
         r.error for r in records if r.error][:3]
     done = [r for r in records if r.ok]
-    assert len(done) + sum(r.disconnected for r in records) == len(records)
+    hung = [r for r in records if r.disconnected]
+    assert hung and len(done) + len(hung) == len(records)
     for r in done:
         assert r.text == oracle_texts[r.index], r.index
         assert r.output_tokens <= budgets[r.index]
     assert wait_until(lambda: llm.stats()["num_requests_running"] == 0
                       and llm.stats()["num_requests_waiting"] == 0)
-    assert llm.stats()["kv_cache_usage"] == 0
-    assert metric(url, "parallax:request_success_total") == len(done)
-    assert metric(url, "parallax:request_failed_total", reason="aborted") == sum(
-        r.disconnected for r in records)
-    assert metric(url, "parallax:e2e_request_latency_seconds_count") == len(done)
+    assert wait_until(lambda: llm.stats()["kv_cache_usage"] == 0)
+    assert metric(url, "parallax:kv_cache_usage_perc") == 0
+
+    def count(name, **labels):
+        return metric(url, name, **labels) - before.get((name, *labels.values()), 0)
+
+    assert wait_until(lambda: count("parallax:request_success_total")
+                      + count("parallax:request_failed_total", reason="aborted")
+                      == len(records))
+    success = count("parallax:request_success_total")
+    assert len(done) <= success <= len(done) + len(hung)
+    assert count("parallax:request_failed_total", reason="error") == 0
+    assert count("parallax:e2e_request_latency_seconds_count") == success
     s = summarize(records, 1.0)
     assert s["completed"] == len(done) and s["failed"] == 0
+
+
+def counters(url: str) -> dict:
+    """The counters check_load compares, before a run."""
+    names = [("parallax:request_success_total",), ("parallax:request_failed_total", "aborted"),
+             ("parallax:request_failed_total", "error"),
+             ("parallax:e2e_request_latency_seconds_count",)]
+    return {n: metric(url, n[0], **({"reason": n[1]} if len(n) > 1 else {})) for n in names}
 
 
 def test_load_toy_engine(fake):
@@ -448,7 +470,7 @@ def test_load_toy_engine(fake):
         records, _ = run_load(s.url, prompts, model=MODEL, max_tokens=budgets, concurrency=32,
                               stream=0.5, disconnect_fraction=0.2, seed=2, timeout_s=60)
         assert any(r.disconnected for r in records) and any(not r.stream for r in records)
-        check_load(s.url, fake, prompts, budgets, want, records)
+        check_load(s.url, fake, budgets, want, records)
         assert len(fake.submitted) == len(prompts)        # none lost, none duplicated
 
 
@@ -556,29 +578,16 @@ def test_real_load_200_requests(real):
     prompts = synthetic_prompts(200, (2, 40), seed=5)
     budgets = [2 + (i * 11) % 30 for i in range(len(prompts))]
     want = offline(llm, prompts, budgets)
-    before = metric(s.url, "parallax:request_success_total")
     # warm-up, then the measured run
     run_load(s.url, prompts[:32], model="tiny", max_tokens=budgets[:32], concurrency=32)
     warm_rss = rss_bytes()
-    before = metric(s.url, "parallax:request_success_total")
-    aborted0 = metric(s.url, "parallax:request_failed_total", reason="aborted")
+    before = counters(s.url)
     t0 = time.monotonic()
     records, wall = run_load(s.url, prompts, model="tiny", max_tokens=budgets, concurrency=32,
                              stream=0.5, disconnect_fraction=0.2, seed=9, timeout_s=120)
     assert time.monotonic() - t0 < 120
-    done = [r for r in records if r.ok]
-    hung = [r for r in records if r.disconnected]
-    assert 10 <= len(hung) <= 40 and len(done) + len(hung) == 200
-    assert all(r.status == 200 and r.error is None for r in records)
-    for r in done:
-        assert r.text == want[r.index], r.index
-    assert wait_until(lambda: llm.stats()["num_requests_running"] == 0
-                      and llm.stats()["num_requests_waiting"] == 0)
-    assert wait_until(lambda: llm.stats()["kv_cache_usage"] == 0)
-    assert metric(s.url, "parallax:request_success_total") - before == len(done)
-    assert wait_until(lambda: metric(s.url, "parallax:request_failed_total",
-                                     reason="aborted") - aborted0 == len(hung))
-    assert metric(s.url, "parallax:kv_cache_usage_perc") == 0
+    assert 10 <= sum(r.disconnected for r in records) <= 40
+    check_load(s.url, llm, budgets, want, records, before)
     assert rss_bytes() < 1.1 * warm_rss, (rss_bytes(), warm_rss)
 
 
@@ -595,14 +604,9 @@ def test_real_load_parallel_layouts(tiny_chat_ckpt, tp, pp):
         want = offline(llm, prompts, budgets)
         with BackgroundServer(build_app(llm, "tiny")) as s:
             records, _ = run_load(s.url, prompts, model="tiny", max_tokens=budgets,
-                                  concurrency=16, stream=0.5, disconnect_fraction=0.1, seed=3,
+                                  concurrency=16, stream=0.5, disconnect_fraction=0.2, seed=3,
                                   timeout_s=120)
-            done = [r for r in records if r.ok]
-            assert all(r.status == 200 and r.error is None for r in records)
-            assert len(done) + sum(r.disconnected for r in records) == len(records)
-            assert all(r.text == want[r.index] for r in done)
-            assert metric(s.url, "parallax:request_success_total") == len(done)
-            assert wait_until(lambda: llm.stats()["kv_cache_usage"] == 0)
+            check_load(s.url, llm, budgets, want, records)
 
 
 def pid_alive(pid: int) -> bool:
