@@ -707,3 +707,17 @@ def test_chat_content_parts_and_default_budget(srv, fake):
         "model": MODEL, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
     assert e["param"].startswith("messages")
+
+
+def test_loadgen_cli_table_and_replayed_arrivals(srv, capsys):
+    from parallax.serve.loadgen import main, run_load
+    assert main(["--url", srv.url, "--num-prompts", "6", "--rates", "50,inf",
+                 "--max-tokens", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 50")
+            or line.startswith("| inf")]
+    assert len(rows) == 2 and all(r.split("|")[2].strip() == "6" for r in rows)
+    records, wall = run_load(srv.url, [[5, 6]] * 3, model=MODEL, max_tokens=4,
+                             arrivals=[0.0, 0.2, 0.4])
+    assert [round(r.start_s, 1) for r in records] == [0.0, 0.2, 0.4]
+    assert all(len(r.times) == 4 and r.times == sorted(r.times) for r in records)
+    assert wall >= 0.4
