@@ -19,39 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ParallaxError, PromptError, WorkerError
+from ..errors import ParallaxError, PromptError
 from . import protocol as P
+from .errors import APIError, error_for, install_error_handlers
 from .health import EngineMonitor
 from .metrics import CONTENT_TYPE, ServerMetrics
-
-try:       # the engine's "closed or crashed" error; a WorkerError where it does not exist
-    from ..engine.handle import EngineDeadError
-except ImportError:
-    EngineDeadError = WorkerError
 
 logger = logging.getLogger(__name__)
 
 FINISHED = ("stop", "length")       # finish reasons of a complete answer ("abort" is not)
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's body."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (status, message, type_,
-                                                                       param, code)
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(P.error_body(self.message, self.type, self.param, self.code),
-                            status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -299,7 +277,7 @@ async def _stream(state: ServeState, choices: list[_Choice], fmt,
     except Exception as e:
         failure = "error"
         logger.exception("stream failed")
-        status, info = _error_info(e, state)
+        status, info = error_for(e, state.monitor)
         yield _sse(P.error_body(info.message, info.type, info.param, status))
         yield "data: [DONE]\n\n"
     finally:
@@ -362,19 +340,6 @@ class _ChatFormat:
             finish_reason=c.finish_reason) for c in choices])
 
 
-def _error_info(e: Exception, state: ServeState | None = None) -> tuple[int, APIError]:
-    if isinstance(e, APIError):
-        return e.status, e
-    if isinstance(e, (WorkerError, EngineDeadError)):
-        if state is not None:
-            state.monitor.mark_dead(str(e))
-        return 503, APIError(503, f"the engine failed: {e}", "service_unavailable",
-                             code="engine_failed")
-    if isinstance(e, ParallaxError):
-        return 400, APIError(400, str(e))
-    return 500, APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
-
-
 # ---------------------------------------------------------------------- the app
 def build_app(llm, model_name: str, *, api_key: str | None = None, max_queue: int | None = None,
               health_timeout_s: float = 30.0, retry_after_s: int = 1) -> FastAPI:
@@ -405,7 +370,7 @@ def build_app(llm, model_name: str, *, api_key: str | None = None, max_queue: in
 
     app = FastAPI(title="parallax", lifespan=lifespan)
     app.state.serve = state
-    _install_error_handlers(app)
+    install_error_handlers(app, state.monitor)
 
     def auth(request: Request) -> None:
         _check_auth(state, request)
@@ -453,39 +418,3 @@ def build_app(llm, model_name: str, *, api_key: str | None = None, max_queue: in
 def _sse_response(body: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError):
-        return e.response()
-
-    @app.exception_handler(P.UnsupportedField)
-    async def unsupported(_: Request, e: P.UnsupportedField):
-        return APIError(400, str(e), param=e.field, code="unsupported_parameter").response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError):
-        errors = e.errors()
-        parts, param = [], None
-        for err in errors:
-            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-            param = param or (".".join(loc) or None)
-            parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
-        return APIError(400, "; ".join(parts) or "invalid request", param=param,
-                        code="invalid_value").response()
-
-    @app.exception_handler(ParallaxError)
-    async def parallax_error(request: Request, e: ParallaxError):
-        return _error_info(e, request.app.state.serve)[1].response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException):
-        type_ = "invalid_request_error" if e.status_code < 500 else "internal_error"
-        return JSONResponse(P.error_body(str(e.detail), type_, code=e.status_code),
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal(_: Request, e: Exception):
-        logger.exception("unhandled error")
-        return _error_info(e)[1].response()
