@@ -269,10 +269,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, script, *a.args])
 
 
+# ---------------------------------------------------------------------- serve
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve.server import main as serve_main     # FastAPI/uvicorn only when serving
+    return serve_main(a)
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The ``parallax`` argument parser (also renders docs/cli.md)."""
-    from .engine import DTYPES
+    from .engine.runner import DTYPES
     p = _Parser(prog="parallax", formatter_class=_Formatter,
                 description="Model-parallel LLM inference: generate text, inspect a model's "
                             "layout and memory per rank, run the benchmarks.",
@@ -352,6 +358,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also build the model and report measured weight bytes and peak RSS "
                         "(default: computed only)")
 
+    s = command("serve", "serve the model over an OpenAI-compatible HTTP API (docs/serving.md)",
+                parents=[common])
+    s.add_argument("model", help="HF checkpoint folder, .gguf file or 'smollm2-135m'")
+    model_args(s)
+    s.add_argument("--device", default=defaults.DEVICE, choices=["cpu", "cuda"],
+                   help="where the ranks run")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; anything but loopback should also set --api-key")
+    s.add_argument("--port", type=int, default=8000, help="TCP port; 0 = any free port")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set "
+                   "PARALLAX_API_KEY; default: no key)")
+    s.add_argument("--max-queue", type=_count, metavar="N",
+                   help="answer 429 while this many requests wait (default: unbounded)")
+    s.add_argument("--served-model-name", help="the model id clients send (default: MODEL)")
+    s.add_argument("--max-num-seqs", type=_count, metavar="N",
+                   help="requests decoded together at most (default: the engine's, 64)")
+    s.add_argument("--kv-cache-tokens", type=_count, metavar="N",
+                   help="KV-cache capacity in tokens (default: sized from memory)")
+    s.add_argument("--drain-timeout", type=_seconds, default=30.0, metavar="S",
+                   help="seconds running requests may take to finish after SIGTERM")
+    s.add_argument("--health-timeout", type=_seconds, default=30.0, metavar="S",
+                   help="/health is 503 after the engine is silent or stuck this long")
+
     b = command("bench", "run a benchmark script from benchmarks/ (arguments forwarded)")
     b.add_argument("which", choices=BENCHMARKS, metavar="WHICH",
                    help="the script benchmarks/bench_WHICH.py: " + " | ".join(BENCHMARKS))
@@ -364,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "generate": (check_generate, cmd_generate),
     "info": (check_model, cmd_info),
+    "serve": (check_model, cmd_serve),
     "bench": (None, cmd_bench),
 }
 

@@ -1,0 +1,723 @@
+"""`parallax serve`: the OpenAI-compatible HTTP layer, driven by the real ``openai`` client
+and raw httpx against a real uvicorn server on a free loopback port.
+
+The first part runs the app on FakeLLM (tests/serve_fakes.py: DESIGN.md's engine contract
+over a deterministic toy model) to pin the HTTP layer's own behaviour; the part marked
+``slow`` runs it on the real engine with a tiny random checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from parallax.loading.tokenizer import Tokenizer
+from parallax.serve.app import build_app
+from parallax.serve.server import BackgroundServer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from serve_fakes import FakeLLM, make_tokenizer, wait_until  # noqa: E402
+
+MODEL = "fake-model"
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("serve_tok"))
+    make_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tok_dir) -> Tokenizer:
+    return Tokenizer.from_dir(tok_dir)
+
+
+@pytest.fixture
+def fake(tokenizer):
+    llm = FakeLLM(tokenizer)
+    yield llm
+    llm.close()
+
+
+def serve(llm, **kw) -> BackgroundServer:
+    return BackgroundServer(build_app(llm, MODEL, **kw))
+
+
+@pytest.fixture
+def srv(fake):
+    with serve(fake) as s:
+        yield s
+
+
+def client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def oracle(llm: FakeLLM, prompt, max_new_tokens: int, **kw):
+    """What the engine answers for this request on its own."""
+    ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    return llm.submit(ids, max_new_tokens=max_new_tokens, chat=False, **kw).result()
+
+
+def metric(url: str, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, value = line.rsplit(" ", 1)
+        metric_name = head.split("{")[0]
+        if metric_name != name or any(f'{k}="{v}"' not in head for k, v in labels.items()):
+            continue
+        total += float(value)
+    return total
+
+
+def sse_events(lines) -> list:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+# ---------------------------------------------------------------------- happy paths
+def test_completion_text_and_usage(srv, fake):
+    r = client(srv.url).completions.create(model=MODEL, prompt="Water boils at", max_tokens=7,
+                                           temperature=0)
+    want = oracle(fake, "Water boils at", 7)
+    assert r.choices[0].text == want.text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(fake.tokenizer.encode("Water boils at"))
+    assert r.usage.completion_tokens == 7 and r.usage.total_tokens == r.usage.prompt_tokens + 7
+    assert r.id.startswith("cmpl-") and r.model == MODEL and r.object == "text_completion"
+    # the server passes the sampling fields through as submit's arguments
+    kw = fake.submitted[0].kw
+    assert kw["temperature"] == 0 and kw["chat"] is False and kw["max_new_tokens"] == 7
+
+
+def test_chat_uses_template_and_streams_same_text(srv, fake):
+    c = client(srv.url)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0)
+    templated = fake.tokenizer.apply_chat_template(msgs)
+    ids = fake.tokenizer.encode(templated, add_special_tokens=False)
+    assert fake.submitted[0].ids == ids
+    assert r.choices[0].message.content == oracle(fake, ids, 6).text
+    assert r.choices[0].message.role == "assistant" and r.usage.prompt_tokens == len(ids)
+
+    chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == r.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.prompt_tokens == len(ids)
+
+
+def test_completion_stream_raw_sse(srv, fake):
+    body = dict(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, stream=True,
+                stream_options={"include_usage": True})
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    assert raw.endswith("data: [DONE]\n\n")
+    events = sse_events(raw.split("\n"))
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 5
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == oracle(fake, "Hello", 5).text
+
+
+def test_n2_seeded_sampling_reproducible(srv):
+    c = client(srv.url)
+    kw = dict(model=MODEL, prompt="Hello", max_tokens=8, temperature=0.8, n=2, seed=1234)
+    a, b = c.completions.create(**kw), c.completions.create(**kw)
+    assert [ch.index for ch in a.choices] == [0, 1]
+    assert [ch.text for ch in a.choices] == [ch.text for ch in b.choices]
+    assert a.choices[0].text != a.choices[1].text        # choice i samples with seed + i
+    assert a.usage.completion_tokens == 16
+    other = c.completions.create(**{**kw, "seed": 99})
+    assert [ch.text for ch in other.choices] != [ch.text for ch in a.choices]
+
+
+def test_n2_streaming_both_choices(srv):
+    chunks = list(client(srv.url).completions.create(model=MODEL, prompt="Hi", max_tokens=4,
+                                                     n=2, seed=3, temperature=1.0,
+                                                     stream=True))
+    texts = {0: "", 1: ""}
+    reasons = {}
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    assert reasons == {0: "length", 1: "length"} and all(texts.values())
+
+
+def test_stop_strings_and_ids_passed_to_engine(srv, fake):
+    full = oracle(fake, "Hello", 12).text
+    pieces = [d.text for d in fake.submitted[-1].deltas]
+    # a stop string that starts on a token boundary (the toy engine holds nothing back)
+    k = next(i for i in range(2, 12) if pieces[i] and pieces[i] not in "".join(pieces[:i]))
+    stop = pieces[k]
+    r = client(srv.url).completions.create(model=MODEL, prompt="Hello", max_tokens=12,
+                                           temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[:full.index(stop)]
+    r = httpx.post(srv.url + "/v1/completions", json=dict(
+        model=MODEL, prompt="Hello", max_tokens=12, temperature=0, stop_token_ids=[7],
+        ignore_eos=True, repetition_penalty=1.3, top_k=5)).json()
+    kw = fake.submitted[-1].kw
+    assert (kw["stop_token_ids"], kw["ignore_eos"], kw["repetition_penalty"], kw["top_k"]) == (
+        [7], True, 1.3, 5)
+    assert r["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_token_id_prompts(srv, fake):
+    c = client(srv.url)
+    r = c.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=4, temperature=0)
+    assert r.choices[0].text == oracle(fake, [5, 6, 7, 8], 4).text
+    assert r.usage.prompt_tokens == 4
+    r = c.completions.create(model=MODEL, prompt=[[5, 6], [9, 10, 11]], max_tokens=3,
+                             temperature=0)
+    assert [ch.text for ch in r.choices] == [oracle(fake, [5, 6], 3).text,
+                                             oracle(fake, [9, 10, 11], 3).text]
+    assert r.usage.prompt_tokens == 5
+    r = c.completions.create(model=MODEL, prompt=["Hello", "Water"], max_tokens=3,
+                             temperature=0, n=2)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    assert r.choices[2].text == oracle(fake, "Water", 3).text
+
+
+def test_models_route(srv):
+    models = client(srv.url).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+# ---------------------------------------------------------------------- errors
+def err(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize("field,value,param", [
+    ("temperature", -1, "temperature"), ("n", 0, "n"), ("max_tokens", 0, "max_tokens"),
+    ("top_p", 0, "top_p"), ("prompt", [], "prompt"), ("bogus_field", 1, "bogus_field"),
+    ("presence_penalty", 0.5, "presence_penalty"), ("frequency_penalty", 1.0,
+                                                    "frequency_penalty"),
+    ("logprobs", 2, "logprobs"), ("echo", True, "echo"),
+])
+def test_bad_fields_are_400(srv, field, value, param):
+    body = {"model": MODEL, "prompt": "Hi", field: value}
+    e = err(httpx.post(srv.url + "/v1/completions", json=body), 400)
+    assert e["param"] == param and e["type"] == "invalid_request_error"
+
+
+def test_chat_logprobs_400_and_bad_role(srv):
+    msgs = [{"role": "user", "content": "Hi"}]
+    e = err(httpx.post(srv.url + "/v1/chat/completions",
+                       json={"model": MODEL, "messages": msgs, "logprobs": True}), 400)
+    assert "not supported yet" in e["message"] and e["param"] == "logprobs"
+    e = err(httpx.post(srv.url + "/v1/chat/completions",
+                       json={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}),
+            400)
+    assert e["param"].startswith("messages")
+    err(httpx.post(srv.url + "/v1/chat/completions", content=b"{not json",
+                   headers={"content-type": "application/json"}), 400)
+
+
+def test_engine_errors_are_400_naming_numbers(srv):
+    e = err(httpx.post(srv.url + "/v1/completions",
+                       json={"model": MODEL, "prompt": list(range(3, 203)), "max_tokens": 100}),
+            400)
+    assert "200" in e["message"] and "256" in e["message"]
+    e = err(httpx.post(srv.url + "/v1/completions",
+                       json={"model": MODEL, "prompt": [1, 99999], "max_tokens": 2}), 400)
+    assert "vocabulary" in e["message"]
+
+
+def test_openai_client_raises_typed_errors(srv):
+    c = client(srv.url)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=5)
+
+
+def test_unknown_model_and_route_404(srv):
+    e = err(httpx.post(srv.url + "/v1/completions", json={"model": "gpt-4", "prompt": "Hi"}), 404)
+    assert e["code"] == "model_not_found" and "gpt-4" in e["message"]
+    err(httpx.get(srv.url + "/v1/nothing-here"), 404)
+
+
+def test_api_key_401(fake):
+    with serve(fake, api_key="s3cret") as s:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            e = err(httpx.get(s.url + "/v1/models", headers=headers), 401)
+            assert e["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(s.url, "wrong").models.list()
+        assert client(s.url, "s3cret").models.list().data[0].id == MODEL
+        assert httpx.get(s.url + "/health").status_code == 200        # probes need no key
+
+
+def test_queue_full_429_with_retry_after(fake):
+    fake.stall()                                    # nothing runs: submitted requests wait
+    with serve(fake, max_queue=2) as s:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "stream": True}
+        with httpx.Client(timeout=10) as h:
+            streams = [h.stream("POST", s.url + "/v1/completions", json=body)
+                       for _ in range(2)]
+            responses = [st.__enter__() for st in streams]
+            assert wait_until(lambda: fake.stats()["num_requests_waiting"] == 2)
+            r = h.post(s.url + "/v1/completions", json={**body, "stream": False})
+            e = err(r, 429)
+            assert r.headers["retry-after"] == "1" and e["code"] == "queue_full"
+            assert metric(s.url, "parallax:request_rejected_total", status="429") == 1
+            fake.stalled.clear()
+            for st, resp in zip(streams, responses):
+                assert resp.read().decode().endswith("data: [DONE]\n\n")
+                st.__exit__(None, None, None)
+        r = httpx.post(s.url + "/v1/completions", json={**body, "stream": False})
+        assert r.status_code == 200
+
+
+# ---------------------------------------------------------------------- disconnects
+def test_disconnect_mid_stream_cancels(fake):
+    fake.step_s = 0.02
+    with serve(fake) as s:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(4)]
+        assert any(x.startswith("data: ") for x in got)
+        req = fake.submitted[0]
+        assert wait_until(lambda: req.cancelled)
+        assert len(req.generated) < 200 and req.deltas[-1].finish_reason == "abort"
+        assert wait_until(lambda: fake.stats()["num_requests_running"] == 0)
+        assert wait_until(lambda: metric(s.url, "parallax:request_failed_total",
+                                         reason="aborted") == 1)
+        assert metric(s.url, "parallax:request_success_total") == 0
+
+
+def test_disconnect_non_streaming_cancels(fake):
+    fake.step_s = 0.02
+    with serve(fake) as s:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", timeout=0.3,
+                       json={"model": MODEL, "prompt": "Hi", "max_tokens": 200})
+        req = fake.submitted[0]
+        assert wait_until(lambda: req.cancelled)
+        assert len(req.generated) < 200 and req.deltas[-1].finish_reason == "abort"
+        assert wait_until(lambda: metric(s.url, "parallax:request_failed_total",
+                                         reason="aborted") == 1)
+        assert metric(s.url, "parallax:request_success_total") == 0
+
+
+# ---------------------------------------------------------------------- health, metrics
+def test_health_turns_503_when_engine_dies(fake):
+    with serve(fake, health_timeout_s=2.0) as s:
+        assert httpx.get(s.url + "/health").status_code == 200
+        fake.kill()
+        assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 503, 5)
+        assert "dead" in httpx.get(s.url + "/health").json()["error"]["message"]
+
+
+def test_health_turns_503_when_engine_stuck(fake):
+    with serve(fake, health_timeout_s=1.0) as s:
+        fake.stall()
+        fake.submit([5, 6], max_new_tokens=3)      # work in hand, no progress
+        assert httpx.get(s.url + "/health").status_code == 200
+        assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 503, 6)
+        assert "no progress" in httpx.get(s.url + "/health").json()["error"]["message"]
+        fake.stalled.clear()
+        assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 200, 6)
+
+
+def test_metrics_names_and_counts(srv, fake):
+    c = client(srv.url)
+    c.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, n=2)
+    list(c.completions.create(model=MODEL, prompt="Hello", max_tokens=3, stream=True))
+    text = httpx.get(srv.url + "/metrics").text
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
+                 "prefix_cache_queries_total", "prefix_cache_hits_total",
+                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
+                 "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket"):
+        assert f"\nparallax:{name}" in text, name
+    assert metric(srv.url, "parallax:request_success_total", finished_reason="length") == 3
+    assert metric(srv.url, "parallax:time_to_first_token_seconds_count") == 3
+    # 4 + 4 + 3 tokens: one inter-token gap per token after each choice's first
+    assert metric(srv.url, "parallax:inter_token_latency_seconds_count") == 8
+    assert metric(srv.url, "parallax:generation_tokens_total") == fake.stats()[
+        "generation_tokens"]
+
+
+# ---------------------------------------------------------------------- SIGTERM
+DRAIN_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from parallax.loading.tokenizer import Tokenizer
+from parallax.serve.app import build_app
+from parallax.serve.server import run
+from serve_fakes import FakeLLM
+llm = FakeLLM(Tokenizer.from_dir({tok!r}), step_s=0.01)
+run(build_app(llm, "m"), "127.0.0.1", 0, drain_timeout_s=20,
+    on_started=lambda url: print("URL", url, flush=True))
+llm.close()
+print("EXITED CLEANLY", flush=True)
+"""
+
+
+def stream_through_sigterm(p: subprocess.Popen, url: str, body: dict) -> None:
+    """SIGTERM the server ``p`` once a greedy stream has started: the stream must finish
+    (finish_reason "length", then [DONE]), the process exit 0 and the port close."""
+    body = {**body, "stream": True, "temperature": 0}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        p.send_signal(signal.SIGTERM)
+        events = sse_events(lines)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"][0]["finish_reason"] == "length"     # finished, not cut
+    assert p.wait(timeout=60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health")
+
+
+def test_sigterm_drains_running_requests_and_exits_0(tok_dir):
+    script = DRAIN_SCRIPT.format(tests=os.path.dirname(__file__), tok=tok_dir)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("URL "), line
+        url = line.split()[1]
+        stream_through_sigterm(p, url, {"model": "m", "prompt": "Hi", "max_tokens": 60})
+        assert "EXITED CLEANLY" in p.stdout.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+# ---------------------------------------------------------------------- load (toy engine)
+def check_load(url: str, llm, budgets, oracle_texts, records, before: dict | None = None):
+    """Every request answered once; completed greedy answers equal the oracle; the engine
+    idle and its KV cache empty after; the server counted each request exactly once.
+
+    A request whose client hung up just as its last token was on the wire is complete for
+    the server and cut for the client, so success may exceed the client's completed count
+    by at most the number of hang-ups; success + aborted always equals the requests sent."""
+    from parallax.serve.loadgen import summarize
+    before = before or {}
+    assert [r.index for r in records] == list(range(len(budgets)))
+    assert all(r.status == 200 and r.error is None for r in records), [
+        r.error for r in records if r.error][:3]
+    done = [r for r in records if r.ok]
+    hung = [r for r in records if r.disconnected]
+    assert hung and len(done) + len(hung) == len(records)
+    for r in done:
+        assert r.text == oracle_texts[r.index], r.index
+        assert r.output_tokens <= budgets[r.index]
+    assert wait_until(lambda: llm.stats()["num_requests_running"] == 0
+                      and llm.stats()["num_requests_waiting"] == 0)
+    assert wait_until(lambda: llm.stats()["kv_cache_usage"] == 0)
+    assert metric(url, "parallax:kv_cache_usage_perc") == 0
+
+    def count(name, **labels):
+        return metric(url, name, **labels) - before.get((name, *labels.values()), 0)
+
+    assert wait_until(lambda: count("parallax:request_success_total")
+                      + count("parallax:request_failed_total", reason="aborted")
+                      == len(records))
+    success = count("parallax:request_success_total")
+    assert len(done) <= success <= len(done) + len(hung)
+    assert count("parallax:request_failed_total", reason="error") == 0
+    assert count("parallax:e2e_request_latency_seconds_count") == success
+    s = summarize(records, 1.0)
+    assert s["completed"] == len(done) and s["failed"] == 0
+
+
+def counters(url: str) -> dict:
+    """The counters check_load compares, before a run."""
+    names = [("parallax:request_success_total",), ("parallax:request_failed_total", "aborted"),
+             ("parallax:request_failed_total", "error"),
+             ("parallax:e2e_request_latency_seconds_count",)]
+    return {n: metric(url, n[0], **({"reason": n[1]} if len(n) > 1 else {})) for n in names}
+
+
+def test_load_toy_engine(fake):
+    from parallax.serve.loadgen import run_load, synthetic_prompts
+    fake.max_running = 8
+    prompts = synthetic_prompts(120, (2, 20), seed=1)
+    budgets = [4 + (i * 7) % 29 for i in range(len(prompts))]
+    want = [oracle(fake, p, b).text for p, b in zip(prompts, budgets)]
+    fake.submitted.clear()
+    with serve(fake) as s:
+        records, _ = run_load(s.url, prompts, model=MODEL, max_tokens=budgets, concurrency=32,
+                              stream=0.5, disconnect_fraction=0.2, seed=2, timeout_s=60)
+        assert any(r.disconnected for r in records) and any(not r.stream for r in records)
+        check_load(s.url, fake, budgets, want, records)
+        assert len(fake.submitted) == len(prompts)        # none lost, none duplicated
+
+
+# ====================================================================== the real engine
+@pytest.fixture(scope="module")
+def tiny_chat_ckpt(tmp_path_factory) -> str:
+    """A tiny random Llama with a trained tokenizer and a ChatML template (eos = id 2)."""
+    from conftest import make_checkpoint
+    folder = str(tmp_path_factory.mktemp("tiny_chat"))
+    vocab = make_tokenizer(folder)
+    return make_checkpoint(folder, "llama", vocab_size=vocab)
+
+
+@pytest.fixture(scope="module")
+def real(tiny_chat_ckpt):
+    import parallax
+    llm = parallax.LLM(tiny_chat_ckpt, max_num_seqs=16, kv_cache_tokens=4096)
+    with BackgroundServer(build_app(llm, "tiny")) as s:
+        yield llm, s
+    llm.close()
+
+
+def offline(llm, prompts, budgets, **kw) -> list[str]:
+    """LLM.generate's texts for (prompt, max_new_tokens) pairs, one generate per budget."""
+    out = [None] * len(prompts)
+    for b in sorted(set(budgets)):
+        idx = [i for i, x in enumerate(budgets) if x == b]
+        texts = llm.generate([prompts[i] for i in idx], max_new_tokens=b, chat=False, **kw)
+        for i, c in zip(idx, texts):
+            out[i] = c.text
+    return out
+
+
+@pytest.mark.slow
+def test_real_completions_chat_stream_equal_offline(real):
+    llm, s = real
+    c = client(s.url)
+    r = c.completions.create(model="tiny", prompt="Water boils at", max_tokens=12,
+                             temperature=0)
+    want = llm.generate("Water boils at", max_new_tokens=12, chat=False)[0]
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (
+        want.usage.prompt_tokens, want.usage.completion_tokens)
+    chunks = list(c.completions.create(model="tiny", prompt="Water boils at", max_tokens=12,
+                                       temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == want.usage.completion_tokens
+
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == llm.chat(msgs, max_new_tokens=10).text
+
+    ids = llm.tokenizer.encode("Hello, how are you?")
+    r = c.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    assert r.choices[0].text == llm.generate([ids], max_new_tokens=6)[0].text
+
+
+@pytest.mark.slow
+def test_real_seeded_n2_and_stop_strings(real):
+    llm, s = real
+    c = client(s.url)
+    kw = dict(model="tiny", prompt="Hello", max_tokens=10, temperature=0.9, seed=77, n=2)
+    a, b = c.completions.create(**kw), c.completions.create(**kw)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices]
+    # choice i samples with seed + i, as LLM.generate seeds prompt i
+    want = llm.generate(["Hello", "Hello"], max_new_tokens=10, temperature=0.9, seed=77,
+                        chat=False)
+    assert [x.text for x in a.choices] == [w.text for w in want]
+
+    full = llm.generate("The quick brown", max_new_tokens=16, chat=False)[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    r = c.completions.create(model="tiny", prompt="The quick brown", max_tokens=16,
+                             temperature=0, stop=[stop])
+    want = llm.generate("The quick brown", max_new_tokens=16, chat=False, stop=[stop])[0]
+    assert r.choices[0].text == want.text == full[:full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_real_prompt_too_long_names_numbers(real):
+    llm, s = real
+    ctx = llm.config.max_position_embeddings
+    e = err(httpx.post(s.url + "/v1/completions", json={
+        "model": "tiny", "prompt": [5] * (ctx - 10), "max_tokens": 50}), 400)
+    assert str(ctx - 10) in e["message"] and str(ctx) in e["message"]
+    e = err(httpx.post(s.url + "/v1/completions", json={
+        "model": "tiny", "prompt": [5] * ctx, "max_tokens": None}), 400)
+    assert str(ctx) in e["message"]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.slow
+def test_real_load_200_requests(real):
+    """200 requests at concurrency 32, half streaming, mixed lengths, ~10% hanging up."""
+    from parallax.serve.loadgen import run_load, synthetic_prompts
+    llm, s = real
+    prompts = synthetic_prompts(200, (2, 40), seed=5)
+    budgets = [2 + (i * 11) % 30 for i in range(len(prompts))]
+    want = offline(llm, prompts, budgets)
+    # warm-up, then the measured run
+    run_load(s.url, prompts[:32], model="tiny", max_tokens=budgets[:32], concurrency=32)
+    warm_rss = rss_bytes()
+    before = counters(s.url)
+    t0 = time.monotonic()
+    records, wall = run_load(s.url, prompts, model="tiny", max_tokens=budgets, concurrency=32,
+                             stream=0.5, disconnect_fraction=0.2, seed=9, timeout_s=120)
+    assert time.monotonic() - t0 < 120
+    assert 10 <= sum(r.disconnected for r in records) <= 40
+    check_load(s.url, llm, budgets, want, records, before)
+    assert rss_bytes() < 1.1 * warm_rss, (rss_bytes(), warm_rss)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_real_load_parallel_layouts(tiny_chat_ckpt, tp, pp):
+    """The same load (smaller) on a tp=2 and a pp=2 engine: answers equal offline ones."""
+    import parallax
+    from parallax.serve.loadgen import run_load, synthetic_prompts
+    prompts = synthetic_prompts(60, (2, 30), seed=7)
+    budgets = [2 + (i * 5) % 20 for i in range(len(prompts))]
+    with parallax.LLM(tiny_chat_ckpt, tp=tp, pp=pp, max_num_seqs=16,
+                      kv_cache_tokens=4096) as llm:
+        want = offline(llm, prompts, budgets)
+        with BackgroundServer(build_app(llm, "tiny")) as s:
+            records, _ = run_load(s.url, prompts, model="tiny", max_tokens=budgets,
+                                  concurrency=16, stream=0.5, disconnect_fraction=0.2, seed=3,
+                                  timeout_s=120)
+            check_load(s.url, llm, budgets, want, records)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:          # a zombie is dead too
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_real_worker_killed_under_load(tiny_chat_ckpt):
+    """Kill a tp=2 worker mid-load: in-flight requests end with a 5xx error (no hang),
+    /health turns 503 within its timeout, and closing leaves no worker behind."""
+    import parallax
+    from parallax.serve.loadgen import run_load_async, synthetic_prompts
+    import asyncio
+    prompts = synthetic_prompts(24, (2, 10), seed=11)
+    llm = parallax.LLM(tiny_chat_ckpt, tp=2, max_num_seqs=8, kv_cache_tokens=4096,
+                       timeout_s=10)
+    pids = [m["pid"] for m in llm.memory()]
+    victim = next(p for p in pids if p != os.getpid())
+    try:
+        with BackgroundServer(build_app(llm, "tiny", health_timeout_s=3.0)) as s:
+            async def scenario():
+                load = asyncio.create_task(run_load_async(
+                    s.url, prompts, model="tiny", max_tokens=200, concurrency=24,
+                    stream=0.5, seed=1, timeout_s=60, extra_body={"ignore_eos": True}))
+                await asyncio.sleep(1.0)
+                os.kill(victim, signal.SIGKILL)
+                return await load
+            t0 = time.monotonic()
+            records, _ = asyncio.run(scenario())
+            assert time.monotonic() - t0 < 60
+            failed = [r for r in records if r.error is not None]
+            assert failed, "no request saw the dead worker"
+            for r in failed:
+                assert r.status is None or r.status >= 500 or r.stream, (r.status, r.error)
+                assert "503" in r.error or "engine" in r.error.lower(), r.error
+            # at once: requests saw the engine die (else within health_timeout_s)
+            assert httpx.get(s.url + "/health").status_code == 503
+            r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "Hi"})
+            assert r.status_code == 503, r.text
+    finally:
+        llm.close()
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids if p != os.getpid()), 20)
+
+
+@pytest.mark.slow
+def test_cli_serve_sigterm_drains_and_exits_0(tiny_chat_ckpt):
+    """`parallax serve` on loopback: logs URL, layout and KV capacity; SIGTERM lets a
+    running stream finish, refuses new connections, exits 0."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.join(os.path.dirname(__file__), "..", "src"), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, "-m", "parallax", "serve", tiny_chat_ckpt,
+                          "--port", "0", "--served-model-name", "tiny",
+                          "--kv-cache-tokens", "2048"],
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "parallax serve:" not in line and time.monotonic() < deadline:
+            line = p.stderr.readline()
+            assert line or p.poll() is None, "server exited before starting"
+        url = line.split(" at ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        assert "tp=1 pp=1" in line and "KV cache 2048 tokens" in line
+        stream_through_sigterm(p, url, {"model": "tiny", "prompt": "Hi", "max_tokens": 80,
+                                        "ignore_eos": True})
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_draining_refuses_new_requests_503(srv):
+    srv.server.config.app.state.serve.draining = True
+    r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+    e = err(r, 503)
+    assert e["code"] == "shutting_down" and r.headers["retry-after"] == "1"
+    assert httpx.get(srv.url + "/health").status_code == 503
+
+
+def test_chat_content_parts_and_default_budget(srv, fake):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hel"},
+                                         {"type": "text", "text": "lo"}]}]
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": msgs,
+                                                           "user": "someone"})
+    assert r.status_code == 200, r.text
+    ids = fake.tokenizer.encode(fake.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}]), add_special_tokens=False)
+    req = fake.submitted[-1]
+    assert req.ids == ids
+    # chat without max_tokens: the rest of the context
+    assert req.kw["max_new_tokens"] == fake.config.max_position_embeddings - len(ids)
+    e = err(httpx.post(srv.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
+    assert e["param"].startswith("messages")
+
+
+def test_loadgen_cli_table_and_replayed_arrivals(srv, capsys):
+    from parallax.serve.loadgen import main, run_load
+    assert main(["--url", srv.url, "--num-prompts", "6", "--rates", "50,inf",
+                 "--max-tokens", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 50")
+            or line.startswith("| inf")]
+    assert len(rows) == 2 and all(r.split("|")[2].strip() == "6" for r in rows)
+    records, wall = run_load(srv.url, [[5, 6]] * 3, model=MODEL, max_tokens=4,
+                             arrivals=[0.0, 0.2, 0.4])
+    assert all(abs(r.start_s - t) < 0.1 for r, t in zip(records, (0.0, 0.2, 0.4)))
+    assert all(len(r.times) == 4 and r.times == sorted(r.times) for r in records)
+    assert wall >= 0.4
