@@ -98,6 +98,47 @@ class ParallaxReplica:
         if problem is not None:
             raise ParallaxError(f"replica {self.replica_id}: {problem}")
 
+    async def forward(self, key: str, method: str, path: str, query: str,
+                      headers: list[tuple[bytes, bytes]], body: bytes):
+        """One HTTP request forwarded by the prefix router's front (``key`` is for the
+        router): run it through this replica's app; yield (status, headers), then the
+        body's chunks. Closing the generator (the client left) cancels the request."""
+        import asyncio
+        queue: asyncio.Queue = asyncio.Queue()
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()       # the client stays until we are cancelled
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": method, "scheme": "http", "path": path, "root_path": "",
+                 "raw_path": path.encode(), "query_string": query.encode(),
+                 "headers": headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 80)}
+        task = asyncio.ensure_future(self.http_app(scope, receive, queue.put))
+        try:
+            while not (task.done() and queue.empty()):
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                msg = getter.result()
+                if msg["type"] == "http.response.start":
+                    yield msg["status"], list(msg.get("headers", []))
+                elif msg["type"] == "http.response.body":
+                    if msg.get("body"):
+                        yield msg["body"]
+                    if not msg.get("more_body"):
+                        break
+            if task.done():
+                task.result()
+        finally:
+            task.cancel()
+
     def replica_info(self) -> dict:
         """The replica id and process id (diagnostics, tests)."""
         return {"replica": self.replica_id, "pid": os.getpid()}
@@ -125,7 +166,7 @@ def build_app(model: str, tp: int = 1, pp: int = 1, *, num_replicas: int | None 
               health_timeout_s: float = 30.0, device: str = "cpu", threads_per_rank: int = 1,
               placement_strategy: str = "STRICT_PACK", max_ongoing_requests: int | None = None,
               upscale_delay_s: float = 30.0, downscale_delay_s: float = 600.0,
-              prefix_routing: bool = False, prefix_chars: int = 256,
+              prefix_routing: bool = False, prefix_chars: int = 256, prefix_imbalance: int = 8,
               **llm_kwargs: Any):
     """The Ray Serve application for ``serve.run``: replicas of ``LLM(model, tp, pp, ...)``.
 
@@ -141,7 +182,8 @@ def build_app(model: str, tp: int = 1, pp: int = 1, *, num_replicas: int | None 
         max_ongoing_requests: requests Serve sends one replica at once (default 2 x
             max_num_seqs); more wait in Serve's queue.
         prefix_routing: put a router in front that sends requests sharing their first
-            ``prefix_chars`` prompt characters to the same replica (serve/prefix_router.py).
+            ``prefix_chars`` prompt characters to the same replica unless its queue is
+            longer than the shortest by more than ``prefix_imbalance`` (serve/prefix_router.py).
     """
     from ray import serve
 
@@ -174,6 +216,14 @@ def build_app(model: str, tp: int = 1, pp: int = 1, *, num_replicas: int | None 
     app_kwargs = {"model_name": model_name or model, "api_key": api_key,
                   "max_queue": max_queue, "health_timeout_s": health_timeout_s}
     ongoing = max_ongoing_requests or 2 * llm_kwargs.get("max_num_seqs", 64)
+    routing = {}
+    if prefix_routing:
+        from ray.serve.config import RequestRouterConfig
+
+        from .prefix_router import PrefixAffinityRouter
+        routing["request_router_config"] = RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter,
+            request_router_kwargs={"imbalance": prefix_imbalance})
     deployment = serve.deployment(serve.ingress()(ParallaxReplica), name="parallax",
                                   ray_actor_options=actor_resources,
                                   placement_group_bundles=bundles,
@@ -181,12 +231,12 @@ def build_app(model: str, tp: int = 1, pp: int = 1, *, num_replicas: int | None 
                                   max_ongoing_requests=ongoing,
                                   health_check_period_s=2.0,
                                   health_check_timeout_s=max(10.0, health_timeout_s),
-                                  graceful_shutdown_timeout_s=30.0, **scaling)
+                                  graceful_shutdown_timeout_s=30.0, **scaling, **routing)
     engines = deployment.bind(model, llm_kwargs, app_kwargs, threads_per_rank)
     if not prefix_routing:
         return engines
-    from .prefix_router import front_deployment
-    return front_deployment(prefix_chars).bind(engines)
+    from .prefix_router import front_app
+    return front_app(engines, prefix_chars)
 
 
 # ---------------------------------------------------------------------- parallax serve
