@@ -61,7 +61,7 @@ class LLM:
         prefix_caching: reuse the KV blocks of prompt prefixes seen before (default True).
         executor: how tp * pp > 1 ranks run outside torchrun: "pool" (spawned processes on
             this machine) or "ray" (Ray actors in a placement group, parallel/ray_executor.py);
-            None: "ray" inside a Ray actor (a Ray Serve replica), else "pool".
+            None: "ray" inside a Ray task or actor (a Ray Serve replica), else "pool".
 
     Raises:
         LayoutError, CheckpointError, ParallaxError: bad layout, checkpoint or setting,
@@ -118,8 +118,8 @@ class LLM:
                 executor = SpmdExecutor(self._runner)
             else:
                 from .parallel.launch import WorkerPool
-                from .parallel.ray_executor import inside_ray_actor
-                if executor == "ray" or (executor is None and inside_ray_actor()):
+                from .parallel.ray_executor import inside_ray_worker
+                if executor == "ray" or (executor is None and inside_ray_worker()):
                     from .parallel.ray_executor import RayExecutor as WorkerPool
                 self._pool = WorkerPool(ModelRunner, args, tp_size=tp, pp_size=pp,
                                         device=device, timeout_s=timeout_s,

@@ -259,12 +259,14 @@ class RayExecutor:
             self._own_pg = None
 
 
-def inside_ray_actor() -> bool:
-    """True in a Ray actor (e.g. a Ray Serve replica); never imports Ray itself."""
+def inside_ray_worker() -> bool:
+    """True in a Ray task or actor (e.g. a Ray Serve replica), not in a driver; never
+    imports Ray itself."""
     import sys
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return False
     with contextlib.suppress(Exception):
-        return ray.get_runtime_context().get_actor_id() is not None
+        from ray._private.worker import WORKER_MODE, global_worker
+        return global_worker.mode == WORKER_MODE
     return False
