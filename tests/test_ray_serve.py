@@ -310,7 +310,9 @@ def test_prefix_routing_keeps_a_prefix_on_one_replica_and_spreads_load(cluster, 
         by_stem = {}
         with httpx.Client(timeout=60) as c:
             for stem in stems:
-                seen = {complete(c, url, "tiny", f"{stem} {i}", 4)[2] for i in range(4)}
+                answers = [complete(c, url, "tiny", f"{stem} {i}", 4) for i in range(4)]
+                assert [a[0] for a in answers] == [200] * 4, answers
+                seen = {a[2] for a in answers}
                 assert len(seen) == 1 and None not in seen, (stem, seen)
                 by_stem[stem] = seen.pop()
         assert len(set(by_stem.values())) == 2, by_stem     # different prefixes spread
@@ -319,7 +321,7 @@ def test_prefix_routing_keeps_a_prefix_on_one_replica_and_spreads_load(cluster, 
         stem = stems[0]
         results = fire(url, "tiny", [f"{stem} {i}" for i in range(32)], [40] * 32,
                        concurrency=32)
-        assert all(r[0] == 200 for r in results)
+        assert all(r[0] == 200 for r in results), [r for r in results if r[0] != 200][:2]
         served = collections.Counter(r[2] for r in results)
         print(f"\nprefix routing: 32 concurrent same-prefix requests per replica: "
               f"{dict(served)} (preferred {by_stem[stem]})")

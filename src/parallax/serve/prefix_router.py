@@ -113,8 +113,11 @@ class PrefixFront:
         body = await request.body()
         key = prefix_key(body, self.prefix_chars)
         headers = [(k.encode(), v.encode()) for k, v in request.headers.items()]
-        gen = self.engines.forward.remote(key, request.method, request.url.path,
-                                          request.url.query, headers, body)
+        path, root = request.url.path, request.scope.get("root_path", "")
+        if root and path.startswith(root):        # the route prefix is the front's, not the app's
+            path = path[len(root):] or "/"
+        gen = self.engines.forward.remote(key, request.method, path, request.url.query,
+                                          headers, body)
         start = await gen.__anext__()          # (status, headers) first, then body chunks
 
         async def rest():
