@@ -281,3 +281,9 @@ def main(a: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def app_builder(args: dict):
+    """Serve config entry point: ``import_path: parallax.serve.ray_serve:app_builder`` with
+    ``args`` = build_app's keywords, ``model`` included (deploy/rayservice.yaml)."""
+    return build_app(**args)
