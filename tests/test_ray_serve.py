@@ -285,11 +285,14 @@ def test_autoscaling_adds_and_removes_a_replica(cluster, chat_ckpt):
             job = pool.submit(load)
             try:
                 up = wait_for(lambda: running() == 2, 120, "the second replica starting")
+                wait_for(lambda: len(served) == 2 or job.done(), 60,
+                         "the second replica serving")
             finally:
                 stop = True
             job.result(timeout=120)
         print(f"\nautoscaling: 2nd replica running {up:.1f} s after load began "
               f"(target 2 ongoing requests per replica, 12 in flight)")
+        assert len(served) == 2, served
         down = wait_for(lambda: running() == 1 and not replica_states(app).get("STOPPING"),
                         120, "the second replica going away")
         print(f"autoscaling: back to 1 replica {down:.1f} s after load stopped "
