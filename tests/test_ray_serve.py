@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -190,8 +191,16 @@ def _tp2_in_placement_group(ckpt: str, prompts: list[str]) -> tuple[list, list]:
     llm = parallax.LLM(ckpt, tp=2, **ENGINE)
     try:
         assert type(llm._pool).__name__ == "RayExecutor"
-        return ([c.token_ids for c in llm.generate(prompts, max_new_tokens=12, chat=False)],
-                llm._pool.where)
+        tokens = [c.token_ids for c in llm.generate(prompts, max_new_tokens=12, chat=False)]
+        where = llm._pool.where
+        os.kill(where[1]["pid"], signal.SIGKILL)               # a rank dies
+        t0 = time.monotonic()
+        try:
+            llm.generate(prompts[:1], max_new_tokens=4, chat=False)
+            error = None
+        except parallax.ParallaxError as e:
+            error = (type(e).__name__, str(e), time.monotonic() - t0)
+        return tokens, where, error
     finally:
         llm.close()
 
@@ -207,7 +216,7 @@ def test_tp2_ranks_on_two_nodes_equal_worker_pool(cluster, chat_ckpt):
         ray.get(pg.ready(), timeout=60)
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
                                                     placement_group_capture_child_tasks=True)
-        tokens, where = ray.get(_tp2_in_placement_group.options(
+        tokens, where, error = ray.get(_tp2_in_placement_group.options(
             scheduling_strategy=strategy).remote(chat_ckpt, prompts), timeout=150)
     finally:
         remove_placement_group(pg)
@@ -215,6 +224,9 @@ def test_tp2_ranks_on_two_nodes_equal_worker_pool(cluster, chat_ckpt):
     with parallax.LLM(chat_ckpt, tp=2, executor="pool", **ENGINE) as pool_llm:
         want = [c.token_ids for c in pool_llm.generate(prompts, max_new_tokens=12, chat=False)]
     assert tokens == want
+    kind, message, took = error                                # a dead rank: a clear error
+    assert kind == "WorkerError" and "rank 1" in message and "died" in message, message
+    assert took < 30, took
 
 
 @pytest.mark.timeout(240)
@@ -331,3 +343,85 @@ def test_prefix_routing_keeps_a_prefix_on_one_replica_and_spreads_load(cluster, 
         assert len(served) == 2 and served[by_stem[stem]] > 16, served
     finally:
         serve.delete(app)
+
+
+@pytest.mark.timeout(240)
+def test_tp2_replica_with_a_dead_rank_is_replaced(cluster, chat_ckpt):
+    app = "tp2"
+    serve.run(build_app(chat_ckpt, 2, num_replicas=1, placement_strategy="PACK",
+                        model_name="tiny", **ENGINE), name=app, route_prefix="/tp2")
+    try:
+        url = cluster + "/tp2"
+        prompts, budgets = prompts_and_budgets(8, seed=4)
+        before = fire(url, "tiny", prompts, budgets)
+        assert [r[0] for r in before] == [200] * len(prompts)
+        want = [r[1] for r in before]        # tp=2 Ray ranks vs the worker pool: test above
+        handle = serve.get_deployment_handle("parallax", app_name=app)
+        info = handle.replica_info.remote().result(timeout_s=30)
+        assert len(info["ranks"]) == 2
+        os.kill(info["ranks"][1]["pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        with httpx.Client(timeout=60) as c:
+            status, body, replica = complete(c, url, "tiny", prompts[0], budgets[0])
+        if status != 200:              # the dead rank ended it (unless already replaced)
+            assert status in (500, 503) and "rank 1" in body, (status, body)
+            assert replica in (info["replica"], None)
+
+        def replaced() -> bool:
+            states = replica_states(app)
+            if states.get("RUNNING", 0) != 1 or len(states) != 1:
+                return False
+            return handle.replica_info.remote().result(timeout_s=30)["replica"] != \
+                info["replica"]
+        took = wait_for(replaced, 150, "Serve replacing the replica with a dead rank")
+        print(f"\ntp=2 replica {info['replica']}: rank 1 killed; first request -> {status}; "
+              f"replaced after {time.monotonic() - t0:.1f} s")
+        after = fire(url, "tiny", prompts, budgets)
+        assert [r[0] for r in after] == [200] * len(prompts)
+        assert [r[1] for r in after] == want
+        assert took < 150
+    finally:
+        serve.delete(app)
+
+
+@pytest.mark.timeout(240)
+def test_cli_serve_replicas_joins_cluster_and_stops_on_sigterm(cluster, chat_ckpt, oracle):
+    """`parallax serve CKPT --replicas 2 --ray-address ADDR`: serves through the cluster's
+    Serve proxy, and SIGTERM removes its application and exits 0. Runs last: it takes the
+    application name "parallax" from the module's fixture."""
+    serve.delete(APP)
+    address = ray.get_runtime_context().gcs_address
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "parallax", "serve", chat_ckpt,
+                             "--replicas", "2", "--ray-address", address,
+                             "--served-model-name", "tiny", "--max-num-seqs", "16",
+                             "--kv-cache-tokens", "4096"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    lines: list[str] = []
+
+    def drain() -> None:                               # a full stderr pipe would block it
+        for line in proc.stderr:
+            lines.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        def started() -> bool:
+            assert proc.poll() is None, f"parallax serve exited: {''.join(lines)[-2000:]}"
+            return any(x.startswith("parallax serve:") for x in lines)
+        wait_for(started, 150, "parallax serve starting")
+        line = next(x for x in lines if x.startswith("parallax serve:"))
+        url = line.split(" at ")[1].split()[0]
+        assert url == cluster, (url, cluster)
+        prompts, budgets = prompts_and_budgets(20, seed=5)
+        results = fire(url, "tiny", prompts, budgets)
+        assert [r[0] for r in results] == [200] * 20
+        assert [r[1] for r in results] == offline(oracle, prompts, budgets)
+        assert len({r[2] for r in results}) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+        assert APP not in serve.status().applications
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

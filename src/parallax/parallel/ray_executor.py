@@ -175,6 +175,23 @@ class RayExecutor:
                                    f"{method}()")
         return results[self.driver_rank]
 
+    def ping(self, timeout_s: float = 10.0) -> None:
+        """Raise WorkerError (and shut down) if a rank's actor is dead or does not answer
+        within ``timeout_s`` (a health check: a rank can die while no request runs)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+        self._check_open()
+        refs = [a.where.remote() for a in self.actors]
+        for rank, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except (RayActorError, GetTimeoutError) as exc:
+                line = (f"rank {rank} (Ray actor on {self.where[rank]['ip']}) "
+                        f"{'did not answer a ping' if isinstance(exc, GetTimeoutError) else 'died'}"
+                        f": {exc}")
+                self._shutdown(line)
+                raise WorkerError(line + "; the replica's ranks were shut down") from exc
+
     def close(self) -> None:
         """Kill every rank's actor and remove a placement group made here. Idempotent."""
         self._shutdown("close() was called")

@@ -37,6 +37,7 @@ from ..errors import ParallaxError
 logger = logging.getLogger("parallax.serve")
 
 REPLICA_HEADER = "x-parallax-replica"
+APP_NAME = "parallax"         # the Serve application `parallax serve --replicas` deploys
 ENGINE_CPUS = 0.5            # bundle 0 of a tp * pp > 1 replica: HTTP app and scheduler
 
 
@@ -94,6 +95,13 @@ class ParallaxReplica:
         """Serve's health check: raise when the engine is dead or stuck (Serve replaces us)."""
         if self.http_app is None:
             return
+        pool = getattr(self.llm, "_pool", None)
+        if pool is not None and hasattr(pool, "ping"):     # RayExecutor: ranks alive?
+            try:
+                pool.ping()
+            except ParallaxError as e:
+                self.http_app.state.serve.monitor.mark_dead(str(e))
+                raise
         problem = self.http_app.state.serve.monitor.problem()
         if problem is not None:
             raise ParallaxError(f"replica {self.replica_id}: {problem}")
@@ -140,8 +148,10 @@ class ParallaxReplica:
             task.cancel()
 
     def replica_info(self) -> dict:
-        """The replica id and process id (diagnostics, tests)."""
-        return {"replica": self.replica_id, "pid": os.getpid()}
+        """The replica id, its process id and its ranks' (diagnostics, tests)."""
+        pool = getattr(self.llm, "_pool", None)
+        return {"replica": self.replica_id, "pid": os.getpid(),
+                "ranks": list(getattr(pool, "where", []))}
 
     def __del__(self):
         llm = getattr(self, "llm", None)
@@ -269,18 +279,33 @@ def main(a: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     try:
+        # On a cluster where Serve already runs, its proxy keeps its own host and port.
         serve.start(http_options={"host": a.host, "port": a.port})
-        serve.run(app, name="parallax", route_prefix="/")
-        print(f"parallax serve: {name} at http://{a.host}:{a.port} on Ray Serve "
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        host, port = _proxy_address(a.host, a.port)
+        print(f"parallax serve: {name} at http://{host}:{port} on Ray Serve "
               f"(tp={a.tp} pp={a.pp}, replicas "
               f"{a.replicas or f'{a.min_replicas}..{a.max_replicas}'})",
               file=sys.stderr, flush=True)
         done.wait()
-        logger.info("stopping Serve")
+        logger.info("stopping the Serve application")
     finally:
-        serve.shutdown()
+        if a.ray_address:              # a shared cluster: remove only what we deployed
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _proxy_address(host: str, port: int) -> tuple[str, int]:
+    """Serve's HTTP host and port as running (they differ from ours when Serve ran before)."""
+    try:
+        from ray.serve.context import _get_global_client   # no public accessor for this
+        opts = _get_global_client().http_config
+        return opts.host, opts.port
+    except Exception:
+        return host, port
 
 
 def app_builder(args: dict):
