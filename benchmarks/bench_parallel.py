@@ -81,26 +81,38 @@ def _timed(fn, clock: dict, cuda: bool):
 
 
 class TimedCollectivesEngine:
-    """Worker factory: a parallax Engine whose tp collectives are timed in place.
+    """Worker factory: a parallax ModelRunner whose tp collectives are timed in place.
 
     The parallel layers call ``collectives.all_reduce_tp`` / ``gather_tp`` through the
     module, so wrapping the module's functions in this worker process times every call.
+    Every rank runs the same hand-made step plans (a prefill, then decode steps feeding a
+    fixed token: the collectives' cost does not depend on which token).
     """
 
+    BLOCKS_PER_SEQ = 64     # 1024 tokens per sequence at block size 16
+
     def __init__(self, ctx, model: str):
-        from parallax.engine.runner import Engine
+        from parallax.engine.runner import ModelRunner
         from parallax.parallel import collectives as C
         self.ctx = ctx
-        self.engine = Engine(ctx, model)
+        self.engine = ModelRunner(ctx, model, num_blocks=64 * self.BLOCKS_PER_SEQ)
         self.clock = {"s": 0.0, "calls": 0}
         cuda = ctx.device.type == "cuda"
         C.all_reduce_tp = _timed(C.all_reduce_tp, self.clock, cuda)
         C.gather_tp = _timed(C.gather_tp, self.clock, cuda)
 
     def _comm_s(self, prompts: list[list[int]], n: int) -> float:
-        from parallax.generation import GenerationConfig
+        from parallax.engine.runner import StepPlan
         self.clock["s"] = 0.0
-        self.engine.generate(prompts, GenerationConfig(max_new_tokens=n))   # greedy, no EOS stop
+        m = self.BLOCKS_PER_SEQ
+        tables = [list(range(i * m, (i + 1) * m)) for i in range(len(prompts))]
+        lens = [len(p) for p in prompts]
+        self.engine.execute(StepPlan([t for p in prompts for t in p],
+                                     [(0, n_, t) for n_, t in zip(lens, tables)], [], []))
+        for step in range(n - 1):
+            self.engine.execute(StepPlan([1] * len(prompts),
+                                         [(n_ + step, 1, t) for n_, t in zip(lens, tables)],
+                                         [], []))
         return self.clock["s"]
 
     def comm_ms_per_step(self, prompts: list[list[int]], new_tokens: int, repeats: int) -> list[float]:
@@ -125,11 +137,13 @@ def _decode_rate(llm, prompts, new_tokens: int) -> float:
 
 def _throughput(llm, prompts, new_tokens: int) -> tuple[float, float]:
     """Generated tokens/s over a whole generate (prefill included), and its busy fraction."""
+    before = llm.generation_stats()
     t = time.perf_counter()
     llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
-    rate = len(prompts) * new_tokens / (time.perf_counter() - t)
-    st = llm.generation_stats()
-    busy = sum(s["busy_s"] for s in st) / (len(st) * max(s["wall_s"] for s in st))
+    wall = time.perf_counter() - t
+    rate = len(prompts) * new_tokens / wall
+    after = llm.generation_stats()
+    busy = sum(a["busy_s"] - b["busy_s"] for a, b in zip(after, before)) / (len(after) * wall)
     return rate, busy
 
 

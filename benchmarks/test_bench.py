@@ -5,7 +5,7 @@
                                                                      # has --benchmark-disable)
 
 - one decode step (model forward of one token per sequence + LM head) of a tiny random
-  llama checkpoint at batch 1 and 8, against a KV cache 64 tokens deep;
+  llama checkpoint at batch 1 and 8, against a paged KV cache 64 tokens deep;
 - a 16-token greedy generate through the public API at batch 1 and 8 (the step above plus
   sampling and the loop's bookkeeping);
 - a 128-token prefill (forward + last-position logits);
@@ -26,15 +26,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import make_checkpoint  # noqa: E402
 
 import parallax  # noqa: E402
-from parallax.kv_cache import KVCache  # noqa: E402
 from parallax.loading import open_checkpoint  # noqa: E402
-from parallax.models.llama import ForwardBatch  # noqa: E402
+from parallax.models.attention import AttentionMetadata  # noqa: E402
 from parallax.models.loader import build_model  # noqa: E402
 from parallax.parallel.context import ParallelContext  # noqa: E402
 from parallax.sampling import Sampler, SamplingParams  # noqa: E402
 
 TINY = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2)
-CACHE_LEN, DEPTH = 256, 64
+CACHE_LEN, DEPTH, BLOCK = 256, 64, 16
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +56,26 @@ def tiny_llm(tiny_path):
         yield llm
 
 
-def _cache(model, batch: int) -> KVCache:
-    cfg = model.cfg
-    return KVCache(len(model.layers), batch, model.num_kv_heads_local, CACHE_LEN, cfg.head_dim,
-                   torch.float32, torch.device("cpu"))
+def _cache(model, batch: int) -> list:
+    """Paged caches with CACHE_LEN slots per sequence: blocks b*n .. b*n+n-1 for sequence b."""
+    shape = (batch * CACHE_LEN // BLOCK, model.num_kv_heads_local, BLOCK, model.cfg.head_dim)
+    return [(torch.zeros(shape), torch.zeros(shape)) for _ in model.layers]
+
+
+def _tables(batch: int) -> list[list[int]]:
+    n = CACHE_LEN // BLOCK
+    return [list(range(b * n, (b + 1) * n)) for b in range(batch)]
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_decode_step(benchmark, tiny_model, batch):
     cache = _cache(tiny_model, batch)
-    ids = torch.randint(0, tiny_model.cfg.vocab_size, (batch, 1))          # (B, 1)
-    pos = torch.full((batch, 1), DEPTH)                                      # (B, 1)
-    fb = ForwardBatch(pos, torch.full((batch,), DEPTH + 1, dtype=torch.int32))
+    ids = torch.randint(0, tiny_model.cfg.vocab_size, (batch,))            # (T=B,)
+    meta = AttentionMetadata.build([(DEPTH, 1, t) for t in _tables(batch)], BLOCK)
 
     @torch.inference_mode()
     def step():
-        return tiny_model.compute_logits(tiny_model(ids, fb, cache)[:, 0])  # (B, V)
+        return tiny_model.compute_logits(tiny_model(ids, meta, cache))      # (B, V)
 
     logits = benchmark(step)
     assert logits.shape == (batch, tiny_model.cfg.vocab_size) and logits.isfinite().all()
@@ -86,21 +89,23 @@ def test_generate_16_tokens(benchmark, tiny_llm, batch):
 
 def test_prefill_128_tokens(benchmark, tiny_model):
     cache = _cache(tiny_model, 1)
-    ids = torch.randint(0, tiny_model.cfg.vocab_size, (1, 128))            # (1, T)
-    fb = ForwardBatch(torch.arange(128).unsqueeze(0))
+    ids = torch.randint(0, tiny_model.cfg.vocab_size, (128,))              # (T,)
+    meta = AttentionMetadata.build([(0, 128, _tables(1)[0])], BLOCK)
 
     @torch.inference_mode()
     def prefill():
-        return tiny_model.compute_logits(tiny_model(ids, fb, cache)[:, -1])  # (1, V)
+        return tiny_model.compute_logits(tiny_model(ids, meta, cache)[-1:])  # (1, V)
 
     assert benchmark(prefill).isfinite().all()
 
 
 def test_top_p_sampling_49152_vocab(benchmark):
     logits = torch.randn(8, 49152)
-    sampler = Sampler(SamplingParams(temperature=0.8, top_p=0.9, seed=0), 8, torch.device("cpu"))
-    toks = benchmark(sampler, logits)
-    assert toks.shape == (8,)
+    sampler = Sampler()
+    for i in range(8):
+        sampler.add(i, SamplingParams(temperature=0.8, top_p=0.9, seed=i))
+    toks = benchmark(sampler, logits, list(range(8)))
+    assert len(toks) == 8
 
 
 def test_load_smollm2(benchmark):

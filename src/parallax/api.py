@@ -280,6 +280,8 @@ class LLM:
     def _run_all(self, ids: list[list[int]], sampling: list[SamplingParams],
                  stops: StopConditions) -> list[Completion]:
         core = self._engine()
+        for p in ids:        # refuse before anything is queued
+            core.scheduler.check_fits(len(p), stops.max_new_tokens)
         if not self._spmd:
             handles = [core.submit(p, s, stops) for p, s in zip(ids, sampling)]
             return [h.result() for h in handles]

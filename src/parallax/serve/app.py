@@ -19,39 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ParallaxError, PromptError, WorkerError
+from ..errors import ParallaxError, PromptError
 from . import protocol as P
+from .errors import APIError, error_for, install_error_handlers
 from .health import EngineMonitor
 from .metrics import CONTENT_TYPE, ServerMetrics
-
-try:       # the engine's "closed or crashed" error; a WorkerError where it does not exist
-    from ..engine.handle import EngineDeadError
-except ImportError:
-    EngineDeadError = WorkerError
 
 logger = logging.getLogger(__name__)
 
 FINISHED = ("stop", "length")       # finish reasons of a complete answer ("abort" is not)
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's body."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (status, message, type_,
-                                                                       param, code)
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(P.error_body(self.message, self.type, self.param, self.code),
-                            status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -280,43 +258,86 @@ def _sse(obj: P.BaseModel | dict) -> str:
     return f"data: {body}\n\n"
 
 
-async def _stream(state: ServeState, choices: list[_Choice], chunk,
-                  usage_chunk=None) -> AsyncIterator[str]:
-    """SSE body: the chunks ``chunk(choice, delta)`` gives, a usage chunk when asked,
-    then [DONE]. Cancellation (the client left) lands in ``finally`` and cancels."""
+async def _stream(state: ServeState, choices: list[_Choice], fmt,
+                  usage_n: int | None) -> AsyncIterator[str]:
+    """SSE body: ``fmt``'s chunks, a usage chunk when ``usage_n`` (the request's n) is
+    given, then [DONE]. Cancellation (the client left) lands in ``finally`` and cancels."""
     failure = "aborted"
     try:
         for c in choices:
-            opening = chunk(c, None)
+            opening = fmt.opening(c)
             if opening is not None:
                 yield _sse(opening)
         async for c, d in _pump(choices):
-            yield _sse(chunk(c, d))
-        if usage_chunk is not None:
-            yield _sse(usage_chunk())
+            yield _sse(fmt.chunk(c, d))
+        if usage_n is not None:
+            yield _sse(fmt.usage(_usage(choices, usage_n)))
         failure = None
         yield "data: [DONE]\n\n"
     except Exception as e:
         failure = "error"
         logger.exception("stream failed")
-        status, info = _error_info(e, state)
+        status, info = error_for(e, state.monitor)
         yield _sse(P.error_body(info.message, info.type, info.param, status))
         yield "data: [DONE]\n\n"
     finally:
         _finish(state, choices, failure)
 
 
-def _error_info(e: Exception, state: ServeState | None = None) -> tuple[int, APIError]:
-    if isinstance(e, APIError):
-        return e.status, e
-    if isinstance(e, (WorkerError, EngineDeadError)):
-        if state is not None:
-            state.monitor.mark_dead(str(e))
-        return 503, APIError(503, f"the engine failed: {e}", "service_unavailable",
-                             code="engine_failed")
-    if isinstance(e, ParallaxError):
-        return 400, APIError(400, str(e))
-    return 500, APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+async def _respond(state: ServeState, request: Request, body: P._SamplingRequest,
+                   prompts: list[list[int]], max_tokens: int | None, fmt):
+    choices = _submit(state, prompts, max_tokens, body)
+    if body.stream:
+        return _sse_response(_stream(state, choices, fmt,
+                                     body.n if body.include_usage else None))
+    await _collect(request, state, choices)
+    return fmt.full(choices, _usage(choices, body.n))
+
+
+class _CompletionFormat:
+    """/v1/completions bodies for one request."""
+
+    def __init__(self, model: str):
+        self.head = dict(id=P.new_id("cmpl"), created=P.now(), model=model)
+
+    def opening(self, c: _Choice) -> None:
+        return None
+
+    def chunk(self, c: _Choice, d) -> P.CompletionResponse:
+        return P.CompletionResponse(**self.head, choices=[P.CompletionChoice(
+            index=c.index, text=d.text or "", finish_reason=d.finish_reason)])
+
+    def usage(self, u: P.Usage) -> P.CompletionResponse:
+        return P.CompletionResponse(**self.head, choices=[], usage=u)
+
+    def full(self, choices: list[_Choice], u: P.Usage) -> P.CompletionResponse:
+        return P.CompletionResponse(**self.head, usage=u, choices=[P.CompletionChoice(
+            index=c.index, text="".join(c.text), finish_reason=c.finish_reason)
+            for c in choices])
+
+
+class _ChatFormat:
+    """/v1/chat/completions bodies for one request (a stream opens with the role)."""
+
+    def __init__(self, model: str):
+        self.head = dict(id=P.new_id("chatcmpl"), created=P.now(), model=model)
+
+    def opening(self, c: _Choice) -> P.ChatCompletionChunk:
+        return P.ChatCompletionChunk(**self.head, choices=[P.ChatChunkChoice(
+            index=c.index, delta=P.ChatDelta(role="assistant", content=""))])
+
+    def chunk(self, c: _Choice, d) -> P.ChatCompletionChunk:
+        return P.ChatCompletionChunk(**self.head, choices=[P.ChatChunkChoice(
+            index=c.index, delta=P.ChatDelta(content=d.text or ""),
+            finish_reason=d.finish_reason)])
+
+    def usage(self, u: P.Usage) -> P.ChatCompletionChunk:
+        return P.ChatCompletionChunk(**self.head, choices=[], usage=u)
+
+    def full(self, choices: list[_Choice], u: P.Usage) -> P.ChatCompletionResponse:
+        return P.ChatCompletionResponse(**self.head, usage=u, choices=[P.ChatChoice(
+            index=c.index, message=P.AssistantMessage(content="".join(c.text)),
+            finish_reason=c.finish_reason) for c in choices])
 
 
 # ---------------------------------------------------------------------- the app
@@ -349,7 +370,7 @@ def build_app(llm, model_name: str, *, api_key: str | None = None, max_queue: in
 
     app = FastAPI(title="parallax", lifespan=lifespan)
     app.state.serve = state
-    _install_error_handlers(app)
+    install_error_handlers(app, state.monitor)
 
     def auth(request: Request) -> None:
         _check_auth(state, request)
@@ -366,57 +387,15 @@ def build_app(llm, model_name: str, *, api_key: str | None = None, max_queue: in
         _check_model(state, body.model)
         _admit(state)
         prompts = [_encode_text(state, p) if isinstance(p, str) else p for p in body.prompts()]
-        choices = _submit(state, prompts, body.max_tokens, body)
-        rid, created, model = P.new_id("cmpl"), P.now(), model_name
-
-        def chunk(c: _Choice, d) -> P.CompletionResponse | None:
-            if d is None:
-                return None
-            return P.CompletionResponse(id=rid, created=created, model=model, choices=[
-                P.CompletionChoice(index=c.index, text=d.text or "",
-                                   finish_reason=d.finish_reason)])
-
-        def usage_chunk() -> P.CompletionResponse:
-            return P.CompletionResponse(id=rid, created=created, model=model, choices=[],
-                                        usage=_usage(choices, body.n))
-
-        if body.stream:
-            return _sse_response(_stream(state, choices, chunk,
-                                         usage_chunk if body.include_usage else None))
-        await _collect(request, state, choices)
-        return P.CompletionResponse(id=rid, created=created, model=model, usage=_usage(choices, body.n),
-                                    choices=[P.CompletionChoice(index=c.index, text="".join(c.text),
-                                                                finish_reason=c.finish_reason)
-                                             for c in choices])
+        return await _respond(state, request, body, prompts, body.max_tokens,
+                              _CompletionFormat(model_name))
 
     @v1.post("/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         _check_model(state, body.model)
         _admit(state)
-        ids = _chat_ids(state, body.messages)
-        choices = _submit(state, [ids], body.max_new_tokens, body)
-        rid, created, model = P.new_id("chatcmpl"), P.now(), model_name
-
-        def chunk(c: _Choice, d) -> P.ChatCompletionChunk:
-            delta = (P.ChatDelta(role="assistant", content="") if d is None
-                     else P.ChatDelta(content=d.text or ""))
-            return P.ChatCompletionChunk(id=rid, created=created, model=model, choices=[
-                P.ChatChunkChoice(index=c.index, delta=delta,
-                                  finish_reason=None if d is None else d.finish_reason)])
-
-        def usage_chunk() -> P.ChatCompletionChunk:
-            return P.ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
-                                         usage=_usage(choices, body.n))
-
-        if body.stream:
-            return _sse_response(_stream(state, choices, chunk,
-                                         usage_chunk if body.include_usage else None))
-        await _collect(request, state, choices)
-        return P.ChatCompletionResponse(
-            id=rid, created=created, model=model, usage=_usage(choices, body.n),
-            choices=[P.ChatChoice(index=c.index,
-                                  message=P.AssistantMessage(content="".join(c.text)),
-                                  finish_reason=c.finish_reason) for c in choices])
+        return await _respond(state, request, body, [_chat_ids(state, body.messages)],
+                              body.max_new_tokens, _ChatFormat(model_name))
 
     app.include_router(v1)
 
@@ -439,39 +418,3 @@ def build_app(llm, model_name: str, *, api_key: str | None = None, max_queue: in
 def _sse_response(body: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError):
-        return e.response()
-
-    @app.exception_handler(P.UnsupportedField)
-    async def unsupported(_: Request, e: P.UnsupportedField):
-        return APIError(400, str(e), param=e.field, code="unsupported_parameter").response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError):
-        errors = e.errors()
-        parts, param = [], None
-        for err in errors:
-            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-            param = param or (".".join(loc) or None)
-            parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
-        return APIError(400, "; ".join(parts) or "invalid request", param=param,
-                        code="invalid_value").response()
-
-    @app.exception_handler(ParallaxError)
-    async def parallax_error(request: Request, e: ParallaxError):
-        return _error_info(e, request.app.state.serve)[1].response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException):
-        type_ = "invalid_request_error" if e.status_code < 500 else "internal_error"
-        return JSONResponse(P.error_body(str(e.detail), type_, code=e.status_code),
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal(_: Request, e: Exception):
-        logger.exception("unhandled error")
-        return _error_info(e)[1].response()

@@ -41,6 +41,7 @@ class RequestRecord:
     ttft_s: float | None = None
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)   # each chunk's arrival, from run start
     disconnected: bool = False          # hung up on purpose mid-stream
 
     @property
@@ -68,7 +69,7 @@ def _body(model: str | None, prompt, max_tokens: int, stream: bool, temperature:
 
 
 async def _one(client: httpx.AsyncClient, url: str, rec: RequestRecord, body: dict,
-               hang_up_after: int | None) -> None:
+               hang_up_after: int | None, run_t0: float) -> None:
     t0 = time.perf_counter()
     last = None
     try:
@@ -105,15 +106,17 @@ async def _one(client: httpx.AsyncClient, url: str, rec: RequestRecord, body: di
                     rec.prompt_tokens = data["usage"]["prompt_tokens"]
                     rec.output_tokens = data["usage"]["completion_tokens"]
                 for ch in data.get("choices") or ():
+                    # One chunk per generated token (parallax sends one per engine delta,
+                    # text or not), so chunk times are token times.
                     now = time.perf_counter()
-                    piece = ch.get("text") or ""
-                    if piece:
+                    if ch.get("finish_reason") != "abort":
                         if rec.ttft_s is None:
                             rec.ttft_s = now - t0
                         else:
                             rec.itl_s.append(now - last)
                         last = now
-                    rec.text += piece
+                        rec.times.append(now - run_t0)
+                    rec.text += ch.get("text") or ""
                     rec.finish_reason = ch.get("finish_reason") or rec.finish_reason
                 chunks += 1
                 if hang_up_after is not None and chunks >= hang_up_after:
@@ -131,7 +134,9 @@ async def run_load_async(url: str, prompts: Sequence, *, model: str | None = Non
                          temperature: float = 0.0, seed: int = 0,
                          request_seed: int | None = None, disconnect_fraction: float = 0.0,
                          api_key: str | None = None, timeout_s: float = 600.0,
-                         extra_body: dict | None = None) -> tuple[list[RequestRecord], float]:
+                         extra_body: dict | None = None,
+                         arrivals: Sequence[float] | None = None
+                         ) -> tuple[list[RequestRecord], float]:
     """Send one /v1/completions request per prompt; returns (records in prompt order,
     wall seconds).
 
@@ -145,6 +150,9 @@ async def run_load_async(url: str, prompts: Sequence, *, model: str | None = Non
         seed: drives arrival times, which requests stream and which hang up.
         request_seed: the sampling ``seed`` sent with every request (None: not sent).
         disconnect_fraction: streaming requests that hang up after 1-4 chunks.
+        extra_body: more request fields (e.g. {"ignore_eos": True}).
+        arrivals: send times in seconds from the start, one per prompt (instead of ``rate``),
+            to replay another benchmark's arrival process exactly.
     """
     rng = random.Random(seed)
     n = len(prompts)
@@ -154,6 +162,8 @@ async def run_load_async(url: str, prompts: Sequence, *, model: str | None = Non
     hang = [rng.randint(1, 4) if s and rng.random() < disconnect_fraction else None
             for s in streams]
     gaps = [0.0 if math.isinf(rate) else rng.expovariate(rate) for _ in range(n)]
+    if arrivals is not None:
+        gaps = [b - a for a, b in zip([0.0, *arrivals[:-1]], arrivals)]
     sem = asyncio.Semaphore(concurrency) if concurrency else None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency or n, max_keepalive_connections=None)
@@ -169,15 +179,18 @@ async def run_load_async(url: str, prompts: Sequence, *, model: str | None = Non
                 records[i].start_s = time.perf_counter() - t0
                 body = _body(model, prompts[i], budgets[i], streams[i], temperature,
                              request_seed, extra_body)
-                await _one(client, endpoint, records[i], body, hang[i])
+                await _one(client, endpoint, records[i], body, hang[i], t0)
             finally:
                 if sem is not None:
                     sem.release()
 
         tasks = []
+        due = 0.0
         for i in range(n):
-            if gaps[i]:
-                await asyncio.sleep(gaps[i])
+            due += gaps[i]
+            delay = t0 + due - time.perf_counter()     # against the schedule: no drift
+            if delay > 0:
+                await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(go(i)))
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0

@@ -1,0 +1,269 @@
+"""Serving benchmark: requests arriving over time, parallax's engine vs static batching vs HF.
+
+    python benchmarks/bench_serving.py                       # short default run (~2-3 min)
+    python benchmarks/bench_serving.py --num-requests 64 --rates 1,2,4,8,inf --hf
+
+Workload: ``--num-requests`` requests with random prompt lengths (``--prompt-len``, default
+32-256 tokens) and output lengths (``--output-len``, default 16-128), fixed seed, arriving as
+a Poisson process at each rate of ``--rates`` (requests/s; ``inf`` = a burst, all at t=0).
+Systems, on the same weights (SmolLM2-135M, fp32, one process):
+
+- ``parallax``: every request ``submit``ted at its arrival time, deltas timed as they stream.
+- ``static``: the old way, emulated on the same kernels: requests in arrival order form
+  batches of ``--batch``; a batch starts when its last request has arrived and the previous
+  batch is done, and runs until its longest output is done (every member decodes that long).
+- ``hf`` (``--hf``): transformers ``generate()`` on the same batches (left padding); not
+  streamed, so its TTFT is its end-to-end latency.
+
+Reported per system and rate: requests/s, output tokens/s, TTFT, TPOT (time per output token
+after the first), ITL (inter-token latency) and E2E latency: mean, p50, p99. Then the KV
+memory the engine actually held (peak blocks in use) against a static ``(batch, S_max)``
+cache, and (``--decode-overhead``) decode-only throughput of the engine with 32 running
+requests against a plain batch-32 decode loop over the same runner (scheduling overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import parallax
+
+
+@dataclass
+class Req:
+    prompt: list[int]
+    out_len: int
+    arrival: float = 0.0
+    times: list[float] = field(default_factory=list)   # when each output token arrived
+    start: float = 0.0                                  # when it was actually sent
+
+
+def workload(n: int, prompt_len: tuple[int, int], output_len: tuple[int, int], vocab: int,
+             seed: int) -> list[Req]:
+    rng = random.Random(seed)
+    return [Req([rng.randrange(100, vocab) for _ in range(rng.randint(*prompt_len))],
+                rng.randint(*output_len)) for _ in range(n)]
+
+
+def arrivals(reqs: list[Req], rate: float, seed: int) -> None:
+    rng = random.Random(seed + 1)
+    t = 0.0
+    for r in reqs:
+        r.arrival, r.times = t, []
+        if math.isfinite(rate):
+            t += rng.expovariate(rate)
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def summarize(reqs: list[Req], t0: float, t_end: float) -> dict:
+    ttft = [r.times[0] - (t0 + r.arrival) for r in reqs]
+    e2e = [r.times[-1] - (t0 + r.arrival) for r in reqs]
+    tpot = [(r.times[-1] - r.times[0]) / (len(r.times) - 1) for r in reqs if len(r.times) > 1]
+    itl = [b - a for r in reqs for a, b in zip(r.times, r.times[1:])]
+    wall = t_end - t0
+    out = {"req_s": len(reqs) / wall, "tok_s": sum(len(r.times) for r in reqs) / wall}
+    for name, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e)):
+        out[name] = (statistics.fmean(xs) if xs else float("nan"), _pct(xs, 50), _pct(xs, 99))
+    return out
+
+
+# ---------------------------------------------------------------------- systems
+def run_parallax(llm, reqs: list[Req], peak: dict) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    threads = []
+
+    def consume(r: Req, handle) -> None:
+        for d in handle:
+            now = time.perf_counter()
+            r.times += [now] * len(d.token_ids)
+
+    for r in reqs:
+        delay = t0 + r.arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        h = llm.submit(r.prompt, max_new_tokens=r.out_len, ignore_eos=True)
+        t = threading.Thread(target=consume, args=(r, h))
+        t.start()
+        threads.append(t)
+        peak["usage"] = max(peak["usage"], llm.stats()["kv_cache_usage"])
+    while any(t.is_alive() for t in threads):
+        peak["usage"] = max(peak["usage"], llm.stats()["kv_cache_usage"])
+        time.sleep(0.02)
+    return t0, time.perf_counter()
+
+
+def _batches(reqs: list[Req], b: int) -> list[list[Req]]:
+    return [reqs[i:i + b] for i in range(0, len(reqs), b)]
+
+
+def run_static(llm, reqs: list[Req], batch: int) -> tuple[float, float]:
+    """Arrival-ordered batches, one at a time, each running to its longest output."""
+    t0 = time.perf_counter()
+    for group in _batches(reqs, batch):
+        delay = t0 + group[-1].arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        longest = max(r.out_len for r in group)
+        handles = [llm.submit(r.prompt, max_new_tokens=longest, ignore_eos=True) for r in group]
+
+        def consume(r: Req, h) -> None:
+            for d in h:
+                now = time.perf_counter()
+                if len(r.times) < r.out_len:      # its own tokens; the rest is the batch's waste
+                    r.times += [now] * len(d.token_ids)
+
+        ts = [threading.Thread(target=consume, args=(r, h)) for r, h in zip(group, handles)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        end = time.perf_counter()
+        for r in group:   # a request completes when its batch returns
+            r.times[-1] = end
+    return t0, time.perf_counter()
+
+
+def run_hf(model, reqs: list[Req], batch: int, pad_id: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    for group in _batches(reqs, batch):
+        delay = t0 + group[-1].arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        width = max(len(r.prompt) for r in group)
+        ids = torch.tensor([[pad_id] * (width - len(r.prompt)) + r.prompt for r in group])
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in group])
+        longest = max(r.out_len for r in group)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=longest,
+                           min_new_tokens=longest, do_sample=False, pad_token_id=pad_id)
+        end = time.perf_counter()
+        for r in group:
+            r.times = [end] * r.out_len       # not streamed: every token arrives at the end
+    return t0, time.perf_counter()
+
+
+# ---------------------------------------------------------------------- decode overhead
+def decode_overhead(llm, n_seqs: int = 32, steps: int = 32, repeats: int = 3) -> tuple[float, float]:
+    """Decode tok/s with n_seqs running through the engine vs a plain loop of batch decode
+    steps on the same runner (no scheduler, no requests, argmax sampling): interleaved."""
+    from parallax.engine.runner import NewRequest, StepPlan
+    from parallax.sampling import SamplingParams
+    runner = llm._runner
+    prompts = [[1, 504, 3458, 314, 260, 400 + i] for i in range(n_seqs)]
+
+    def engine_rate() -> float:
+        t0 = time.perf_counter()
+        llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
+        t1 = time.perf_counter()
+        llm.generate(prompts, max_new_tokens=1 + steps, ignore_eos=True)
+        t2 = time.perf_counter()
+        return n_seqs * steps / ((t2 - t1) - (t1 - t0))
+
+    def plain_rate() -> float:
+        per = -(-(6 + steps + 1) // runner.block_size)
+        tables = [list(range(i * per, (i + 1) * per)) for i in range(n_seqs)]
+        ids = list(range(10_000, 10_000 + n_seqs))
+        new = [NewRequest(i, SamplingParams()) for i in ids]
+        runner.execute(StepPlan([t for p in prompts for t in p], [(0, 6, t) for t in tables],
+                                [6 * (i + 1) - 1 for i in range(n_seqs)], ids, new))
+        t0 = time.perf_counter()
+        toks = [1] * n_seqs
+        for s in range(steps):
+            toks = runner.execute(StepPlan(toks, [(6 + s, 1, t) for t in tables],
+                                           list(range(n_seqs)), ids))
+        rate = n_seqs * steps / (time.perf_counter() - t0)
+        runner.execute(StepPlan([], [], [], [], finished=ids))
+        llm._core.bm.reset_prefix_cache()   # those blocks were written behind its back
+        return rate
+
+    eng, plain = [], []
+    for _ in range(repeats):
+        eng.append(engine_rate())
+        plain.append(plain_rate())
+    return statistics.median(eng), statistics.median(plain)
+
+
+# ---------------------------------------------------------------------- main
+def _fmt(name: str, rate: float, s: dict) -> str:
+    ms = lambda t: "/".join(f"{1e3 * x:.0f}" for x in t)   # noqa: E731
+    return (f"| {name:8s} | {rate:>5g} | {s['req_s']:6.2f} | {s['tok_s']:7.1f} | {ms(s['ttft'])} | "
+            f"{ms(s['tpot'])} | {ms(s['itl'])} | {ms(s['e2e'])} |")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--num-requests", type=int, default=24)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(32, 256))
+    ap.add_argument("--output-len", type=int, nargs=2, default=(16, 128))
+    ap.add_argument("--rates", default="2,inf", help="requests/s, comma-separated; inf = burst")
+    ap.add_argument("--batch", type=int, default=8, help="static/HF batch size")
+    ap.add_argument("--systems", default="parallax,static")
+    ap.add_argument("--hf", action="store_true", help="also HF transformers generate()")
+    ap.add_argument("--decode-overhead", action="store_true",
+                    help="engine vs plain batch-32 decode loop")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    systems = a.systems.split(",") + (["hf"] if a.hf else [])
+    llm = parallax.LLM(a.model)
+    reqs0 = workload(a.num_requests, tuple(a.prompt_len), tuple(a.output_len),
+                     llm.config.vocab_size, a.seed)
+    llm.generate([reqs0[0].prompt], max_new_tokens=4)      # warm-up (kernel build, caches)
+    hf = None
+    if "hf" in systems:
+        import os
+        from transformers import AutoModelForCausalLM
+        from parallax.loading import resolve_model_path
+        path = resolve_model_path(a.model)
+        if path.endswith(".gguf"):
+            folder, name = os.path.split(path)
+            hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        hf.eval()
+    print(f"{a.num_requests} requests, prompts {a.prompt_len[0]}-{a.prompt_len[1]} tokens, "
+          f"outputs {a.output_len[0]}-{a.output_len[1]}, static/HF batch {a.batch}, "
+          f"threads {torch.get_num_threads()}")
+    print("| system   |  rate |  req/s |   tok/s | TTFT ms mean/p50/p99 | TPOT ms | ITL ms | E2E ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    peak_tokens = 0
+    for rate in [float(x) for x in a.rates.split(",")]:
+        for system in systems:
+            reqs = [Req(r.prompt, r.out_len) for r in reqs0]
+            arrivals(reqs, rate, a.seed)
+            if system == "parallax":
+                llm._core.bm.reset_prefix_cache()          # random prompts: no sharing anyway
+                peak = {"usage": 0.0}
+                t0, t1 = run_parallax(llm, reqs, peak)
+                peak_tokens = max(peak_tokens, int(peak["usage"] * llm.stats()["kv_cache_tokens"]))
+            elif system == "static":
+                t0, t1 = run_static(llm, reqs, a.batch)
+            else:
+                t0, t1 = run_hf(hf, reqs, a.batch, llm.config.pad_token_id or 0)
+            print(_fmt(system, rate, summarize(reqs, t0, t1)), flush=True)
+    s_max = max(len(r.prompt) + r.out_len for r in reqs0)
+    static_tokens = min(32, a.num_requests) * s_max
+    print(f"\nKV memory: the engine held at most {peak_tokens} token slots (blocks in use); a "
+          f"static ({min(32, a.num_requests)}, S_max={s_max}) cache needs {static_tokens}: "
+          f"{peak_tokens / static_tokens:.2f}x")
+    if a.decode_overhead:
+        eng, plain = decode_overhead(llm)
+        print(f"decode-only, 32 running requests: engine {eng:.1f} tok/s, plain batch-32 "
+              f"decode loop {plain:.1f} tok/s: {eng / plain:.1%}")
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()
