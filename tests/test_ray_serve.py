@@ -425,3 +425,27 @@ def test_cli_serve_replicas_joins_cluster_and_stops_on_sigterm(cluster, chat_ckp
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# ---------------------------------------------------------------------- routing, no cluster
+def test_prefix_key_reads_completions_chat_and_token_prompts():
+    from parallax.serve.prefix_router import prefix_key
+    assert prefix_key(b'{"prompt": "hello world"}', 5) == "hello"
+    assert prefix_key(b'{"prompt": ["first one", "second"]}', 5) == "first"
+    assert prefix_key(b'{"prompt": [11, 22, 33]}', 5) == "11,22"
+    chat = json.dumps({"messages": [{"role": "system", "content": "be brief"},
+                                    {"role": "user", "content": "hi"}]}).encode()
+    assert prefix_key(chat, 100) == "system:be brief\nuser:hi\n"
+    assert prefix_key(b"", 5) == prefix_key(b"not json", 5) == prefix_key(b"[1]", 5) == ""
+
+
+def test_rendezvous_order_moves_only_a_removed_replicas_keys():
+    from parallax.serve.prefix_router import preferred_order
+    replicas = [f"replica-{i}" for i in range(4)]
+    keys = [f"prompt prefix {k}" for k in range(400)]
+    before = {k: preferred_order(k, replicas)[0] for k in keys}
+    assert set(before.values()) == set(replicas)                 # every replica gets keys
+    after = {k: preferred_order(k, replicas[:3])[0] for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert moved and all(before[k] == "replica-3" for k in moved)
+    assert preferred_order(keys[0], replicas) == preferred_order(keys[0], replicas[::-1])

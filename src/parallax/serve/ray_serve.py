@@ -91,14 +91,15 @@ class ParallaxReplica:
         self.http_app.add_middleware(_ReplicaHeader, replica=self.replica_id)
         return self.http_app
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Serve's health check: raise when the engine is dead or stuck (Serve replaces us)."""
+        import asyncio
         if self.http_app is None:
             return
         pool = getattr(self.llm, "_pool", None)
         if pool is not None and hasattr(pool, "ping"):     # RayExecutor: ranks alive?
             try:
-                pool.ping()
+                await asyncio.to_thread(pool.ping)          # blocking Ray calls: off the loop
             except ParallaxError as e:
                 self.http_app.state.serve.monitor.mark_dead(str(e))
                 raise
