@@ -229,6 +229,25 @@ def test_tp2_ranks_on_two_nodes_equal_worker_pool(cluster, chat_ckpt):
     assert took < 30, took
 
 
+@pytest.mark.timeout(120)
+def test_executor_ray_from_a_driver_and_when_it_cannot_place(cluster, chat_ckpt):
+    from ray.util import placement_group_table
+    prompts, _ = prompts_and_budgets(4, seed=6)
+    with parallax.LLM(chat_ckpt, tp=2, executor="ray", **ENGINE) as llm:
+        pg = llm._pool.placement_group                       # made here: STRICT_PACK
+        got = [c.token_ids for c in llm.generate(prompts, max_new_tokens=8, chat=False)]
+        assert len({w["node_id"] for w in llm._pool.where}) == 1
+    assert placement_group_table(pg)["state"] == "REMOVED"
+    with parallax.LLM(chat_ckpt, tp=2, executor="pool", **ENGINE) as pool_llm:
+        assert got == [c.token_ids for c in pool_llm.generate(prompts, max_new_tokens=8,
+                                                              chat=False)]
+    t0 = time.monotonic()
+    with pytest.raises(parallax.errors.WorkerError, match="could not place 2 ranks"):
+        parallax.LLM(chat_ckpt, tp=2, executor="ray", threads_per_rank=64, timeout_s=3,
+                     **ENGINE)
+    assert time.monotonic() - t0 < 30
+
+
 @pytest.mark.timeout(240)
 def test_sigkill_one_replica_under_load_recovers(two_replicas, oracle):
     url = two_replicas

@@ -156,8 +156,11 @@ class RayExecutor:
                     num_cpus=1 if gpu else threads, num_gpus=gpu, max_restarts=0,
                     scheduling_strategy=strategy_r, name=None,
                 ).remote(rank, tp_size, pp_size, self.device, self.timeout_s, threads))
-            self.where = self._gather([a.where.remote() for a in self.actors], "start-up")
-            ip, port = ray.get(self.actors[0].host_store.remote(), timeout=self.timeout_s)
+            deadline = time.monotonic() + self.timeout_s
+            self.where = self._gather([a.where.remote() for a in self.actors],
+                                      "start-up (placing the rank actors)", deadline)
+            ip, port = self._gather([self.actors[0].host_store.remote()],
+                                    "start-up (rendezvous store)", deadline)[0]
             self._gather([a.start.remote(ip, port, factory, tuple(factory_args))
                           for a in self.actors], "start-up (process group and engine factory)")
         except BaseException as exc:
@@ -215,9 +218,9 @@ class RayExecutor:
         if self._closed_reason is not None:
             raise WorkerError(f"the Ray ranks are closed because {self._closed_reason}")
 
-    def _gather(self, refs: list, what: str) -> list:
-        """Every rank's answer, in rank order; on failure shut down (unless every rank
-        raised a ParallaxError) and raise."""
+    def _gather(self, refs: list, what: str, deadline: float | None = None) -> list:
+        """Every rank's answer, in rank order; on failure or past ``deadline`` (monotonic)
+        shut down (unless every rank raised a ParallaxError) and raise."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -231,6 +234,12 @@ class RayExecutor:
                 timeout = failed_at + _ERROR_GRACE_S - time.monotonic()
                 if timeout <= 0:
                     break
+            if deadline is not None and time.monotonic() > deadline:
+                line = (f"ranks {sorted(rank_of[r] for r in pending)} did not answer within "
+                        f"{self.timeout_s:g} s during {what} (not enough free resources for "
+                        f"their bundles?)")
+                self._shutdown(line)
+                raise WorkerError(line)
             ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
             for ref in ready:
                 rank = rank_of[ref]
