@@ -468,3 +468,16 @@ def test_rendezvous_order_moves_only_a_removed_replicas_keys():
     moved = [k for k in keys if before[k] != after[k]]
     assert moved and all(before[k] == "replica-3" for k in moved)
     assert preferred_order(keys[0], replicas) == preferred_order(keys[0], replicas[::-1])
+
+
+def test_cli_ray_flags_need_replicas(capsys):
+    from parallax.cli import main
+    assert main(["serve", "m", "--ray-address", "127.0.0.1:1"]) != 0
+    assert "--ray-address and --prefix-routing need --replicas" in capsys.readouterr().err
+
+
+def test_build_app_refuses_fixed_and_autoscaled_replicas_together():
+    with pytest.raises(parallax.ParallaxError, match="not both"):
+        build_app("m", num_replicas=2, max_replicas=3)
+    with pytest.raises(parallax.ParallaxError, match="min_replicas <= max_replicas"):
+        build_app("m", min_replicas=3, max_replicas=2)

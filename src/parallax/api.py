@@ -117,13 +117,13 @@ class LLM:
                 self._runner = ModelRunner(self._ctx, *args, checkpoint=ckpt)
                 executor = SpmdExecutor(self._runner)
             else:
-                from .parallel.launch import WorkerPool
                 from .parallel.ray_executor import inside_ray_worker
                 if executor == "ray" or (executor is None and inside_ray_worker()):
-                    from .parallel.ray_executor import RayExecutor as WorkerPool
-                self._pool = WorkerPool(ModelRunner, args, tp_size=tp, pp_size=pp,
-                                        device=device, timeout_s=timeout_s,
-                                        threads_per_rank=threads_per_rank)
+                    from .parallel.ray_executor import RayExecutor as Ranks
+                else:
+                    from .parallel.launch import WorkerPool as Ranks
+                self._pool = Ranks(ModelRunner, args, tp_size=tp, pp_size=pp, device=device,
+                                   timeout_s=timeout_s, threads_per_rank=threads_per_rank)
                 executor = PoolExecutor(self._pool)
         finally:
             ckpt.close()
