@@ -274,8 +274,10 @@ def main(a: argparse.Namespace) -> int:
                     layer_split=split, prefix_routing=a.prefix_routing, **engine_kw)
     if a.ray_address:
         ray.init(address=a.ray_address, log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+    else:   # a local Ray of our own: on loopback too when serving only this machine
+        local = a.host in ("127.0.0.1", "localhost", "::1")
+        ray.init(include_dashboard=False, log_to_driver=False,
+                 **({"_node_ip_address": "127.0.0.1"} if local else {}))
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
