@@ -360,6 +360,16 @@ def test_prefix_routing_keeps_a_prefix_on_one_replica_and_spreads_load(cluster, 
         print(f"\nprefix routing: 32 concurrent same-prefix requests per replica: "
               f"{dict(served)} (preferred {by_stem[stem]})")
         assert len(served) == 2 and None not in served, served
+        # The same with an imbalance margin no queue reaches: all stay on one replica.
+        serve.run(build_app(chat_ckpt, num_replicas=2, prefix_routing=True, prefix_chars=24,
+                            prefix_imbalance=1000, model_name="tiny", **ENGINE),
+                  name=app, route_prefix="/prefix")
+        results = fire(url, "tiny", [f"{stem} {i}" for i in range(32)], [40] * 32,
+                       concurrency=32)
+        assert all(r[0] == 200 for r in results)
+        served = collections.Counter(r[2] for r in results)
+        print(f"prefix routing, imbalance 1000: {dict(served)}")
+        assert len(served) == 1, served
     finally:
         serve.delete(app)
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from typing import Any
 
 from ray import serve
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import RequestRouter
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,10 @@ def preferred_order(key: str, replica_ids: list[str]) -> list[str]:
     return sorted(replica_ids, key=lambda r: _weight(key, r), reverse=True)
 
 
-class PrefixAffinityRouter(PowerOfTwoChoicesRequestRouter):
+class PrefixAffinityRouter(RequestRouter):
     """Ray Serve request router: key (``args[0]``) -> preferred replica, unless its queue
-    exceeds the shortest queue by more than ``imbalance`` (request_router_kwargs)."""
+    exceeds the shortest queue by more than ``imbalance`` (request_router_kwargs). Returns
+    ranked groups; Serve sends the request to the first group's replica that accepts it."""
 
     def initialize_state(self, imbalance: int = DEFAULT_IMBALANCE, **kwargs) -> None:
         self.imbalance = imbalance
@@ -73,7 +75,9 @@ class PrefixAffinityRouter(PowerOfTwoChoicesRequestRouter):
         if pending_request is not None and pending_request.args:
             key = pending_request.args[0]
         if not isinstance(key, str) or not key or not candidate_replicas:
-            return await super().choose_replicas(candidate_replicas, pending_request)
+            # No prompt (GET /health, /metrics): power of two choices; Serve takes the
+            # shorter queue of the two.
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
         order = preferred_order(key, list(by_id))
         queues = await self._queue_lens(candidate_replicas)
@@ -91,11 +95,11 @@ class PrefixAffinityRouter(PowerOfTwoChoicesRequestRouter):
         out: dict[str, int | None] = {}
         missing = []
         for r in replicas:
-            q = self._replica_queue_len_cache.get(r.replica_id)
+            q = self.replica_queue_len_cache.get(r.replica_id)
             if q is None:
                 missing.append(r)
             out[r.replica_id.to_full_id_str()] = q
-        if missing:
+        if missing:   # as Ray's own routers do: ask the replicas (this fills the cache)
             for r, q in await self._probe_queue_lens(missing, 0):
                 out[r.replica_id.to_full_id_str()] = q
         return out
