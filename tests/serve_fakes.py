@@ -124,10 +124,11 @@ class FakeRequest:
 
 class FakeLLM:
     """Deterministic toy engine: token t of a greedy request is 3 + (7 sum(prompt) + 13 t) %
-    (vocab - 3) (never a special token); a sampled one draws from random.Random(seed) (or fresh entropy). Each step (``step_s``)
-    advances up to ``max_running`` requests by one token; the rest wait. Stop strings and
-    max_new_tokens end a request as the contract says; ``kill()`` makes stats() raise and
-    ``stall()`` stops the loop while keeping stats() answering."""
+    (vocab - 3) (never a special token); a sampled one draws from random.Random(seed) (or
+    fresh entropy). Each step (``step_s``) advances up to ``max_running`` requests by one
+    token; the rest wait. Stop strings and max_new_tokens end a request as the contract
+    says; ``kill()`` makes stats() raise and ``stall()`` stops the loop while keeping
+    stats() answering."""
 
     def __init__(self, tokenizer, context: int = 256, step_s: float = 0.002,
                  max_running: int = 4):
