@@ -243,8 +243,9 @@ def main(argv=None) -> None:
         for system in systems:
             reqs = [Req(r.prompt, r.out_len) for r in reqs0]
             arrivals(reqs, rate, a.seed)
+            # Every system starts cold: an earlier run's prompts would be prefix-cache hits.
+            llm._core.bm.reset_prefix_cache()
             if system == "parallax":
-                llm._core.bm.reset_prefix_cache()          # random prompts: no sharing anyway
                 peak = {"usage": 0.0}
                 t0, t1 = run_parallax(llm, reqs, peak)
                 peak_tokens = max(peak_tokens, int(peak["usage"] * llm.stats()["kv_cache_tokens"]))

@@ -7,6 +7,7 @@ import pytest
 
 from parallax import ParallaxError
 from parallax.engine.block_manager import BlockManager
+from parallax.engine.core import split_by_tokens
 from parallax.engine.request import Request, StopConditions
 from parallax.engine.scheduler import Scheduler
 from parallax.sampling import SamplingParams
@@ -151,3 +152,11 @@ def test_cancel_frees_blocks_before_the_next_step():
     b.abort()
     sched.finish(b)
     assert bm.usage() == 0 and not sched.has_work
+
+
+@pytest.mark.parametrize("sizes, parts, want", [
+    ([1] * 5, 2, [3, 2]), ([100, 1, 1, 1], 2, [1, 3]), ([1, 1, 1, 1, 100], 2, [4, 1]),
+    ([1, 1], 4, [1, 1]), ([3], 2, []), ([5] * 4, 1, [])])
+def test_micro_batches_split_by_tokens(sizes, parts, want):
+    """Pipeline micro-batches: contiguous groups of about equal tokens, never empty."""
+    assert split_by_tokens(sizes, parts) == want

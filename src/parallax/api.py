@@ -47,8 +47,8 @@ class LLM:
         device: "cpu" or "cuda".
         layer_split: per-stage layer counts (default: balanced by decode cost, parallel/sharding.py).
         quantize: None or "int8" (weight-only, per-channel scales).
-        micro_batches: accepted for compatibility; the engine runs one scheduled batch at a
-            time through the pipeline stages.
+        micro_batches: under pp, each step's batch is cut into this many micro-batches (by
+            tokens) that flow through the stages one behind the other (default: pp).
         timeout_s: how long a collective or a worker may stall before it is an error.
         threads_per_rank: torch threads per worker process (default: cores / world).
         max_num_seqs: requests decoded together at most (default 64).
@@ -135,7 +135,8 @@ class LLM:
             from .loading.tokenizer import IncrementalDecoder
             tok = self.tokenizer
             make_decoder = lambda: IncrementalDecoder(tok)   # noqa: E731
-        self._core = EngineCore(executor, bm, scheduler, make_decoder)
+        self._core = EngineCore(executor, bm, scheduler, make_decoder,
+                                micro_batches=(micro_batches or pp) if pp > 1 else 1)
         if not self._spmd:
             self._core.start()
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,

@@ -74,6 +74,23 @@ class PoolExecutor:
         return self.pool.call(method, *args)
 
 
+def split_by_tokens(sizes: list[int], parts: int) -> list[int]:
+    """Cut a list of sequence token counts into at most ``parts`` contiguous groups of
+    about equal tokens; returns the number of sequences per group ([] for one group)."""
+    parts = min(parts, len(sizes))
+    if parts <= 1:
+        return []
+    bound, groups, count, acc = sum(sizes) / parts, [], 0, 0
+    for n in sizes:
+        # Cut before a sequence whose middle lies past the current group's share.
+        if count and len(groups) < parts - 1 and acc + n / 2 > bound * (len(groups) + 1):
+            groups.append(count)
+            count = 0
+        count, acc = count + 1, acc + n
+    groups.append(count)
+    return [g for g in groups if g]
+
+
 # ---------------------------------------------------------------------------- the core
 class EngineCore:
     """Requests in, deltas out, one model step at a time.
@@ -82,12 +99,15 @@ class EngineCore:
         executor: how steps reach the ranks (see above).
         block_manager, scheduler: the KV bookkeeping and the batch policy.
         make_decoder: returns a fresh incremental detokenizer per request, or None.
+        micro_batches: split each step's sequences into this many micro-batches (by tokens)
+            so pipeline stages work at the same time (1 without pp).
     """
 
     def __init__(self, executor, block_manager: BlockManager, scheduler: Scheduler,
-                 make_decoder: Callable[[], Any] | None = None):
+                 make_decoder: Callable[[], Any] | None = None, micro_batches: int = 1):
         self.executor, self.bm, self.scheduler = executor, block_manager, scheduler
         self.make_decoder = make_decoder
+        self.micro_batches = micro_batches
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self._inbox: list[tuple[Request, RequestHandle]] = []
@@ -219,7 +239,8 @@ class EngineCore:
             if s.samples:
                 rows.append(len(token_ids) - 1)
                 ids.append(req.request_id)
-        plan = StepPlan(token_ids, seqs, rows, ids, self._new, self._finished)
+        plan = StepPlan(token_ids, seqs, rows, ids, self._new, self._finished,
+                        split_by_tokens([n for _, n, _ in seqs], self.micro_batches))
         self._new, self._finished = [], []
         return plan
 

@@ -70,6 +70,9 @@ class StepPlan:
     sample_ids:   the request id of each sample row.
     new_requests: requests to start sampling state for (driver rank).
     finished:     request ids whose sampling state can go.
+    groups:       sequences per micro-batch, in order (sums to len(seqs)); under pp the
+                  micro-batches flow through the stages one behind the other, so stage k
+                  works on micro-batch i while stage k+1 works on i-1. Empty: one batch.
     """
     token_ids: list[int]
     seqs: list[tuple[int, int, list[int]]]
@@ -77,6 +80,16 @@ class StepPlan:
     sample_ids: list[int]
     new_requests: list[NewRequest] = field(default_factory=list)
     finished: list[int] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+
+    def micro_batches(self) -> list[tuple[slice, slice]]:
+        """(sequence slice, token slice) of each micro-batch."""
+        out, s, t = [], 0, 0
+        for n in self.groups or [len(self.seqs)]:
+            tokens = sum(q for _, q, _ in self.seqs[s:s + n])
+            out.append((slice(s, s + n), slice(t, t + tokens)))
+            s, t = s + n, t + tokens
+        return out
 
 
 def kv_bytes_per_token(model) -> int:
@@ -138,32 +151,49 @@ class ModelRunner:
                 self.sampler.remove(rid)
         if not plan.seqs:
             return [] if self.ctx.is_driver else None
-        meta = AttentionMetadata.build(plan.seqs, self.block_size, self.ctx.device)
+        ids = torch.tensor(plan.token_ids, device=self.ctx.device)
+        tokens: list[int] = []
+        pending: list = []
         with torch.inference_mode():
-            h = self._forward(torch.tensor(plan.token_ids, device=self.ctx.device), meta,
-                              self.kv_caches)
-            tokens = None
-            if h is not None and plan.sample_rows:
-                logits = self.model.compute_logits(h[plan.sample_rows])       # (R, V) fp32
-                if self.sampler is not None:
-                    tokens = self.sampler(logits, plan.sample_ids)
+            parts = plan.micro_batches()
+            embedded = self._send_embeddings(ids, [tok for _, tok in parts], pending)
+            for seq, tok in parts:
+                meta = AttentionMetadata.build(plan.seqs[seq], self.block_size, self.ctx.device)
+                h = self._forward(ids[tok], meta, self.kv_caches, pending, embedded)
+                rows = [r - tok.start for r in plan.sample_rows if tok.start <= r < tok.stop]
+                if h is not None and rows:
+                    logits = self.model.compute_logits(h[rows])              # (R, V) fp32
+                    if self.sampler is not None:
+                        first = sum(1 for r in plan.sample_rows if r < tok.start)
+                        tokens += self.sampler(logits, plan.sample_ids[first:first + len(rows)])
+            for work, _ in pending:   # keep each sent tensor alive until its send completes
+                if work is not None:
+                    work.wait()
         self.busy_s += time.perf_counter() - t0
-        if self.ctx.is_driver:
-            return tokens or []
-        return None
+        return tokens if self.ctx.is_driver else None
 
-    def _forward(self, ids: torch.Tensor, meta: AttentionMetadata,
-                 kv_caches) -> torch.Tensor | None:
-        """This stage's part of the forward; the last stage returns the normed hidden
-        states (T, d), other stages None (their output went to the next stage)."""
+    def _send_embeddings(self, ids: torch.Tensor, parts: list[slice], pending: list) -> bool:
+        """Tied embeddings under pp live on the last stage: it embeds every micro-batch up
+        front and sends them to stage 0, which can then start at once. Returns whether
+        stage 0 gets its inputs that way."""
+        ctx, model = self.ctx, self.model
+        if not model.embeds_on_last_stage:
+            return False
+        if ctx.is_last_stage:
+            for tok in parts:
+                emb = model.embed(ids[tok])
+                pending.append((C.send_to(emb, ctx.stage_rank(0), ctx), emb))
+        return True
+
+    def _forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv_caches, pending: list,
+                 embedded: bool) -> torch.Tensor | None:
+        """This stage's part of the forward of one (micro-)batch; the last stage returns the
+        normed hidden states (T, d), other stages None (their output went on, its send
+        appended to ``pending``). ``embedded``: stage 0 receives its inputs from the last
+        stage (``_send_embeddings``)."""
         ctx, model = self.ctx, self.model
         t, hidden = ids.shape[0], model.cfg.hidden_size
-        pending = []
-        if model.embeds_on_last_stage and ctx.is_last_stage:
-            # Tied embeddings under pp live on the last stage: embed there, send to stage 0.
-            emb = model.embed(ids)
-            pending.append((C.send_to(emb, ctx.stage_rank(0), ctx), emb))
-        if ctx.is_first_stage and model.embeds_on_last_stage:
+        if ctx.is_first_stage and embedded:
             x = C.recv_from(torch.empty(t, hidden, dtype=self.dtype, device=ctx.device),
                             ctx.stage_rank(ctx.pp_size - 1), ctx)
         elif ctx.is_first_stage:
@@ -174,9 +204,6 @@ class ModelRunner:
         if not ctx.is_last_stage:
             pending.append((C.send_next_stage(h, ctx), h))
             h = None
-        for work, _ in pending:   # keep each sent tensor alive until its send completes
-            if work is not None:
-                work.wait()
         return h
 
     # ------------------------------------------------------------------ other calls
@@ -194,7 +221,12 @@ class ModelRunner:
         meta = AttentionMetadata.build(seqs, bs, self.ctx.device)
         ids = torch.tensor([t for p in prompts for t in p], device=self.ctx.device)
         with torch.inference_mode():
-            h = self._forward(ids, meta, caches)
+            pending: list = []
+            embedded = self._send_embeddings(ids, [slice(0, ids.shape[0])], pending)
+            h = self._forward(ids, meta, caches, pending, embedded)
+            for work, _ in pending:
+                if work is not None:
+                    work.wait()
             if h is None:
                 return None
             flat = self.model.compute_logits(h)                          # (sum T, V)

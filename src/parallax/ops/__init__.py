@@ -8,7 +8,8 @@
 - ``reference``: always the torch references.
 
 fp32 CPU tensors take the C kernels of csrc/cpu (ops/cpu.py: packed matmul, norms,
-``silu_and_mul``, decode attention with the cache write) where they build, and ``linear``
+``silu_and_mul``, decode attention with the cache write, paged attention over a flat
+mixed prefill/decode batch) where they build, and ``linear``
 with few rows the batched-gemm form in ops/cpu.py; other CPU tensors the reference. GPU
 inputs a kernel does not cover (float32, head dims other than 64/128, int8 batches above
 ``cuda.INT8_GEMV_MAX_M`` rows) also take the reference, which runs on the GPU through torch. Prefill attention, dense ``linear`` and ``quantize_int8``
