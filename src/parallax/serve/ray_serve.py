@@ -257,21 +257,18 @@ def main(a: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    api_key = a.api_key or os.environ.get("PARALLAX_API_KEY") or None
-    if a.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        logger.warning("serving on %s without --api-key: anyone who can reach it can use it",
-                       a.host)
-    engine_kw = {k: v for k, v in (("max_num_seqs", a.max_num_seqs),
-                                   ("kv_cache_tokens", a.kv_cache_tokens)) if v is not None}
-    split = [int(x) for x in a.layer_split.split(",")] if a.layer_split else None
+    from .server import cli_options
+
+    api_key, llm_kw = cli_options(a)
     name = a.served_model_name or a.model
+    # Replicas may run in other working directories: a local path travels absolute.
     app = build_app(os.path.abspath(a.model) if os.path.exists(a.model) else a.model,
-                    a.tp, a.pp, num_replicas=a.replicas, min_replicas=a.min_replicas,
+                    num_replicas=a.replicas, min_replicas=a.min_replicas,
                     max_replicas=a.max_replicas,
                     target_ongoing_requests=a.target_ongoing_requests, model_name=name,
                     api_key=api_key, max_queue=a.max_queue, health_timeout_s=a.health_timeout,
-                    device=a.device, threads_per_rank=a.threads_per_rank, dtype=a.dtype,
-                    layer_split=split, prefix_routing=a.prefix_routing, **engine_kw)
+                    threads_per_rank=a.threads_per_rank, prefix_routing=a.prefix_routing,
+                    **llm_kw)
     if a.ray_address:
         ray.init(address=a.ray_address, log_to_driver=False)
     else:   # a local Ray of our own: on loopback too when serving only this machine
