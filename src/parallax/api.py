@@ -61,6 +61,9 @@ class LLM:
             ``max_num_seqs`` full contexts).
         block_size: tokens per KV cache block (default 16).
         prefix_caching: reuse the KV blocks of prompt prefixes seen before (default True).
+        executor: how tp * pp > 1 ranks run outside torchrun: "pool" (spawned processes on
+            this machine) or "ray" (Ray actors in a placement group, parallel/ray_executor.py);
+            None: "ray" inside a Ray task or actor (a Ray Serve replica), else "pool".
 
     Raises:
         LayoutError, CheckpointError, ParallaxError: bad layout, checkpoint or setting,
@@ -73,7 +76,8 @@ class LLM:
                  micro_batches: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  threads_per_rank: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, kv_cache_tokens: int | None = None,
-                 block_size: int = 16, prefix_caching: bool = True):
+                 block_size: int = 16, prefix_caching: bool = True,
+                 executor: str | None = None):
         self._core: EngineCore | None = None
         self._runner: ModelRunner | None = None
         self._pool = None
@@ -83,6 +87,8 @@ class LLM:
             raise ParallaxError(f"quantize={quantize!r} is not supported; use None or 'int8'")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ParallaxError("device='cuda' but torch sees no GPU; use device='cpu'")
+        if executor not in (None, "pool", "ray"):
+            raise ParallaxError(f"executor={executor!r} is not supported; use 'pool' or 'ray'")
         if micro_batches is not None and micro_batches < 1:
             raise ParallaxError(f"micro_batches must be >= 1, got {micro_batches}")
         for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size),
@@ -114,10 +120,13 @@ class LLM:
                 self._runner = ModelRunner(self._ctx, *args, checkpoint=ckpt)
                 executor = SpmdExecutor(self._runner)
             else:
-                from .parallel.launch import WorkerPool
-                self._pool = WorkerPool(ModelRunner, args, tp_size=tp, pp_size=pp,
-                                        device=device, timeout_s=timeout_s,
-                                        threads_per_rank=threads_per_rank)
+                from .parallel.ray_executor import inside_ray_worker
+                if executor == "ray" or (executor is None and inside_ray_worker()):
+                    from .parallel.ray_executor import RayExecutor as Ranks
+                else:
+                    from .parallel.launch import WorkerPool as Ranks
+                self._pool = Ranks(ModelRunner, args, tp_size=tp, pp_size=pp, device=device,
+                                   timeout_s=timeout_s, threads_per_rank=threads_per_rank)
                 executor = PoolExecutor(self._pool)
         finally:
             ckpt.close()

@@ -271,6 +271,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- serve
 def cmd_serve(a: argparse.Namespace) -> int:
+    if a.replicas is not None or a.min_replicas is not None or a.max_replicas is not None:
+        from .serve.ray_serve import main as ray_main    # Ray only for replicated serving
+        return ray_main(a)
+    if a.ray_address or a.prefix_routing:
+        raise ParallaxError("--ray-address and --prefix-routing need --replicas N or "
+                            "--min-replicas A --max-replicas B")
     from .serve.server import main as serve_main     # FastAPI/uvicorn only when serving
     return serve_main(a)
 
@@ -380,6 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds running requests may take to finish after SIGTERM")
     s.add_argument("--health-timeout", type=_seconds, default=30.0, metavar="S",
                    help="/health is 503 after the engine is silent or stuck this long")
+    r = s.add_argument_group("replicas on Ray Serve (docs/scaling.md)")
+    r.add_argument("--replicas", type=_count, metavar="N", help="a fixed number of replicas")
+    r.add_argument("--min-replicas", type=_count, metavar="N", help="autoscaling: fewest replicas")
+    r.add_argument("--max-replicas", type=_count, metavar="N", help="autoscaling: most replicas")
+    r.add_argument("--target-ongoing-requests", type=float, default=16,
+                   help="autoscaling: requests in flight per replica to aim for")
+    r.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    r.add_argument("--threads-per-rank", type=_count, metavar="N", default=1, help="CPUs per rank")
+    r.add_argument("--prefix-routing", action="store_true",
+                   help="send requests sharing a prompt prefix to the same replica")
 
     b = command("bench", "run a benchmark script from benchmarks/ (arguments forwarded)")
     b.add_argument("which", choices=BENCHMARKS, metavar="WHICH",

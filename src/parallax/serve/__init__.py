@@ -7,6 +7,8 @@
     health.py    engine liveness for /health
     server.py    uvicorn runner with SIGTERM drain; BackgroundServer for tests/benchmarks
     loadgen.py   HTTP load driver for any OpenAI-compatible server
+    ray_serve.py the app as a Ray Serve deployment: replicas, autoscaling (docs/scaling.md)
+    prefix_router.py  prefix-aware routing between Ray Serve replicas
 
 Needs the ``serve`` extra (fastapi, uvicorn, prometheus-client); importing this package
 alone does not import them.

@@ -108,18 +108,26 @@ class BackgroundServer:
 
 
 # ---------------------------------------------------------------------- parallax serve
-def main(a: argparse.Namespace) -> int:
-    """``parallax serve``: build the LLM, serve it, drain on SIGTERM, exit 0."""
-    from ..api import LLM
-    from .app import build_app
+def cli_options(a: argparse.Namespace) -> tuple[str | None, dict]:
+    """``parallax serve``'s arguments as (API key, ``LLM`` keywords besides the model);
+    warns when serving beyond this machine without a key. Also used by ray_serve.main."""
     api_key = a.api_key or os.environ.get("PARALLAX_API_KEY") or None
     if a.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         logger.warning("serving on %s without --api-key: anyone who can reach it can use it",
                        a.host)
     engine_kw = {k: v for k, v in (("max_num_seqs", a.max_num_seqs),
                                    ("kv_cache_tokens", a.kv_cache_tokens)) if v is not None}
-    llm = LLM(a.model, tp=a.tp, pp=a.pp, dtype=a.dtype, device=a.device, layer_split=a.layer_split,
-              **engine_kw)
+    return api_key, dict(tp=a.tp, pp=a.pp, dtype=a.dtype, device=a.device,
+                         layer_split=a.layer_split,
+                         **engine_kw)
+
+
+def main(a: argparse.Namespace) -> int:
+    """``parallax serve``: build the LLM, serve it, drain on SIGTERM, exit 0."""
+    from ..api import LLM
+    from .app import build_app
+    api_key, llm_kw = cli_options(a)
+    llm = LLM(a.model, **llm_kw)
     try:
         name = a.served_model_name or a.model
         app = build_app(llm, name, api_key=api_key, max_queue=a.max_queue,
