@@ -44,7 +44,8 @@ class LLM:
 
     Args:
         model: HF checkpoint folder, ``.gguf`` file, or ``"smollm2-135m"``.
-        tp, pp: tensor- and pipeline-parallel sizes (world = tp * pp processes).
+        tp: tensor-parallel size: ranks that split every layer (attention by whole KV groups).
+        pp: pipeline-parallel size: stages of contiguous layers (world = tp * pp processes).
         dtype: "float32" | "bfloat16" | "float16" weights and activations.
         device: "cpu" or "cuda".
         layer_split: per-stage layer counts (default: balanced by decode cost, parallel/sharding.py).
@@ -169,9 +170,35 @@ class LLM:
                  ignore_eos: bool = False, chat: bool | None = None,
                  repetition_penalty: float = D.REPETITION_PENALTY,
                  stop_token_ids: list[int] | None = None) -> list[Completion]:
-        """Generate for each prompt (a string or a list of token ids); one Completion each,
-        in order. All prompts are submitted to the engine at once (prompt i is seeded with
-        ``seed + i``) and their results awaited."""
+        """Generate for each prompt; one Completion each, in order.
+
+        All prompts are submitted to the engine at once and their results awaited; each
+        answer equals the one the prompt would get alone.
+
+        Args:
+            prompts: a prompt or a list of prompts; a prompt is a string or a list of token
+                ids (ragged lengths are fine).
+            max_new_tokens: tokens to generate at most per prompt (>= 1).
+            temperature: 0 is greedy; > 0 samples from softmax(logits / temperature).
+            top_k: sample among the k most likely tokens only (None: all).
+            top_p: sample among the smallest set of tokens whose probability reaches top_p,
+                in (0, 1]; 1 is off.
+            seed: seed of the sampler; prompt i is seeded with ``seed + i`` (None: random).
+            stop: a string or strings that end the answer (not included in the text).
+            ignore_eos: keep generating past the end-of-sequence token.
+            chat: apply the model's chat template to string prompts; None applies it when the
+                model has one. Message lists go to ``LLM.chat``.
+            repetition_penalty: > 1 makes tokens already in the prompt or answer less likely.
+            stop_token_ids: token ids that end the answer (included in ``token_ids``).
+
+        Returns:
+            One Completion per prompt, in order.
+
+        Raises:
+            PromptError: an empty prompt, ids outside the vocabulary, chat messages, or a
+                prompt plus max_new_tokens longer than the model's context.
+            SamplingError: a sampling value out of range.
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids, sampling, stops = self._prepare(prompts, max_new_tokens, temperature, top_k,
@@ -180,9 +207,21 @@ class LLM:
         return self._run_all(ids, sampling, stops)
 
     def submit(self, prompt: Prompt, max_new_tokens: int = D.MAX_NEW_TOKENS, **kwargs: Any) -> RequestHandle:
-        """Queue one request (``generate``'s arguments, one prompt) and return its handle at
-        once: iterate it for deltas, ``result()`` for the Completion, ``cancel()`` to stop.
-        Thread-safe. Not available under torchrun (use generate there)."""
+        """Queue one request and return its handle at once. Thread-safe.
+
+        Iterate the handle (``for`` or ``async for``) for Deltas, call ``result()`` for the
+        Completion, ``cancel()`` to stop it (its KV blocks are freed within one step). Not
+        available under torchrun (use ``generate`` there).
+
+        Args:
+            prompt: a string or a list of token ids.
+            max_new_tokens: tokens to generate at most (>= 1).
+            **kwargs: the rest of ``generate``'s arguments (temperature, top_k, top_p, seed,
+                stop, ignore_eos, chat, repetition_penalty, stop_token_ids).
+
+        Raises:
+            PromptError, SamplingError: as ``generate``.
+        """
         if self._spmd:
             raise ParallaxError("submit() needs the engine's background thread, which "
                                 "torchrun ranks do not run; use generate() under torchrun")
@@ -190,8 +229,15 @@ class LLM:
         return self._engine().submit(ids[0], sampling[0], stops)
 
     def stream(self, prompt: Prompt, max_new_tokens: int = D.MAX_NEW_TOKENS, **kwargs: Any) -> Iterator[str]:
-        """Yield the answer to one prompt piece by piece, as it is generated. Leaving the
-        loop early (or dropping the iterator) cancels the request."""
+        """Yield the answer to one prompt piece by piece, as it is generated.
+
+        Leaving the loop early (or dropping the iterator) cancels the request.
+
+        Args:
+            prompt: a string or a list of token ids.
+            max_new_tokens: tokens to generate at most (>= 1).
+            **kwargs: the rest of ``generate``'s arguments.
+        """
         if self._spmd:   # torchrun: every rank runs it; pieces arrive at the end
             yield from [c.text for c in self.generate([prompt], max_new_tokens, **kwargs)]
             return
@@ -205,10 +251,20 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], max_new_tokens: int = D.MAX_NEW_TOKENS,
              **kwargs: Any) -> Completion | list[Completion]:
-        """Answer a conversation (a list of {"role", "content"} messages) with the model's
-        chat template; a list of conversations gives a list of Completions.
+        """Answer a conversation with the model's chat template.
 
-        Raises PromptError if the model has no tokenizer or chat template."""
+        Args:
+            messages: one conversation (a list of ``{"role": ..., "content": ...}`` dicts) or a
+                list of conversations.
+            max_new_tokens: tokens to generate at most per answer (>= 1).
+            **kwargs: the rest of ``generate``'s arguments (not ``chat``).
+
+        Returns:
+            A Completion for one conversation, a list of them for a list.
+
+        Raises:
+            PromptError: the model has no chat template, or the messages are malformed.
+        """
         if self.tokenizer is None or not self.tokenizer.has_chat_template:
             raise PromptError("chat() needs a model with a chat template")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -334,6 +390,9 @@ class LLM:
         return ids, per_prompt, StopConditions(max_new_tokens, frozenset(stop_ids), stops)
 
     def _encode(self, prompt: Prompt, chat: bool | None) -> list[int]:
+        if _is_messages(prompt):
+            raise PromptError("generate() and stream() take prompts (a string or token ids); "
+                              "a list of {'role', 'content'} messages goes to LLM.chat(messages)")
         if not isinstance(prompt, str):
             return self._check_ids(prompt)
         if self.tokenizer is None:
@@ -360,3 +419,9 @@ class LLM:
             raise PromptError(f"token ids {bad[:5]} are outside the vocabulary "
                               f"[0, {self.config.vocab_size})")
         return ids
+
+
+def _is_messages(prompt) -> bool:
+    """A chat message, or a conversation, given where a prompt belongs."""
+    return isinstance(prompt, dict) or (isinstance(prompt, (list, tuple)) and bool(prompt)
+                                        and isinstance(prompt[0], dict))

@@ -92,9 +92,16 @@ class ModelConfig:
         rms_norm_eps: epsilon of the RMSNorms.
         rope_theta: base of the rotary position embedding.
         rope_scaling: None, or the HF rope scaling dict ({"rope_type": "llama3" | "linear", ...}).
-        max_position_embeddings: the context length, in tokens (prompt + new tokens).
+        rope_freq_factors: None, or (head_dim/2,) divisors of the rotary frequencies (GGUF
+            ``rope_freqs.weight``, Llama 3.x rope scaling).
+        max_position_embeddings: the usable context in tokens (prompt + new tokens), clamped
+            to the sliding window where the checkpoint has one.
         tie_word_embeddings: whether the LM head reuses the embedding matrix.
-        attention_bias: whether q/k/v carry a bias (qwen2).
+        hidden_act: the gate activation of the MLP (HF ``hidden_act``: silu, gelu, ...).
+        attention_bias: whether q/k/v carry a bias (qwen2; llama ``attention_bias``).
+        o_proj_bias: whether the attention output projection carries a bias.
+        mlp_bias: whether gate/up/down carry a bias (llama ``mlp_bias``).
+        sliding_window: the checkpoint's attention window in tokens, or None.
         bos_token_id: the beginning-of-sequence token, if the checkpoint names one.
         eos_token_ids: tokens that end generation (unless ``ignore_eos``).
         pad_token_id: the padding token, if the checkpoint names one.

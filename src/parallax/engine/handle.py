@@ -24,6 +24,10 @@ class RequestHandle:
     within one engine step (its ``finish_reason`` is then "abort"). A handle is iterated by
     one consumer; ``result()`` works whether or not it was iterated.
     Errors of the engine (a dead worker, ...) are raised from iteration and ``result()``.
+
+    Args:
+        request_id: the engine's id of the request (unique per LLM).
+        cancel: the engine's cancel function, called with request_id by ``cancel()``.
     """
 
     def __init__(self, request_id: int, cancel: Callable[[int], None]):

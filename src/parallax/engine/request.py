@@ -37,12 +37,18 @@ class StopConditions:
 
 @dataclass
 class Usage:
-    """Token counts of one request (OpenAI's ``usage``)."""
+    """Token counts of one request (OpenAI's ``usage``).
+
+    Attributes:
+        prompt_tokens: tokens in the prompt (after the chat template).
+        completion_tokens: tokens generated.
+    """
     prompt_tokens: int
     completion_tokens: int
 
     @property
     def total_tokens(self) -> int:
+        """prompt_tokens + completion_tokens."""
         return self.prompt_tokens + self.completion_tokens
 
 
@@ -50,9 +56,10 @@ class Usage:
 class Delta:
     """What one engine step added to a request.
 
-    text:          new text that is safe to show (never part of a possible stop string).
-    token_ids:     new token ids (usually one; empty on a final delta that only flushes text).
-    finish_reason: None until the last delta, then "length" | "stop" | "abort".
+    Attributes:
+        text: new text that is safe to show (never part of a possible stop string).
+        token_ids: new token ids (usually one; empty on a final delta that only flushes text).
+        finish_reason: None until the last delta, then "length" | "stop" | "abort".
     """
     text: str
     token_ids: list[int]
@@ -63,11 +70,15 @@ class Delta:
 class Completion:
     """One finished answer.
 
-    text / token_ids: the output (token_ids include a stop token; text excludes stop strings).
-    finish_reason:    "length" (max_new_tokens), "stop" (stop id or string) or "abort" (cancelled).
-    usage:            prompt and completion token counts.
-    time_to_first_token_s: from submission to the first output token.
-    tokens_per_s:     decode speed after the first token (0 with fewer than 2 tokens).
+    Attributes:
+        text: the answer's text (stop strings excluded).
+        token_ids: the generated token ids (a stop token included).
+        finish_reason: "length" (max_new_tokens), "stop" (stop id or string) or "abort"
+            (cancelled).
+        prompt_tokens: tokens in the prompt (after the chat template).
+        time_to_first_token_s: seconds from submission to the first output token.
+        tokens_per_s: decode speed after the first token (0 with fewer than 2 tokens).
+        usage: prompt and completion token counts (OpenAI's ``usage``).
     """
     text: str
     token_ids: list[int]
