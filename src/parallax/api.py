@@ -209,6 +209,8 @@ class LLM:
     def submit(self, prompt: Prompt, max_new_tokens: int = D.MAX_NEW_TOKENS, **kwargs: Any) -> RequestHandle:
         """Queue one request and return its handle at once. Thread-safe.
 
+        Takes ``generate``'s keyword arguments (temperature, top_k, top_p, seed, stop,
+        ignore_eos, chat, repetition_penalty, stop_token_ids) for one prompt.
         Iterate the handle (``for`` or ``async for``) for Deltas, call ``result()`` for the
         Completion, ``cancel()`` to stop it (its KV blocks are freed within one step). Not
         available under torchrun (use ``generate`` there).
@@ -216,8 +218,6 @@ class LLM:
         Args:
             prompt: a string or a list of token ids.
             max_new_tokens: tokens to generate at most (>= 1).
-            **kwargs: the rest of ``generate``'s arguments (temperature, top_k, top_p, seed,
-                stop, ignore_eos, chat, repetition_penalty, stop_token_ids).
 
         Raises:
             PromptError, SamplingError: as ``generate``.
@@ -231,12 +231,12 @@ class LLM:
     def stream(self, prompt: Prompt, max_new_tokens: int = D.MAX_NEW_TOKENS, **kwargs: Any) -> Iterator[str]:
         """Yield the answer to one prompt piece by piece, as it is generated.
 
-        Leaving the loop early (or dropping the iterator) cancels the request.
+        Takes ``generate``'s keyword arguments. Leaving the loop early (or dropping the
+        iterator) cancels the request.
 
         Args:
             prompt: a string or a list of token ids.
             max_new_tokens: tokens to generate at most (>= 1).
-            **kwargs: the rest of ``generate``'s arguments.
         """
         if self._spmd:   # torchrun: every rank runs it; pieces arrive at the end
             yield from [c.text for c in self.generate([prompt], max_new_tokens, **kwargs)]
@@ -253,11 +253,12 @@ class LLM:
              **kwargs: Any) -> Completion | list[Completion]:
         """Answer a conversation with the model's chat template.
 
+        Takes ``generate``'s keyword arguments except ``chat``.
+
         Args:
             messages: one conversation (a list of ``{"role": ..., "content": ...}`` dicts) or a
                 list of conversations.
             max_new_tokens: tokens to generate at most per answer (>= 1).
-            **kwargs: the rest of ``generate``'s arguments (not ``chat``).
 
         Returns:
             A Completion for one conversation, a list of them for a list.
