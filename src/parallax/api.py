@@ -67,8 +67,9 @@ class LLM:
             None: "ray" inside a Ray task or actor (a Ray Serve replica), else "pool".
 
     Raises:
-        LayoutError, CheckpointError, ParallaxError: bad layout, checkpoint or setting,
-        before any worker starts.
+        LayoutError: tp/pp the model cannot take (found before any worker starts).
+        CheckpointError: a bad path, a corrupt file or an unsupported architecture or config.
+        ParallaxError: any other bad setting.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, tp: int = D.TP, pp: int = D.PP,
