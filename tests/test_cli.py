@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import parallax
+from parallax import ops
 from parallax.parallel.plan import rank_plan
 
 # The subprocesses run the parallax this test imports, whatever the environment installed.
@@ -95,8 +96,13 @@ def test_info_smollm2_printout():
     out = r.stdout
     for fact in ("architecture     llama", "layers           30", "heads / kv heads 9 / 3",
                  "vocab            49152", "tied embeddings  True", "parameters       134,515,008",
-                 "context          8192", "kernels          reference"):
+                 "context          8192"):
         assert fact in out, (fact, out)
+    # The kernels line names what this machine runs (same environment, same build cache).
+    want = ops.kernel_report()
+    line = next(x for x in out.splitlines() if x.startswith("kernels "))
+    assert line.split()[1] == want["backend"], (line, want)
+    assert f"variant {want['variant'] or 'none'}" in line
     rows = _table(out)
     # 3 KV heads over 2 ranks: whole KV groups, 2 + 1.
     assert [row["q / kv heads"] for row in rows] == ["6 / 2", "3 / 1"]

@@ -23,3 +23,7 @@ class PromptError(ParallaxError, ValueError):
 
 class WorkerError(ParallaxError, RuntimeError):
     """A worker process died, raised, or stopped answering."""
+
+
+class KernelInputError(ParallaxError, ValueError):
+    """A kernel was given inputs it must refuse (e.g. a context length outside the KV cache)."""

@@ -8,8 +8,11 @@
 - ``reference``: always the torch references.
 
 fp32 CPU tensors take the C kernels of csrc/cpu (ops/cpu.py: packed matmul, norms,
-``silu_and_mul``, decode attention with the cache write) where they build, and ``linear``
-with few rows the batched-gemm form in ops/cpu.py; other CPU tensors the reference. GPU
+``silu_and_mul``, decode attention with the cache write) where they build, in the variant
+for the CPU's instruction set (``PARALLAX_CPU_ISA`` forces one); the packed matmul goes to
+torch instead for the weight shapes and row counts where torch measured faster. ``linear``
+with few rows takes the batched-gemm form in ops/cpu.py; other CPU tensors the reference.
+``kernel_report()`` says what runs. GPU
 inputs a kernel does not cover (float32, head dims other than 64/128, int8 batches above
 ``cuda.INT8_GEMV_MAX_M`` rows) also take the reference, which runs on the GPU through torch. Prefill attention, dense ``linear`` and ``quantize_int8``
 always use the reference: torch's SDPA (flash backend) and cuBLAS are what we would write
@@ -33,7 +36,8 @@ from .reference import prefill_attention, quantize_int8
 
 __all__ = ["add_rms_norm", "decode_attention", "decode_attention_with_kvcache",
            "embedding_packed", "int8_linear", "linear", "linear_packed", "prefill_attention",
-           "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "active_backend"]
+           "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "active_backend",
+           "kernel_report"]
 
 _MODE = os.environ.get("PARALLAX_KERNELS", "auto").strip().lower() or "auto"
 if _MODE not in ("auto", "cuda", "reference"):
@@ -72,6 +76,46 @@ def active_backend() -> str:
     return "cuda" if _cuda_ok else "reference"
 
 
+# Which ops have a C kernel (fp32 CPU tensors) and which a CUDA one (fp16/bf16 GPU tensors).
+_CPU_OPS = ("linear_packed", "rms_norm", "add_rms_norm", "silu_and_mul",
+            "decode_attention_with_kvcache")
+_CUDA_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "decode_attention",
+             "decode_attention_with_kvcache", "int8_linear")
+
+
+def kernel_report() -> dict:
+    """What runs each hot-path op on this machine, for ``parallax info`` and the logs.
+
+    Keys: ``device`` ("cuda" when torch sees a GPU, else "cpu"); ``backend``, the kernels
+    in use on that device ("cuda", "cpu-avx512", "cpu-avx2", "cpu-generic" or "torch");
+    ``isa``, the best CPU variant this CPU runs; ``variant``, the CPU variant loaded (None
+    when none is); ``compiler``; ``build_error``, the compiler's message when the CPU
+    kernels did not build; ``cuda_error``; ``ops``, op name -> implementation on ``device``
+    (fp32 on the CPU, fp16/bf16 on a GPU); ``matmul``, the measured kernel-or-torch choice
+    per packed weight shape and row bucket so far (ops/cpu.py: matmul_path).
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    variant = None if _MODE == "reference" else _cpu._best()
+    cpu_built = variant is not None and _cpu.kernels() is not None
+    if device == "cuda":
+        backend = active_backend()
+        backend = "cuda" if backend == "cuda" else "torch"
+        kernel_ops = _CUDA_OPS
+    else:
+        backend = f"cpu-{variant}" if cpu_built else "torch"
+        kernel_ops = _CPU_OPS
+    names = [n for n in __all__ if n not in ("active_backend", "kernel_report")]
+    return {
+        "device": device, "backend": backend,
+        "isa": _cpu.supported_variants()[0], "variant": variant if cpu_built else None,
+        "compiler": _cpu.compiler(), "build_error": _cpu.build_error() if variant else None,
+        "cuda_error": _cuda.load_error(),
+        "ops": {n: backend if n in kernel_ops and backend != "torch" else "torch"
+                for n in sorted(names)},
+        "matmul": _cpu.matmul_choices(),
+    }
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if _cpu.use_small_m(x, weight):
         return _cpu.linear_small_m(x, weight, bias)
@@ -82,7 +126,7 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """Weights packed by ``ops.cpu.pack`` (done only where the CPU kernel is built)."""
     if x.dtype == torch.float32 and not x.is_cuda and _cpu.kernels() is not None:
-        return _cpu.linear_packed(x, packed, bias)
+        return _cpu.linear_packed_auto(x, packed, bias)   # the kernel or torch, as measured
     return _ref.linear_packed(x, packed, bias)
 
 

@@ -17,13 +17,20 @@ goes through MKL's batched gemm, which runs the blocks in parallel and reaches ~
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import logging
 import os
+import platform
 import shutil
+import statistics
 import subprocess
+import time
 
 import torch
+
+from ..errors import KernelInputError, ParallaxError
+from . import reference as _ref
 
 logger = logging.getLogger(__name__)
 
@@ -61,77 +68,151 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------
-# Packed fp32 matmul (csrc/cpu/gemm_f32.c): weights stored as 32-column panels of W^T.
+# Building csrc/cpu: one shared library per instruction-set variant.
 
 PANEL = 32
-_lib: dict = {}
 
-
-_SOURCES = ("gemm_f32.c", "decode_f32.c")
+# Every C source of the library and the entry points ctypes binds: name -> (return, args).
+_SOURCES = ["gemm_f32.c", "decode_f32.c"]
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGNATURES = {
-    "parallax_gemm_packed_f32": [_P] * 3 + [_I] * 4,
-    "parallax_add_rms_norm_f32": [_P] * 5 + [_I, _I, _F],
-    "parallax_silu_and_mul_f32": [_P, _P, _I, _I],
-    "parallax_decode_attention_kv_f32": [_P, _L, _P, _L, _P, _L] + [_P] * 4 + [_L, _L, _P, _P]
-                                        + [_I] * 4 + [_F, _I],
+    "parallax_cpu_isa": (ctypes.c_char_p, []),
+    "parallax_gemm_packed_f32": (None, [_P] * 3 + [_I] * 4),
+    "parallax_add_rms_norm_f32": (None, [_P] * 5 + [_I, _I, _F]),
+    "parallax_silu_and_mul_f32": (None, [_P, _P, _I, _I]),
+    "parallax_decode_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 4
+                                         + [_L, _L, _I, _P, _P] + [_I] * 4 + [_F, _I]),
 }
 
+# variant -> (compiler flags, /proc/cpuinfo flags the code needs); best first. The x86
+# variants are separate builds of the same sources (csrc/cpu/isa.h picks the vector width
+# from these flags), so each is compiled and tested on any x86 machine that can run it.
+VARIANTS = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",
+                "-mf16c"], {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"}),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+    "generic": ([], set()),
+}
+# -ffp-contract=fast: fused multiply-adds also under -std=c11 (GCC's ISO modes turn them off).
+_CFLAGS = ["-O3", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared"]
 
-def _compile() -> ctypes.CDLL:
-    """Build csrc/cpu/*.c into one library for this CPU (gcc -O3 -march=native), cached by
-    source and CPU flags; link torch's own libgomp so the kernels share torch's thread pool."""
+_libs: dict[str, ctypes.CDLL | None] = {}
+_build_errors: dict[str, str] = {}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo), empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        line = ""
+    return set(line.partition(":")[2].split())
+
+
+def supported_variants() -> list[str]:
+    """The variants this CPU can run, best first ("generic" always)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    flags = cpu_flags()
+    return [v for v, (cflags, need) in VARIANTS.items()
+            if not cflags or (x86 and need <= flags)]
+
+
+def best_variant() -> str:
+    """``PARALLAX_CPU_ISA`` when set (it must be one this CPU runs), else the best variant."""
+    ok = supported_variants()
+    want = os.environ.get("PARALLAX_CPU_ISA", "").strip().lower()
+    if not want:
+        return ok[0]
+    if want not in ok:
+        raise ParallaxError(f"PARALLAX_CPU_ISA={want!r}: this CPU runs {ok}; unset it or pick "
+                            "one of those")
+    return want
+
+
+def compiler() -> str | None:
+    """``PARALLAX_CC`` when set, else the first of gcc, cc, clang on the PATH."""
+    cc = os.environ.get("PARALLAX_CC")
+    if cc:
+        return shutil.which(cc) or cc
+    return next((p for p in map(shutil.which, ("gcc", "cc", "clang")) if p), None)
+
+
+def build(variant: str, cc: str | None = None, extra_flags: tuple[str, ...] = ()) -> str:
+    """Compile csrc/cpu into ``cpu_kernels-<variant>-<hash>.so`` under the cache folder
+    (``PARALLAX_CACHE_DIR`` or ~/.cache/parallax; keyed by sources, compiler and flags) and
+    return its path. Tries, in order: OpenMP with glibc's vector math (libmvec), OpenMP
+    alone, neither (single-threaded kernels). Raises ParallaxError with the compiler's
+    message when nothing builds."""
+    cc = cc or compiler()
+    if cc is None:
+        raise ParallaxError("no C compiler found (gcc, cc or clang; or set PARALLAX_CC)")
     folder = os.path.join(os.path.dirname(__file__), "..", "csrc", "cpu")
     srcs = [os.path.join(folder, name) for name in _SOURCES]
-    gomp = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None or not all(map(os.path.exists, srcs)):
-        raise RuntimeError("no C compiler (gcc) found")
-    digest = hashlib.sha256(_cpu_flags().encode() + cc.encode())
-    for src in srcs:
-        with open(src, "rb") as f:
+    flags = _CFLAGS + VARIANTS[variant][0] + list(extra_flags)
+    digest = hashlib.sha256(" ".join([cc, *flags]).encode())
+    for path in sorted(srcs + glob.glob(os.path.join(folder, "*.h"))):
+        with open(path, "rb") as f:
             digest.update(f.read())
     cache = os.environ.get("PARALLAX_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "parallax")
-    out = os.path.join(cache, f"cpu_kernels-{digest.hexdigest()[:16]}.so")
-    if not os.path.exists(out):
-        os.makedirs(cache, exist_ok=True)
-        tmp = f"{out}.{os.getpid()}.tmp"
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", *srcs,
-               gomp if os.path.exists(gomp) else "-lgomp", "-lm", "-o", tmp]
-        try:   # with glibc's vector math library (vector expf), else without
-            subprocess.run(cmd[:1] + ["-DPARALLAX_MVEC"] + cmd[1:] + ["-lmvec"], check=True,
-                           capture_output=True, timeout=120)
-        except subprocess.CalledProcessError:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        os.replace(tmp, out)   # atomic: concurrent ranks may build at once
-    lib = ctypes.CDLL(out)
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
-    return lib
+    out = os.path.join(cache, f"cpu_kernels-{variant}-{digest.hexdigest()[:16]}.so")
+    if os.path.exists(out):
+        return out
+    os.makedirs(cache, exist_ok=True)
+    tmp = f"{out}.{os.getpid()}.tmp"
+    gomp = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    omp = ["-fopenmp", gomp if os.path.exists(gomp) else "-lgomp"]
+    errors = []
+    for opts in (["-DPARALLAX_MVEC", *omp, "-lmvec"], omp, ["-Wno-unknown-pragmas"]):
+        cmd = [cc, *flags, *srcs, *opts, "-lm", "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode == 0:
+            if opts[-1] == "-Wno-unknown-pragmas":
+                logger.warning("CPU kernels (%s) built without OpenMP: single-threaded. %s",
+                               variant, errors[-1].strip()[-2000:])
+            os.replace(tmp, out)   # atomic: concurrent ranks may build at once
+            return out
+        errors.append(f"$ {' '.join(cmd)}\n{r.stderr}")
+    raise ParallaxError(f"could not build the CPU kernels ({variant}):\n" + errors[-1][-4000:])
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def kernels() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (logged once) where they cannot be built."""
-    if "lib" not in _lib:
-        if os.environ.get("PARALLAX_KERNELS", "auto").strip().lower() == "reference":
-            _lib["lib"] = None
-        else:
+def kernels(variant: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernels of ``variant`` (default: ``best_variant()``), or None where they
+    cannot be built: the failure and the compiler's message are logged once and kept for
+    ``kernel_report``. ``PARALLAX_KERNELS=reference`` turns them off."""
+    variant = variant or _best()
+    if variant not in _libs:
+        _libs[variant] = None
+        if _mode() != "reference":
             try:
-                _lib["lib"] = _compile()
+                lib = ctypes.CDLL(build(variant))
+                for name, (restype, argtypes) in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.restype, fn.argtypes = restype, argtypes
+                _libs[variant] = lib
             except Exception as e:   # no compiler, sandboxed /tmp, ...: fall back, loudly
-                logger.warning("CPU kernels unavailable (%s); using torch", e)
-                _lib["lib"] = None
-    return _lib["lib"]
+                _build_errors[variant] = str(e)
+                logger.warning("CPU kernels (%s) unavailable, using torch: %s", variant, e)
+    return _libs[variant]
+
+
+def build_error(variant: str | None = None) -> str | None:
+    """Why ``kernels(variant)`` is None (the compiler's message), or None."""
+    return _build_errors.get(variant or _best())
+
+
+def _mode() -> str:
+    return os.environ.get("PARALLAX_KERNELS", "auto").strip().lower()
+
+
+_BEST: list[str] = []
+
+
+def _best() -> str:
+    if not _BEST:
+        _BEST.append(best_variant())
+    return _BEST[0]
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -152,18 +233,85 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return packed.permute(1, 0, 2).reshape(k, p * PANEL).t().contiguous()
 
 
-def linear_packed(x: torch.Tensor, packed: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias with W given as panels (see pack). x: (..., K) float32."""
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+                  *, isa: str | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W given as panels (see pack), by the C kernel of variant
+    ``isa`` (default: the one in use). x: (..., K) float32."""
     p, k, _ = packed.shape
     n = p * PANEL
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    kernels().parallax_gemm_packed_f32(rows.data_ptr(), packed.data_ptr(), y.data_ptr(),
-                                       rows.shape[0], n, k, torch.get_num_threads())
+    kernels(isa).parallax_gemm_packed_f32(rows.data_ptr(), packed.data_ptr(), y.data_ptr(),
+                                          rows.shape[0], n, k, torch.get_num_threads())
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], n)
+
+
+def linear_packed_auto(x: torch.Tensor, packed: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_packed by whichever of the C kernel and torch's matmul on the same panels
+    (reference.linear_packed) was faster for this weight shape and row count (see
+    ``matmul_path``)."""
+    rows = x.numel() // x.shape[-1]
+    if matmul_path(rows, packed) == "kernel":
+        return linear_packed(x, packed, bias)
+    return _ref.linear_packed(x, packed, bias)
+
+
+# Row-count buckets (inclusive upper bound, rows timed): decode batches, then prefill chunks.
+ROW_BUCKETS = ((1, 1), (4, 4), (8, 8), (16, 16), (64, 64), (None, 256))
+TORCH_MARGIN = 0.95   # torch is chosen only when clearly faster: ties keep the kernel
+_choices: dict[tuple[int, int, int | None, int], dict] = {}
+
+
+def row_bucket(rows: int) -> tuple[int | None, int]:
+    """(inclusive upper bound or None, rows timed) of the bucket holding ``rows``."""
+    return next(b for b in ROW_BUCKETS if b[0] is None or rows <= b[0])
+
+
+def matmul_path(rows: int, packed: torch.Tensor) -> str:
+    """"kernel" or "torch" for ``rows`` rows times this packed weight: measured once per
+    (N, K, row bucket, threads) on this machine, then cached (``matmul_choices``).
+    ``PARALLAX_CPU_MATMUL=kernel|torch`` fixes the choice instead."""
+    forced = os.environ.get("PARALLAX_CPU_MATMUL", "auto").strip().lower()
+    if forced in ("kernel", "torch"):
+        return forced
+    p, k, _ = packed.shape
+    hi, timed = row_bucket(rows)
+    key = (p * PANEL, k, hi, torch.get_num_threads())
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _time_paths(packed, timed)
+        logger.info("CPU matmul %d x %d, rows <= %s: kernel %.0f us, torch %.0f us -> %s",
+                    key[0], k, hi if hi is not None else "any", choice["kernel_us"],
+                    choice["torch_us"], choice["path"])
+    return choice["path"]
+
+
+def _time_paths(packed: torch.Tensor, rows: int) -> dict:
+    """Median times of the kernel and of torch on one packed weight, interleaved."""
+    p, k, _ = packed.shape
+    x = torch.randn(rows, k)
+    paths = {"kernel": lambda: linear_packed(x, packed), "torch": lambda: _ref.linear_packed(x, packed)}
+    reps = 3 if rows * p * PANEL * k > 2e8 else 7
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for name, fn in paths.items():   # warm up: first touches, MKL's buffers
+        fn()
+    for _ in range(reps):
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    kernel_us, torch_us = (statistics.median(times[n]) * 1e6 for n in ("kernel", "torch"))
+    path = "torch" if torch_us < TORCH_MARGIN * kernel_us else "kernel"
+    return {"kernel_us": kernel_us, "torch_us": torch_us, "path": path}
+
+
+def matmul_choices() -> list[dict]:
+    """Every measured choice so far: N, K, rows (bucket bound), threads, times, path."""
+    return [{"n": n, "k": k, "rows": hi, "threads": t, **c}
+            for (n, k, hi, t), c in sorted(_choices.items(), key=lambda kv: str(kv[0]))]
 
 
 def embedding_packed(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -181,36 +329,45 @@ def fits(*tensors: torch.Tensor) -> bool:
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 eps: float, *, isa: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rms_norm(x + residual) * weight, x + residual); residual None: (rms_norm(x), None).
     x, residual: (..., D) contiguous; weight: (D,)."""
     d = x.shape[-1]
     out = torch.empty_like(x)
     res = None if residual is None else torch.empty_like(x)
-    kernels().parallax_add_rms_norm_f32(
+    kernels(isa).parallax_add_rms_norm_f32(
         x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
         out.data_ptr(), None if res is None else res.data_ptr(), x.numel() // d, d, eps)
     return out, res
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
     """x (..., 2N) contiguous -> silu(x[..., :N]) * x[..., N:], (..., N)."""
     n = x.shape[-1] // 2
     out = x.new_empty(*x.shape[:-1], n)
-    kernels().parallax_silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.numel() // (2 * n), n)
+    kernels(isa).parallax_silu_and_mul_f32(x.data_ptr(), out.data_ptr(),
+                                           x.numel() // (2 * n), n)
     return out
 
 
-def decode_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, context_lens, scale):
+def decode_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, context_lens, scale,
+                                  *, isa: str | None = None):
     """reference.decode_attention_with_kvcache in one call. Requires unit stride along D,
-    heads D apart in q/k/v, cache slots D apart, cos/sin contiguous (B, D/2), int32 lens."""
+    heads D apart in q/k/v, cache slots D apart, cos/sin contiguous (B, D/2), int32 lens.
+    Raises KernelInputError (and writes nothing) when a context length is outside
+    [1, cache slots]."""
     b, hq, d = q.shape
     out = q.new_empty(b, hq, d)
-    kernels().parallax_decode_attention_kv_f32(
+    bad = kernels(isa).parallax_decode_attention_kv_f32(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.stride(0), k_cache.stride(1), context_lens.data_ptr(), out.data_ptr(),
-        b, hq, k.shape[1], d, scale, torch.get_num_threads())
+        k_cache.stride(0), k_cache.stride(1), k_cache.shape[2], context_lens.data_ptr(),
+        out.data_ptr(), b, hq, k.shape[1], d, scale, torch.get_num_threads())
+    if bad:
+        raise KernelInputError(
+            f"decode attention: context_lens[{bad - 1}] = {int(context_lens[bad - 1])} is "
+            f"outside [1, {k_cache.shape[2]}] (the cache's slots); nothing was written")
     return out
 
 
@@ -221,4 +378,4 @@ def attention_layout_ok(q, k, v, k_cache, v_cache, cos, sin, context_lens) -> bo
     return (rows and d % 16 == 0 and d <= 256 and q.shape[1] // k.shape[1] <= 16
             and k_cache.stride() == v_cache.stride() and cos.is_contiguous()
             and sin.is_contiguous() and context_lens.dtype == torch.int32
-            and context_lens.is_contiguous())
+            and context_lens.is_contiguous() and context_lens.shape[0] == q.shape[0])
