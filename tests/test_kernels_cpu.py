@@ -548,3 +548,17 @@ def test_measured_choice_times_both_paths():
     assert c["kernel_us"] > 0 and c["torch_us"] > 0
     want = "torch" if c["torch_us"] < cpu.TORCH_MARGIN * c["kernel_us"] else "kernel"
     assert c["path"] == want
+
+
+@pytest.mark.parametrize("bad", [0, -3, 10])
+def test_dispatched_decode_attention_refuses_bad_lens_where_c_does_not_apply(bad):
+    """float64 (the torch path, whose cache write would wrap a slot of -1 to the end): the
+    dispatcher refuses the length before writing, for both decode entry points."""
+    args = list(_decode_inputs(2, 4, 2, 16, 9, [3, 9], dtype=torch.float64))
+    args[-1][0] = bad
+    kc0 = args[3].clone()
+    with pytest.raises(KernelInputError, match=r"context_lens\[0\]"):
+        ops.decode_attention_with_kvcache(*args, 0.3)
+    assert torch.equal(args[3], kc0)
+    with pytest.raises(KernelInputError, match=r"outside \[1, 9\]"):
+        ops.decode_attention(args[0], args[3], args[4], args[-1], 0.3)

@@ -19,8 +19,10 @@ always use the reference: torch's SDPA (flash backend) and cuBLAS are what we wo
 (docs/kernels.md says why).
 
 Differences callers must know: the CUDA ``rotary_embedding`` rotates q and k in place and
-returns them (the reference returns new tensors), and CUDA ``decode_attention`` returns zeros
-for a sequence with ``context_lens == 0`` (the reference returns NaN).
+returns them (the reference returns new tensors). Context lengths outside [1, cache slots]
+raise ``KernelInputError`` before anything is written, except on a GPU while a CUDA graph is
+being captured (no host sync then): the CUDA ``decode_attention`` then returns NaN for such
+a sequence and reads nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 
 import torch
 
+from ..errors import KernelInputError
 from . import cpu as _cpu
 from . import cuda as _cuda
 from . import reference as _ref
@@ -37,7 +40,7 @@ from .reference import prefill_attention, quantize_int8
 __all__ = ["add_rms_norm", "decode_attention", "decode_attention_with_kvcache",
            "embedding_packed", "int8_linear", "linear", "linear_packed", "prefill_attention",
            "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "active_backend",
-           "kernel_report"]
+           "kernel_report", "check_context_lens"]
 
 _MODE = os.environ.get("PARALLAX_KERNELS", "auto").strip().lower() or "auto"
 if _MODE not in ("auto", "cuda", "reference"):
@@ -104,7 +107,8 @@ def kernel_report() -> dict:
     else:
         backend = f"cpu-{variant}" if cpu_built else "torch"
         kernel_ops = _CPU_OPS
-    names = [n for n in __all__ if n not in ("active_backend", "kernel_report")]
+    names = [n for n in __all__ if n not in ("active_backend", "kernel_report",
+                                              "check_context_lens")]
     return {
         "device": device, "backend": backend,
         "isa": _cpu.supported_variants()[0], "variant": variant if cpu_built else None,
@@ -166,8 +170,21 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return _ref.rotary_embedding(q, k, cos, sin)
 
 
+def check_context_lens(context_lens: torch.Tensor, slots: int) -> None:
+    """Raise KernelInputError unless every length is in [1, slots]. One host sync on a GPU;
+    skipped while a CUDA graph is captured."""
+    if context_lens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = ((context_lens < 1) | (context_lens > slots)).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise KernelInputError(f"decode attention: context_lens[{i}] = {int(context_lens[i])} "
+                               f"is outside [1, {slots}] (the cache's slots); nothing was written")
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    check_context_lens(context_lens, k_cache.shape[2])
     d = q.shape[-1]
     if (_on_cuda(q) and q.dtype in _HALF and (d == 64 or d == 128)
             and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
@@ -186,6 +203,7 @@ def decode_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     args = (q, k, v, k_cache, v_cache, cos, sin, context_lens)
     if _cpu.fits(q, k, v, k_cache, v_cache) and _cpu.attention_layout_ok(*args):
         return _cpu.decode_attention_with_kvcache(*args, scale)
+    check_context_lens(context_lens, k_cache.shape[2])   # before the cache write
     q, k = rotary_embedding(q[:, None], k[:, None], cos[:, None], sin[:, None])
     _ref.write_kv_cache(k[:, 0], v, k_cache, v_cache, context_lens)
     return decode_attention(q[:, 0], k_cache, v_cache, context_lens, scale)
