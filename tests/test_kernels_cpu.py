@@ -523,7 +523,7 @@ def test_packed_matmul_takes_the_faster_path_once_per_shape_and_bucket(monkeypat
     monkeypatch.setattr(cpu, "_choices", {})
     timed = []
 
-    def fake_time(packed, rows):
+    def fake_time(kernel, torch_path, rows, k):
         timed.append(rows)
         return {"kernel_us": 10.0, "torch_us": 5.0 if rows == 8 else 20.0,
                 "path": "torch" if rows == 8 else "kernel"}
@@ -539,12 +539,15 @@ def test_packed_matmul_takes_the_faster_path_once_per_shape_and_bucket(monkeypat
     assert timed == [1, 8, 4]
     rows = {c["rows"]: c["path"] for c in cpu.matmul_choices()}
     assert rows == {1: "kernel", 8: "torch", 4: "kernel"}
+    assert {(c["weight"], c["n"], c["k"]) for c in cpu.matmul_choices()} == {("f32", 96, 24)}
     assert ops.kernel_report()["matmul"] == cpu.matmul_choices()
 
 
 def test_measured_choice_times_both_paths():
     """The real timer returns both medians and the path its margin implies."""
-    c = cpu._time_paths(cpu.pack(torch.randn(64, 32)), 4)
+    packed = cpu.pack(torch.randn(64, 32))
+    c = cpu._time_paths(lambda x: cpu.linear_packed(x, packed),
+                        lambda x: ref.linear_packed(x, packed), 4, 32)
     assert c["kernel_us"] > 0 and c["torch_us"] > 0
     want = "torch" if c["torch_us"] < cpu.TORCH_MARGIN * c["kernel_us"] else "kernel"
     assert c["path"] == want
@@ -562,3 +565,34 @@ def test_dispatched_decode_attention_refuses_bad_lens_where_c_does_not_apply(bad
     assert torch.equal(args[3], kc0)
     with pytest.raises(KernelInputError, match=r"outside \[1, 9\]"):
         ops.decode_attention(args[0], args[3], args[4], args[-1], 0.3)
+
+
+@pytest.mark.parametrize("isa", HERE)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 17])
+@pytest.mark.parametrize("n, k", [(64, 48), (37, 70), (192, 576), (6, 9)])
+def test_cpu_int8_kernel_matches_reference(m, n, k, isa):
+    """csrc/cpu/int8_f32.c in every variant this CPU runs (row and k tails, bias, strided x)
+    against reference.int8_linear, both within the fp32 dot-product rounding bound of the
+    exact product with the dequantised weight."""
+    g = torch.Generator().manual_seed(m * n + k)
+    qw, sc = ref.quantize_int8(torch.randn(n, k, generator=g))
+    b = torch.randn(n, generator=g)
+    x = torch.randn(k, m, generator=g).t()
+    out = cpu.int8_linear(x, qw, sc, b, isa=isa)
+    w = qw.double() * sc.double()[:, None]
+    exact = x.double() @ w.t() + b.double()
+    bound = (k + 2) * 2.0**-24 * (x.double().abs() @ w.abs().t() + b.double().abs())
+    assert out.shape == (m, n)
+    assert ((out.double() - exact).abs() <= bound).all()
+    assert ((ref.int8_linear(x, qw, sc, b).double() - exact).abs() <= bound).all()
+
+
+def test_int8_linear_dispatches_to_the_cpu_kernel(monkeypatch):
+    monkeypatch.setenv("PARALLAX_CPU_MATMUL", "kernel")
+    used = []
+    real = cpu.int8_linear
+    monkeypatch.setattr(cpu, "int8_linear", lambda *a, **k: used.append(1) or real(*a, **k))
+    qw, sc = ref.quantize_int8(torch.randn(40, 32))
+    x = torch.randn(3, 32)
+    assert rel_err(ops.int8_linear(x, qw, sc), ref.int8_linear(x, qw, sc)) < 1e-6
+    assert used == ([1] if cpu.kernels() is not None else [])

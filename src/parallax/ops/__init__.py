@@ -80,7 +80,7 @@ def active_backend() -> str:
 
 
 # Which ops have a C kernel (fp32 CPU tensors) and which a CUDA one (fp16/bf16 GPU tensors).
-_CPU_OPS = ("linear_packed", "rms_norm", "add_rms_norm", "silu_and_mul",
+_CPU_OPS = ("linear_packed", "int8_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
             "decode_attention_with_kvcache")
 _CUDA_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "decode_attention",
              "decode_attention_with_kvcache", "int8_linear")
@@ -216,5 +216,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             and x.numel() <= _cuda.INT8_GEMV_MAX_M * k
             and (bias is None or bias.dtype == x.dtype)):
         return _cuda.int8_linear(x, qweight, scales, bias)
-    # Larger batches: dequantize-then-matmul (the reference), cuBLAS does the work.
+    if _cpu.int8_fits(x, qweight, scales):   # the C kernel or torch, as measured
+        return _cpu.int8_linear_auto(x, qweight, scales, bias)
+    # Larger batches on a GPU: dequantize-then-matmul (the reference), cuBLAS does the work.
     return _ref.int8_linear(x, qweight, scales, bias)

@@ -73,11 +73,12 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor,
 PANEL = 32
 
 # Every C source of the library and the entry points ctypes binds: name -> (return, args).
-_SOURCES = ["gemm_f32.c", "decode_f32.c"]
+_SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c"]
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGNATURES = {
     "parallax_cpu_isa": (ctypes.c_char_p, []),
     "parallax_gemm_packed_f32": (None, [_P] * 3 + [_I] * 4),
+    "parallax_int8_linear_f32": (None, [_P] * 4 + [_I] * 4),
     "parallax_add_rms_norm_f32": (None, [_P] * 5 + [_I, _I, _F]),
     "parallax_silu_and_mul_f32": (None, [_P, _P, _I, _I]),
     "parallax_decode_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 4
@@ -252,17 +253,56 @@ def linear_packed_auto(x: torch.Tensor, packed: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """linear_packed by whichever of the C kernel and torch's matmul on the same panels
     (reference.linear_packed) was faster for this weight shape and row count (see
-    ``matmul_path``)."""
-    rows = x.numel() // x.shape[-1]
-    if matmul_path(rows, packed) == "kernel":
+    ``choose``)."""
+    if matmul_path(x.numel() // x.shape[-1], packed) == "kernel":
         return linear_packed(x, packed, bias)
     return _ref.linear_packed(x, packed, bias)
+
+
+def matmul_path(rows: int, packed: torch.Tensor) -> str:
+    """``choose`` for the packed fp32 matmul of ``rows`` rows by this weight."""
+    p, k, _ = packed.shape
+    return choose("f32", p * PANEL, k, rows, lambda x: linear_packed(x, packed),
+                  lambda x: _ref.linear_packed(x, packed))
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None, *, isa: str | None = None) -> torch.Tensor:
+    """reference.int8_linear by csrc/cpu/int8_f32.c: x (..., K) float32, qweight (N, K) int8
+    contiguous, scales (N,) float32. The weight is widened in registers, never in memory."""
+    n, k = qweight.shape
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    kernels(isa).parallax_int8_linear_f32(rows.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                          y.data_ptr(), rows.shape[0], n, k,
+                                          torch.get_num_threads())
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], n)
+
+
+def int8_linear_auto(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """int8_linear by the C kernel or the reference (dequantise, then F.linear), whichever
+    measured faster for this shape and row count (``choose``)."""
+    n, k = qweight.shape
+    path = choose("int8", n, k, x.numel() // k, lambda a: int8_linear(a, qweight, scales),
+                  lambda a: _ref.int8_linear(a, qweight, scales))
+    if path == "kernel":
+        return int8_linear(x, qweight, scales, bias)
+    return _ref.int8_linear(x, qweight, scales, bias)
+
+
+def int8_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether int8_linear's C kernel takes these tensors."""
+    return (fits(x, scales) and qweight.dtype == torch.int8 and qweight.device.type == "cpu"
+            and qweight.dim() == 2 and qweight.is_contiguous() and scales.is_contiguous())
 
 
 # Row-count buckets (inclusive upper bound, rows timed): decode batches, then prefill chunks.
 ROW_BUCKETS = ((1, 1), (4, 4), (8, 8), (16, 16), (64, 64), (None, 256))
 TORCH_MARGIN = 0.95   # torch is chosen only when clearly faster: ties keep the kernel
-_choices: dict[tuple[int, int, int | None, int], dict] = {}
+_choices: dict[tuple[str, int, int, int | None, int], dict] = {}
 
 
 def row_bucket(rows: int) -> tuple[int | None, int]:
@@ -270,48 +310,51 @@ def row_bucket(rows: int) -> tuple[int | None, int]:
     return next(b for b in ROW_BUCKETS if b[0] is None or rows <= b[0])
 
 
-def matmul_path(rows: int, packed: torch.Tensor) -> str:
-    """"kernel" or "torch" for ``rows`` rows times this packed weight: measured once per
-    (N, K, row bucket, threads) on this machine, then cached (``matmul_choices``).
-    ``PARALLAX_CPU_MATMUL=kernel|torch`` fixes the choice instead."""
+def choose(kind: str, n: int, k: int, rows: int, kernel, torch_path) -> str:
+    """"kernel" or "torch" for a ``kind`` ("f32", "int8") matmul of ``rows`` rows by an
+    (n, k) weight: both are timed once per (kind, n, k, row bucket, threads) on this machine
+    (``kernel(x)``, ``torch_path(x)`` on random x), the choice cached, logged and listed by
+    ``matmul_choices``. ``PARALLAX_CPU_MATMUL=kernel|torch`` fixes it instead."""
     forced = os.environ.get("PARALLAX_CPU_MATMUL", "auto").strip().lower()
     if forced in ("kernel", "torch"):
         return forced
-    p, k, _ = packed.shape
     hi, timed = row_bucket(rows)
-    key = (p * PANEL, k, hi, torch.get_num_threads())
+    key = (kind, n, k, hi, torch.get_num_threads())
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _time_paths(packed, timed)
-        logger.info("CPU matmul %d x %d, rows <= %s: kernel %.0f us, torch %.0f us -> %s",
-                    key[0], k, hi if hi is not None else "any", choice["kernel_us"],
+        choice = _choices[key] = _time_paths(kernel, torch_path, timed, k)
+        logger.info("CPU %s matmul %d x %d, rows <= %s: kernel %.0f us, torch %.0f us -> %s",
+                    kind, n, k, hi if hi is not None else "any", choice["kernel_us"],
                     choice["torch_us"], choice["path"])
     return choice["path"]
 
 
-def _time_paths(packed: torch.Tensor, rows: int) -> dict:
-    """Median times of the kernel and of torch on one packed weight, interleaved."""
-    p, k, _ = packed.shape
+def _time_paths(kernel, torch_path, rows: int, k: int) -> dict:
+    """Fastest of a few interleaved runs of each path on random (rows, k) input (the
+    fastest, not the median: other load on the machine only ever adds time)."""
     x = torch.randn(rows, k)
-    paths = {"kernel": lambda: linear_packed(x, packed), "torch": lambda: _ref.linear_packed(x, packed)}
-    reps = 3 if rows * p * PANEL * k > 2e8 else 7
+    paths = {"kernel": kernel, "torch": torch_path}
     times: dict[str, list[float]] = {name: [] for name in paths}
-    for name, fn in paths.items():   # warm up: first touches, MKL's buffers
-        fn()
-    for _ in range(reps):
+    for fn in paths.values():   # warm up: first touches, MKL's buffers
+        fn(x)
+    t_end = time.perf_counter() + 0.2
+    for rep in range(7):
         for name, fn in paths.items():
             t0 = time.perf_counter()
-            fn()
+            fn(x)
             times[name].append(time.perf_counter() - t0)
-    kernel_us, torch_us = (statistics.median(times[n]) * 1e6 for n in ("kernel", "torch"))
+        if rep >= 2 and time.perf_counter() > t_end:   # large shapes: 3 rounds are plenty
+            break
+    kernel_us, torch_us = (min(times[n]) * 1e6 for n in ("kernel", "torch"))
     path = "torch" if torch_us < TORCH_MARGIN * kernel_us else "kernel"
     return {"kernel_us": kernel_us, "torch_us": torch_us, "path": path}
 
 
 def matmul_choices() -> list[dict]:
-    """Every measured choice so far: N, K, rows (bucket bound), threads, times, path."""
-    return [{"n": n, "k": k, "rows": hi, "threads": t, **c}
-            for (n, k, hi, t), c in sorted(_choices.items(), key=lambda kv: str(kv[0]))]
+    """Every measured choice so far: weight kind, N, K, rows (bucket bound), threads,
+    times, path."""
+    return [{"weight": kind, "n": n, "k": k, "rows": hi, "threads": t, **c}
+            for (kind, n, k, hi, t), c in sorted(_choices.items(), key=lambda kv: str(kv[0]))]
 
 
 def embedding_packed(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
