@@ -256,14 +256,16 @@ SMOLLM2_SHAPES = {"qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576
 
 
 def cpu_matmul_table(rows: list[int], reps: int) -> None:
-    """Per shape and row count: each CPU variant's kernel, torch on the panels, F.linear."""
+    """Per shape and row count: each CPU variant's kernel, torch on the panels, F.linear.
+    ratio: the best variant's time over torch's (medians; "ratio min": fastest runs);
+    chosen: what ops.linear_packed does for that bucket here."""
     from parallax.ops import cpu
     variants = [v for v in cpu.supported_variants() if cpu.kernels(v) is not None]
     print(f"# CPU: best variant {cpu.supported_variants()[0]}, built {variants}, "
           f"{torch.get_num_threads()} threads; median us over {reps} interleaved rounds")
     cols = [f"{v} us" for v in variants] + ["torch us", "F.linear us"]
     print(f"{'weight':<8} {'N x K':>11} {'rows':>4} " + " ".join(f"{c:>12}" for c in cols)
-          + f" {'best/torch':>10} {'chosen':>7}")
+          + f" {'ratio':>6} {'ratio min':>9} {'chosen':>7}")
     for name, (n, k) in SMOLLM2_SHAPES.items():
         w = torch.randn(n, k) * 0.02
         packed = cpu.pack(w)
@@ -281,11 +283,13 @@ def cpu_matmul_table(rows: list[int], reps: int) -> None:
                     fn()
                     times[c].append((time.perf_counter() - t0) * 1e6)
             med = {c: statistics.median(t) for c, t in times.items()}
-            best = med[f"{variants[0]} us"]
+            low = {c: min(t) for c, t in times.items()}
+            best = f"{variants[0]} us"
             chosen = cpu.matmul_path(m, packed)
             print(f"{name:<8} {f'{n} x {k}':>11} {m:>4} "
                   + " ".join(f"{med[c]:12.0f}" for c in cols)
-                  + f" {best / med['torch us']:10.2f} {chosen:>7}", flush=True)
+                  + f" {med[best] / med['torch us']:6.2f} {low[best] / low['torch us']:9.2f}"
+                  + f" {chosen:>7}", flush=True)
 
 
 def main():
@@ -293,12 +297,15 @@ def main():
     ap.add_argument("--cpu", action="store_true", help="the CPU matmul table (default without a GPU)")
     ap.add_argument("--rows", default="1,4,8,16,128", help="--cpu: row counts")
     ap.add_argument("--reps", type=int, default=15, help="--cpu: interleaved rounds")
+    ap.add_argument("--threads", type=int, default=None, help="--cpu: torch threads")
     ap.add_argument("--quick", action="store_true", help="one case per kernel")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--sanitize-case", action="store_true",
                     help="run each kernel once on small inputs and exit")
     args = ap.parse_args()
     if args.cpu or not torch.cuda.is_available():
+        if args.threads:
+            torch.set_num_threads(args.threads)
         cpu_matmul_table([int(r) for r in args.rows.split(",")], args.reps)
         return
     assert C.load_extension(), C.load_error()
