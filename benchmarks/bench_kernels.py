@@ -292,6 +292,41 @@ def cpu_matmul_table(rows: list[int], reps: int) -> None:
                   + f" {chosen:>7}", flush=True)
 
 
+def cpu_int8_table(rows: list[int], reps: int) -> None:
+    """Per shape and row count: the int8 kernel in each variant, the reference (dequantise,
+    then F.linear) and the fp32 packed kernel for scale."""
+    from parallax.ops import cpu
+    variants = [v for v in cpu.supported_variants() if cpu.kernels(v) is not None]
+    cols = [f"int8 {v} us" for v in variants] + ["int8 torch us", "f32 kernel us"]
+    print(f"\n# int8 weights (per-channel scales), {torch.get_num_threads()} threads")
+    print(f"{'weight':<8} {'N x K':>11} {'rows':>4} " + " ".join(f"{c:>15}" for c in cols)
+          + f" {'ratio':>6} {'chosen':>7}")
+    for name, (n, k) in SMOLLM2_SHAPES.items():
+        w = torch.randn(n, k) * 0.02
+        qw, sc = ref.quantize_int8(w)
+        packed = cpu.pack(w)
+        for m in rows:
+            x = torch.randn(m, k)
+            fns = {f"int8 {v} us": (lambda v=v: cpu.int8_linear(x, qw, sc, isa=v))
+                   for v in variants}
+            fns["int8 torch us"] = lambda: ref.int8_linear(x, qw, sc)
+            fns["f32 kernel us"] = lambda: cpu.linear_packed(x, packed)
+            times = {c: [] for c in fns}
+            for fn in fns.values():
+                fn()
+            for _ in range(reps if m * n * k < 2e9 else max(3, reps // 3)):
+                for c, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[c].append((time.perf_counter() - t0) * 1e6)
+            med = {c: statistics.median(t) for c, t in times.items()}
+            chosen = cpu.choose("int8", n, k, m, lambda a: cpu.int8_linear(a, qw, sc),
+                                lambda a: ref.int8_linear(a, qw, sc))
+            print(f"{name:<8} {f'{n} x {k}':>11} {m:>4} "
+                  + " ".join(f"{med[c]:15.0f}" for c in cols)
+                  + f" {med[cols[0]] / med['int8 torch us']:6.2f} {chosen:>7}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpu", action="store_true", help="the CPU matmul table (default without a GPU)")
@@ -307,6 +342,7 @@ def main():
         if args.threads:
             torch.set_num_threads(args.threads)
         cpu_matmul_table([int(r) for r in args.rows.split(",")], args.reps)
+        cpu_int8_table([int(r) for r in args.rows.split(",")], args.reps)
         return
     assert C.load_extension(), C.load_error()
     if args.sanitize_case:
