@@ -144,3 +144,19 @@ def test_bench_forwards_arguments():
     r = _run("bench", "parallel", "--help")
     assert r.returncode == 0, r.stderr
     assert "bench_parallel" in r.stdout or "usage" in r.stdout
+
+
+def test_info_names_a_cpu_kernel_build_failure(tmp_path):
+    """A compiler that fails: `info` says the kernels are torch and why, in the compiler's words."""
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'gemm_f32.c:1: error: frobnicate.h not found' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**_ENV, "PARALLAX_CC": str(fake), "PARALLAX_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "parallax", "info", "smollm2-135m"],
+                       capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("kernels "))
+    if not ops.kernel_report()["device"] == "cuda":
+        assert line.split()[1] == "torch" and "variant none" in line
+    assert "did not build: gemm_f32.c:1: error: frobnicate.h not found" in r.stdout
+    assert r.stderr.count("frobnicate.h") == 1   # logged once

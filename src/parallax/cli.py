@@ -137,8 +137,10 @@ def cmd_info(a: argparse.Namespace) -> int:
     rep = ops.kernel_report()
     print(f"kernels          {rep['backend']} (CPU {rep['isa']}, variant "
           f"{rep['variant'] or 'none'}; CUDA extension: {_extension_status()})")
-    if rep["build_error"]:
-        print(f"                 CPU kernels did not build: {rep['build_error'].splitlines()[0]}")
+    if rep["build_error"]:   # the compiler's first error line (the whole message is logged)
+        lines = rep["build_error"].splitlines()
+        first = next((x for x in lines[1:] if "error" in x.lower()), lines[-1])
+        print(f"                 CPU kernels did not build: {first.strip()}")
     print()
     print(f"layout tp={a.tp} pp={a.pp} ({a.tp * a.pp} ranks), {a.dtype}; weights per rank "
           f"computed from the sharding math" + (", and measured" if measured else "") + ":")

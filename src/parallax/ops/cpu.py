@@ -1,11 +1,13 @@
-"""CPU fast paths of a decode step: the matmul (few rows, large weight) and, in C, the small
-ops around it (csrc/cpu/decode_f32.c: add + RMSNorm, SiLU-and-mul, decode attention with
+"""CPU fast paths: the matmul (packed fp32 and int8 weights) and, in C, the small ops of a
+decode step (csrc/cpu/decode_f32.c: add + RMSNorm, SiLU-and-mul, decode attention with
 rotary and the cache write), each the twin of a reference in ops/reference.py.
 
-Packed fp32 weights (the default for fp32 models on the CPU whose shard rows are a
-multiple of 32) go through a small C kernel, csrc/cpu/gemm_f32.c, built just in time:
-2-3x `F.linear` at 1-16 rows (docs/kernels.md). Other weights take the batched-gemm
-form below.
+The C sources are built just in time, once per instruction-set variant (``VARIANTS``:
+avx512, avx2, generic; csrc/cpu/isa.h), and the variant the CPU runs best is loaded
+(``PARALLAX_CPU_ISA`` forces one). Packed fp32 weights (fp32 CPU weights whose shard rows
+are a multiple of 32) and int8 weights go through their kernel or through torch on the same
+tensors, whichever measured faster for that weight shape and row count (``choose``).
+Other fp32 weights take the batched-gemm form below.
 
 For x with M <= 16 rows, MKL's sgemv/sgemm path behind ``F.linear`` streams the weight
 at ~12 GB/s on this class of machine and does not use a second thread; the same product
@@ -13,7 +15,6 @@ as a batched matmul over row blocks of the weight, ``W (c, N/c, K) @ x^T (c, K, 
 goes through MKL's batched gemm, which runs the blocks in parallel and reaches ~45 GB/s
 (benchmarks/: bench_generate.py). Same signature and result as ``reference.linear``.
 """
-
 from __future__ import annotations
 
 import ctypes
