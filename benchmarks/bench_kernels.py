@@ -255,6 +255,19 @@ SMOLLM2_SHAPES = {"qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576
                   "down": (576, 1536), "lm_head": (49152, 576)}
 
 
+def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Microseconds of each fn over ``rounds`` interleaved rounds, after one warm-up call."""
+    times: dict[str, list[float]] = {c: [] for c in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for c, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[c].append((time.perf_counter() - t0) * 1e6)
+    return times
+
+
 def cpu_matmul_table(rows: list[int], reps: int) -> None:
     """Per shape and row count: each CPU variant's kernel, torch on the panels, F.linear.
     ratio: the best variant's time over torch's (medians; "ratio min": fastest runs);
@@ -274,14 +287,7 @@ def cpu_matmul_table(rows: list[int], reps: int) -> None:
             fns = {f"{v} us": (lambda v=v: cpu.linear_packed(x, packed, isa=v)) for v in variants}
             fns["torch us"] = lambda: ref.linear_packed(x, packed)
             fns["F.linear us"] = lambda: F.linear(x, w)
-            times = {c: [] for c in fns}
-            for fn in fns.values():
-                fn()
-            for _ in range(reps if m * n * k < 2e9 else max(3, reps // 3)):
-                for c, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[c].append((time.perf_counter() - t0) * 1e6)
+            times = interleaved(fns, reps if m * n * k < 2e9 else max(3, reps // 3))
             med = {c: statistics.median(t) for c, t in times.items()}
             low = {c: min(t) for c, t in times.items()}
             best = f"{variants[0]} us"
@@ -311,14 +317,7 @@ def cpu_int8_table(rows: list[int], reps: int) -> None:
                    for v in variants}
             fns["int8 torch us"] = lambda: ref.int8_linear(x, qw, sc)
             fns["f32 kernel us"] = lambda: cpu.linear_packed(x, packed)
-            times = {c: [] for c in fns}
-            for fn in fns.values():
-                fn()
-            for _ in range(reps if m * n * k < 2e9 else max(3, reps // 3)):
-                for c, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[c].append((time.perf_counter() - t0) * 1e6)
+            times = interleaved(fns, reps if m * n * k < 2e9 else max(3, reps // 3))
             med = {c: statistics.median(t) for c, t in times.items()}
             chosen = cpu.choose("int8", n, k, m, lambda a: cpu.int8_linear(a, qw, sc),
                                 lambda a: ref.int8_linear(a, qw, sc))
