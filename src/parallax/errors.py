@@ -36,3 +36,7 @@ class PromptError(ParallaxError, ValueError):
 
 class WorkerError(ParallaxError, RuntimeError):
     """A worker process died, raised, or stopped answering (within ``timeout_s``)."""
+
+
+class KernelInputError(ParallaxError, ValueError):
+    """A kernel was given inputs it must refuse (e.g. a context length outside the KV cache)."""

@@ -61,8 +61,11 @@ __global__ void __launch_bounds__(kThreads)
   const int sub = lane % L;                                 // which 8 elements of a row
   const int group = warp * kGroupsPerWarp + lane / L;       // which row group
 
+  // A length outside [1, S] reads nothing and makes the output NaN (loud, never a read
+  // outside the cache); ops/__init__.py refuses such lengths on the host where it can.
   int64_t ctx = context_lens[b];
-  ctx = ctx < 0 ? 0 : (ctx > S ? S : ctx);
+  const bool bad = ctx < 1 || ctx > S;
+  if (bad) ctx = 0;
   int64_t chunk = (ctx + num_splits - 1) / num_splits;
   chunk = ((chunk + kRowsPerIter - 1) / kRowsPerIter) * kRowsPerIter;
   const int64_t start = static_cast<int64_t>(split) * chunk;
@@ -181,13 +184,16 @@ __global__ void __launch_bounds__(kThreads)
         o += w * s_acc[g][j][d];
       }
     }
-    const float res = lsum > 0.f ? o / lsum : 0.f;
+    const float res = bad ? NAN : (lsum > 0.f ? o / lsum : 0.f);
     const int64_t head = static_cast<int64_t>(b) * Hq + hq0 + j;
     if (num_splits == 1) {
       out[head * D + d] = from_float<T>(res);
     } else {
       part_out[(head * num_splits + split) * D + d] = res;
-      if (d == 0) part_lse[head * num_splits + split] = lsum > 0.f ? mx + log2f(lsum) : -INFINITY;
+      // bad: split 0 carries the NaN with weight 1 through the combine kernel
+      const float lse = bad ? (split == 0 ? 0.f : -INFINITY)
+                            : (lsum > 0.f ? mx + log2f(lsum) : -INFINITY);
+      if (d == 0) part_lse[head * num_splits + split] = lse;
     }
   }
 }

@@ -8,17 +8,22 @@
 - ``reference``: always the torch references.
 
 fp32 CPU tensors take the C kernels of csrc/cpu (ops/cpu.py: packed matmul, norms,
-``silu_and_mul``, decode attention with the cache write, paged attention over a flat
-mixed prefill/decode batch) where they build, and ``linear``
-with few rows the batched-gemm form in ops/cpu.py; other CPU tensors the reference. GPU
+``silu_and_mul``, decode attention with the cache write, paged attention over a flat mixed
+prefill/decode batch) where they build, in the variant
+for the CPU's instruction set (``PARALLAX_CPU_ISA`` forces one); the packed matmul goes to
+torch instead for the weight shapes and row counts where torch measured faster. ``linear``
+with few rows takes the batched-gemm form in ops/cpu.py; other CPU tensors the reference.
+``kernel_report()`` says what runs. GPU
 inputs a kernel does not cover (float32, head dims other than 64/128, int8 batches above
 ``cuda.INT8_GEMV_MAX_M`` rows) also take the reference, which runs on the GPU through torch. Prefill attention, dense ``linear`` and ``quantize_int8``
 always use the reference: torch's SDPA (flash backend) and cuBLAS are what we would write
 (docs/kernels.md says why).
 
 Differences callers must know: the CUDA ``rotary_embedding`` rotates q and k in place and
-returns them (the reference returns new tensors), and CUDA ``decode_attention`` returns zeros
-for a sequence with ``context_lens == 0`` (the reference returns NaN).
+returns them (the reference returns new tensors). Context lengths outside [1, cache slots]
+raise ``KernelInputError`` before anything is written, except on a GPU while a CUDA graph is
+being captured (no host sync then): the CUDA ``decode_attention`` then returns NaN for such
+a sequence and reads nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 
 import torch
 
+from ..errors import KernelInputError
 from . import cpu as _cpu
 from . import cuda as _cuda
 from . import reference as _ref
@@ -35,7 +41,8 @@ from .reference import paged_attention, prefill_attention, quantize_int8, write_
 __all__ = ["add_rms_norm", "decode_attention", "decode_attention_with_kvcache",
            "paged_attention", "paged_attention_with_kvcache", "write_paged_kv",
            "embedding_packed", "int8_linear", "linear", "linear_packed", "prefill_attention",
-           "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "active_backend"]
+           "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "active_backend",
+           "kernel_report", "check_context_lens"]
 
 _MODE = os.environ.get("PARALLAX_KERNELS", "auto").strip().lower() or "auto"
 if _MODE not in ("auto", "cuda", "reference"):
@@ -74,6 +81,47 @@ def active_backend() -> str:
     return "cuda" if _cuda_ok else "reference"
 
 
+# Which ops have a C kernel (fp32 CPU tensors) and which a CUDA one (fp16/bf16 GPU tensors).
+_CPU_OPS = ("linear_packed", "int8_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
+            "decode_attention_with_kvcache")
+_CUDA_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "decode_attention",
+             "decode_attention_with_kvcache", "int8_linear")
+
+
+def kernel_report() -> dict:
+    """What runs each hot-path op on this machine, for ``parallax info`` and the logs.
+
+    Keys: ``device`` ("cuda" when torch sees a GPU, else "cpu"); ``backend``, the kernels
+    in use on that device ("cuda", "cpu-avx512", "cpu-avx2", "cpu-generic" or "torch");
+    ``isa``, the best CPU variant this CPU runs; ``variant``, the CPU variant loaded (None
+    when none is); ``compiler``; ``build_error``, the compiler's message when the CPU
+    kernels did not build; ``cuda_error``; ``ops``, op name -> implementation on ``device``
+    (fp32 on the CPU, fp16/bf16 on a GPU); ``matmul``, the measured kernel-or-torch choice
+    per packed weight shape and row bucket so far (ops/cpu.py: matmul_path).
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    variant = None if _MODE == "reference" else _cpu._best()
+    cpu_built = variant is not None and _cpu.kernels() is not None
+    if device == "cuda":
+        backend = active_backend()
+        backend = "cuda" if backend == "cuda" else "torch"
+        kernel_ops = _CUDA_OPS
+    else:
+        backend = f"cpu-{variant}" if cpu_built else "torch"
+        kernel_ops = _CPU_OPS
+    names = [n for n in __all__ if n not in ("active_backend", "kernel_report",
+                                              "check_context_lens")]
+    return {
+        "device": device, "backend": backend,
+        "isa": _cpu.supported_variants()[0], "variant": variant if cpu_built else None,
+        "compiler": _cpu.compiler(), "build_error": _cpu.build_error() if variant else None,
+        "cuda_error": _cuda.load_error(),
+        "ops": {n: backend if n in kernel_ops and backend != "torch" else "torch"
+                for n in sorted(names)},
+        "matmul": _cpu.matmul_choices(),
+    }
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if _cpu.use_small_m(x, weight):
         return _cpu.linear_small_m(x, weight, bias)
@@ -84,7 +132,7 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """Weights packed by ``ops.cpu.pack`` (done only where the CPU kernel is built)."""
     if x.dtype == torch.float32 and not x.is_cuda and _cpu.kernels() is not None:
-        return _cpu.linear_packed(x, packed, bias)
+        return _cpu.linear_packed_auto(x, packed, bias)   # the kernel or torch, as measured
     return _ref.linear_packed(x, packed, bias)
 
 
@@ -124,8 +172,21 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return _ref.rotary_embedding(q, k, cos, sin)
 
 
+def check_context_lens(context_lens: torch.Tensor, slots: int) -> None:
+    """Raise KernelInputError unless every length is in [1, slots]. One host sync on a GPU;
+    skipped while a CUDA graph is captured."""
+    if context_lens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = ((context_lens < 1) | (context_lens > slots)).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise KernelInputError(f"decode attention: context_lens[{i}] = {int(context_lens[i])} "
+                               f"is outside [1, {slots}] (the cache's slots); nothing was written")
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    check_context_lens(context_lens, k_cache.shape[2])
     d = q.shape[-1]
     if (_on_cuda(q) and q.dtype in _HALF and (d == 64 or d == 128)
             and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
@@ -144,6 +205,7 @@ def decode_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     args = (q, k, v, k_cache, v_cache, cos, sin, context_lens)
     if _cpu.fits(q, k, v, k_cache, v_cache) and _cpu.attention_layout_ok(*args):
         return _cpu.decode_attention_with_kvcache(*args, scale)
+    check_context_lens(context_lens, k_cache.shape[2])   # before the cache write
     q, k = rotary_embedding(q[:, None], k[:, None], cos[:, None], sin[:, None])
     _ref.write_kv_cache(k[:, 0], v, k_cache, v_cache, context_lens)
     return decode_attention(q[:, 0], k_cache, v_cache, context_lens, scale)
@@ -172,5 +234,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             and x.numel() <= _cuda.INT8_GEMV_MAX_M * k
             and (bias is None or bias.dtype == x.dtype)):
         return _cuda.int8_linear(x, qweight, scales, bias)
-    # Larger batches: dequantize-then-matmul (the reference), cuBLAS does the work.
+    if _cpu.int8_fits(x, qweight, scales):   # the C kernel or torch, as measured
+        return _cpu.int8_linear_auto(x, qweight, scales, bias)
+    # Larger batches on a GPU: dequantize-then-matmul (the reference), cuBLAS does the work.
     return _ref.int8_linear(x, qweight, scales, bias)

@@ -1,11 +1,13 @@
-"""CPU fast paths of a decode step: the matmul (few rows, large weight) and, in C, the small
-ops around it (csrc/cpu/decode_f32.c: add + RMSNorm, SiLU-and-mul, decode attention with
+"""CPU fast paths: the matmul (packed fp32 and int8 weights) and, in C, the small ops of a
+decode step (csrc/cpu/decode_f32.c: add + RMSNorm, SiLU-and-mul, decode attention with
 rotary and the cache write), each the twin of a reference in ops/reference.py.
 
-Packed fp32 weights (the default for fp32 models on the CPU whose shard rows are a
-multiple of 32) go through a small C kernel, csrc/cpu/gemm_f32.c, built just in time:
-2-3x `F.linear` at 1-16 rows (docs/kernels.md). Other weights take the batched-gemm
-form below.
+The C sources are built just in time, once per instruction-set variant (``VARIANTS``:
+avx512, avx2, generic; csrc/cpu/isa.h), and the variant the CPU runs best is loaded
+(``PARALLAX_CPU_ISA`` forces one). Packed fp32 weights (fp32 CPU weights whose shard rows
+are a multiple of 32) and int8 weights go through their kernel or through torch on the same
+tensors, whichever measured faster for that weight shape and row count (``choose``).
+Other fp32 weights take the batched-gemm form below.
 
 For x with M <= 16 rows, MKL's sgemv/sgemm path behind ``F.linear`` streams the weight
 at ~12 GB/s on this class of machine and does not use a second thread; the same product
@@ -13,17 +15,23 @@ as a batched matmul over row blocks of the weight, ``W (c, N/c, K) @ x^T (c, K, 
 goes through MKL's batched gemm, which runs the blocks in parallel and reaches ~45 GB/s
 (benchmarks/: bench_generate.py). Same signature and result as ``reference.linear``.
 """
-
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import logging
 import os
+import platform
 import shutil
+import statistics
 import subprocess
+import time
 
 import torch
+
+from ..errors import KernelInputError, ParallaxError
+from . import reference as _ref
 
 logger = logging.getLogger(__name__)
 
@@ -61,80 +69,154 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------
-# Packed fp32 matmul (csrc/cpu/gemm_f32.c): weights stored as 32-column panels of W^T.
+# Building csrc/cpu: one shared library per instruction-set variant.
 
 PANEL = 32
-_lib: dict = {}
 
-
-_SOURCES = ("gemm_f32.c", "decode_f32.c", "paged_attention_f32.c")
+# Every C source of the library and the entry points ctypes binds: name -> (return, args).
+_SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "paged_attention_f32.c"]
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGNATURES = {
-    "parallax_gemm_packed_f32": [_P] * 3 + [_I] * 4,
-    "parallax_add_rms_norm_f32": [_P] * 5 + [_I, _I, _F],
-    "parallax_silu_and_mul_f32": [_P, _P, _I, _I],
-    "parallax_decode_attention_kv_f32": [_P, _L, _P, _L, _P, _L] + [_P] * 4 + [_L, _L, _P, _P]
-                                        + [_I] * 4 + [_F, _I],
-    "parallax_paged_attention_kv_f32": [_P, _L, _P, _L, _P, _L] + [_P] * 6 + [_I, _P, _P, _P]
-                                       + [_I] * 7 + [_F, _I],
+    "parallax_cpu_isa": (ctypes.c_char_p, []),
+    "parallax_gemm_packed_f32": (None, [_P] * 3 + [_I] * 4),
+    "parallax_int8_linear_f32": (None, [_P] * 4 + [_I] * 4),
+    "parallax_add_rms_norm_f32": (None, [_P] * 5 + [_I, _I, _F]),
+    "parallax_silu_and_mul_f32": (None, [_P, _P, _I, _I]),
+    "parallax_decode_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 4
+                                         + [_L, _L, _I, _P, _P] + [_I] * 4 + [_F, _I]),
+    "parallax_paged_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 6
+                                        + [_I, _P, _P, _P] + [_I] * 7 + [_F, _I]),
 }
-_RESTYPES = {"parallax_paged_attention_kv_f32": ctypes.c_int}
+
+# variant -> (compiler flags, /proc/cpuinfo flags the code needs); best first. The x86
+# variants are separate builds of the same sources (csrc/cpu/isa.h picks the vector width
+# from these flags), so each is compiled and tested on any x86 machine that can run it.
+VARIANTS = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",
+                "-mf16c"], {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"}),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+    "generic": ([], set()),
+}
+# -ffp-contract=fast: fused multiply-adds also under -std=c11 (GCC's ISO modes turn them off).
+_CFLAGS = ["-O3", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared"]
+
+_libs: dict[str, ctypes.CDLL | None] = {}
+_build_errors: dict[str, str] = {}
 
 
-def _compile() -> ctypes.CDLL:
-    """Build csrc/cpu/*.c into one library for this CPU (gcc -O3 -march=native), cached by
-    source and CPU flags; link torch's own libgomp so the kernels share torch's thread pool."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo), empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        line = ""
+    return set(line.partition(":")[2].split())
+
+
+def supported_variants() -> list[str]:
+    """The variants this CPU can run, best first ("generic" always)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    flags = cpu_flags()
+    return [v for v, (cflags, need) in VARIANTS.items()
+            if not cflags or (x86 and need <= flags)]
+
+
+def best_variant() -> str:
+    """``PARALLAX_CPU_ISA`` when set (it must be one this CPU runs), else the best variant."""
+    ok = supported_variants()
+    want = os.environ.get("PARALLAX_CPU_ISA", "").strip().lower()
+    if not want:
+        return ok[0]
+    if want not in ok:
+        raise ParallaxError(f"PARALLAX_CPU_ISA={want!r}: this CPU runs {ok}; unset it or pick "
+                            "one of those")
+    return want
+
+
+def compiler() -> str | None:
+    """``PARALLAX_CC`` when set, else the first of gcc, cc, clang on the PATH."""
+    cc = os.environ.get("PARALLAX_CC")
+    if cc:
+        return shutil.which(cc) or cc
+    return next((p for p in map(shutil.which, ("gcc", "cc", "clang")) if p), None)
+
+
+def build(variant: str, cc: str | None = None, extra_flags: tuple[str, ...] = ()) -> str:
+    """Compile csrc/cpu into ``cpu_kernels-<variant>-<hash>.so`` under the cache folder
+    (``PARALLAX_CACHE_DIR`` or ~/.cache/parallax; keyed by sources, compiler and flags) and
+    return its path. Tries, in order: OpenMP with glibc's vector math (libmvec), OpenMP
+    alone, neither (single-threaded kernels). Raises ParallaxError with the compiler's
+    message when nothing builds."""
+    cc = cc or compiler()
+    if cc is None:
+        raise ParallaxError("no C compiler found (gcc, cc or clang; or set PARALLAX_CC)")
     folder = os.path.join(os.path.dirname(__file__), "..", "csrc", "cpu")
     srcs = [os.path.join(folder, name) for name in _SOURCES]
-    gomp = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None or not all(map(os.path.exists, srcs)):
-        raise RuntimeError("no C compiler (gcc) found")
-    digest = hashlib.sha256(_cpu_flags().encode() + cc.encode())
-    for src in srcs:
-        with open(src, "rb") as f:
+    flags = _CFLAGS + VARIANTS[variant][0] + list(extra_flags)
+    digest = hashlib.sha256(" ".join([cc, *flags]).encode())
+    for path in sorted(srcs + glob.glob(os.path.join(folder, "*.h"))):
+        with open(path, "rb") as f:
             digest.update(f.read())
     cache = os.environ.get("PARALLAX_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "parallax")
-    out = os.path.join(cache, f"cpu_kernels-{digest.hexdigest()[:16]}.so")
-    if not os.path.exists(out):
-        os.makedirs(cache, exist_ok=True)
-        tmp = f"{out}.{os.getpid()}.tmp"
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", *srcs,
-               gomp if os.path.exists(gomp) else "-lgomp", "-lm", "-o", tmp]
-        try:   # with glibc's vector math library (vector expf), else without
-            subprocess.run(cmd[:1] + ["-DPARALLAX_MVEC"] + cmd[1:] + ["-lmvec"], check=True,
-                           capture_output=True, timeout=120)
-        except subprocess.CalledProcessError:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        os.replace(tmp, out)   # atomic: concurrent ranks may build at once
-    lib = ctypes.CDLL(out)
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name)
-    return lib
+    out = os.path.join(cache, f"cpu_kernels-{variant}-{digest.hexdigest()[:16]}.so")
+    if os.path.exists(out):
+        return out
+    os.makedirs(cache, exist_ok=True)
+    tmp = f"{out}.{os.getpid()}.tmp"
+    gomp = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    omp = ["-fopenmp", gomp if os.path.exists(gomp) else "-lgomp"]
+    errors = []
+    for opts in (["-DPARALLAX_MVEC", *omp, "-lmvec"], omp, ["-Wno-unknown-pragmas"]):
+        cmd = [cc, *flags, *srcs, *opts, "-lm", "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode == 0:
+            if opts[-1] == "-Wno-unknown-pragmas":
+                logger.warning("CPU kernels (%s) built without OpenMP: single-threaded. %s",
+                               variant, errors[-1].strip()[-2000:])
+            os.replace(tmp, out)   # atomic: concurrent ranks may build at once
+            return out
+        errors.append(f"$ {' '.join(cmd)}\n{r.stderr}")
+    raise ParallaxError(f"could not build the CPU kernels ({variant}):\n" + errors[-1][-4000:])
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def kernels() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (logged once) where they cannot be built."""
-    if "lib" not in _lib:
-        if os.environ.get("PARALLAX_KERNELS", "auto").strip().lower() == "reference":
-            _lib["lib"] = None
-        else:
+def kernels(variant: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernels of ``variant`` (default: ``best_variant()``), or None where they
+    cannot be built: the failure and the compiler's message are logged once and kept for
+    ``kernel_report``. ``PARALLAX_KERNELS=reference`` turns them off."""
+    variant = variant or _best()
+    if variant not in _libs:
+        _libs[variant] = None
+        if _mode() != "reference":
             try:
-                _lib["lib"] = _compile()
+                lib = ctypes.CDLL(build(variant))
+                for name, (restype, argtypes) in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.restype, fn.argtypes = restype, argtypes
+                _libs[variant] = lib
             except Exception as e:   # no compiler, sandboxed /tmp, ...: fall back, loudly
-                logger.warning("CPU kernels unavailable (%s); using torch", e)
-                _lib["lib"] = None
-    return _lib["lib"]
+                _build_errors[variant] = str(e)
+                logger.warning("CPU kernels (%s) unavailable, using torch: %s", variant, e)
+    return _libs[variant]
+
+
+def build_error(variant: str | None = None) -> str | None:
+    """Why ``kernels(variant)`` is None (the compiler's message), or None."""
+    return _build_errors.get(variant or _best())
+
+
+def _mode() -> str:
+    return os.environ.get("PARALLAX_KERNELS", "auto").strip().lower()
+
+
+_BEST: list[str] = []
+
+
+def _best() -> str:
+    if not _BEST:
+        _BEST.append(best_variant())
+    return _BEST[0]
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -155,18 +237,132 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return packed.permute(1, 0, 2).reshape(k, p * PANEL).t().contiguous()
 
 
-def linear_packed(x: torch.Tensor, packed: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias with W given as panels (see pack). x: (..., K) float32."""
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None,
+                  *, isa: str | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W given as panels (see pack), by the C kernel of variant
+    ``isa`` (default: the one in use). x: (..., K) float32."""
     p, k, _ = packed.shape
     n = p * PANEL
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    kernels().parallax_gemm_packed_f32(rows.data_ptr(), packed.data_ptr(), y.data_ptr(),
-                                       rows.shape[0], n, k, torch.get_num_threads())
+    kernels(isa).parallax_gemm_packed_f32(rows.data_ptr(), packed.data_ptr(), y.data_ptr(),
+                                          rows.shape[0], n, k, torch.get_num_threads())
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], n)
+
+
+def linear_packed_auto(x: torch.Tensor, packed: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear_packed by whichever of the C kernel and torch's matmul on the same panels
+    (reference.linear_packed) was faster for this weight shape and row count (see
+    ``choose``)."""
+    if matmul_path(x.numel() // x.shape[-1], packed) == "kernel":
+        return linear_packed(x, packed, bias)
+    return _ref.linear_packed(x, packed, bias)
+
+
+def matmul_path(rows: int, packed: torch.Tensor) -> str:
+    """``choose`` for the packed fp32 matmul of ``rows`` rows by this weight."""
+    p, k, _ = packed.shape
+    return choose("f32", p * PANEL, k, rows, lambda x: linear_packed(x, packed),
+                  lambda x: _ref.linear_packed(x, packed))
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None, *, isa: str | None = None) -> torch.Tensor:
+    """reference.int8_linear by csrc/cpu/int8_f32.c: x (..., K) float32, qweight (N, K) int8
+    contiguous, scales (N,) float32. The weight is widened in registers, never in memory."""
+    n, k = qweight.shape
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    kernels(isa).parallax_int8_linear_f32(rows.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                                          y.data_ptr(), rows.shape[0], n, k,
+                                          torch.get_num_threads())
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], n)
+
+
+def int8_linear_auto(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """int8_linear by the C kernel or the reference (dequantise, then F.linear), whichever
+    measured faster for this shape and row count (``choose``)."""
+    n, k = qweight.shape
+    path = choose("int8", n, k, x.numel() // k, lambda a: int8_linear(a, qweight, scales),
+                  lambda a: _ref.int8_linear(a, qweight, scales))
+    if path == "kernel":
+        return int8_linear(x, qweight, scales, bias)
+    return _ref.int8_linear(x, qweight, scales, bias)
+
+
+def int8_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether int8_linear's C kernel takes these tensors."""
+    return (fits(x, scales) and qweight.dtype == torch.int8 and qweight.device.type == "cpu"
+            and qweight.dim() == 2 and qweight.is_contiguous() and scales.is_contiguous())
+
+
+# Row-count buckets (inclusive upper bound, rows timed): decode batches, then prefill chunks.
+ROW_BUCKETS = ((1, 1), (4, 4), (8, 8), (16, 16), (64, 64), (None, 256))
+TORCH_MARGIN = 0.95   # torch is chosen only when clearly faster: ties keep the kernel
+_choices: dict[tuple[str, int, int, int | None, int], dict] = {}
+
+
+def row_bucket(rows: int) -> tuple[int | None, int]:
+    """(inclusive upper bound or None, rows timed) of the bucket holding ``rows``."""
+    return next(b for b in ROW_BUCKETS if b[0] is None or rows <= b[0])
+
+
+def choose(kind: str, n: int, k: int, rows: int, kernel, torch_path) -> str:
+    """"kernel" or "torch" for a ``kind`` ("f32", "int8") matmul of ``rows`` rows by an
+    (n, k) weight: both are timed once per (kind, n, k, row bucket, threads) on this machine
+    (``kernel(x)``, ``torch_path(x)`` on random x), the choice cached, logged and listed by
+    ``matmul_choices``. ``PARALLAX_CPU_MATMUL=kernel|torch`` fixes it instead."""
+    forced = os.environ.get("PARALLAX_CPU_MATMUL", "auto").strip().lower()
+    if forced in ("kernel", "torch"):
+        return forced
+    hi, timed = row_bucket(rows)
+    key = (kind, n, k, hi, torch.get_num_threads())
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _time_paths(kernel, torch_path, timed, k)
+        logger.info("CPU %s matmul %d x %d, rows <= %s: kernel %.0f us, torch %.0f us -> %s",
+                    kind, n, k, hi if hi is not None else "any", choice["kernel_us"],
+                    choice["torch_us"], choice["path"])
+    return choice["path"]
+
+
+def _time_paths(kernel, torch_path, rows: int, k: int) -> dict:
+    """Time both paths on random (rows, k) input in interleaved rounds (5 at least, up to
+    11 within ~0.3 s). torch is chosen only when it wins both ways: its fastest run beats the
+    kernel's fastest by TORCH_MARGIN, and it wins that margin in most rounds. Load from other
+    processes only ever adds time, and on a shared machine it can hit either side of a
+    round; requiring both keeps one unlucky run from flipping the choice for good."""
+    x = torch.randn(rows, k)
+    paths = {"kernel": kernel, "torch": torch_path}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for fn in paths.values():   # warm up: first touches, MKL's buffers
+        fn(x)
+    t_end = time.perf_counter() + 0.3
+    for rep in range(11):
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            fn(x)
+            times[name].append(time.perf_counter() - t0)
+        if rep >= 4 and time.perf_counter() > t_end:
+            break
+    kernel_us, torch_us = (min(times[n]) * 1e6 for n in ("kernel", "torch"))
+    wins = sum(t < TORCH_MARGIN * kt for t, kt in zip(times["torch"], times["kernel"]))
+    torch_wins = torch_us < TORCH_MARGIN * kernel_us and wins > len(times["torch"]) / 2
+    return {"kernel_us": kernel_us, "torch_us": torch_us, "rounds": len(times["torch"]),
+            "torch_won_rounds": wins, "path": "torch" if torch_wins else "kernel"}
+
+
+def matmul_choices() -> list[dict]:
+    """Every measured choice so far: weight kind, N, K, rows (bucket bound), threads,
+    times, path."""
+    return [{"weight": kind, "n": n, "k": k, "rows": hi, "threads": t, **c}
+            for (kind, n, k, hi, t), c in sorted(_choices.items(), key=lambda kv: str(kv[0]))]
 
 
 def embedding_packed(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -184,36 +380,45 @@ def fits(*tensors: torch.Tensor) -> bool:
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 eps: float, *, isa: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rms_norm(x + residual) * weight, x + residual); residual None: (rms_norm(x), None).
     x, residual: (..., D) contiguous; weight: (D,)."""
     d = x.shape[-1]
     out = torch.empty_like(x)
     res = None if residual is None else torch.empty_like(x)
-    kernels().parallax_add_rms_norm_f32(
+    kernels(isa).parallax_add_rms_norm_f32(
         x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
         out.data_ptr(), None if res is None else res.data_ptr(), x.numel() // d, d, eps)
     return out, res
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
     """x (..., 2N) contiguous -> silu(x[..., :N]) * x[..., N:], (..., N)."""
     n = x.shape[-1] // 2
     out = x.new_empty(*x.shape[:-1], n)
-    kernels().parallax_silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.numel() // (2 * n), n)
+    kernels(isa).parallax_silu_and_mul_f32(x.data_ptr(), out.data_ptr(),
+                                           x.numel() // (2 * n), n)
     return out
 
 
-def decode_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, context_lens, scale):
+def decode_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, context_lens, scale,
+                                  *, isa: str | None = None):
     """reference.decode_attention_with_kvcache in one call. Requires unit stride along D,
-    heads D apart in q/k/v, cache slots D apart, cos/sin contiguous (B, D/2), int32 lens."""
+    heads D apart in q/k/v, cache slots D apart, cos/sin contiguous (B, D/2), int32 lens.
+    Raises KernelInputError (and writes nothing) when a context length is outside
+    [1, cache slots]."""
     b, hq, d = q.shape
     out = q.new_empty(b, hq, d)
-    kernels().parallax_decode_attention_kv_f32(
+    bad = kernels(isa).parallax_decode_attention_kv_f32(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.stride(0), k_cache.stride(1), context_lens.data_ptr(), out.data_ptr(),
-        b, hq, k.shape[1], d, scale, torch.get_num_threads())
+        k_cache.stride(0), k_cache.stride(1), k_cache.shape[2], context_lens.data_ptr(),
+        out.data_ptr(), b, hq, k.shape[1], d, scale, torch.get_num_threads())
+    if bad:
+        raise KernelInputError(
+            f"decode attention: context_lens[{bad - 1}] = {int(context_lens[bad - 1])} is "
+            f"outside [1, {k_cache.shape[2]}] (the cache's slots); nothing was written")
     return out
 
 
@@ -224,7 +429,7 @@ def attention_layout_ok(q, k, v, k_cache, v_cache, cos, sin, context_lens) -> bo
     return (rows and d % 16 == 0 and d <= 256 and q.shape[1] // k.shape[1] <= 16
             and k_cache.stride() == v_cache.stride() and cos.is_contiguous()
             and sin.is_contiguous() and context_lens.dtype == torch.int32
-            and context_lens.is_contiguous())
+            and context_lens.is_contiguous() and context_lens.shape[0] == q.shape[0])
 
 
 _PAGED_ERRORS = {-1: "a slot in slot_mapping is negative or beyond the cache's capacity",
@@ -240,7 +445,6 @@ def paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, slot_mappi
                                  block_tables, context_lens, query_start_loc, scale):
     """reference.paged_attention_with_kvcache in one C call (csrc/cpu/paged_attention_f32.c).
     Needs ``paged_layout_ok``; raises ParallaxError on out-of-range metadata, writing nothing."""
-    from ..errors import ParallaxError
     t, hq, d = q.shape
     n, hk, bs, _ = k_cache.shape
     out = q.new_empty(t, hq, d)
@@ -251,7 +455,7 @@ def paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, slot_mappi
         context_lens.data_ptr(), query_start_loc.data_ptr(), out.data_ptr(),
         t, context_lens.shape[0], hq, hk, d, n, bs, scale, torch.get_num_threads())
     if err:
-        raise ParallaxError(f"paged attention: {_PAGED_ERRORS.get(err, err)}")
+        raise KernelInputError(f"paged attention: {_PAGED_ERRORS.get(err, err)}")
     return out
 
 

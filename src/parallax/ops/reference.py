@@ -208,9 +208,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_packed(x: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias with W stored as 32-column panels of W^T: packed (N/32, K, 32),
-    ``packed[n // 32, k, n % 32] = W[n, k]`` (the CPU kernel's layout, ops/cpu.py)."""
+    ``packed[n // 32, k, n % 32] = W[n, k]`` (the CPU kernel's layout, ops/cpu.py).
+    One batched matmul over the panels: the weight is read in place, never copied."""
     p, k, width = packed.shape
-    return F.linear(x, packed.permute(1, 0, 2).reshape(k, p * width).t(), bias)
+    rows = x.reshape(-1, k)
+    y = torch.matmul(rows, packed)                                   # (N/32, M, 32)
+    y = y.permute(1, 0, 2).reshape(*x.shape[:-1], p * width)         # (..., N)
+    return y + bias if bias is not None else y
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

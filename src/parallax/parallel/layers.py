@@ -49,8 +49,9 @@ class _Linear(nn.Module):
         super().__init__()
         self.weight = _param((out_features, in_features), dtype, weight_chunks)
         self.bias = _param((out_features,), dtype, bias_chunks) if bias_chunks else None
-        self.qweight: torch.Tensor | None = None
-        self.scales: torch.Tensor | None = None
+        # Buffers, not plain attributes: state_dict() (and so memory()) counts them.
+        self.register_buffer("qweight", None)
+        self.register_buffer("scales", None)
 
     def quantize_int8_(self) -> None:
         """Replace the float weight with int8 + per-output-channel scales (weight-only)."""

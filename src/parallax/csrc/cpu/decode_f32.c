@@ -13,33 +13,21 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#ifdef PARALLAX_MVEC
+#include "isa.h"
+
+#if defined(PARALLAX_MVEC) && !defined(__clang__)
 /* glibc's libmvec has vector expf (what <math.h> declares only under -ffast-math): loops
- * over expf below then run 16 lanes at a time. ops/cpu.py builds without it where it
- * does not link. */
+ * over expf below then run a vector of lanes at a time. ops/cpu.py builds without it where
+ * it does not link; clang has no simd attribute (scalar expf there). */
 float expf(float) __attribute__((simd("notinbranch")));
 #endif
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-static inline v16 load16(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
-
-static inline float hsum16(v16 v) {
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-/* Sixteen lanes of partial sums in one vector, folded once at the end. */
+/* One vector of partial sums, folded once at the end. */
 static inline float dot(const float* a, const float* b, int n) {
-    v16 acc = {0};
+    vf acc = vzero();
     int i = 0;
-    for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
-    float s = hsum16(acc);
+    for (; i + PARALLAX_VW <= n; i += PARALLAX_VW) acc += vload(a + i) * vload(b + i);
+    float s = vsum(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -89,29 +77,30 @@ static inline void rotate(const float* x, const float* cos, const float* sin, fl
 #define MAX_D 256
 #define MAX_G 16
 
-/* acc (D) = acc * corr + sum_j p[j] * v[j], v rows D apart; D % 16 == 0. Blocks of 64
- * (then 16) dims stay in registers across the keys. */
+/* acc (D) = acc * corr + sum_j p[j] * v[j], v rows D apart; D % 16 == 0. Blocks of 4
+ * vectors (then 1) of dims stay in registers across the keys. */
+#define VW PARALLAX_VW
 static void pv(float* acc, float corr, const float* p, const float* v, int n, int D) {
     int i0 = 0;
-    for (; i0 + 64 <= D; i0 += 64) {
-        v16 a0 = load16(acc + i0) * corr, a1 = load16(acc + i0 + 16) * corr;
-        v16 a2 = load16(acc + i0 + 32) * corr, a3 = load16(acc + i0 + 48) * corr;
+    for (; i0 + 4 * VW <= D; i0 += 4 * VW) {
+        vf a0 = vload(acc + i0) * corr, a1 = vload(acc + i0 + VW) * corr;
+        vf a2 = vload(acc + i0 + 2 * VW) * corr, a3 = vload(acc + i0 + 3 * VW) * corr;
         for (int j = 0; j < n; j++) {
             const float* vj = v + (size_t)j * D + i0;
-            a0 += p[j] * load16(vj);
-            a1 += p[j] * load16(vj + 16);
-            a2 += p[j] * load16(vj + 32);
-            a3 += p[j] * load16(vj + 48);
+            a0 += p[j] * vload(vj);
+            a1 += p[j] * vload(vj + VW);
+            a2 += p[j] * vload(vj + 2 * VW);
+            a3 += p[j] * vload(vj + 3 * VW);
         }
-        store16(acc + i0, a0);
-        store16(acc + i0 + 16, a1);
-        store16(acc + i0 + 32, a2);
-        store16(acc + i0 + 48, a3);
+        vstore(acc + i0, a0);
+        vstore(acc + i0 + VW, a1);
+        vstore(acc + i0 + 2 * VW, a2);
+        vstore(acc + i0 + 3 * VW, a3);
     }
-    for (; i0 < D; i0 += 16) {
-        v16 a = load16(acc + i0) * corr;
-        for (int j = 0; j < n; j++) a += p[j] * load16(v + (size_t)j * D + i0);
-        store16(acc + i0, a);
+    for (; i0 < D; i0 += VW) {
+        vf a = vload(acc + i0) * corr;
+        for (int j = 0; j < n; j++) a += p[j] * vload(v + (size_t)j * D + i0);
+        vstore(acc + i0, a);
     }
 }
 
@@ -121,14 +110,19 @@ static void pv(float* acc, float corr, const float* p, const float* v, int n, in
  *   cos, sin (B, D/2); caches (B, Hk, S, D) with strides (cache_b, cache_h, D, 1);
  *   out (B, Hq, D) contiguous. Query heads h*G .. h*G+G-1 share KV head h (G = Hq/Hk).
  *   D % 16 == 0, D <= MAX_D, G <= MAX_G (ops/cpu.py checks).
+ * Returns 0, or 1 + the first sequence whose length is outside [1, S]: then nothing is
+ * written (the lengths are checked before any cache write).
  * Work items are (sequence, KV head): each key and value row is read once for the G
  * queries that share it, keys in blocks with an online softmax.
  */
-void parallax_decode_attention_kv_f32(
+int parallax_decode_attention_kv_f32(
         const float* q, long q_stride, const float* k, long k_stride, const float* v,
         long v_stride, const float* cos, const float* sin, float* k_cache, float* v_cache,
-        long cache_b, long cache_h, const int32_t* context_lens, float* out, int B, int Hq,
-        int Hk, int D, float scale, int num_threads) {
+        long cache_b, long cache_h, int S, const int32_t* context_lens, float* out, int B,
+        int Hq, int Hk, int D, float scale, int num_threads) {
+    (void)num_threads;   /* unused when built without OpenMP */
+    for (int b = 0; b < B; b++)
+        if (context_lens[b] < 1 || context_lens[b] > S) return b + 1;
     int G = Hq / Hk, h2 = D / 2;
     #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int item = 0; item < B * Hk; item++) {
@@ -174,4 +168,5 @@ void parallax_decode_attention_kv_f32(
             for (int i = 0; i < D; i++) o[i] = acc[g][i] * inv;
         }
     }
+    return 0;
 }

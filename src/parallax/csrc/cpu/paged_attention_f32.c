@@ -23,29 +23,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#ifdef PARALLAX_MVEC
+#include "isa.h"
+
+#if defined(PARALLAX_MVEC) && !defined(__clang__)   /* as in decode_f32.c */
 float expf(float) __attribute__((simd("notinbranch")));
 #endif
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-static inline v16 load16(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
-
-static inline float hsum16(v16 v) {
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
 static inline float dot(const float* a, const float* b, int n) {
-    v16 acc = {0};
+    vf acc = vzero();
     int i = 0;
-    for (; i + 16 <= n; i += 16) acc += load16(a + i) * load16(b + i);
-    float s = hsum16(acc);
+    for (; i + PARALLAX_VW <= n; i += PARALLAX_VW) acc += vload(a + i) * vload(b + i);
+    float s = vsum(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -61,10 +49,10 @@ static inline void rotate(const float* x, const float* cos, const float* sin, fl
 
 /* acc (D) = acc * corr + sum_j p[j] * v[j] over n rows D apart; D % 16 == 0. */
 static void pv(float* acc, float corr, const float* p, const float* v, int n, int D) {
-    for (int i0 = 0; i0 < D; i0 += 16) {
-        v16 a = load16(acc + i0) * corr;
-        for (int j = 0; j < n; j++) a += p[j] * load16(v + (size_t)j * D + i0);
-        store16(acc + i0, a);
+    for (int i0 = 0; i0 < D; i0 += PARALLAX_VW) {
+        vf a = vload(acc + i0) * corr;
+        for (int j = 0; j < n; j++) a += p[j] * vload(v + (size_t)j * D + i0);
+        vstore(acc + i0, a);
     }
 }
 
@@ -104,6 +92,7 @@ int parallax_paged_attention_kv_f32(
         const int32_t* context_lens, const int32_t* qsl, float* out, int T, int B, int Hq,
         int Hk, int D, int N, int bs, float scale, int num_threads) {
     int G = Hq / Hk, h2 = D / 2;
+    (void)num_threads;   /* unused where OpenMP is off */
     if (Hk < 1 || Hq % Hk) return BAD_SHAPE;
     int err = check(slot_mapping, block_tables, max_blocks, context_lens, qsl, T, B, N, bs, G, D);
     if (err) return err;
