@@ -4,6 +4,8 @@ boundaries and share prefix blocks; and their refusal of out-of-range metadata."
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,8 +81,10 @@ def _oracle(c, scale):
     return torch.cat(outs)
 
 
+# The C kernel in every variant this CPU runs (an AVX-512 machine also checks AVX2).
 IMPLS = {"reference": ref.paged_attention_with_kvcache,
-         "c": cpu_ops.paged_attention_with_kvcache}
+         **{f"c-{v}": functools.partial(cpu_ops.paged_attention_with_kvcache, isa=v)
+            for v in cpu_ops.supported_variants()}}
 
 CASES = {
     "decode-ragged": [(1, 1), (17, 1), (16, 1), (33, 1), (100, 1)],
@@ -93,7 +97,7 @@ CASES = {
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", CASES)
 def test_paged_attention_matches_dense_oracle(impl, name):
-    if impl == "c" and cpu_ops.kernels() is None:
+    if impl.startswith("c-") and cpu_ops.kernels() is None:
         pytest.fail("the CPU kernels did not build (gcc missing?)")
     c = _case(hash(name) % 1000, CASES[name])
     scale = 64 ** -0.5

@@ -442,13 +442,15 @@ _PAGED_ERRORS = {-1: "a slot in slot_mapping is negative or beyond the cache's c
 
 
 def paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, slot_mapping,
-                                 block_tables, context_lens, query_start_loc, scale):
+                                 block_tables, context_lens, query_start_loc, scale,
+                                 *, isa: str | None = None):
     """reference.paged_attention_with_kvcache in one C call (csrc/cpu/paged_attention_f32.c).
-    Needs ``paged_layout_ok``; raises ParallaxError on out-of-range metadata, writing nothing."""
+    Needs ``paged_layout_ok``; raises KernelInputError on out-of-range metadata, writing
+    nothing."""
     t, hq, d = q.shape
     n, hk, bs, _ = k_cache.shape
     out = q.new_empty(t, hq, d)
-    err = kernels().parallax_paged_attention_kv_f32(
+    err = kernels(isa).parallax_paged_attention_kv_f32(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
         cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
