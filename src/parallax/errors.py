@@ -36,3 +36,8 @@ class PromptError(ParallaxError, ValueError):
 
 class WorkerError(ParallaxError, RuntimeError):
     """A worker process died, raised, or stopped answering (within ``timeout_s``)."""
+
+
+class EngineDeadError(WorkerError):
+    """The engine stopped (a worker died, a step raised, the LLM was closed); build a new
+    LLM. Raised from a request's iteration and ``result()``, and by calls on a closed LLM."""
