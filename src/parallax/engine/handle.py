@@ -24,7 +24,8 @@ class RequestHandle:
     ``.token_ids``, ``.finish_reason`` — None until the last one); ``result()`` blocks until
     it finishes and returns the ``Completion``; ``cancel()`` ends it, freeing its KV blocks
     within one engine step (its ``finish_reason`` is then "abort"). A handle is iterated by
-    one consumer; ``result()`` works whether or not it was iterated.
+    one consumer; ``result()`` works whether or not it was iterated. ``async for`` holds no
+    thread while it waits: the engine wakes the consumer's event loop.
     Errors of the engine (a dead worker, ...) are raised from iteration and ``result()``.
 
     Args:
