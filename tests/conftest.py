@@ -1,10 +1,13 @@
-"""Shared fixtures: tiny random HF checkpoints built in temporary folders, and the real
-SmolLM2 GGUF with HF transformers loading the same file as the oracle."""
+"""Shared fixtures: tiny random HF checkpoints built in temporary folders (and a tiny trained
+tokenizer with a chat template for them), and the real SmolLM2 GGUF with HF transformers
+loading the same file as the oracle."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import time
 
 import pytest
 import torch
@@ -37,6 +40,43 @@ def make_checkpoint(path: str, arch: str = "llama", seed: int = 0, shards: bool 
                 p.copy_(0.08 * torch.randn_like(p))
     model.save_pretrained(path, max_shard_size="200KB" if shards else "5GB")
     return path
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
+CORPUS = ["The quick brown fox jumps over the lazy dog. Water boils at 100 degrees.",
+          "Hello, how are you? I am fine, thank you. What is the capital of France?",
+          "Paris is the capital of France; Berlin is the capital of Germany. 0123456789"]
+
+
+def make_tokenizer(folder: str) -> int:
+    """Train a byte-level BPE on a few sentences and save tokenizer.json and
+    tokenizer_config.json (ChatML template, eos <|im_end|> = id 2) into ``folder``.
+    Returns its vocabulary size (give it to make_checkpoint as ``vocab_size``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE}, f)
+    return tok.get_vocab_size()
+
+
+def wait_until(pred, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll ``pred`` until it is true or ``timeout`` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
 
 
 def smollm2_path() -> str:
@@ -123,7 +163,6 @@ def gone(pid: int) -> bool:
 
 def wait_gone(pids, within_s: float) -> bool:
     """Wait up to ``within_s`` seconds for every pid to be gone; whether they all are."""
-    import time
     deadline = time.monotonic() + within_s
     while not all(gone(p) for p in pids):
         if time.monotonic() > deadline:

@@ -86,8 +86,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def chat_ckpt(tmp_path_factory) -> str:
     """A tiny random Llama with a trained tokenizer (text prompts)."""
-    from conftest import make_checkpoint
-    from serve_fakes import make_tokenizer
+    from conftest import make_checkpoint, make_tokenizer
     folder = str(tmp_path_factory.mktemp("ray_tiny"))
     return make_checkpoint(folder, "llama", vocab_size=make_tokenizer(folder))
 

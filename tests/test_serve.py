@@ -1,71 +1,85 @@
 """`parallax serve`: the OpenAI-compatible HTTP layer, driven by the real ``openai`` client
-and raw httpx against a real uvicorn server on a free loopback port.
-
-The first part runs the app on FakeLLM (tests/serve_fakes.py: DESIGN.md's engine contract
-over a deterministic toy model) to pin the HTTP layer's own behaviour; the part marked
-``slow`` runs it on the real engine with a tiny random checkpoint.
+and raw httpx against a real uvicorn server on a free loopback port, on the real engine: a
+tiny random Llama with a trained tokenizer (ChatML template, eos = id 2). One LLM and one
+server are shared by the module; tests that need another engine configuration (a
+one-sequence engine, a closed or stopped one) build their own, which takes milliseconds.
+Multi-process tests (tp=2, pp=2, subprocess servers) are marked ``slow``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 
-from parallax.loading.tokenizer import Tokenizer
+import parallax
 from parallax.serve.app import build_app
 from parallax.serve.server import BackgroundServer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from serve_fakes import FakeLLM, make_tokenizer, wait_until  # noqa: E402
+from conftest import make_checkpoint, make_tokenizer, wait_until  # noqa: E402
 
-MODEL = "fake-model"
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory) -> str:
-    folder = str(tmp_path_factory.mktemp("serve_tok"))
-    make_tokenizer(folder)
-    return folder
+MODEL = "tiny"
+CTX = 512           # the tiny model's context: long enough for a request to outlive a hang-up
+LONG = CTX - 24     # max_tokens of a request that runs ~2 s unless cancelled
 
 
-@pytest.fixture(scope="session")
-def tokenizer(tok_dir) -> Tokenizer:
-    return Tokenizer.from_dir(tok_dir)
+@pytest.fixture(scope="module")
+def tiny_chat_ckpt(tmp_path_factory) -> str:
+    """A tiny random Llama with a trained tokenizer and a ChatML template (eos = id 2)."""
+    folder = str(tmp_path_factory.mktemp("tiny_chat"))
+    vocab = make_tokenizer(folder)
+    return make_checkpoint(folder, "llama", vocab_size=vocab, max_position_embeddings=CTX)
 
 
-@pytest.fixture
-def fake(tokenizer):
-    llm = FakeLLM(tokenizer)
-    yield llm
-    llm.close()
+@pytest.fixture(scope="module")
+def llm(tiny_chat_ckpt):
+    with parallax.LLM(tiny_chat_ckpt, max_num_seqs=64, kv_cache_tokens=16384) as llm:
+        yield llm
 
 
 def serve(llm, **kw) -> BackgroundServer:
     return BackgroundServer(build_app(llm, MODEL, **kw))
 
 
-@pytest.fixture
-def srv(fake):
-    with serve(fake) as s:
+@pytest.fixture(scope="module")
+def srv(llm):
+    with serve(llm) as s:
         yield s
 
 
+@pytest.fixture
+def submitted(llm, monkeypatch) -> list:
+    """Records each ``llm.submit`` the server makes (prompt ids, keywords, the real handle)
+    and passes it on to the real engine unchanged."""
+    calls = []
+    real_submit = llm.submit
+
+    def spy(prompt, **kw):
+        handle = real_submit(prompt, **kw)
+        calls.append(SimpleNamespace(ids=list(prompt), kw=kw, handle=handle))
+        return handle
+    monkeypatch.setattr(llm, "submit", spy)
+    return calls
+
+
 def client(url: str, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def oracle(llm: FakeLLM, prompt, max_new_tokens: int, **kw):
-    """What the engine answers for this request on its own."""
-    ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-    return llm.submit(ids, max_new_tokens=max_new_tokens, chat=False, **kw).result()
+def oracle(llm, prompt, max_new_tokens: int, **kw):
+    """What offline ``LLM.generate`` answers for this one prompt (text or token ids)."""
+    return llm.generate([prompt], max_new_tokens=max_new_tokens, chat=False, **kw)[0]
 
 
 def metric(url: str, name: str, **labels) -> float:
@@ -91,34 +105,58 @@ def sse_events(lines) -> list:
     return out
 
 
+def idle(llm) -> bool:
+    s = llm.stats()
+    return (s["num_requests_running"] == 0 and s["num_requests_waiting"] == 0
+            and s["kv_cache_usage"] == 0)
+
+
 # ---------------------------------------------------------------------- happy paths
-def test_completion_text_and_usage(srv, fake):
+def test_completion_text_and_usage(llm, srv, submitted):
     r = client(srv.url).completions.create(model=MODEL, prompt="Water boils at", max_tokens=7,
-                                           temperature=0)
-    want = oracle(fake, "Water boils at", 7)
+                                           temperature=0, extra_body={"ignore_eos": True})
+    want = oracle(llm, "Water boils at", 7, ignore_eos=True)
     assert r.choices[0].text == want.text
-    assert r.choices[0].finish_reason == "length"
-    assert r.usage.prompt_tokens == len(fake.tokenizer.encode("Water boils at"))
+    assert r.choices[0].finish_reason == "length" == want.finish_reason
+    assert r.usage.prompt_tokens == len(llm.tokenizer.encode("Water boils at"))
     assert r.usage.completion_tokens == 7 and r.usage.total_tokens == r.usage.prompt_tokens + 7
     assert r.id.startswith("cmpl-") and r.model == MODEL and r.object == "text_completion"
     # the server passes the sampling fields through as submit's arguments
-    kw = fake.submitted[0].kw
+    kw = submitted[0].kw
     assert kw["temperature"] == 0 and kw["chat"] is False and kw["max_new_tokens"] == 7
+    assert submitted[0].handle.result().usage.completion_tokens == 7
 
 
-def test_chat_uses_template_and_streams_same_text(srv, fake):
+def test_greedy_equals_offline_whatever_finishes_it(llm, srv):
+    """Without ignore_eos the random model may end early on eos: the server says what
+    LLM.generate says, finish_reason and usage included."""
+    c = client(srv.url)
+    for prompt in ("Water boils at", "The quick brown", "Paris is"):
+        r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0)
+        want = oracle(llm, prompt, 40)
+        assert r.choices[0].text == want.text
+        assert r.choices[0].finish_reason == want.finish_reason
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (
+            want.usage.prompt_tokens, want.usage.completion_tokens)
+
+
+def test_chat_uses_template_and_streams_same_text(llm, srv, submitted):
     c = client(srv.url)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
-    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0)
-    templated = fake.tokenizer.apply_chat_template(msgs)
-    ids = fake.tokenizer.encode(templated, add_special_tokens=False)
-    assert fake.submitted[0].ids == ids
-    assert r.choices[0].message.content == oracle(fake, ids, 6).text
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    templated = llm.tokenizer.apply_chat_template(msgs)
+    ids = llm.tokenizer.encode(templated, add_special_tokens=False)
+    assert submitted[0].ids == ids
+    assert r.choices[0].message.content == oracle(llm, ids, 6, ignore_eos=True).text
+    assert r.choices[0].message.content == llm.chat(msgs, max_new_tokens=6,
+                                                    ignore_eos=True).text
     assert r.choices[0].message.role == "assistant" and r.usage.prompt_tokens == len(ids)
 
     chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6,
                                             temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == r.choices[0].message.content
@@ -127,34 +165,41 @@ def test_chat_uses_template_and_streams_same_text(srv, fake):
     assert chunks[-1].usage.prompt_tokens == len(ids)
 
 
-def test_completion_stream_raw_sse(srv, fake):
+def test_completion_stream_raw_sse(llm, srv):
     body = dict(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, stream=True,
-                stream_options={"include_usage": True})
+                stream_options={"include_usage": True}, ignore_eos=True)
     with httpx.stream("POST", srv.url + "/v1/completions", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
     assert raw.endswith("data: [DONE]\n\n")
     events = sse_events(raw.split("\n"))
     assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 5
-    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == oracle(fake, "Hello", 5).text
+    assert events[-2]["choices"] == []
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == oracle(
+        llm, "Hello", 5, ignore_eos=True).text
 
 
-def test_n2_seeded_sampling_reproducible(srv):
+def test_n2_seeded_sampling_reproducible(llm, srv):
     c = client(srv.url)
-    kw = dict(model=MODEL, prompt="Hello", max_tokens=8, temperature=0.8, n=2, seed=1234)
+    kw = dict(model=MODEL, prompt="Hello", max_tokens=8, temperature=0.8, n=2, seed=1234,
+              extra_body={"ignore_eos": True})
     a, b = c.completions.create(**kw), c.completions.create(**kw)
     assert [ch.index for ch in a.choices] == [0, 1]
     assert [ch.text for ch in a.choices] == [ch.text for ch in b.choices]
-    assert a.choices[0].text != a.choices[1].text        # choice i samples with seed + i
+    # choice i samples with seed + i, as LLM.generate seeds prompt i
+    want = llm.generate(["Hello", "Hello"], max_new_tokens=8, temperature=0.8, seed=1234,
+                        chat=False, ignore_eos=True)
+    assert [ch.text for ch in a.choices] == [w.text for w in want]
+    assert a.choices[0].text != a.choices[1].text
     assert a.usage.completion_tokens == 16
     other = c.completions.create(**{**kw, "seed": 99})
     assert [ch.text for ch in other.choices] != [ch.text for ch in a.choices]
 
 
-def test_n2_streaming_both_choices(srv):
-    chunks = list(client(srv.url).completions.create(model=MODEL, prompt="Hi", max_tokens=4,
-                                                     n=2, seed=3, temperature=1.0,
-                                                     stream=True))
+def test_n2_streaming_both_choices(llm, srv):
+    chunks = list(client(srv.url).completions.create(
+        model=MODEL, prompt="Hi", max_tokens=4, n=2, seed=3, temperature=1.0, stream=True,
+        extra_body={"ignore_eos": True}))
     texts = {0: "", 1: ""}
     reasons = {}
     for ch in chunks:
@@ -162,47 +207,94 @@ def test_n2_streaming_both_choices(srv):
             texts[c.index] += c.text
             if c.finish_reason:
                 reasons[c.index] = c.finish_reason
-    assert reasons == {0: "length", 1: "length"} and all(texts.values())
+    assert reasons == {0: "length", 1: "length"}
+    want = llm.generate(["Hi", "Hi"], max_new_tokens=4, temperature=1.0, seed=3, chat=False,
+                        ignore_eos=True)
+    assert [texts[0], texts[1]] == [w.text for w in want]
 
 
-def test_stop_strings_and_ids_passed_to_engine(srv, fake):
-    full = oracle(fake, "Hello", 12).text
-    pieces = [d.text for d in fake.submitted[-1].deltas]
-    # a stop string that starts on a token boundary (the toy engine holds nothing back)
-    k = next(i for i in range(2, 12) if pieces[i] and pieces[i] not in "".join(pieces[:i]))
-    stop = pieces[k]
-    r = client(srv.url).completions.create(model=MODEL, prompt="Hello", max_tokens=12,
-                                           temperature=0, stop=[stop])
-    assert r.choices[0].finish_reason == "stop"
-    assert r.choices[0].text == full[:full.index(stop)]
+def test_stop_strings_and_fields_passed_to_engine(llm, srv, submitted):
+    full = oracle(llm, "The quick brown", 16, ignore_eos=True).text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    r = client(srv.url).completions.create(model=MODEL, prompt="The quick brown",
+                                           max_tokens=16, temperature=0, stop=[stop],
+                                           extra_body={"ignore_eos": True})
+    want = oracle(llm, "The quick brown", 16, ignore_eos=True, stop=[stop])
+    assert r.choices[0].finish_reason == "stop" == want.finish_reason
+    assert r.choices[0].text == want.text == full[:full.index(stop)]
     r = httpx.post(srv.url + "/v1/completions", json=dict(
         model=MODEL, prompt="Hello", max_tokens=12, temperature=0, stop_token_ids=[7],
         ignore_eos=True, repetition_penalty=1.3, top_k=5)).json()
-    kw = fake.submitted[-1].kw
+    kw = submitted[-1].kw
     assert (kw["stop_token_ids"], kw["ignore_eos"], kw["repetition_penalty"], kw["top_k"]) == (
         [7], True, 1.3, 5)
-    assert r["choices"][0]["finish_reason"] in ("stop", "length")
+    want = oracle(llm, "Hello", 12, stop_token_ids=[7], ignore_eos=True,
+                  repetition_penalty=1.3, top_k=5)
+    assert r["choices"][0]["text"] == want.text
+    assert r["choices"][0]["finish_reason"] == want.finish_reason
 
 
-def test_token_id_prompts(srv, fake):
+def test_token_id_prompts(llm, srv):
     c = client(srv.url)
-    r = c.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=4, temperature=0)
-    assert r.choices[0].text == oracle(fake, [5, 6, 7, 8], 4).text
+    g = dict(temperature=0, extra_body={"ignore_eos": True})
+    r = c.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=4, **g)
+    assert r.choices[0].text == oracle(llm, [5, 6, 7, 8], 4, ignore_eos=True).text
     assert r.usage.prompt_tokens == 4
-    r = c.completions.create(model=MODEL, prompt=[[5, 6], [9, 10, 11]], max_tokens=3,
-                             temperature=0)
-    assert [ch.text for ch in r.choices] == [oracle(fake, [5, 6], 3).text,
-                                             oracle(fake, [9, 10, 11], 3).text]
+    r = c.completions.create(model=MODEL, prompt=[[5, 6], [9, 10, 11]], max_tokens=3, **g)
+    assert [ch.text for ch in r.choices] == [oracle(llm, [5, 6], 3, ignore_eos=True).text,
+                                             oracle(llm, [9, 10, 11], 3, ignore_eos=True).text]
     assert r.usage.prompt_tokens == 5
-    r = c.completions.create(model=MODEL, prompt=["Hello", "Water"], max_tokens=3,
-                             temperature=0, n=2)
+    r = c.completions.create(model=MODEL, prompt=["Hello", "Water"], max_tokens=3, n=2, **g)
     assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
-    assert r.choices[2].text == oracle(fake, "Water", 3).text
+    assert r.choices[2].text == oracle(llm, "Water", 3, ignore_eos=True).text
 
 
 def test_models_route(srv):
     models = client(srv.url).models.list()
     assert [m.id for m in models.data] == [MODEL]
+
+
+def test_64_async_consumers_all_progress_without_threads(llm):
+    """64 handles iterated with ``async for`` on one event loop: every stream gets its first
+    delta before any stream finishes (the engine runs them as one batch and each consumer is
+    woken as its deltas arrive), and waiting holds no thread (the loop's default executor
+    never starts one)."""
+    n, tokens = 64, 24
+    events: list[tuple[str, int]] = []
+    used_executor = []
+
+    async def consume(i: int, handle) -> int:
+        count = 0
+        async for d in handle:
+            if count == 0:
+                events.append(("first", i))
+            count += len(d.token_ids)
+            if d.finish_reason is not None:
+                events.append(("done", i))
+        return count
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        real = loop.run_in_executor
+
+        def watch(*a, **kw):
+            used_executor.append(a)
+            return real(*a, **kw)
+        loop.run_in_executor = watch
+        threads = threading.active_count()
+        # all submitted before the loop runs a consumer: the engine admits them together
+        handles = [llm.submit([5 + i % 50, 6], max_new_tokens=tokens, ignore_eos=True)
+                   for i in range(n)]
+        counts = await asyncio.gather(*(consume(i, h) for i, h in enumerate(handles)))
+        assert threading.active_count() <= threads       # no thread started to wait
+        return counts
+
+    assert asyncio.run(main()) == [tokens] * n
+    assert used_executor == []
+    kinds = [k for k, _ in events]
+    assert kinds.count("first") == n and kinds.count("done") == n
+    assert kinds.index("done") > max(i for i, k in enumerate(kinds) if k == "first")
+    assert wait_until(lambda: idle(llm))
 
 
 # ---------------------------------------------------------------------- errors
@@ -239,14 +331,18 @@ def test_chat_logprobs_400_and_bad_role(srv):
                    headers={"content-type": "application/json"}), 400)
 
 
-def test_engine_errors_are_400_naming_numbers(srv):
-    e = err(httpx.post(srv.url + "/v1/completions",
-                       json={"model": MODEL, "prompt": list(range(3, 203)), "max_tokens": 100}),
-            400)
-    assert "200" in e["message"] and "256" in e["message"]
+def test_engine_errors_are_400_naming_numbers(llm, srv):
+    ctx = llm.config.max_position_embeddings
+    e = err(httpx.post(srv.url + "/v1/completions", json={
+        "model": MODEL, "prompt": [5] * (ctx - 10), "max_tokens": 50}), 400)
+    assert str(ctx - 10) in e["message"] and str(ctx) in e["message"]
+    e = err(httpx.post(srv.url + "/v1/completions", json={
+        "model": MODEL, "prompt": [5] * ctx, "max_tokens": None}), 400)
+    assert str(ctx) in e["message"]
     e = err(httpx.post(srv.url + "/v1/completions",
                        json={"model": MODEL, "prompt": [1, 99999], "max_tokens": 2}), 400)
     assert "vocabulary" in e["message"]
+    assert wait_until(lambda: idle(llm))       # nothing refused was left in the engine
 
 
 def test_openai_client_raises_typed_errors(srv):
@@ -263,8 +359,8 @@ def test_unknown_model_and_route_404(srv):
     err(httpx.get(srv.url + "/v1/nothing-here"), 404)
 
 
-def test_api_key_401(fake):
-    with serve(fake, api_key="s3cret") as s:
+def test_api_key_401(llm):
+    with serve(llm, api_key="s3cret") as s:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             e = err(httpx.get(s.url + "/v1/models", headers=headers), 401)
             assert e["code"] == "invalid_api_key"
@@ -274,108 +370,170 @@ def test_api_key_401(fake):
         assert httpx.get(s.url + "/health").status_code == 200        # probes need no key
 
 
-def test_queue_full_429_with_retry_after(fake):
-    fake.stall()                                    # nothing runs: submitted requests wait
-    with serve(fake, max_queue=2) as s:
-        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "stream": True}
-        with httpx.Client(timeout=10) as h:
-            streams = [h.stream("POST", s.url + "/v1/completions", json=body)
-                       for _ in range(2)]
-            responses = [st.__enter__() for st in streams]
-            assert wait_until(lambda: fake.stats()["num_requests_waiting"] == 2)
-            r = h.post(s.url + "/v1/completions", json={**body, "stream": False})
-            e = err(r, 429)
-            assert r.headers["retry-after"] == "1" and e["code"] == "queue_full"
-            assert metric(s.url, "parallax:request_rejected_total", status="429") == 1
-            fake.stalled.clear()
-            for st, resp in zip(streams, responses):
-                assert resp.read().decode().endswith("data: [DONE]\n\n")
-                st.__exit__(None, None, None)
-        r = httpx.post(s.url + "/v1/completions", json={**body, "stream": False})
-        assert r.status_code == 200
+def test_queue_full_429_with_retry_after(tiny_chat_ckpt):
+    """A one-sequence engine: one long generation runs, two requests wait (one submitted
+    directly, a short stream over HTTP); with --max-queue 2 the next request gets 429."""
+    short = {"model": MODEL, "prompt": "Hi", "max_tokens": 8, "ignore_eos": True}
+    with parallax.LLM(tiny_chat_ckpt, max_num_seqs=1, kv_cache_tokens=4096) as one:
+        runner = one.submit("Hello", max_new_tokens=LONG, chat=False, ignore_eos=True)
+        waiter = one.submit("Hello", max_new_tokens=LONG, chat=False, ignore_eos=True)
+        with serve(one, max_queue=2) as s, httpx.Client(timeout=30) as h:
+            with h.stream("POST", s.url + "/v1/completions", json={**short, "stream": True}) as st:
+                assert wait_until(lambda: one.stats()["num_requests_waiting"] == 2)
+                assert one.stats()["num_requests_running"] == 1
+                r = h.post(s.url + "/v1/completions", json=short)
+                e = err(r, 429)
+                assert r.headers["retry-after"] == "1" and e["code"] == "queue_full"
+                assert "2 requests are waiting" in e["message"]
+                assert metric(s.url, "parallax:request_rejected_total", status="429") == 1
+                runner.cancel()
+                waiter.cancel()
+                events = sse_events(st.iter_lines())        # the queued stream now runs
+            assert events[-1] == "[DONE]"
+            assert events[-2]["choices"][0]["finish_reason"] == "length"
+            r = h.post(s.url + "/v1/completions", json=short)
+            assert r.status_code == 200
+        assert runner.result().finish_reason == waiter.result().finish_reason == "abort"
 
 
 # ---------------------------------------------------------------------- disconnects
-def test_disconnect_mid_stream_cancels(fake):
-    fake.step_s = 0.02
-    with serve(fake) as s:
-        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 200, "stream": True}
+def test_disconnect_mid_stream_cancels(llm, submitted):
+    with serve(llm) as s:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": LONG, "stream": True,
+                "ignore_eos": True}
         with httpx.stream("POST", s.url + "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             got = [next(lines) for _ in range(4)]
         assert any(x.startswith("data: ") for x in got)
-        req = fake.submitted[0]
-        assert wait_until(lambda: req.cancelled)
-        assert len(req.generated) < 200 and req.deltas[-1].finish_reason == "abort"
-        assert wait_until(lambda: fake.stats()["num_requests_running"] == 0)
+        done = submitted[0].handle.result(timeout=30)
+        assert done.finish_reason == "abort" and done.usage.completion_tokens < LONG
+        assert wait_until(lambda: idle(llm))            # its KV blocks are free again
         assert wait_until(lambda: metric(s.url, "parallax:request_failed_total",
                                          reason="aborted") == 1)
         assert metric(s.url, "parallax:request_success_total") == 0
 
 
-def test_disconnect_non_streaming_cancels(fake):
-    fake.step_s = 0.02
-    with serve(fake) as s:
+def test_disconnect_non_streaming_cancels(llm, submitted):
+    with serve(llm) as s:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(s.url + "/v1/completions", timeout=0.3,
-                       json={"model": MODEL, "prompt": "Hi", "max_tokens": 200})
-        req = fake.submitted[0]
-        assert wait_until(lambda: req.cancelled)
-        assert len(req.generated) < 200 and req.deltas[-1].finish_reason == "abort"
+            httpx.post(s.url + "/v1/completions", timeout=0.3, json={
+                "model": MODEL, "prompt": "Hi", "max_tokens": LONG, "ignore_eos": True})
+        done = submitted[0].handle.result(timeout=30)
+        assert done.finish_reason == "abort" and done.usage.completion_tokens < LONG
+        assert wait_until(lambda: idle(llm))
         assert wait_until(lambda: metric(s.url, "parallax:request_failed_total",
                                          reason="aborted") == 1)
         assert metric(s.url, "parallax:request_success_total") == 0
 
 
 # ---------------------------------------------------------------------- health, metrics
-def test_health_turns_503_when_engine_dies(fake):
-    with serve(fake, health_timeout_s=2.0) as s:
+def test_health_turns_503_when_engine_dies(tiny_chat_ckpt):
+    """A real engine that goes away under the server (closed: stats() raises)."""
+    dying = parallax.LLM(tiny_chat_ckpt, max_num_seqs=2, kv_cache_tokens=1024)
+    with serve(dying, health_timeout_s=2.0) as s:
         assert httpx.get(s.url + "/health").status_code == 200
-        fake.kill()
+        dying.close()
         assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 503, 5)
         assert "dead" in httpx.get(s.url + "/health").json()["error"]["message"]
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+        assert err(r, 503)["code"] == "engine_failed"
 
 
-def test_health_turns_503_when_engine_stuck(fake):
-    with serve(fake, health_timeout_s=1.0) as s:
-        fake.stall()
-        fake.submit([5, 6], max_new_tokens=3)      # work in hand, no progress
-        assert httpx.get(s.url + "/health").status_code == 200
-        assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 503, 6)
-        assert "no progress" in httpx.get(s.url + "/health").json()["error"]["message"]
-        fake.stalled.clear()
-        assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 200, 6)
+@pytest.mark.slow
+def test_health_turns_503_when_engine_stuck(tiny_chat_ckpt):
+    """A tp=2 engine whose worker is SIGSTOPped mid-generation: the engine step waits on it,
+    stats() still answers, so /health says "no progress" (503); after SIGCONT it moves
+    again and /health is 200."""
+    with parallax.LLM(tiny_chat_ckpt, tp=2, max_num_seqs=2, kv_cache_tokens=2048,
+                      timeout_s=60) as stuck:
+        victim = next(m["pid"] for m in stuck.memory() if m["pid"] != os.getpid())
+        with serve(stuck, health_timeout_s=1.0) as s:
+            assert httpx.get(s.url + "/health").status_code == 200
+            h = stuck.submit("Hi", max_new_tokens=LONG, chat=False, ignore_eos=True)
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 503, 8)
+                assert "no progress" in httpx.get(s.url + "/health").json()["error"]["message"]
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            assert wait_until(lambda: httpx.get(s.url + "/health").status_code == 200, 8)
+            h.cancel()
+            assert h.result(timeout=30).finish_reason in ("abort", "length")
 
 
-def test_metrics_names_and_counts(srv, fake):
-    c = client(srv.url)
-    c.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, n=2)
-    list(c.completions.create(model=MODEL, prompt="Hello", max_tokens=3, stream=True))
-    text = httpx.get(srv.url + "/metrics").text
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-                 "prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
-                 "prefix_cache_queries_total", "prefix_cache_hits_total",
-                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
-                 "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket"):
-        assert f"\nparallax:{name}" in text, name
-    assert metric(srv.url, "parallax:request_success_total", finished_reason="length") == 3
-    assert metric(srv.url, "parallax:time_to_first_token_seconds_count") == 3
-    # 4 + 4 + 3 tokens: one inter-token gap per token after each choice's first
-    assert metric(srv.url, "parallax:inter_token_latency_seconds_count") == 8
-    assert metric(srv.url, "parallax:generation_tokens_total") == fake.stats()[
-        "generation_tokens"]
+def test_metrics_names_and_counts(llm):
+    with serve(llm) as s:
+        c = client(s.url)
+        c.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, n=2,
+                             extra_body={"ignore_eos": True})
+        list(c.completions.create(model=MODEL, prompt="Hello", max_tokens=3, stream=True,
+                                  extra_body={"ignore_eos": True}))
+        text = httpx.get(s.url + "/metrics").text
+        for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                     "prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
+                     "prefix_cache_queries_total", "prefix_cache_hits_total",
+                     "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
+                     "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket"):
+            assert f"\nparallax:{name}" in text, name
+        assert metric(s.url, "parallax:request_success_total", finished_reason="length") == 3
+        assert metric(s.url, "parallax:time_to_first_token_seconds_count") == 3
+        # 4 + 4 + 3 tokens: one inter-token gap per token after each choice's first
+        assert metric(s.url, "parallax:inter_token_latency_seconds_count") == 8
+        stats = llm.stats()
+        assert metric(s.url, "parallax:generation_tokens_total") == stats["generation_tokens"]
+        assert metric(s.url, "parallax:prompt_tokens_total") == stats["prompt_tokens"]
+
+
+def test_draining_refuses_new_requests_503(llm):
+    with serve(llm) as s:
+        s.server.config.app.state.serve.draining = True
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi"})
+        e = err(r, 503)
+        assert e["code"] == "shutting_down" and r.headers["retry-after"] == "1"
+        assert httpx.get(s.url + "/health").status_code == 503
+
+
+def test_chat_content_parts_and_default_budget(llm, srv, submitted):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hel"},
+                                         {"type": "text", "text": "lo"}]}]
+    body = {"model": MODEL, "messages": msgs, "user": "someone", "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert next(r.iter_lines()).startswith("data: ")     # then hang up: it is cancelled
+    plain = [{"role": "user", "content": "Hello"}]
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(plain),
+                               add_special_tokens=False)
+    assert submitted[-1].ids == ids
+    # chat without max_tokens: the rest of the context
+    assert submitted[-1].kw["max_new_tokens"] == CTX - len(ids)
+    assert submitted[-1].handle.result(timeout=30).finish_reason == "abort"
+    e = err(httpx.post(srv.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
+    assert e["param"].startswith("messages")
+
+
+def test_loadgen_cli_table_and_replayed_arrivals(srv, capsys):
+    from parallax.serve.loadgen import main, run_load
+    assert main(["--url", srv.url, "--num-prompts", "6", "--rates", "50,inf",
+                 "--max-tokens", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 50")
+            or line.startswith("| inf")]
+    assert len(rows) == 2 and all(r.split("|")[2].strip() == "6" for r in rows)
+    records, wall = run_load(srv.url, [[5, 6]] * 3, model=MODEL, max_tokens=4,
+                             arrivals=[0.0, 0.2, 0.4], extra_body={"ignore_eos": True})
+    assert all(abs(r.start_s - t) < 0.1 for r, t in zip(records, (0.0, 0.2, 0.4)))
+    assert all(len(r.times) == 4 and r.times == sorted(r.times) for r in records)
+    assert wall >= 0.4
 
 
 # ---------------------------------------------------------------------- SIGTERM
 DRAIN_SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
-from parallax.loading.tokenizer import Tokenizer
+import parallax
 from parallax.serve.app import build_app
 from parallax.serve.server import run
-from serve_fakes import FakeLLM
-llm = FakeLLM(Tokenizer.from_dir({tok!r}), step_s=0.01)
-run(build_app(llm, "m"), "127.0.0.1", 0, drain_timeout_s=20,
+llm = parallax.LLM({ckpt!r}, max_num_seqs=2, kv_cache_tokens=2048)
+run(build_app(llm, "m"), "127.0.0.1", 0, drain_timeout_s=60,
     on_started=lambda url: print("URL", url, flush=True))
 llm.close()
 print("EXITED CLEANLY", flush=True)
@@ -398,14 +556,18 @@ def stream_through_sigterm(p: subprocess.Popen, url: str, body: dict) -> None:
         httpx.get(url + "/health")
 
 
-def test_sigterm_drains_running_requests_and_exits_0(tok_dir):
-    script = DRAIN_SCRIPT.format(tests=os.path.dirname(__file__), tok=tok_dir)
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+def test_sigterm_drains_running_requests_and_exits_0(tiny_chat_ckpt):
+    script = DRAIN_SCRIPT.format(ckpt=tiny_chat_ckpt)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.join(os.path.dirname(__file__), "..", "src"), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                         env=env)
     try:
         line = p.stdout.readline()
         assert line.startswith("URL "), line
         url = line.split()[1]
-        stream_through_sigterm(p, url, {"model": "m", "prompt": "Hi", "max_tokens": 60})
+        stream_through_sigterm(p, url, {"model": "m", "prompt": "Hi", "max_tokens": 60,
+                                        "ignore_eos": True})
         assert "EXITED CLEANLY" in p.stdout.read()
     finally:
         if p.poll() is None:
@@ -459,40 +621,20 @@ def counters(url: str) -> dict:
     return {n: metric(url, n[0], **({"reason": n[1]} if len(n) > 1 else {})) for n in names}
 
 
-def test_load_toy_engine(fake):
+def test_load_mixed(llm, srv):
+    """120 requests at concurrency 32, half streaming, mixed lengths, ~20% hanging up."""
     from parallax.serve.loadgen import run_load, synthetic_prompts
-    fake.max_running = 8
     prompts = synthetic_prompts(120, (2, 20), seed=1)
     budgets = [4 + (i * 7) % 29 for i in range(len(prompts))]
-    want = [oracle(fake, p, b).text for p, b in zip(prompts, budgets)]
-    fake.submitted.clear()
-    with serve(fake) as s:
-        records, _ = run_load(s.url, prompts, model=MODEL, max_tokens=budgets, concurrency=32,
-                              stream=0.5, disconnect_fraction=0.2, seed=2, timeout_s=60)
-        assert any(r.disconnected for r in records) and any(not r.stream for r in records)
-        check_load(s.url, fake, budgets, want, records)
-        assert len(fake.submitted) == len(prompts)        # none lost, none duplicated
+    want = offline(llm, prompts, budgets)
+    before = counters(srv.url)
+    records, _ = run_load(srv.url, prompts, model=MODEL, max_tokens=budgets, concurrency=32,
+                          stream=0.5, disconnect_fraction=0.2, seed=2, timeout_s=60)
+    assert any(r.disconnected for r in records) and any(not r.stream for r in records)
+    check_load(srv.url, llm, budgets, want, records, before)
 
 
 # ====================================================================== the real engine
-@pytest.fixture(scope="module")
-def tiny_chat_ckpt(tmp_path_factory) -> str:
-    """A tiny random Llama with a trained tokenizer and a ChatML template (eos = id 2)."""
-    from conftest import make_checkpoint
-    folder = str(tmp_path_factory.mktemp("tiny_chat"))
-    vocab = make_tokenizer(folder)
-    return make_checkpoint(folder, "llama", vocab_size=vocab)
-
-
-@pytest.fixture(scope="module")
-def real(tiny_chat_ckpt):
-    import parallax
-    llm = parallax.LLM(tiny_chat_ckpt, max_num_seqs=16, kv_cache_tokens=4096)
-    with BackgroundServer(build_app(llm, "tiny")) as s:
-        yield llm, s
-    llm.close()
-
-
 def offline(llm, prompts, budgets, **kw) -> list[str]:
     """LLM.generate's texts for (prompt, max_new_tokens) pairs, one generate per budget."""
     out = [None] * len(prompts)
@@ -504,64 +646,6 @@ def offline(llm, prompts, budgets, **kw) -> list[str]:
     return out
 
 
-@pytest.mark.slow
-def test_real_completions_chat_stream_equal_offline(real):
-    llm, s = real
-    c = client(s.url)
-    r = c.completions.create(model="tiny", prompt="Water boils at", max_tokens=12,
-                             temperature=0)
-    want = llm.generate("Water boils at", max_new_tokens=12, chat=False)[0]
-    assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (
-        want.usage.prompt_tokens, want.usage.completion_tokens)
-    chunks = list(c.completions.create(model="tiny", prompt="Water boils at", max_tokens=12,
-                                       temperature=0, stream=True,
-                                       stream_options={"include_usage": True}))
-    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want.text
-    assert chunks[-1].usage.completion_tokens == want.usage.completion_tokens
-
-    msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
-    assert r.choices[0].message.content == llm.chat(msgs, max_new_tokens=10).text
-
-    ids = llm.tokenizer.encode("Hello, how are you?")
-    r = c.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
-    assert r.choices[0].text == llm.generate([ids], max_new_tokens=6)[0].text
-
-
-@pytest.mark.slow
-def test_real_seeded_n2_and_stop_strings(real):
-    llm, s = real
-    c = client(s.url)
-    kw = dict(model="tiny", prompt="Hello", max_tokens=10, temperature=0.9, seed=77, n=2)
-    a, b = c.completions.create(**kw), c.completions.create(**kw)
-    assert [x.text for x in a.choices] == [x.text for x in b.choices]
-    # choice i samples with seed + i, as LLM.generate seeds prompt i
-    want = llm.generate(["Hello", "Hello"], max_new_tokens=10, temperature=0.9, seed=77,
-                        chat=False)
-    assert [x.text for x in a.choices] == [w.text for w in want]
-
-    full = llm.generate("The quick brown", max_new_tokens=16, chat=False)[0].text
-    stop = full[len(full) // 2:len(full) // 2 + 2]
-    r = c.completions.create(model="tiny", prompt="The quick brown", max_tokens=16,
-                             temperature=0, stop=[stop])
-    want = llm.generate("The quick brown", max_new_tokens=16, chat=False, stop=[stop])[0]
-    assert r.choices[0].text == want.text == full[:full.index(stop)]
-    assert r.choices[0].finish_reason == "stop"
-
-
-@pytest.mark.slow
-def test_real_prompt_too_long_names_numbers(real):
-    llm, s = real
-    ctx = llm.config.max_position_embeddings
-    e = err(httpx.post(s.url + "/v1/completions", json={
-        "model": "tiny", "prompt": [5] * (ctx - 10), "max_tokens": 50}), 400)
-    assert str(ctx - 10) in e["message"] and str(ctx) in e["message"]
-    e = err(httpx.post(s.url + "/v1/completions", json={
-        "model": "tiny", "prompt": [5] * ctx, "max_tokens": None}), 400)
-    assert str(ctx) in e["message"]
-
-
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -571,19 +655,19 @@ def rss_bytes() -> int:
 
 
 @pytest.mark.slow
-def test_real_load_200_requests(real):
+def test_real_load_200_requests(llm, srv):
     """200 requests at concurrency 32, half streaming, mixed lengths, ~10% hanging up."""
     from parallax.serve.loadgen import run_load, synthetic_prompts
-    llm, s = real
+    s = srv
     prompts = synthetic_prompts(200, (2, 40), seed=5)
     budgets = [2 + (i * 11) % 30 for i in range(len(prompts))]
     want = offline(llm, prompts, budgets)
     # warm-up, then the measured run
-    run_load(s.url, prompts[:32], model="tiny", max_tokens=budgets[:32], concurrency=32)
+    run_load(s.url, prompts[:32], model=MODEL, max_tokens=budgets[:32], concurrency=32)
     warm_rss = rss_bytes()
     before = counters(s.url)
     t0 = time.monotonic()
-    records, wall = run_load(s.url, prompts, model="tiny", max_tokens=budgets, concurrency=32,
+    records, wall = run_load(s.url, prompts, model=MODEL, max_tokens=budgets, concurrency=32,
                              stream=0.5, disconnect_fraction=0.2, seed=9, timeout_s=120)
     assert time.monotonic() - t0 < 120
     assert 10 <= sum(r.disconnected for r in records) <= 40
@@ -602,8 +686,8 @@ def test_real_load_parallel_layouts(tiny_chat_ckpt, tp, pp):
     with parallax.LLM(tiny_chat_ckpt, tp=tp, pp=pp, max_num_seqs=16,
                       kv_cache_tokens=4096) as llm:
         want = offline(llm, prompts, budgets)
-        with BackgroundServer(build_app(llm, "tiny")) as s:
-            records, _ = run_load(s.url, prompts, model="tiny", max_tokens=budgets,
+        with BackgroundServer(build_app(llm, MODEL)) as s:
+            records, _ = run_load(s.url, prompts, model=MODEL, max_tokens=budgets,
                                   concurrency=16, stream=0.5, disconnect_fraction=0.2, seed=3,
                                   timeout_s=120)
             check_load(s.url, llm, budgets, want, records)
@@ -631,10 +715,10 @@ def test_real_worker_killed_under_load(tiny_chat_ckpt):
     pids = [m["pid"] for m in llm.memory()]
     victim = next(p for p in pids if p != os.getpid())
     try:
-        with BackgroundServer(build_app(llm, "tiny", health_timeout_s=3.0)) as s:
+        with BackgroundServer(build_app(llm, MODEL, health_timeout_s=3.0)) as s:
             async def scenario():
                 load = asyncio.create_task(run_load_async(
-                    s.url, prompts, model="tiny", max_tokens=200, concurrency=24,
+                    s.url, prompts, model=MODEL, max_tokens=200, concurrency=24,
                     stream=0.5, seed=1, timeout_s=60, extra_body={"ignore_eos": True}))
                 await asyncio.sleep(1.0)
                 os.kill(victim, signal.SIGKILL)
@@ -649,7 +733,7 @@ def test_real_worker_killed_under_load(tiny_chat_ckpt):
                 assert "503" in r.error or "engine" in r.error.lower(), r.error
             # at once: requests saw the engine die (else within health_timeout_s)
             assert httpx.get(s.url + "/health").status_code == 503
-            r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "Hi"})
+            r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi"})
             assert r.status_code == 503, r.text
     finally:
         llm.close()
@@ -663,7 +747,7 @@ def test_cli_serve_sigterm_drains_and_exits_0(tiny_chat_ckpt):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [os.path.join(os.path.dirname(__file__), "..", "src"), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.Popen([sys.executable, "-m", "parallax", "serve", tiny_chat_ckpt,
-                          "--port", "0", "--served-model-name", "tiny",
+                          "--port", "0", "--served-model-name", MODEL,
                           "--kv-cache-tokens", "2048"],
                          stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -675,49 +759,9 @@ def test_cli_serve_sigterm_drains_and_exits_0(tiny_chat_ckpt):
         url = line.split(" at ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:")
         assert "tp=1 pp=1" in line and "KV cache 2048 tokens" in line
-        stream_through_sigterm(p, url, {"model": "tiny", "prompt": "Hi", "max_tokens": 80,
+        stream_through_sigterm(p, url, {"model": MODEL, "prompt": "Hi", "max_tokens": 80,
                                         "ignore_eos": True})
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-
-
-def test_draining_refuses_new_requests_503(srv):
-    srv.server.config.app.state.serve.draining = True
-    r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi"})
-    e = err(r, 503)
-    assert e["code"] == "shutting_down" and r.headers["retry-after"] == "1"
-    assert httpx.get(srv.url + "/health").status_code == 503
-
-
-def test_chat_content_parts_and_default_budget(srv, fake):
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "Hel"},
-                                         {"type": "text", "text": "lo"}]}]
-    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": msgs,
-                                                           "user": "someone"})
-    assert r.status_code == 200, r.text
-    ids = fake.tokenizer.encode(fake.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hello"}]), add_special_tokens=False)
-    req = fake.submitted[-1]
-    assert req.ids == ids
-    # chat without max_tokens: the rest of the context
-    assert req.kw["max_new_tokens"] == fake.config.max_position_embeddings - len(ids)
-    e = err(httpx.post(srv.url + "/v1/chat/completions", json={
-        "model": MODEL, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
-    assert e["param"].startswith("messages")
-
-
-def test_loadgen_cli_table_and_replayed_arrivals(srv, capsys):
-    from parallax.serve.loadgen import main, run_load
-    assert main(["--url", srv.url, "--num-prompts", "6", "--rates", "50,inf",
-                 "--max-tokens", "3"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 50")
-            or line.startswith("| inf")]
-    assert len(rows) == 2 and all(r.split("|")[2].strip() == "6" for r in rows)
-    records, wall = run_load(srv.url, [[5, 6]] * 3, model=MODEL, max_tokens=4,
-                             arrivals=[0.0, 0.2, 0.4])
-    assert all(abs(r.start_s - t) < 0.1 for r, t in zip(records, (0.0, 0.2, 0.4)))
-    assert all(len(r.times) == 4 and r.times == sorted(r.times) for r in records)
-    assert wall >= 0.4

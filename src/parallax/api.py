@@ -22,7 +22,7 @@ from .engine.handle import RequestHandle
 from .engine.request import Completion, Delta, StopConditions, Usage
 from .engine.runner import ModelRunner, parse_dtype
 from .engine.scheduler import Scheduler
-from .errors import ParallaxError, PromptError, SamplingError
+from .errors import EngineDeadError, ParallaxError, PromptError, SamplingError
 from .loading import DEFAULT_MODEL, load_tokenizer, open_checkpoint
 from .models.loader import check_tensor_names
 from .parallel import collectives as C
@@ -328,7 +328,7 @@ class LLM:
     # ------------------------------------------------------------------ plumbing
     def _engine(self) -> EngineCore:
         if self._closed or self._core is None:
-            raise ParallaxError("this LLM is closed; build a new one")
+            raise EngineDeadError("this LLM is closed; build a new one")
         return self._core
 
     def _call(self, method: str, *args):

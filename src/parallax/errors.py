@@ -40,3 +40,8 @@ class WorkerError(ParallaxError, RuntimeError):
 
 class KernelInputError(ParallaxError, ValueError):
     """A kernel was given inputs it must refuse (e.g. a context length outside the KV cache)."""
+
+
+class EngineDeadError(WorkerError):
+    """The engine stopped (a worker died, a step raised, the LLM was closed); build a new
+    LLM. Raised from a request's iteration and ``result()``, and by calls on a closed LLM."""

@@ -11,8 +11,10 @@ import queue
 import threading
 from typing import AsyncIterator, Callable, Iterator
 
-from ..errors import ParallaxError
+from ..errors import EngineDeadError
 from .request import Completion, Delta
+
+__all__ = ["RequestHandle", "EngineDeadError"]     # EngineDeadError re-exported from errors
 
 
 class RequestHandle:
@@ -22,7 +24,8 @@ class RequestHandle:
     ``.token_ids``, ``.finish_reason`` — None until the last one); ``result()`` blocks until
     it finishes and returns the ``Completion``; ``cancel()`` ends it, freeing its KV blocks
     within one engine step (its ``finish_reason`` is then "abort"). A handle is iterated by
-    one consumer; ``result()`` works whether or not it was iterated.
+    one consumer; ``result()`` works whether or not it was iterated. ``async for`` holds no
+    thread while it waits: the engine wakes the consumer's event loop.
     Errors of the engine (a dead worker, ...) are raised from iteration and ``result()``.
 
     Args:
@@ -37,6 +40,10 @@ class RequestHandle:
         self._done = threading.Event()
         self._completion: Completion | None = None
         self._error: BaseException | None = None
+        # (loop, asyncio.Event) of each `async for` consumer: woken from the engine thread
+        # with call_soon_threadsafe, so a waiting request holds no thread.
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._waiters_lock = threading.Lock()
 
     # ------------------------------------------------------------------ engine side
     def _push(self, delta: Delta, completion: Completion | None = None) -> None:
@@ -45,6 +52,7 @@ class RequestHandle:
         self._deltas.put(delta)
         if completion is not None:
             self._done.set()
+        self._wake()
 
     def _fail(self, error: BaseException) -> None:
         if self._done.is_set():
@@ -52,6 +60,16 @@ class RequestHandle:
         self._error = error
         self._deltas.put(error)
         self._done.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._waiters_lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:        # that consumer's loop is closed: nobody to wake
+                pass
 
     # ------------------------------------------------------------------ caller side
     @property
@@ -86,17 +104,24 @@ class RequestHandle:
                 return
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                item = self._deltas.get_nowait()
-            except queue.Empty:
-                item = await loop.run_in_executor(None, self._deltas.get)
-            d = self._next(item)
-            yield d
-            if d.finish_reason is not None:
-                return
-
-
-class EngineDeadError(ParallaxError):
-    """The engine stopped (a worker died, a step raised); build a new LLM."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        with self._waiters_lock:
+            self._waiters.append(waiter)
+        try:
+            while True:
+                try:
+                    item = self._deltas.get_nowait()
+                except queue.Empty:
+                    # Clear, then look again: a push after the clear schedules event.set
+                    # behind us on this loop, so no wake-up is lost.
+                    waiter[1].clear()
+                    if self._deltas.empty():
+                        await waiter[1].wait()
+                    continue
+                d = self._next(item)
+                yield d
+                if d.finish_reason is not None:
+                    return
+        finally:
+            with self._waiters_lock:
+                self._waiters.remove(waiter)

@@ -11,7 +11,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.handle import EngineDeadError
 from ..errors import ParallaxError, WorkerError
 from . import protocol as P
 from .health import EngineMonitor
@@ -41,7 +40,7 @@ def error_for(e: Exception, monitor: EngineMonitor | None = None) -> tuple[int, 
     500 otherwise."""
     if isinstance(e, APIError):
         return e.status, e
-    if isinstance(e, (WorkerError, EngineDeadError)):
+    if isinstance(e, WorkerError):      # EngineDeadError included
         if monitor is not None:
             monitor.mark_dead(str(e))
         return 503, APIError(503, f"the engine failed: {e}", "service_unavailable",

@@ -78,15 +78,7 @@ class ParallaxReplica:
         logger.info("replica %s up (pid %d)", self.replica_id, os.getpid())
 
     async def __serve_build_asgi_app__(self):
-        import asyncio
-        from concurrent.futures import ThreadPoolExecutor
-
         from .app import build_app
-        from .server import EXECUTOR_THREADS
-        # A request handle's `async for` waits in the loop's default executor: room for one
-        # thread per waiting request, as under `parallax serve`.
-        asyncio.get_running_loop().set_default_executor(
-            ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="parallax-io"))
         self.http_app = build_app(self.llm, **self.app_kwargs)
         self.http_app.add_middleware(_ReplicaHeader, replica=self.replica_id)
         return self.http_app

@@ -15,15 +15,12 @@ import os
 import signal
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
 
 from ..errors import ParallaxError
 
 logger = logging.getLogger("parallax.serve")
-
-EXECUTOR_THREADS = 1024     # created lazily, only as many as requests wait at once
 
 
 class _Server(uvicorn.Server):
@@ -33,14 +30,6 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.on_started = on_started
         self.url: str | None = None
-
-    async def serve(self, sockets=None) -> None:
-        # Room for one blocked thread per request waiting on its next delta (a request
-        # handle's `async for` waits in the loop's default executor), instead of asyncio's
-        # default of min(32, cores + 4) threads.
-        asyncio.get_running_loop().set_default_executor(
-            ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="parallax-io"))
-        await super().serve(sockets)
 
     def handle_exit(self, sig, frame) -> None:
         state = getattr(self.config.app.state, "serve", None)
