@@ -38,7 +38,7 @@ def test_int8_weights_are_counted_and_run_on_the_cpu_kernel(tmp_path):
     from conftest import make_checkpoint
     path = make_checkpoint(str(tmp_path), "llama")
     with parallax.LLM(path) as f, parallax.LLM(path, quantize="int8") as q:
-        lins = q._engine.model.linear_layers()
+        lins = q._runner.model.linear_layers()
         assert lins and all(lin.qweight.dtype == torch.int8 and lin.weight is None for lin in lins)
         # each int8 weight holds 1 byte per element instead of 4, plus 4 bytes per row scale
         saved = sum(3 * lin.qweight.numel() - 4 * lin.scales.numel() for lin in lins)
