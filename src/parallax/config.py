@@ -1,17 +1,22 @@
 """ModelConfig: the architecture facts parallax needs, read from HF ``config.json`` or GGUF metadata.
 
-One dataclass for the whole Llama family (llama, mistral, qwen2): they differ in which
-projections carry a bias, the gate activation, the rope variant, a sliding window and
-their defaults, so one model file serves all three (see ``models/llama.py``).
+One dataclass for every family parallax runs (llama, mistral, qwen2, qwen3, phi3): the Llama
+family differs in which projections carry a bias, the gate activation, the rope variant, a
+sliding window and their defaults, so one model file serves all three (``models/llama.py``);
+Qwen3 (per-head q/k norms) and Phi-3 (fused qkv / gate_up tensors) are small subclasses of it
+(``models/qwen3.py``, ``models/phi3.py``; docs/models.md).
 
 Every field that changes the math is either honoured or refused here, in the calling
 process, before any weight is read or any worker starts:
 - Defaults for absent keys are HF's for each ``model_type`` (``_HF_DEFAULTS``).
 - Biases follow HF's modeling code: llama's ``attention_bias`` covers q/k/v *and* o_proj
   and ``mlp_bias`` gate/up/down; qwen2 hard-codes q/k/v bias on, o_proj and MLP off;
-  mistral hard-codes all off (a key in its config.json is ignored, as HF ignores it).
+  mistral and phi3 hard-code all off (a key in its config.json is ignored, as HF ignores it);
+  qwen3's ``attention_bias`` covers q/k/v and o_proj, like llama's.
+- Rotary over part of each head (``partial_rotary_factor`` != 1, GGUF
+  ``rope.dimension_count`` < head_dim) is refused.
 - ``rope_scaling`` types other than linear and llama3 are refused (CheckpointError).
-- A sliding window (mistral ``sliding_window``, qwen2 ``use_sliding_window``) shorter than
+- A sliding window (mistral/phi3 ``sliding_window``, qwen2/qwen3 ``use_sliding_window``) shorter than
   ``max_position_embeddings`` clamps the usable context to the window: within it, sliding
   attention equals full attention, so a longer prompt is a PromptError rather than a
   silently different answer.
@@ -34,10 +39,17 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
 }
+
+# GGUF ``general.architecture`` values parallax reads (llama.cpp's names = our family names).
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 # Gate activations of the gated MLP (HF ``hidden_act`` names; "swish" is HF's alias of silu).
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -59,6 +71,12 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, rms_norm_eps=1e-6,
                   rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
                   sliding_window=4096, max_window_layers=28),
+    "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                  sliding_window=4096, max_window_layers=28, head_dim=128),
+    "phi3": dict(max_position_embeddings=4096, num_key_value_heads=None, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                 sliding_window=None),
 }
 
 
@@ -81,7 +99,7 @@ class ModelConfig:
     :meth:`from_gguf_metadata` (GGUF); the field comments say what each holds.
 
     Attributes:
-        architecture: the model family, "llama" | "mistral" | "qwen2".
+        architecture: the model family, "llama" | "mistral" | "qwen2" | "qwen3" | "phi3".
         vocab_size: rows of the embedding and of the LM head.
         hidden_size: the model width (d_model).
         intermediate_size: the inner width of the SwiGLU MLP.
@@ -100,7 +118,7 @@ class ModelConfig:
         pad_token_id: the padding token, if the checkpoint names one.
     """
 
-    architecture: str                 # "llama" | "mistral" | "qwen2"
+    architecture: str                 # "llama" | "mistral" | "qwen2" | "qwen3" | "phi3"
     vocab_size: int
     hidden_size: int                  # d_model
     intermediate_size: int            # gated-MLP inner width
@@ -183,7 +201,7 @@ class ModelConfig:
         if self.o_proj_bias:
             attn += d
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
-        layer = attn + mlp + 2 * d
+        layer = attn + mlp + 2 * d + (2 * hd if self.architecture == "qwen3" else 0)  # q/k norms
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + d
 
@@ -214,10 +232,11 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         rope_theta, rope_scaling = _hf_rope(cfg, defaults["rope_theta"])
-        if family == "llama":
+        _check_partial_rotary(cfg)
+        if family in ("llama", "qwen3"):
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-            mlp_bias = bool(cfg.get("mlp_bias", False))
-        else:   # HF's Mistral and Qwen2 modules hard-code their biases
+            mlp_bias = bool(cfg.get("mlp_bias", False)) and family == "llama"
+        else:   # HF's Mistral, Qwen2 and Phi-3 modules hard-code their biases
             qkv_bias, o_bias, mlp_bias = family == "qwen2", False, False
         window = _hf_sliding_window(cfg, family, defaults)
         max_pos = get("max_position_embeddings")
@@ -235,7 +254,7 @@ class ModelConfig:
             num_layers=cfg["num_hidden_layers"],
             num_heads=n_heads,
             num_kv_heads=get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or hidden // n_heads,
+            head_dim=get("head_dim") or hidden // n_heads,
             rms_norm_eps=float(get("rms_norm_eps")),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
@@ -284,7 +303,7 @@ class ModelConfig:
     def from_gguf_metadata(cls, meta: dict[str, Any],
                            rope_freq_factors: list[float] | None = None) -> "ModelConfig":
         """Build from ``meta``, a GGUF file's key/value metadata (``general.architecture`` =
-        llama | qwen2 | mistral).
+        one of ``GGUF_ARCHITECTURES``).
 
         ``rope_freq_factors``: the file's ``rope_freqs.weight`` (Llama 3.x rope scaling).
 
@@ -292,9 +311,9 @@ class ModelConfig:
             CheckpointError: an architecture parallax does not support.
         """
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "mistral"):
-            raise CheckpointError(
-                f"unsupported GGUF architecture {arch!r}; parallax supports llama, mistral, qwen2")
+        if arch not in GGUF_ARCHITECTURES:
+            raise CheckpointError(f"unsupported GGUF architecture {arch!r}; parallax supports "
+                                  f"{', '.join(GGUF_ARCHITECTURES)}")
 
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
@@ -306,6 +325,12 @@ class ModelConfig:
             if n_vocab is None:
                 n_vocab = len(meta.get("tokenizer.ggml.tokens", []))
             rope_scaling = _gguf_rope(get("rope.scaling.type"), get("rope.scaling.factor"))
+            head_dim = int(get("attention.key_length", hidden // n_heads))
+            rotary = get("rope.dimension_count")
+            if rotary is not None and int(rotary) != head_dim:
+                raise CheckpointError(
+                    f"rope.dimension_count={rotary} < head_dim={head_dim} (rotary over part of "
+                    f"each head) is not implemented; parallax rotates whole heads")
             eos_ids = []
             for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
                 if meta.get(key) is not None and int(meta[key]) not in eos_ids:
@@ -322,7 +347,7 @@ class ModelConfig:
                 num_layers=int(get("block_count")),
                 num_heads=n_heads,
                 num_kv_heads=int(get("attention.head_count_kv", n_heads)),
-                head_dim=int(get("attention.key_length", hidden // n_heads)),
+                head_dim=head_dim,
                 rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
                 rope_theta=float(get("rope.freq_base", 10000.0)),
                 rope_scaling=rope_scaling,
@@ -368,10 +393,10 @@ def _hf_rope(cfg: dict[str, Any], default_theta: float) -> tuple[float, dict[str
 
 def _hf_sliding_window(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> int | None:
     """The attention window some layer of the model uses, as HF's modeling code decides it."""
-    if family == "mistral":
+    if family in ("mistral", "phi3"):
         window = cfg["sliding_window"] if "sliding_window" in cfg else defaults["sliding_window"]
         return None if window is None else int(window)
-    if family == "qwen2":
+    if family in ("qwen2", "qwen3"):
         if not cfg.get("use_sliding_window", False):
             return None
         window = cfg["sliding_window"] if "sliding_window" in cfg else defaults["sliding_window"]
@@ -384,6 +409,17 @@ def _hf_sliding_window(cfg: dict[str, Any], family: str, defaults: dict[str, Any
                      for i in range(cfg["num_hidden_layers"])]
         return int(window) if "sliding_attention" in types else None
     return None
+
+
+def _check_partial_rotary(cfg: dict[str, Any]) -> None:
+    """Refuse rotary embeddings over part of each head (Phi-3's ``partial_rotary_factor``)."""
+    params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    for source in (cfg, params, cfg.get("rope_scaling") or {}):
+        factor = source.get("partial_rotary_factor", 1.0) if isinstance(source, dict) else 1.0
+        if factor not in (None, 1, 1.0):
+            raise CheckpointError(
+                f"partial_rotary_factor={factor!r} (rotary over part of each head) is not "
+                f"implemented; parallax rotates whole heads")
 
 
 def _gguf_rope(kind: Any, factor: Any) -> dict[str, Any] | None:

@@ -41,10 +41,14 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         model = cls(cfg, ParallelContext.single(), range(cfg.num_layers), torch.float32)
     shapes: dict[str, tuple[int, ...]] = {}
     for p in model.parameters():
+        # At tp=1 the pieces of one checkpoint tensor inside a parameter cover it whole: one
+        # piece, or several row ranges of a fused tensor (Phi-3's qkv_proj) that add up.
+        rows: dict[str, int] = {}
         for c in p.chunks:
             shape = list(p.shape)
             if c.dim is not None and c.length is not None:
-                shape[c.dim] = c.length       # at tp=1 a piece is the whole tensor
+                rows[c.name] = rows.get(c.name, 0) + c.length
+                shape[c.dim] = rows[c.name]
             shapes[c.name] = tuple(shape)
     return shapes
 

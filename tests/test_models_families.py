@@ -1,0 +1,175 @@
+"""Model families beyond the Llama family (Qwen3, Phi-3) against HF transformers on the same
+tiny random weights (fp32 logits within 1e-4, 64 equal greedy tokens), their tp / pp layouts
+against one process, and the variants parallax refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import parallax
+from parallax.errors import CheckpointError
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+
+FAMILIES = {
+    # head_dim 16 != hidden / heads (8): Qwen3 takes it from the config.
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=16)),
+    "qwen3-tied-bias": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+                        dict(head_dim=8, tie_word_embeddings=True, attention_bias=True)),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(pad_token_id=0)),
+}
+
+
+def make_family_checkpoint(path: str, family: str, seed: int = 0, **overrides) -> str:
+    """Save a tiny random HF model of ``family`` to ``path``; every weight re-drawn (norms
+    around 1) so that no weight is a constant that could hide a loading bug."""
+    cfg_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**{**TINY, **extra, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One tiny checkpoint per family, built once for the module."""
+    return {f: make_family_checkpoint(str(tmp_path_factory.mktemp(f)), f) for f in FAMILIES}
+
+
+PROMPTS = [[5, 17, 300, 2, 99, 45, 7], [11, 3], list(range(40, 140, 3))]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_and_greedy_match_hf(checkpoints, family):
+    path = checkpoints[family]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with parallax.LLM(path) as llm:
+        assert llm.config.architecture == family.split("-")[0]
+        ours = llm.logits(PROMPTS)
+        for i, p in enumerate(PROMPTS):
+            ref = hf(torch.tensor([p])).logits[0]
+            torch.testing.assert_close(ours[i, :len(p)], ref, atol=1e-4, rtol=0)
+        prompt = PROMPTS[0]
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
+                          min_new_tokens=64)[0, len(prompt):].tolist()
+        assert llm.generate([prompt], max_new_tokens=64, ignore_eos=True)[0].token_ids == ref
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_layouts_match_one_process(checkpoints, family):
+    """tp=2 (each rank reads its rows of Phi-3's fused qkv_proj / gate_up_proj) and pp=2."""
+    path = checkpoints[family]
+    prompts = [[5, 6, 7, 8, 9], [1, 2], list(range(30, 60))]
+    greedy = dict(max_new_tokens=24, ignore_eos=True)
+    with parallax.LLM(path) as one:
+        ref_tokens = [o.token_ids for o in one.generate(prompts, **greedy)]
+        ref_logits = one.logits(prompts)
+    for kw in (dict(tp=2), dict(pp=2)):
+        with parallax.LLM(path, threads_per_rank=1, **kw) as llm:
+            assert [o.token_ids for o in llm.generate(prompts, **greedy)] == ref_tokens, kw
+            torch.testing.assert_close(llm.logits(prompts), ref_logits, atol=1e-4, rtol=0,
+                                       equal_nan=True)
+
+
+def _edit_config(path: str, **changes) -> None:
+    p = os.path.join(path, "config.json")
+    cfg = json.load(open(p))
+    cfg.update(changes)
+    json.dump(cfg, open(p, "w"))
+
+
+@pytest.mark.parametrize("changes, msg", [
+    (dict(rope_scaling={"type": "su", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}),
+     "rope scaling type 'su' is not implemented"),
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4,
+                        "long_factor": [1.0] * 4}), "'longrope' is not implemented"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+])
+def test_phi3_unsupported_variants_refused(tmp_path, changes, msg):
+    path = make_family_checkpoint(str(tmp_path), "phi3")
+    _edit_config(path, rope_parameters=None, **changes)
+    with pytest.raises(CheckpointError, match=msg):
+        parallax.LLM(path)
+
+
+def write_gguf(path: str, hf_folder: str, arch: str) -> str:
+    """An F32 GGUF of a HF qwen3 / phi3 checkpoint, named and laid out as llama.cpp's
+    converter writes it (no q/k permutation for these; Phi-3's fused tensors kept fused)."""
+    import gguf
+    from safetensors.numpy import load_file
+    from parallax.loading.gguf import ARCH_GGUF_TO_HF, GGUF_TO_HF
+    cfg = json.load(open(os.path.join(hf_folder, "config.json")))
+    sd = load_file(os.path.join(hf_folder, "model.safetensors"))
+    hf_to_gguf = {}
+    for g, h in {**GGUF_TO_HF, **ARCH_GGUF_TO_HF[arch]}.items():
+        for i in range(cfg["num_hidden_layers"]):
+            hf_to_gguf[h.format(N=i)] = g.format(N=i)
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base((cfg.get("rope_parameters") or cfg)["rope_theta"])
+    for name, x in sd.items():
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue
+        stem, kind = name.rsplit(".", 1)
+        w.add_tensor(f"{hf_to_gguf[stem]}.{kind}", np.ascontiguousarray(x, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-tied-bias", "phi3"])
+def test_gguf_logits_match_hf(checkpoints, family, tmp_path):
+    path = checkpoints[family]
+    arch = family.split("-")[0]
+    gguf_path = write_gguf(str(tmp_path / f"{family}.gguf"), path, arch)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with parallax.LLM(gguf_path) as llm:
+        assert llm.config.architecture == arch
+        ours = llm.logits(PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        torch.testing.assert_close(ours[i, :len(p)], hf(torch.tensor([p])).logits[0],
+                                   atol=1e-4, rtol=0)
+
+
+def test_gguf_partial_rotary_refused(checkpoints, tmp_path, monkeypatch):
+    import gguf
+    real = gguf.GGUFWriter.add_rope_dimension_count
+    monkeypatch.setattr(gguf.GGUFWriter, "add_rope_dimension_count",
+                        lambda self, n: real(self, n // 2))
+    gguf_path = write_gguf(str(tmp_path / "phi3.gguf"), checkpoints["phi3"], "phi3")
+    with pytest.raises(CheckpointError, match="rotary over part of each head"):
+        parallax.LLM(gguf_path)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_num_parameters_equals_hf(checkpoints, family):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[family])
+    cfg = parallax.ModelConfig.from_json(os.path.join(checkpoints[family], "config.json"))
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
