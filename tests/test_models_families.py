@@ -24,6 +24,17 @@ FAMILIES = {
     "qwen3-tied-bias": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
                         dict(head_dim=8, tie_word_embeddings=True, attention_bias=True)),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(pad_token_id=0)),
+    # Window 16 < the 34-token prompt and 64 generated tokens; layers sliding, full, sliding;
+    # soft-capping at HF's defaults (attention 50, logits 30) scaled down to bite on tiny logits.
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(head_dim=16, query_pre_attn_scalar=12, sliding_window=16,
+                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               dict(head_dim=16, query_pre_attn_scalar=12, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters={
+                        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
 
 
@@ -70,9 +81,10 @@ def test_logits_and_greedy_match_hf(checkpoints, family):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2", "gemma3"])
 def test_layouts_match_one_process(checkpoints, family):
-    """tp=2 (each rank reads its rows of Phi-3's fused qkv_proj / gate_up_proj) and pp=2."""
+    """tp=2 (each rank reads its rows of Phi-3's fused qkv_proj / gate_up_proj) and pp=2
+    (Gemma: tied, scaled embedding on the last stage; prompt 30 > window 16)."""
     path = checkpoints[family]
     prompts = [[5, 6, 7, 8, 9], [1, 2], list(range(30, 60))]
     greedy = dict(max_new_tokens=24, ignore_eos=True)
@@ -173,3 +185,54 @@ def test_num_parameters_equals_hf(checkpoints, family):
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[family])
     cfg = parallax.ModelConfig.from_json(os.path.join(checkpoints[family], "config.json"))
     assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("family, changes", [
+    ("gemma2", dict(sliding_window=10_000)),
+    ("gemma3", dict(sliding_window=10_000)),
+    ("gemma2", dict(attn_logit_softcapping=None)),
+    ("gemma2", dict(final_logit_softcapping=None)),
+], ids=["gemma2-window", "gemma3-window", "gemma2-attn-cap", "gemma2-final-cap"])
+def test_gemma_window_and_softcaps_are_applied(checkpoints, family, changes, tmp_path):
+    """The same weights without the window (or a cap) give other logits (past the window
+    only, for the window): so the HF match above exercised each of them."""
+    import shutil
+    path = shutil.copytree(checkpoints[family], str(tmp_path / family))
+    _edit_config(path, **changes)
+    prompt = PROMPTS[2]                                   # 34 tokens, window 16
+    with parallax.LLM(checkpoints[family]) as a, parallax.LLM(path) as b:
+        ours, other = a.logits([prompt])[0], b.logits([prompt])[0]
+    window = json.load(open(os.path.join(checkpoints[family], "config.json")))["sliding_window"]
+    if "sliding_window" in changes:
+        torch.testing.assert_close(ours[:window], other[:window], atol=1e-5, rtol=0)
+        assert (ours[window:] - other[window:]).abs().max() > 1e-2
+    else:
+        assert (ours - other).abs().max() > 1e-2
+
+
+def test_gemma3_legacy_rope_keys():
+    """Older Gemma 3 configs: rope_theta (global, with rope_scaling) and rope_local_base_freq."""
+    cfg = parallax.ModelConfig.from_hf_dict(dict(
+        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", **TINY, head_dim=16,
+        rope_theta=1e6, rope_local_base_freq=1e4, sliding_window=16,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}))
+    assert cfg.rope_theta == 1e6 and cfg.rope_local_theta == 1e4
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert cfg.layer_types == ["sliding_attention"] * 3      # period 6 > 3 layers
+    assert cfg.max_position_embeddings == 256                # not clamped to the window
+
+
+@pytest.mark.parametrize("changes, msg", [
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+    (dict(layer_types=["sliding_attention", "chunked_attention", "full_attention"]),
+     "layer_types"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                           "sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+     "sliding-window layers is not implemented"),
+])
+def test_gemma3_unsupported_variants_refused(checkpoints, tmp_path, changes, msg):
+    import shutil
+    path = shutil.copytree(checkpoints["gemma3"], str(tmp_path / "g3"))
+    _edit_config(path, **changes)
+    with pytest.raises(CheckpointError, match=msg):
+        parallax.LLM(path)

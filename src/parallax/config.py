@@ -12,7 +12,7 @@ process, before any weight is read or any worker starts:
 - Biases follow HF's modeling code: llama's ``attention_bias`` covers q/k/v *and* o_proj
   and ``mlp_bias`` gate/up/down; qwen2 hard-codes q/k/v bias on, o_proj and MLP off;
   mistral and phi3 hard-code all off (a key in its config.json is ignored, as HF ignores it);
-  qwen3's ``attention_bias`` covers q/k/v and o_proj, like llama's.
+  qwen3's and gemma's ``attention_bias`` cover q/k/v and o_proj, like llama's.
 - Rotary over part of each head (``partial_rotary_factor`` != 1, GGUF
   ``rope.dimension_count`` < head_dim) is refused.
 - ``rope_scaling`` types other than linear and llama3 are refused (CheckpointError).
@@ -41,12 +41,20 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
 }
+
+# Families whose sliding-window layers parallax runs windowed (models/gemma.py), instead of
+# clamping the context to the window.
+WINDOWED_FAMILIES = ("gemma2", "gemma3")
 
 # GGUF ``general.architecture`` values parallax reads (llama.cpp's names = our family names).
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -77,6 +85,15 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "phi3": dict(max_position_embeddings=4096, num_key_value_heads=None, rms_norm_eps=1e-5,
                  rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
                  sliding_window=None),
+    "gemma2": dict(max_position_embeddings=8192, num_key_value_heads=4, rms_norm_eps=1e-6,
+                   rope_theta=10000.0, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+                   sliding_window=4096, head_dim=256, query_pre_attn_scalar=256,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0, layer_period=2),
+    "gemma3": dict(max_position_embeddings=131072, num_key_value_heads=4, rms_norm_eps=1e-6,
+                   rope_theta=1_000_000.0, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+                   sliding_window=4096, head_dim=256, query_pre_attn_scalar=256,
+                   final_logit_softcapping=None, attn_logit_softcapping=None, layer_period=6,
+                   rope_local_base_freq=10000.0),
 }
 
 
@@ -113,6 +130,13 @@ class ModelConfig:
         max_position_embeddings: the context length, in tokens (prompt + new tokens).
         tie_word_embeddings: whether the LM head reuses the embedding matrix.
         attention_bias: whether q/k/v carry a bias (qwen2).
+        sliding_window: the attention window of the checkpoint's windowed layers, if any.
+        layer_types: Gemma: "sliding_attention" or "full_attention" per layer.
+        query_pre_attn_scalar: Gemma: the attention scale is its inverse square root.
+        attn_logit_softcapping: Gemma 2: attention scores s become c * tanh(s / c).
+        final_logit_softcapping: Gemma 2: logits z become c * tanh(z / c).
+        rope_local_theta: Gemma 3: rope base of the sliding-window layers (the global layers
+            use rope_theta and rope_scaling).
         bos_token_id: the beginning-of-sequence token, if the checkpoint names one.
         eos_token_ids: tokens that end generation (unless ``ignore_eos``).
         pad_token_id: the padding token, if the checkpoint names one.
@@ -138,6 +162,12 @@ class ModelConfig:
     o_proj_bias: bool = False         # attention output bias (llama attention_bias)
     mlp_bias: bool = False            # gate/up/down bias (llama mlp_bias)
     sliding_window: int | None = None  # attention window of the checkpoint, if any
+    # Gemma 2 / 3 (models/gemma.py); None elsewhere.
+    layer_types: list[str] | None = None   # per layer "sliding_attention" | "full_attention"
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power
+    attn_logit_softcapping: float | None = None  # scores -> c * tanh(scores / c)
+    final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
+    rope_local_theta: float | None = None  # rope base of the sliding layers (Gemma 3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -201,7 +231,10 @@ class ModelConfig:
         if self.o_proj_bias:
             attn += d
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
-        layer = attn + mlp + 2 * d + (2 * hd if self.architecture == "qwen3" else 0)  # q/k norms
+        norms = 4 * d if self.architecture in WINDOWED_FAMILIES else 2 * d   # Gemma: sandwich
+        if self.architecture in ("qwen3", "gemma3"):
+            norms += 2 * hd                                                  # q/k norms
+        layer = attn + mlp + norms
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + d
 
@@ -233,16 +266,19 @@ class ModelConfig:
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         rope_theta, rope_scaling = _hf_rope(cfg, defaults["rope_theta"])
         _check_partial_rotary(cfg)
-        if family in ("llama", "qwen3"):
+        if family in ("llama", "qwen3", "gemma2", "gemma3"):
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
             mlp_bias = bool(cfg.get("mlp_bias", False)) and family == "llama"
         else:   # HF's Mistral, Qwen2 and Phi-3 modules hard-code their biases
             qkv_bias, o_bias, mlp_bias = family == "qwen2", False, False
         window = _hf_sliding_window(cfg, family, defaults)
         max_pos = get("max_position_embeddings")
+        gemma = _hf_gemma(cfg, family, defaults) if family in WINDOWED_FAMILIES else {}
+        if gemma:
+            rope_theta, rope_scaling = gemma.pop("rope")
         if window is not None and window < 1:
             raise CheckpointError(f"sliding_window={window} must be positive")
-        if window is not None and window < max_pos:
+        if window is not None and window < max_pos and family not in WINDOWED_FAMILIES:
             logger.info("the checkpoint attends over a sliding window of %d tokens; parallax "
                         "limits the context to it (max_position_embeddings %d)", window, max_pos)
             max_pos = window
@@ -260,7 +296,9 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(get("tie_word_embeddings")),
-            hidden_act=get("hidden_act"),
+            # HF's Gemma MLP reads hidden_activation (its hidden_act is a legacy key).
+            hidden_act=(cfg.get("hidden_activation") or defaults["hidden_act"]
+                        if family in WINDOWED_FAMILIES else get("hidden_act")),
             attention_bias=qkv_bias,
             o_proj_bias=o_bias,
             mlp_bias=mlp_bias,
@@ -268,6 +306,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=cfg.get("pad_token_id"),
+            **gemma,
         )
 
     @classmethod
@@ -393,7 +432,7 @@ def _hf_rope(cfg: dict[str, Any], default_theta: float) -> tuple[float, dict[str
 
 def _hf_sliding_window(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> int | None:
     """The attention window some layer of the model uses, as HF's modeling code decides it."""
-    if family in ("mistral", "phi3"):
+    if family in ("mistral", "phi3", "gemma2", "gemma3"):
         window = cfg["sliding_window"] if "sliding_window" in cfg else defaults["sliding_window"]
         return None if window is None else int(window)
     if family in ("qwen2", "qwen3"):
@@ -409,6 +448,48 @@ def _hf_sliding_window(cfg: dict[str, Any], family: str, defaults: dict[str, Any
                      for i in range(cfg["num_hidden_layers"])]
         return int(window) if "sliding_attention" in types else None
     return None
+
+
+def _hf_gemma(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The Gemma 2 / 3 fields of ModelConfig (and "rope": (theta, scaling) of the global
+    layers), as HF's Gemma*Config reads them; variants parallax does not run are refused."""
+    def get(key: str) -> Any:
+        return cfg[key] if key in cfg else defaults.get(key)
+
+    if cfg.get("use_bidirectional_attention"):
+        raise CheckpointError("use_bidirectional_attention (Gemma as an encoder) is not supported; "
+                              "parallax runs causal decoders")
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types is None:
+        period = cfg.get("sliding_window_pattern") or defaults["layer_period"]
+        types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
+    if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise CheckpointError(f"layer_types={types!r} must name sliding_attention or "
+                              f"full_attention for each of the {n} layers")
+    if "sliding_attention" in types and not cfg.get("sliding_window", defaults["sliding_window"]):
+        raise CheckpointError("layer_types has sliding_attention layers but sliding_window is unset")
+    out: dict[str, Any] = dict(layer_types=list(types))
+    for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        value = get(key)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise CheckpointError(f"config value {key}={value!r} must be a positive number")
+        out[key] = None if value is None else float(value)
+    params = cfg.get("rope_parameters")
+    if family == "gemma3" and isinstance(params, dict) and "full_attention" in params:
+        # transformers >= 5: one rope dict per layer type.
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise CheckpointError(f"rope scaling {local.get('rope_type')!r} of the sliding-window "
+                                  f"layers is not implemented (only their rope base is)")
+        out["rope_local_theta"] = float(local.get("rope_theta", defaults["rope_local_base_freq"]))
+        out["rope"] = _hf_rope({"rope_parameters": params.get("full_attention") or {}},
+                               defaults["rope_theta"])
+    else:
+        out["rope"] = _hf_rope(cfg, defaults["rope_theta"])
+        if family == "gemma3":
+            out["rope_local_theta"] = float(get("rope_local_base_freq"))
+    return out
 
 
 def _check_partial_rotary(cfg: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ config.py maps a checkpoint's HF architecture name (``architectures[0]``, or GGU
 ``general.architecture``) to the family; docs/models.md lists them and how to add one.
 """
 
+from .gemma import GemmaForCausalLM
 from .llama import LlamaForCausalLM
 from .phi3 import Phi3ForCausalLM
 from .qwen3 import Qwen3ForCausalLM
@@ -14,6 +15,8 @@ MODEL_REGISTRY = {
     "qwen2": LlamaForCausalLM,
     "qwen3": Qwen3ForCausalLM,
     "phi3": Phi3ForCausalLM,
+    "gemma2": GemmaForCausalLM,
+    "gemma3": GemmaForCausalLM,
 }
 
-__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "Phi3ForCausalLM", "Qwen3ForCausalLM"]
+__all__ = ["MODEL_REGISTRY", "GemmaForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM", "Qwen3ForCausalLM"]

@@ -170,6 +170,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     attention_cls = Attention      # hooks for families that change only these modules
     mlp_cls = MLP
+    rope_kind = "full_attention"   # which of the model's rotary tables the layer uses
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, index: int, dtype: torch.dtype):
         super().__init__()
@@ -196,6 +197,7 @@ class LlamaForCausalLM(nn.Module):
     """One pipeline stage of the model: layers ``layers`` on this tp rank's shard."""
 
     layer_cls = DecoderLayer
+    norm_cls = RMSNorm
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layers: range, dtype: torch.dtype):
         super().__init__()
@@ -210,7 +212,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(self.layer_cls(cfg, ctx, i, dtype) for i in layers)
         self.norm = self.lm_head = None
         if ctx.is_last_stage:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "model.norm.weight")
+            self.norm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps, dtype, "model.norm.weight")
             tied = cfg.tie_word_embeddings
             self.lm_head = ParallelLMHead(
                 cfg.vocab_size, cfg.hidden_size, dtype, ctx,
@@ -237,14 +239,19 @@ class LlamaForCausalLM(nn.Module):
         """
         if x.dtype == torch.long:
             x = self.embed(x)                                             # (T, d)
-        freqs = meta.positions.unsqueeze(-1).float() * self.inv_freq      # (T, D/2)
-        cos, sin = freqs.cos(), freqs.sin()
+        ropes = self.rotary(meta.positions)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            cos, sin = ropes[layer.rope_kind]
             x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache)
         if self.norm is not None:
             return self.norm(x, residual)[0]
         return x + residual
+
+    def rotary(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(T,) positions -> {rope_kind: (cos, sin)}, each (T, D/2) float32."""
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq           # (T, D/2)
+        return {"full_attention": (freqs.cos(), freqs.sin())}
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) normed hidden -> (..., vocab) float32 logits, full vocabulary."""

@@ -97,7 +97,10 @@ def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
         model = cls(cfg, ctx, layers, dtype)
     t0 = time.perf_counter()
     load_weights(model, ckpt, ctx.device, dtype, show_progress=ctx.rank == 0)
-    model.inv_freq = model.inv_freq.to(ctx.device)
+    for module in model.modules():     # rotary tables (built on the CPU, outside meta)
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(ctx.device)
     if quantize == "int8":
         for lin in model.linear_layers():
             lin.quantize_int8_()
