@@ -14,6 +14,7 @@ import transformers
 
 import parallax
 from parallax.errors import CheckpointError
+from parallax.parallel.plan import rank_plan
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
@@ -35,6 +36,16 @@ FAMILIES = {
                     rope_parameters={
                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    # 5 experts: uneven over 2 ranks at ep=2 (3 + 2).
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_local_experts=5, num_experts_per_tok=2)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  dict(num_experts=5, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=48, norm_topk_prob=False,
+                       mlp_only_layers=[1])),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(num_experts=5, num_experts_per_tok=2, moe_intermediate_size=32,
+                       norm_topk_prob=True, head_dim=16)),
 }
 
 
@@ -236,3 +247,66 @@ def test_gemma3_unsupported_variants_refused(checkpoints, tmp_path, changes, msg
     _edit_config(path, **changes)
     with pytest.raises(CheckpointError, match=msg):
         parallax.LLM(path)
+
+
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+@pytest.mark.parametrize("family", MOE)
+def test_moe_layouts_match_one_process(checkpoints, family):
+    """tp=2 (experts cut like a dense MLP), ep=2 over tp=2 (3 + 2 whole experts per rank)
+    and pp=2 equal one process."""
+    path = checkpoints[family]
+    prompts = [[5, 6, 7, 8, 9], [1, 2], list(range(30, 60))]
+    greedy = dict(max_new_tokens=24, ignore_eos=True)
+    with parallax.LLM(path) as one:
+        ref_tokens = [o.token_ids for o in one.generate(prompts, **greedy)]
+        ref_logits = one.logits(prompts)
+    for kw in (dict(tp=2), dict(tp=2, ep=2), dict(pp=2)):
+        with parallax.LLM(path, threads_per_rank=1, **kw) as llm:
+            assert [o.token_ids for o in llm.generate(prompts, **greedy)] == ref_tokens, kw
+            torch.testing.assert_close(llm.logits(prompts), ref_logits, atol=1e-4, rtol=0,
+                                       equal_nan=True)
+            if "ep" in kw:      # whole experts per rank, 3 + 2, as `parallax info` plans them
+                plan = rank_plan(llm.config, 2, 1, None, "float32", ep=2)
+                assert [r["experts"] for r in plan] == [range(0, 3), range(3, 5)]
+                measured = {m["rank"]: m["weight_bytes"] for m in llm.memory()}
+                assert {r["rank"]: r["weight_bytes"] for r in plan} == measured
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_info_plan_equals_allocated_bytes(checkpoints, family):
+    with parallax.LLM(checkpoints[family]) as llm:
+        measured = llm.memory()[0]["weight_bytes"]
+        assert rank_plan(llm.config, 1, 1, None, "float32")[0]["weight_bytes"] == measured
+
+
+def test_expert_partition_covers_every_expert_once():
+    from parallax.parallel.sharding import expert_partition
+    for tp, ep in [(1, 1), (2, 1), (2, 2), (4, 2), (3, 3), (4, 4)]:
+        held: dict[int, list[tuple[int, int]]] = {}
+        for r in range(tp):
+            part = expert_partition(5, 32, tp, r, ep)
+            for e in part.experts:
+                held.setdefault(e, []).append((part.f_start, part.f_len))
+        assert sorted(held) == list(range(5)), (tp, ep)
+        for cols in held.values():          # each expert's columns covered exactly once
+            assert sorted(cols)[0][0] == 0 and sum(n for _, n in cols) == 32, (tp, ep)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(tp=2, ep=3), "ep=3 must divide tp=2"),
+    (dict(ep=0), "ep must be an integer >= 1"),
+])
+def test_bad_expert_layout_refused(checkpoints, kw, msg):
+    from parallax.errors import LayoutError
+    with pytest.raises(LayoutError, match=msg):
+        parallax.LLM(checkpoints["mixtral"], **kw)
+
+
+def test_ep_on_a_dense_model_refused(checkpoints):
+    from parallax.errors import LayoutError
+    with pytest.raises(LayoutError, match="needs a mixture-of-experts model"):
+        parallax.LLM(checkpoints["qwen3"], tp=2, ep=2)

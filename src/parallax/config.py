@@ -43,6 +43,9 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
@@ -50,7 +53,13 @@ SUPPORTED_ARCHITECTURES = {
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
 }
+
+# Mixture-of-experts families (models/moe.py).
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 # Families whose sliding-window layers parallax runs windowed (models/gemma.py), instead of
 # clamping the context to the window.
@@ -94,6 +103,19 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                    sliding_window=4096, head_dim=256, query_pre_attn_scalar=256,
                    final_logit_softcapping=None, attn_logit_softcapping=None, layer_period=6,
                    rope_local_base_freq=10000.0),
+    "mixtral": dict(max_position_embeddings=4096 * 32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                    rope_theta=1e6, hidden_act="silu", tie_word_embeddings=False,
+                    sliding_window=None, num_experts_per_tok=2),
+    "qwen2_moe": dict(max_position_embeddings=32768, num_key_value_heads=16, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                      sliding_window=4096, max_window_layers=28, num_experts_per_tok=4,
+                      num_experts=60, moe_intermediate_size=1408, norm_topk_prob=False,
+                      shared_expert_intermediate_size=5632, decoder_sparse_step=1),
+    "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                      sliding_window=4096, max_window_layers=28, num_experts_per_tok=8,
+                      num_experts=128, moe_intermediate_size=768, norm_topk_prob=False,
+                      shared_expert_intermediate_size=0, decoder_sparse_step=1),
 }
 
 
@@ -137,6 +159,12 @@ class ModelConfig:
         final_logit_softcapping: Gemma 2: logits z become c * tanh(z / c).
         rope_local_theta: Gemma 3: rope base of the sliding-window layers (the global layers
             use rope_theta and rope_scaling).
+        num_experts: MoE: experts per sparse layer (0: a dense model).
+        num_experts_per_tok: MoE: experts each token is routed to (top-k).
+        moe_intermediate_size: MoE: inner width of one expert's gated MLP.
+        norm_topk_prob: MoE: whether the top-k router probabilities are renormalised to 1.
+        shared_expert_intermediate_size: Qwen2-MoE: the shared expert's width (0: none).
+        dense_layers: MoE: layers with a dense MLP (intermediate_size) instead of experts.
         bos_token_id: the beginning-of-sequence token, if the checkpoint names one.
         eos_token_ids: tokens that end generation (unless ``ignore_eos``).
         pad_token_id: the padding token, if the checkpoint names one.
@@ -168,6 +196,13 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None  # scores -> c * tanh(scores / c)
     final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
     rope_local_theta: float | None = None  # rope base of the sliding layers (Gemma 3)
+    # Mixture of experts (models/moe.py); num_experts 0 = dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0      # top-k
+    moe_intermediate_size: int = 0    # inner width of one expert
+    norm_topk_prob: bool = False      # renormalise the top-k router probabilities
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert
+    dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP instead
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -232,11 +267,16 @@ class ModelConfig:
             attn += d
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
         norms = 4 * d if self.architecture in WINDOWED_FAMILIES else 2 * d   # Gemma: sandwich
-        if self.architecture in ("qwen3", "gemma3"):
+        if self.architecture in ("qwen3", "qwen3_moe", "gemma3"):
             norms += 2 * hd                                                  # q/k norms
-        layer = attn + mlp + norms
+        layer = attn + norms
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + emb + d
+        if not self.num_experts:
+            return self.num_layers * (layer + mlp) + emb + d
+        fm, fs = self.moe_intermediate_size, self.shared_expert_intermediate_size
+        sparse = self.num_experts * (3 * d * fm + d) + (3 * d * fs + d if fs else 0)
+        dense = len(self.dense_layers)
+        return self.num_layers * layer + dense * mlp + (self.num_layers - dense) * sparse + emb + d
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -266,9 +306,11 @@ class ModelConfig:
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         rope_theta, rope_scaling = _hf_rope(cfg, defaults["rope_theta"])
         _check_partial_rotary(cfg)
-        if family in ("llama", "qwen3", "gemma2", "gemma3"):
+        if family in ("llama", "qwen3", "gemma2", "gemma3", "qwen3_moe"):
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
             mlp_bias = bool(cfg.get("mlp_bias", False)) and family == "llama"
+        elif family == "qwen2_moe":
+            qkv_bias, o_bias, mlp_bias = bool(cfg.get("qkv_bias", True)), False, False
         else:   # HF's Mistral, Qwen2 and Phi-3 modules hard-code their biases
             qkv_bias, o_bias, mlp_bias = family == "qwen2", False, False
         window = _hf_sliding_window(cfg, family, defaults)
@@ -307,6 +349,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             pad_token_id=cfg.get("pad_token_id"),
             **gemma,
+            **(_hf_moe(cfg, family, defaults) if family in MOE_FAMILIES else {}),
         )
 
     @classmethod
@@ -432,10 +475,10 @@ def _hf_rope(cfg: dict[str, Any], default_theta: float) -> tuple[float, dict[str
 
 def _hf_sliding_window(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> int | None:
     """The attention window some layer of the model uses, as HF's modeling code decides it."""
-    if family in ("mistral", "phi3", "gemma2", "gemma3"):
+    if family in ("mistral", "phi3", "gemma2", "gemma3", "mixtral"):
         window = cfg["sliding_window"] if "sliding_window" in cfg else defaults["sliding_window"]
         return None if window is None else int(window)
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         if not cfg.get("use_sliding_window", False):
             return None
         window = cfg["sliding_window"] if "sliding_window" in cfg else defaults["sliding_window"]
@@ -489,6 +532,37 @@ def _hf_gemma(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> dic
         out["rope"] = _hf_rope(cfg, defaults["rope_theta"])
         if family == "gemma3":
             out["rope_local_theta"] = float(get("rope_local_base_freq"))
+    return out
+
+
+def _hf_moe(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The mixture-of-experts fields of ModelConfig, as HF's Mixtral / Qwen*Moe read them."""
+    def get(key: str) -> Any:
+        return cfg[key] if cfg.get(key) is not None else defaults.get(key)
+
+    n = cfg["num_hidden_layers"]
+    if family == "mixtral":     # every layer sparse; experts as wide as intermediate_size
+        out = dict(num_experts=cfg.get("num_local_experts", 8), norm_topk_prob=True,
+                   moe_intermediate_size=cfg["intermediate_size"],
+                   shared_expert_intermediate_size=0, dense_layers=[])
+    else:
+        step, only = get("decoder_sparse_step"), cfg.get("mlp_only_layers") or []
+        if not _is_int(step) or step < 1:
+            raise CheckpointError(f"decoder_sparse_step={step!r} must be a positive integer")
+        # Hub configs say num_experts; transformers >= 5 saves it as num_local_experts.
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts") or defaults["num_experts"]
+        out = dict(num_experts=experts, norm_topk_prob=bool(get("norm_topk_prob")),
+                   moe_intermediate_size=get("moe_intermediate_size"),
+                   shared_expert_intermediate_size=(get("shared_expert_intermediate_size")
+                                                    if family == "qwen2_moe" else 0),
+                   dense_layers=[i for i in range(n) if i in only or (i + 1) % step])
+    out["num_experts_per_tok"] = get("num_experts_per_tok")
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        if not _is_int(out[key]) or out[key] < 1:
+            raise CheckpointError(f"config value {key}={out[key]!r} must be a positive integer")
+    if out["num_experts_per_tok"] > out["num_experts"]:
+        raise CheckpointError(f"num_experts_per_tok={out['num_experts_per_tok']} exceeds the "
+                              f"{out['num_experts']} experts")
     return out
 
 

@@ -6,6 +6,7 @@ config.py maps a checkpoint's HF architecture name (``architectures[0]``, or GGU
 
 from .gemma import GemmaForCausalLM
 from .llama import LlamaForCausalLM
+from .moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from .phi3 import Phi3ForCausalLM
 from .qwen3 import Qwen3ForCausalLM
 
@@ -17,6 +18,10 @@ MODEL_REGISTRY = {
     "phi3": Phi3ForCausalLM,
     "gemma2": GemmaForCausalLM,
     "gemma3": GemmaForCausalLM,
+    "mixtral": MixtralForCausalLM,
+    "qwen2_moe": Qwen2MoeForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
 }
 
-__all__ = ["MODEL_REGISTRY", "GemmaForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM", "Qwen3ForCausalLM"]
+__all__ = ["MODEL_REGISTRY", "GemmaForCausalLM", "LlamaForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM",
+           "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"]

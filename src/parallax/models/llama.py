@@ -143,21 +143,29 @@ GATE_ACTIVATIONS = {
 class MLP(nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x)), gate|up fused and split by columns over tp;
     act is silu (SwiGLU) unless the config names another. ``gate_up_pieces`` is the hook
-    for checkpoints that store gate|up fused (Phi-3)."""
+    for checkpoints that store gate|up fused (Phi-3).
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype):
+    MoE experts (models/moe.py) are MLPs too: ``rows`` (start, n) of an inner width
+    ``width`` this rank holds, checkpoint ``names`` of gate/up/down, and ``reduce=False``
+    to return the partial down product that the MoE block all-reduces once."""
+
+    NAMES = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype,
+                 width: int | None = None, rows: tuple[int, int] | None = None,
+                 names: tuple[str, str, str] = NAMES, reduce: bool = True):
         super().__init__()
-        start, n = split_evenly(cfg.intermediate_size, ctx.tp_size, ctx.tp_rank)
+        start, n = rows or split_evenly(width or cfg.intermediate_size, ctx.tp_size, ctx.tp_rank)
+        self.names = names
         self.gate_up_proj = ColumnParallelLinear(
             cfg.hidden_size, self.gate_up_pieces(cfg, prefix, start, n), dtype, bias=cfg.mlp_bias)
-        self.down_proj = RowParallelLinear(f"{prefix}.down_proj", start, n, cfg.hidden_size, dtype, ctx,
-                                           bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(f"{prefix}.{names[2]}", start, n, cfg.hidden_size, dtype,
+                                           ctx, bias=cfg.mlp_bias, reduce=reduce)
         self.act = None if cfg.hidden_act == "silu" else GATE_ACTIVATIONS[cfg.hidden_act]
 
-    @staticmethod
-    def gate_up_pieces(cfg: ModelConfig, prefix: str, start: int, n: int) -> list[tuple[str, int, int]]:
+    def gate_up_pieces(self, cfg: ModelConfig, prefix: str, start: int, n: int) -> list[tuple[str, int, int]]:
         """(checkpoint name, start row, rows) of this rank's gate rows, then its up rows."""
-        return [(f"{prefix}.gate_proj", start, n), (f"{prefix}.up_proj", start, n)]
+        return [(f"{prefix}.{self.names[0]}", start, n), (f"{prefix}.{self.names[1]}", start, n)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)                                    # (..., 2 * F_local)
@@ -180,7 +188,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = self.attention_cls(cfg, ctx, f"{prefix}.self_attn", dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
                                                 f"{prefix}.post_attention_layernorm.weight")
-        self.mlp = self.mlp_cls(cfg, ctx, f"{prefix}.mlp", dtype)
+        self.mlp = self.make_mlp(cfg, ctx, index, dtype)
+
+    def make_mlp(self, cfg: ModelConfig, ctx: ParallelContext, index: int, dtype: torch.dtype) -> nn.Module:
+        """The feed-forward block of layer ``index`` (a hook: MoE layers build experts)."""
+        return self.mlp_cls(cfg, ctx, f"model.layers.{index}.mlp", dtype)
 
     def forward(self, x, residual, cos, sin, meta, k_cache, v_cache):
         """Returns (this layer's output, residual stream before it)."""

@@ -26,8 +26,7 @@ class Phi3Attention(Attention):
 
 
 class Phi3MLP(MLP):
-    @staticmethod
-    def gate_up_pieces(cfg: ModelConfig, prefix: str, start: int, n: int) -> list[tuple[str, int, int]]:
+    def gate_up_pieces(self, cfg: ModelConfig, prefix: str, start: int, n: int) -> list[tuple[str, int, int]]:
         name = f"{prefix}.gate_up_proj"
         return [(name, start, n), (name, cfg.intermediate_size + start, n)]
 
