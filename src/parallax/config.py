@@ -149,9 +149,14 @@ class ModelConfig:
         rms_norm_eps: epsilon of the RMSNorms.
         rope_theta: base of the rotary position embedding.
         rope_scaling: None, or the HF rope scaling dict ({"rope_type": "llama3" | "linear", ...}).
+        rope_freq_factors: None, or head_dim/2 divisors of the rope frequencies (GGUF
+            ``rope_freqs.weight``).
         max_position_embeddings: the context length, in tokens (prompt + new tokens).
         tie_word_embeddings: whether the LM head reuses the embedding matrix.
+        hidden_act: the MLP gate activation, one of SUPPORTED_ACTIVATIONS.
         attention_bias: whether q/k/v carry a bias (qwen2).
+        o_proj_bias: whether the attention output projection carries a bias.
+        mlp_bias: whether gate/up/down carry biases.
         sliding_window: the attention window of the checkpoint's windowed layers, if any.
         layer_types: Gemma: "sliding_attention" or "full_attention" per layer.
         query_pre_attn_scalar: Gemma: the attention scale is its inverse square root.
