@@ -310,3 +310,17 @@ def test_ep_on_a_dense_model_refused(checkpoints):
     from parallax.errors import LayoutError
     with pytest.raises(LayoutError, match="needs a mixture-of-experts model"):
         parallax.LLM(checkpoints["qwen3"], tp=2, ep=2)
+
+
+def test_gguf_mixture_of_experts_refused(checkpoints, tmp_path, monkeypatch):
+    """llama.cpp writes Mixtral as general.architecture "llama" with an expert count."""
+    import gguf
+    real = gguf.GGUFWriter.add_block_count
+
+    def with_experts(self, n):
+        real(self, n)
+        self.add_expert_count(4)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_block_count", with_experts)
+    path = write_gguf(str(tmp_path / "moe.gguf"), checkpoints["qwen3"], "qwen3")
+    with pytest.raises(CheckpointError, match="mixture of experts"):
+        parallax.LLM(path)

@@ -405,6 +405,10 @@ class ModelConfig:
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
 
+        if get("expert_count"):   # llama.cpp writes Mixtral as "llama" with experts
+            raise CheckpointError(
+                f"this GGUF {arch} file is a mixture of experts ({get('expert_count')} experts); "
+                f"parallax reads MoE models from HF safetensors only")
         try:
             n_heads = int(get("attention.head_count"))
             hidden = int(get("embedding_length"))
