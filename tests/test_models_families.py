@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import parallax
+from conftest import redraw_weights_
 from parallax.errors import CheckpointError
 from parallax.parallel.plan import rank_plan
 
@@ -55,12 +56,7 @@ def make_family_checkpoint(path: str, family: str, seed: int = 0, **overrides) -
     cfg_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**{**TINY, **extra, **overrides})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.08 * torch.randn_like(p))
+    redraw_weights_(model)
     model.save_pretrained(path)
     return path
 
@@ -90,23 +86,33 @@ def test_logits_and_greedy_match_hf(checkpoints, family):
         assert llm.generate([prompt], max_new_tokens=64, ignore_eos=True)[0].token_ids == ref
 
 
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(400)
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2", "gemma3"])
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_layouts_match_one_process(checkpoints, family):
-    """tp=2 (each rank reads its rows of Phi-3's fused qkv_proj / gate_up_proj) and pp=2
-    (Gemma: tied, scaled embedding on the last stage; prompt 30 > window 16)."""
+    """tp=2 (each rank reads its rows of Phi-3's fused qkv_proj / gate_up_proj; MoE experts
+    cut like a dense MLP), pp=2 (Gemma: tied, scaled embedding on the last stage; prompt
+    30 > window 16) and for MoE tp=2 x ep=2 (3 + 2 whole experts per rank) equal one process."""
     path = checkpoints[family]
     prompts = [[5, 6, 7, 8, 9], [1, 2], list(range(30, 60))]
     greedy = dict(max_new_tokens=24, ignore_eos=True)
     with parallax.LLM(path) as one:
         ref_tokens = [o.token_ids for o in one.generate(prompts, **greedy)]
         ref_logits = one.logits(prompts)
-    for kw in (dict(tp=2), dict(pp=2)):
+    layouts = [dict(tp=2), dict(pp=2)] + ([dict(tp=2, ep=2)] if family in MOE else [])
+    for kw in layouts:
         with parallax.LLM(path, threads_per_rank=1, **kw) as llm:
             assert [o.token_ids for o in llm.generate(prompts, **greedy)] == ref_tokens, kw
             torch.testing.assert_close(llm.logits(prompts), ref_logits, atol=1e-4, rtol=0,
                                        equal_nan=True)
+            if "ep" in kw:      # whole experts per rank, 3 + 2, as `parallax info` plans them
+                plan = rank_plan(llm.config, 2, 1, None, "float32", ep=2)
+                assert [r["experts"] for r in plan] == [range(0, 3), range(3, 5)]
+                measured = {m["rank"]: m["weight_bytes"] for m in llm.memory()}
+                assert {r["rank"]: r["weight_bytes"] for r in plan} == measured
 
 
 def _edit_config(path: str, **changes) -> None:
@@ -133,37 +139,10 @@ def test_phi3_unsupported_variants_refused(tmp_path, changes, msg):
 def write_gguf(path: str, hf_folder: str, arch: str) -> str:
     """An F32 GGUF of a HF qwen3 / phi3 checkpoint, named and laid out as llama.cpp's
     converter writes it (no q/k permutation for these; Phi-3's fused tensors kept fused)."""
-    import gguf
-    from safetensors.numpy import load_file
     from parallax.loading.gguf import ARCH_GGUF_TO_HF, GGUF_TO_HF
-    cfg = json.load(open(os.path.join(hf_folder, "config.json")))
-    sd = load_file(os.path.join(hf_folder, "model.safetensors"))
-    hf_to_gguf = {}
-    for g, h in {**GGUF_TO_HF, **ARCH_GGUF_TO_HF[arch]}.items():
-        for i in range(cfg["num_hidden_layers"]):
-            hf_to_gguf[h.format(N=i)] = g.format(N=i)
-    w = gguf.GGUFWriter(path, arch)
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base((cfg.get("rope_parameters") or cfg)["rope_theta"])
-    for name, x in sd.items():
-        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
-            continue
-        stem, kind = name.rsplit(".", 1)
-        w.add_tensor(f"{hf_to_gguf[stem]}.{kind}", np.ascontiguousarray(x, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    from test_gguf import write_from_hf
+    write_from_hf(path, hf_folder, {}, arch=arch, names={**GGUF_TO_HF, **ARCH_GGUF_TO_HF[arch]},
+                  permuted=False)
     return path
 
 
@@ -247,33 +226,6 @@ def test_gemma3_unsupported_variants_refused(checkpoints, tmp_path, changes, msg
     _edit_config(path, **changes)
     with pytest.raises(CheckpointError, match=msg):
         parallax.LLM(path)
-
-
-MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(500)
-@pytest.mark.parametrize("family", MOE)
-def test_moe_layouts_match_one_process(checkpoints, family):
-    """tp=2 (experts cut like a dense MLP), ep=2 over tp=2 (3 + 2 whole experts per rank)
-    and pp=2 equal one process."""
-    path = checkpoints[family]
-    prompts = [[5, 6, 7, 8, 9], [1, 2], list(range(30, 60))]
-    greedy = dict(max_new_tokens=24, ignore_eos=True)
-    with parallax.LLM(path) as one:
-        ref_tokens = [o.token_ids for o in one.generate(prompts, **greedy)]
-        ref_logits = one.logits(prompts)
-    for kw in (dict(tp=2), dict(tp=2, ep=2), dict(pp=2)):
-        with parallax.LLM(path, threads_per_rank=1, **kw) as llm:
-            assert [o.token_ids for o in llm.generate(prompts, **greedy)] == ref_tokens, kw
-            torch.testing.assert_close(llm.logits(prompts), ref_logits, atol=1e-4, rtol=0,
-                                       equal_nan=True)
-            if "ep" in kw:      # whole experts per rank, 3 + 2, as `parallax info` plans them
-                plan = rank_plan(llm.config, 2, 1, None, "float32", ep=2)
-                assert [r["experts"] for r in plan] == [range(0, 3), range(3, 5)]
-                measured = {m["rank"]: m["weight_bytes"] for m in llm.memory()}
-                assert {r["rank"]: r["weight_bytes"] for r in plan} == measured
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
