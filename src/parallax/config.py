@@ -19,7 +19,9 @@ process, before any weight is read or any worker starts:
 - A sliding window (mistral/phi3 ``sliding_window``, qwen2/qwen3 ``use_sliding_window``) shorter than
   ``max_position_embeddings`` clamps the usable context to the window: within it, sliding
   attention equals full attention, so a longer prompt is a PromptError rather than a
-  silently different answer.
+  silently different answer. Gemma 2 / 3 (``WINDOWED_FAMILIES``) run their window in the
+  attention instead, with no clamp.
+- Gemma and MoE fields are read by ``_hf_gemma`` / ``_hf_moe``; see docs/models.md.
 """
 
 from __future__ import annotations
