@@ -276,3 +276,31 @@ def test_gguf_mixture_of_experts_refused(checkpoints, tmp_path, monkeypatch):
     path = write_gguf(str(tmp_path / "moe.gguf"), checkpoints["qwen3"], "qwen3")
     with pytest.raises(CheckpointError, match="mixture of experts"):
         parallax.LLM(path)
+
+
+@pytest.mark.parametrize("window, softcap", [(5, None), (None, 3.0), (5, 3.0)])
+def test_paged_attention_window_and_softcap_equal_dense(window, softcap):
+    """The reference paged attention with a window / soft-cap equals dense attention with
+    the same mask and capped scores, for a chunk of new tokens after a cached prefix."""
+    from parallax.ops.reference import paged_attention
+    torch.manual_seed(0)
+    hq, hk, d, bs, length, new = 4, 2, 8, 4, 13, 3
+    k_all, v_all = torch.randn(length, hk, d), torch.randn(length, hk, d)
+    q = torch.randn(new, hq, d)
+    blocks = [2, 0, 3, 1]                                   # scattered cache blocks
+    k_cache, v_cache = torch.zeros(4, hk, bs, d), torch.zeros(4, hk, bs, d)
+    for p in range(length):
+        k_cache[blocks[p // bs], :, p % bs] = k_all[p]
+        v_cache[blocks[p // bs], :, p % bs] = v_all[p]
+    out = paged_attention(q, k_cache, v_cache, torch.tensor([blocks], dtype=torch.int32),
+                          torch.tensor([length], dtype=torch.int32),
+                          torch.tensor([0, new], dtype=torch.int32), 0.3, window, softcap)
+    for i in range(new):
+        p = length - new + i
+        lo = 0 if window is None else max(0, p - window + 1)
+        for h in range(hq):
+            s = (k_all[lo:p + 1, h // 2] @ q[i, h]) * 0.3
+            if softcap is not None:
+                s = softcap * torch.tanh(s / softcap)
+            ref = torch.softmax(s, 0) @ v_all[lo:p + 1, h // 2]
+            torch.testing.assert_close(out[i, h], ref, atol=1e-5, rtol=0)
