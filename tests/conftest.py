@@ -32,14 +32,20 @@ def make_checkpoint(path: str, arch: str = "llama", seed: int = 0, shards: bool 
     torch.manual_seed(seed)
     cfg = cls[0](**{**TINY, **overrides})
     model = cls[1](cfg).eval()
+    redraw_weights_(model)
+    model.save_pretrained(path, max_shard_size="200KB" if shards else "5GB")
+    return path
+
+
+def redraw_weights_(model: torch.nn.Module) -> None:
+    """Re-draw every parameter (norms around 1, the rest small) in place, from torch's
+    global generator."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
-    model.save_pretrained(path, max_shard_size="200KB" if shards else "5GB")
-    return path
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"

@@ -257,17 +257,24 @@ def llama3_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.ndarra
     return np.array(out, np.float32)
 
 
-def write_from_hf(path, hf_folder: str, extra: dict[str, np.ndarray]) -> None:
-    """An F32 GGUF of a HF llama checkpoint, as llama.cpp lays it out (q/k rows permuted)."""
+def write_from_hf(path, hf_folder: str, extra: dict[str, np.ndarray], arch: str = "llama",
+                  names: dict[str, str] = GGUF_TO_HF, permuted: bool = True) -> None:
+    """An F32 GGUF of a HF checkpoint of ``arch``, as llama.cpp lays it out: GGUF tensor
+    names from ``names`` (GGUF stem -> HF stem), q/k rows permuted when ``permuted`` (llama),
+    head_dim written as key/value length, a tied lm_head left out."""
     import json
     from safetensors.numpy import load_file
     cfg = json.load(open(os.path.join(hf_folder, "config.json")))
     sd = load_file(os.path.join(hf_folder, "model.safetensors"))
     hf_to_gguf = {}
-    for g, h in GGUF_TO_HF.items():
+    for g, h in names.items():
         for i in range(cfg["num_hidden_layers"]):
             hf_to_gguf[h.format(N=i)] = g.format(N=i)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -277,8 +284,10 @@ def write_from_hf(path, hf_folder: str, extra: dict[str, np.ndarray]) -> None:
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base((cfg.get("rope_parameters") or cfg)["rope_theta"])
     for name, x in sd.items():
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue
         stem, kind = name.rsplit(".", 1)
-        if stem.endswith(("q_proj", "k_proj")):
+        if permuted and stem.endswith(("q_proj", "k_proj")):
             x = permute(x, cfg["num_attention_heads" if stem.endswith("q_proj") else "num_key_value_heads"])
         w.add_tensor(f"{hf_to_gguf[stem]}.{kind}", np.ascontiguousarray(x, np.float32))
     for name, x in extra.items():

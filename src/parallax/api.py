@@ -10,6 +10,7 @@ a WorkerPool of spawned processes (tp * pp > 1), or by broadcasting each step's 
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Iterator, Sequence
 
@@ -27,7 +28,7 @@ from .loading import DEFAULT_MODEL, load_tokenizer, open_checkpoint
 from .models.loader import check_tensor_names
 from .parallel import collectives as C
 from .parallel.context import DEFAULT_TIMEOUT_S, ParallelContext, launched_by_torchrun
-from .parallel.sharding import check_layout
+from .parallel.sharding import check_expert_layout, check_layout
 from .sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,12 @@ __all__ = ["LLM", "Completion", "Delta", "RequestHandle", "Usage"]
 _CPU_KV_BUDGET = 1 << 30    # default KV cache bytes per rank on the CPU, at most
 
 
+def _runner_with_ep(ep: int, ctx: ParallelContext, *args: Any) -> ModelRunner:
+    """A worker's ModelRunner with the expert-parallel size set on its context."""
+    ctx.ep_size = ep
+    return ModelRunner(ctx, *args)
+
+
 class LLM:
     """A model spread over ``tp * pp`` ranks, served by one continuous-batching engine.
 
@@ -46,6 +53,9 @@ class LLM:
         model: HF checkpoint folder, ``.gguf`` file, or ``"smollm2-135m"``.
         tp: tensor-parallel size: ranks that split every layer (attention by whole KV groups).
         pp: pipeline-parallel size: stages of contiguous layers (world = tp * pp processes).
+        ep: expert parallelism of a mixture-of-experts model: its experts are split into
+            ``ep`` groups over the ranks of each tp group (ep divides tp; ep == tp: each rank
+            holds whole experts; default 1: every expert cut like a dense MLP). docs/models.md.
         dtype: "float32" | "bfloat16" | "float16" weights and activations.
         device: "cpu" or "cuda".
         layer_split: per-stage layer counts (default: balanced by decode cost, parallel/sharding.py).
@@ -79,7 +89,7 @@ class LLM:
                  threads_per_rank: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, kv_cache_tokens: int | None = None,
                  block_size: int = 16, prefix_caching: bool = True,
-                 executor: str | None = None):
+                 executor: str | None = None, ep: int = 1):
         self._core: EngineCore | None = None
         self._runner: ModelRunner | None = None
         self._pool = None
@@ -106,9 +116,10 @@ class LLM:
         try:
             self.config = ckpt.config
             check_layout(self.config, tp, pp, layer_split)
+            check_expert_layout(self.config, tp, ep)
             check_tensor_names(ckpt)        # before any worker starts
             self.tokenizer = load_tokenizer(model, ckpt)
-            self.tp, self.pp = tp, pp
+            self.tp, self.pp, self.ep = tp, pp, ep
             if kv_cache_tokens is None:
                 kv_cache_tokens = self._default_kv_tokens(torch_dtype, device, max_num_seqs)
             num_blocks = max(1, kv_cache_tokens // block_size)
@@ -119,6 +130,7 @@ class LLM:
                 executor = LocalExecutor(self._runner)
             elif launched_by_torchrun():
                 self._ctx = ParallelContext.from_torchrun_env(tp, pp, device, timeout_s)
+                self._ctx.ep_size = ep
                 self._runner = ModelRunner(self._ctx, *args, checkpoint=ckpt)
                 executor = SpmdExecutor(self._runner)
             else:
@@ -127,7 +139,8 @@ class LLM:
                     from .parallel.ray_executor import RayExecutor as Ranks
                 else:
                     from .parallel.launch import WorkerPool as Ranks
-                self._pool = Ranks(ModelRunner, args, tp_size=tp, pp_size=pp, device=device,
+                factory = ModelRunner if ep == 1 else functools.partial(_runner_with_ep, ep)
+                self._pool = Ranks(factory, args, tp_size=tp, pp_size=pp, device=device,
                                    timeout_s=timeout_s, threads_per_rank=threads_per_rank)
                 executor = PoolExecutor(self._pool)
         finally:

@@ -108,7 +108,7 @@ def check_model(a: argparse.Namespace) -> None:
     """Open the checkpoint's header (no weights) and check the tp/pp layout against its
     config; sets ``a.config`` and ``a.model_path``. Raises ParallaxError."""
     from .loading import open_checkpoint
-    from .parallel.sharding import check_layout
+    from .parallel.sharding import check_expert_layout, check_layout
     ckpt = open_checkpoint(a.model)
     try:
         a.config = ckpt.config
@@ -116,6 +116,7 @@ def check_model(a: argparse.Namespace) -> None:
     finally:
         ckpt.close()
     check_layout(a.config, a.tp, a.pp, a.layer_split)
+    check_expert_layout(a.config, a.tp, getattr(a, "ep", 1))
 
 
 def check_generate(a: argparse.Namespace) -> None:
@@ -192,15 +193,20 @@ def _fmt_bytes(n: int) -> str:
     return f"{n:,}"
 
 
+def _span(r: range) -> str:
+    """"-" for none, "3" for one, "0-2" for several."""
+    return "-" if not r else str(r.start) if len(r) == 1 else f"{r.start}-{r.stop - 1}"
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from . import ops
     from .parallel.plan import rank_plan
     cfg, path, split = a.config, a.model_path, a.layer_split
-    plan = rank_plan(cfg, a.tp, a.pp, split, a.dtype)
+    plan = rank_plan(cfg, a.tp, a.pp, split, a.dtype, a.ep)
     measured: dict[int, dict] = {}
     if a.measure:
         from .api import LLM
-        with LLM(a.model, tp=a.tp, pp=a.pp, dtype=a.dtype, layer_split=split) as llm:
+        with LLM(a.model, tp=a.tp, pp=a.pp, dtype=a.dtype, layer_split=split, ep=a.ep) as llm:
             measured = {m["rank"]: m for m in llm.memory()}
 
     print(f"model            {a.model}" + (f" ({path})" if path != a.model else ""))
@@ -211,6 +217,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"vocab            {cfg.vocab_size}")
     print(f"tied embeddings  {cfg.tie_word_embeddings}")
     print(f"parameters       {cfg.num_parameters():,}")
+    if cfg.num_experts:
+        print(f"experts          {cfg.num_experts} per sparse layer, top-{cfg.num_experts_per_tok}")
     print(f"context          {cfg.max_position_embeddings}")
     rep = ops.kernel_report()
     print(f"kernels          {rep['backend']} (CPU {rep['isa']}, variant "
@@ -220,11 +228,11 @@ def cmd_info(a: argparse.Namespace) -> int:
         first = next((x for x in lines[1:] if "error" in x.lower()), lines[-1])
         print(f"                 CPU kernels did not build: {first.strip()}")
     print()
-    print(f"layout tp={a.tp} pp={a.pp} ({a.tp * a.pp} ranks), {a.dtype}; weights per rank "
+    print(f"layout tp={a.tp} pp={a.pp} ep={a.ep} ({a.tp * a.pp} ranks), {a.dtype}; weights per rank "
           f"computed from the sharding math" + (", and measured" if measured else "") + ":")
     print()
     head = ("| rank | pp stage | tp rank | layers | q / kv heads | vocab rows | embed / head "
-            "| weight bytes | MiB |")
+            "| experts | weight bytes | MiB |")
     if measured:
         head += " measured bytes | peak RSS MiB |"
     print(head)
@@ -236,7 +244,7 @@ def cmd_info(a: argparse.Namespace) -> int:
               "/".join(x for x, has in (("embed", r["embedding"]), ("head", r["lm_head"])) if has)
               or "-")
         line = (f"| {r['rank']} | {r['stage']} | {r['tp_rank']} | {held} | "
-                f"{r['q_heads']} / {r['kv_heads']} | {r['vocab_rows']} | {eh} | "
+                f"{r['q_heads']} / {r['kv_heads']} | {r['vocab_rows']} | {eh} | {_span(r['experts'])} | "
                 f"{_fmt_bytes(r['weight_bytes'])} | {r['weight_bytes'] / 2**20:.1f} |")
         if measured:
             m = measured[r["rank"]]
@@ -366,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default=defaults.MODEL,
                    help="HF checkpoint folder, .gguf file or 'smollm2-135m'")
     model_args(i)
+    i.add_argument("--ep", type=_count, default=1, metavar="N",
+                   help="expert-parallel groups of a mixture-of-experts model (divides --tp; "
+                        "docs/models.md)")
     i.add_argument("--measure", action="store_true",
                    help="also build the model and report measured weight bytes and peak RSS "
                         "(default: computed only)")

@@ -1,20 +1,27 @@
 """ModelConfig: the architecture facts parallax needs, read from HF ``config.json`` or GGUF metadata.
 
-One dataclass for the whole Llama family (llama, mistral, qwen2): they differ in which
-projections carry a bias, the gate activation, the rope variant, a sliding window and
-their defaults, so one model file serves all three (see ``models/llama.py``).
+One dataclass for every family parallax runs (llama, mistral, qwen2, qwen3, phi3): the Llama
+family differs in which projections carry a bias, the gate activation, the rope variant, a
+sliding window and their defaults, so one model file serves all three (``models/llama.py``);
+Qwen3 (per-head q/k norms) and Phi-3 (fused qkv / gate_up tensors) are small subclasses of it
+(``models/qwen3.py``, ``models/phi3.py``; docs/models.md).
 
 Every field that changes the math is either honoured or refused here, in the calling
 process, before any weight is read or any worker starts:
 - Defaults for absent keys are HF's for each ``model_type`` (``_HF_DEFAULTS``).
 - Biases follow HF's modeling code: llama's ``attention_bias`` covers q/k/v *and* o_proj
   and ``mlp_bias`` gate/up/down; qwen2 hard-codes q/k/v bias on, o_proj and MLP off;
-  mistral hard-codes all off (a key in its config.json is ignored, as HF ignores it).
+  mistral and phi3 hard-code all off (a key in its config.json is ignored, as HF ignores it);
+  qwen3's and gemma's ``attention_bias`` cover q/k/v and o_proj, like llama's.
+- Rotary over part of each head (``partial_rotary_factor`` != 1, GGUF
+  ``rope.dimension_count`` < head_dim) is refused.
 - ``rope_scaling`` types other than linear and llama3 are refused (CheckpointError).
-- A sliding window (mistral ``sliding_window``, qwen2 ``use_sliding_window``) shorter than
+- A sliding window (mistral/phi3 ``sliding_window``, qwen2/qwen3 ``use_sliding_window``) shorter than
   ``max_position_embeddings`` clamps the usable context to the window: within it, sliding
   attention equals full attention, so a longer prompt is a PromptError rather than a
-  silently different answer.
+  silently different answer. Gemma 2 / 3 (``WINDOWED_FAMILIES``) run their window in the
+  attention instead, with no clamp.
+- Gemma and MoE fields are read by ``_hf_gemma`` / ``_hf_moe``; see docs/models.md.
 """
 
 from __future__ import annotations
@@ -34,10 +41,34 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
 }
+
+# Mixture-of-experts families (models/moe.py).
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+# Families whose sliding-window layers parallax runs windowed (models/gemma.py), instead of
+# clamping the context to the window.
+WINDOWED_FAMILIES = ("gemma2", "gemma3")
+
+# GGUF ``general.architecture`` values parallax reads (llama.cpp's names = our family names).
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 # Gate activations of the gated MLP (HF ``hidden_act`` names; "swish" is HF's alias of silu).
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -59,6 +90,34 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, rms_norm_eps=1e-6,
                   rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
                   sliding_window=4096, max_window_layers=28),
+    "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                  sliding_window=4096, max_window_layers=28, head_dim=128),
+    "phi3": dict(max_position_embeddings=4096, num_key_value_heads=None, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                 sliding_window=None),
+    "gemma2": dict(max_position_embeddings=8192, num_key_value_heads=4, rms_norm_eps=1e-6,
+                   rope_theta=10000.0, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+                   sliding_window=4096, head_dim=256, query_pre_attn_scalar=256,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0, layer_period=2),
+    "gemma3": dict(max_position_embeddings=131072, num_key_value_heads=4, rms_norm_eps=1e-6,
+                   rope_theta=1_000_000.0, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+                   sliding_window=4096, head_dim=256, query_pre_attn_scalar=256,
+                   final_logit_softcapping=None, attn_logit_softcapping=None, layer_period=6,
+                   rope_local_base_freq=10000.0),
+    "mixtral": dict(max_position_embeddings=4096 * 32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                    rope_theta=1e6, hidden_act="silu", tie_word_embeddings=False,
+                    sliding_window=None, num_experts_per_tok=2),
+    "qwen2_moe": dict(max_position_embeddings=32768, num_key_value_heads=16, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                      sliding_window=4096, max_window_layers=28, num_experts_per_tok=4,
+                      num_experts=60, moe_intermediate_size=1408, norm_topk_prob=False,
+                      shared_expert_intermediate_size=5632, decoder_sparse_step=1),
+    "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                      sliding_window=4096, max_window_layers=28, num_experts_per_tok=8,
+                      num_experts=128, moe_intermediate_size=768, norm_topk_prob=False,
+                      shared_expert_intermediate_size=0, decoder_sparse_step=1),
 }
 
 
@@ -81,7 +140,7 @@ class ModelConfig:
     :meth:`from_gguf_metadata` (GGUF); the field comments say what each holds.
 
     Attributes:
-        architecture: the model family, "llama" | "mistral" | "qwen2".
+        architecture: the model family, "llama" | "mistral" | "qwen2" | "qwen3" | "phi3".
         vocab_size: rows of the embedding and of the LM head.
         hidden_size: the model width (d_model).
         intermediate_size: the inner width of the SwiGLU MLP.
@@ -102,12 +161,24 @@ class ModelConfig:
         o_proj_bias: whether the attention output projection carries a bias.
         mlp_bias: whether gate/up/down carry a bias (llama ``mlp_bias``).
         sliding_window: the checkpoint's attention window in tokens, or None.
+        layer_types: Gemma: "sliding_attention" or "full_attention" per layer.
+        query_pre_attn_scalar: Gemma: the attention scale is its inverse square root.
+        attn_logit_softcapping: Gemma 2: attention scores s become c * tanh(s / c).
+        final_logit_softcapping: Gemma 2: logits z become c * tanh(z / c).
+        rope_local_theta: Gemma 3: rope base of the sliding-window layers (the global layers
+            use rope_theta and rope_scaling).
+        num_experts: MoE: experts per sparse layer (0: a dense model).
+        num_experts_per_tok: MoE: experts each token is routed to (top-k).
+        moe_intermediate_size: MoE: inner width of one expert's gated MLP.
+        norm_topk_prob: MoE: whether the top-k router probabilities are renormalised to 1.
+        shared_expert_intermediate_size: Qwen2-MoE: the shared expert's width (0: none).
+        dense_layers: MoE: layers with a dense MLP (intermediate_size) instead of experts.
         bos_token_id: the beginning-of-sequence token, if the checkpoint names one.
         eos_token_ids: tokens that end generation (unless ``ignore_eos``).
         pad_token_id: the padding token, if the checkpoint names one.
     """
 
-    architecture: str                 # "llama" | "mistral" | "qwen2"
+    architecture: str                 # "llama" | "mistral" | "qwen2" | "qwen3" | "phi3"
     vocab_size: int
     hidden_size: int                  # d_model
     intermediate_size: int            # gated-MLP inner width
@@ -127,6 +198,19 @@ class ModelConfig:
     o_proj_bias: bool = False         # attention output bias (llama attention_bias)
     mlp_bias: bool = False            # gate/up/down bias (llama mlp_bias)
     sliding_window: int | None = None  # attention window of the checkpoint, if any
+    # Gemma 2 / 3 (models/gemma.py); None elsewhere.
+    layer_types: list[str] | None = None   # per layer "sliding_attention" | "full_attention"
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power
+    attn_logit_softcapping: float | None = None  # scores -> c * tanh(scores / c)
+    final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
+    rope_local_theta: float | None = None  # rope base of the sliding layers (Gemma 3)
+    # Mixture of experts (models/moe.py); num_experts 0 = dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0      # top-k
+    moe_intermediate_size: int = 0    # inner width of one expert
+    norm_topk_prob: bool = False      # renormalise the top-k router probabilities
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert
+    dense_layers: list[int] = field(default_factory=list)  # layers with a dense MLP instead
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -190,9 +274,17 @@ class ModelConfig:
         if self.o_proj_bias:
             attn += d
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
-        layer = attn + mlp + 2 * d
+        norms = 4 * d if self.architecture in WINDOWED_FAMILIES else 2 * d   # Gemma: sandwich
+        if self.architecture in ("qwen3", "qwen3_moe", "gemma3"):
+            norms += 2 * hd                                                  # q/k norms
+        layer = attn + norms
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + emb + d
+        if not self.num_experts:
+            return self.num_layers * (layer + mlp) + emb + d
+        fm, fs = self.moe_intermediate_size, self.shared_expert_intermediate_size
+        sparse = self.num_experts * (3 * d * fm + d) + (3 * d * fs + d if fs else 0)
+        dense = len(self.dense_layers)
+        return self.num_layers * layer + dense * mlp + (self.num_layers - dense) * sparse + emb + d
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -221,16 +313,22 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         rope_theta, rope_scaling = _hf_rope(cfg, defaults["rope_theta"])
-        if family == "llama":
+        _check_partial_rotary(cfg)
+        if family in ("llama", "qwen3", "gemma2", "gemma3", "qwen3_moe"):
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-            mlp_bias = bool(cfg.get("mlp_bias", False))
-        else:   # HF's Mistral and Qwen2 modules hard-code their biases
+            mlp_bias = bool(cfg.get("mlp_bias", False)) and family == "llama"
+        elif family == "qwen2_moe":
+            qkv_bias, o_bias, mlp_bias = bool(cfg.get("qkv_bias", True)), False, False
+        else:   # HF's Mistral, Qwen2 and Phi-3 modules hard-code their biases
             qkv_bias, o_bias, mlp_bias = family == "qwen2", False, False
         window = _hf_sliding_window(cfg, family, defaults)
         max_pos = get("max_position_embeddings")
+        gemma = _hf_gemma(cfg, family, defaults) if family in WINDOWED_FAMILIES else {}
+        if gemma:
+            rope_theta, rope_scaling = gemma.pop("rope")
         if window is not None and window < 1:
             raise CheckpointError(f"sliding_window={window} must be positive")
-        if window is not None and window < max_pos:
+        if window is not None and window < max_pos and family not in WINDOWED_FAMILIES:
             logger.info("the checkpoint attends over a sliding window of %d tokens; parallax "
                         "limits the context to it (max_position_embeddings %d)", window, max_pos)
             max_pos = window
@@ -242,13 +340,15 @@ class ModelConfig:
             num_layers=cfg["num_hidden_layers"],
             num_heads=n_heads,
             num_kv_heads=get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or hidden // n_heads,
+            head_dim=get("head_dim") or hidden // n_heads,
             rms_norm_eps=float(get("rms_norm_eps")),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(get("tie_word_embeddings")),
-            hidden_act=get("hidden_act"),
+            # HF's Gemma MLP reads hidden_activation (its hidden_act is a legacy key).
+            hidden_act=(cfg.get("hidden_activation") or defaults["hidden_act"]
+                        if family in WINDOWED_FAMILIES else get("hidden_act")),
             attention_bias=qkv_bias,
             o_proj_bias=o_bias,
             mlp_bias=mlp_bias,
@@ -256,6 +356,8 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=cfg.get("pad_token_id"),
+            **gemma,
+            **(_hf_moe(cfg, family, defaults) if family in MOE_FAMILIES else {}),
         )
 
     @classmethod
@@ -291,7 +393,7 @@ class ModelConfig:
     def from_gguf_metadata(cls, meta: dict[str, Any],
                            rope_freq_factors: list[float] | None = None) -> "ModelConfig":
         """Build from ``meta``, a GGUF file's key/value metadata (``general.architecture`` =
-        llama | qwen2 | mistral).
+        one of ``GGUF_ARCHITECTURES``).
 
         ``rope_freq_factors``: the file's ``rope_freqs.weight`` (Llama 3.x rope scaling).
 
@@ -299,13 +401,17 @@ class ModelConfig:
             CheckpointError: an architecture parallax does not support.
         """
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "mistral"):
-            raise CheckpointError(
-                f"unsupported GGUF architecture {arch!r}; parallax supports llama, mistral, qwen2")
+        if arch not in GGUF_ARCHITECTURES:
+            raise CheckpointError(f"unsupported GGUF architecture {arch!r}; parallax supports "
+                                  f"{', '.join(GGUF_ARCHITECTURES)}")
 
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
 
+        if get("expert_count"):   # llama.cpp writes Mixtral as "llama" with experts
+            raise CheckpointError(
+                f"this GGUF {arch} file is a mixture of experts ({get('expert_count')} experts); "
+                f"parallax reads MoE models from HF safetensors only")
         try:
             n_heads = int(get("attention.head_count"))
             hidden = int(get("embedding_length"))
@@ -313,6 +419,12 @@ class ModelConfig:
             if n_vocab is None:
                 n_vocab = len(meta.get("tokenizer.ggml.tokens", []))
             rope_scaling = _gguf_rope(get("rope.scaling.type"), get("rope.scaling.factor"))
+            head_dim = int(get("attention.key_length", hidden // n_heads))
+            rotary = get("rope.dimension_count")
+            if rotary is not None and int(rotary) != head_dim:
+                raise CheckpointError(
+                    f"rope.dimension_count={rotary} < head_dim={head_dim} (rotary over part of "
+                    f"each head) is not implemented; parallax rotates whole heads")
             eos_ids = []
             for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
                 if meta.get(key) is not None and int(meta[key]) not in eos_ids:
@@ -329,7 +441,7 @@ class ModelConfig:
                 num_layers=int(get("block_count")),
                 num_heads=n_heads,
                 num_kv_heads=int(get("attention.head_count_kv", n_heads)),
-                head_dim=int(get("attention.key_length", hidden // n_heads)),
+                head_dim=head_dim,
                 rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
                 rope_theta=float(get("rope.freq_base", 10000.0)),
                 rope_scaling=rope_scaling,
@@ -375,10 +487,10 @@ def _hf_rope(cfg: dict[str, Any], default_theta: float) -> tuple[float, dict[str
 
 def _hf_sliding_window(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> int | None:
     """The attention window some layer of the model uses, as HF's modeling code decides it."""
-    if family == "mistral":
+    if family in ("mistral", "phi3", "gemma2", "gemma3", "mixtral"):
         window = cfg["sliding_window"] if "sliding_window" in cfg else defaults["sliding_window"]
         return None if window is None else int(window)
-    if family == "qwen2":
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         if not cfg.get("use_sliding_window", False):
             return None
         window = cfg["sliding_window"] if "sliding_window" in cfg else defaults["sliding_window"]
@@ -391,6 +503,90 @@ def _hf_sliding_window(cfg: dict[str, Any], family: str, defaults: dict[str, Any
                      for i in range(cfg["num_hidden_layers"])]
         return int(window) if "sliding_attention" in types else None
     return None
+
+
+def _hf_gemma(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The Gemma 2 / 3 fields of ModelConfig (and "rope": (theta, scaling) of the global
+    layers), as HF's Gemma*Config reads them; variants parallax does not run are refused."""
+    def get(key: str) -> Any:
+        return cfg[key] if key in cfg else defaults.get(key)
+
+    if cfg.get("use_bidirectional_attention"):
+        raise CheckpointError("use_bidirectional_attention (Gemma as an encoder) is not supported; "
+                              "parallax runs causal decoders")
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types is None:
+        period = cfg.get("sliding_window_pattern") or defaults["layer_period"]
+        types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
+    if len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise CheckpointError(f"layer_types={types!r} must name sliding_attention or "
+                              f"full_attention for each of the {n} layers")
+    if "sliding_attention" in types and not cfg.get("sliding_window", defaults["sliding_window"]):
+        raise CheckpointError("layer_types has sliding_attention layers but sliding_window is unset")
+    out: dict[str, Any] = dict(layer_types=list(types))
+    for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        value = get(key)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise CheckpointError(f"config value {key}={value!r} must be a positive number")
+        out[key] = None if value is None else float(value)
+    params = cfg.get("rope_parameters")
+    if family == "gemma3" and isinstance(params, dict) and "full_attention" in params:
+        # transformers >= 5: one rope dict per layer type.
+        local = params.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise CheckpointError(f"rope scaling {local.get('rope_type')!r} of the sliding-window "
+                                  f"layers is not implemented (only their rope base is)")
+        out["rope_local_theta"] = float(local.get("rope_theta", defaults["rope_local_base_freq"]))
+        out["rope"] = _hf_rope({"rope_parameters": params.get("full_attention") or {}},
+                               defaults["rope_theta"])
+    else:
+        out["rope"] = _hf_rope(cfg, defaults["rope_theta"])
+        if family == "gemma3":
+            out["rope_local_theta"] = float(get("rope_local_base_freq"))
+    return out
+
+
+def _hf_moe(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The mixture-of-experts fields of ModelConfig, as HF's Mixtral / Qwen*Moe read them."""
+    def get(key: str) -> Any:
+        return cfg[key] if cfg.get(key) is not None else defaults.get(key)
+
+    n = cfg["num_hidden_layers"]
+    if family == "mixtral":     # every layer sparse; experts as wide as intermediate_size
+        out = dict(num_experts=cfg.get("num_local_experts", 8), norm_topk_prob=True,
+                   moe_intermediate_size=cfg["intermediate_size"],
+                   shared_expert_intermediate_size=0, dense_layers=[])
+    else:
+        step, only = get("decoder_sparse_step"), cfg.get("mlp_only_layers") or []
+        if not _is_int(step) or step < 1:
+            raise CheckpointError(f"decoder_sparse_step={step!r} must be a positive integer")
+        # Hub configs say num_experts; transformers >= 5 saves it as num_local_experts.
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts") or defaults["num_experts"]
+        out = dict(num_experts=experts, norm_topk_prob=bool(get("norm_topk_prob")),
+                   moe_intermediate_size=get("moe_intermediate_size"),
+                   shared_expert_intermediate_size=(get("shared_expert_intermediate_size")
+                                                    if family == "qwen2_moe" else 0),
+                   dense_layers=[i for i in range(n) if i in only or (i + 1) % step])
+    out["num_experts_per_tok"] = get("num_experts_per_tok")
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        if not _is_int(out[key]) or out[key] < 1:
+            raise CheckpointError(f"config value {key}={out[key]!r} must be a positive integer")
+    if out["num_experts_per_tok"] > out["num_experts"]:
+        raise CheckpointError(f"num_experts_per_tok={out['num_experts_per_tok']} exceeds the "
+                              f"{out['num_experts']} experts")
+    return out
+
+
+def _check_partial_rotary(cfg: dict[str, Any]) -> None:
+    """Refuse rotary embeddings over part of each head (Phi-3's ``partial_rotary_factor``)."""
+    params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    for source in (cfg, params, cfg.get("rope_scaling") or {}):
+        factor = source.get("partial_rotary_factor", 1.0) if isinstance(source, dict) else 1.0
+        if factor not in (None, 1, 1.0):
+            raise CheckpointError(
+                f"partial_rotary_factor={factor!r} (rotary over part of each head) is not "
+                f"implemented; parallax rotates whole heads")
 
 
 def _gguf_rope(kind: Any, factor: Any) -> dict[str, Any] | None:

@@ -55,19 +55,28 @@ GGUF_TO_HF = {
     "blk.{N}.ffn_up": "model.layers.{N}.mlp.up_proj",
     "blk.{N}.ffn_down": "model.layers.{N}.mlp.down_proj",
 }
+# Per-architecture additions and overrides of GGUF_TO_HF.
+ARCH_GGUF_TO_HF = {
+    "qwen3": {"blk.{N}.attn_q_norm": "model.layers.{N}.self_attn.q_norm",
+              "blk.{N}.attn_k_norm": "model.layers.{N}.self_attn.k_norm"},
+    # llama.cpp keeps Phi-3's fused tensors fused: q|k|v rows, and gate|up rows in ffn_up.
+    "phi3": {"blk.{N}.attn_qkv": "model.layers.{N}.self_attn.qkv_proj",
+             "blk.{N}.ffn_up": "model.layers.{N}.mlp.gate_up_proj"},
+}
 # Architectures whose converter permuted q/k rows (llama.cpp `LlamaModel.permute`).
 _PERMUTED_ARCHS = ("llama", "mistral")
 _GGUF_NAME = re.compile(r"^(?:blk\.(\d+)\.)?(.+)\.(weight|bias)$")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF name of a GGUF tensor, or None when parallax has no use for it."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF name of a GGUF tensor of an ``arch`` model, or None when parallax has no use
+    for it."""
     m = _GGUF_NAME.match(gguf_name)
     if m is None:
         return None
     layer, stem, kind = m.groups()
     key = stem if layer is None else f"blk.{{N}}.{stem}"
-    hf = GGUF_TO_HF.get(key)
+    hf = ARCH_GGUF_TO_HF.get(arch, {}).get(key) or GGUF_TO_HF.get(key)
     if hf is None:
         return None
     return f"{hf.format(N=layer)}.{kind}"
@@ -107,7 +116,7 @@ class GGUFCheckpoint:
         for t in tensors.values():
             if t.name == ROPE_FREQS:
                 continue
-            name = hf_name(t.name)
+            name = hf_name(t.name, self.config.architecture)
             if name is None:
                 self.unmapped.append(t.name)
                 continue

@@ -62,14 +62,19 @@ class PagedAttention(nn.Module):
     """Rotary + paged cache write + causal GQA attention of a flat token batch
     (ops.paged_attention_with_kvcache). No parameters.
 
+    ``window``: attend only to the last ``window`` positions (sliding-window layers);
+    ``softcap``: soft-cap the scaled scores, c * tanh(s / c) (Gemma 2).
+
     forward(q (T, Hq, D), k (T, Hk, D), v (T, Hk, D), cos, sin (T, D/2) float32, meta,
     k_cache, v_cache (num_blocks, Hk, block_size, D)) -> (T, Hq, D).
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 window: int | None = None, softcap: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.scale = head_dim, scale
+        self.window, self.softcap = window, softcap
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
@@ -77,4 +82,4 @@ class PagedAttention(nn.Module):
         return ops.paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin,
                                                 meta.slot_mapping, meta.block_tables,
                                                 meta.context_lens, meta.query_start_loc,
-                                                self.scale)
+                                                self.scale, self.window, self.softcap)

@@ -75,24 +75,35 @@ def _scaled_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    """q|k|v (one column-parallel matmul) -> PagedAttention -> o_proj (row-parallel).
+
+    Hooks for families that differ only here: ``qkv_pieces`` (where this rank's q/k/v rows
+    live in the checkpoint: separate q_proj/k_proj/v_proj here, a fused qkv_proj in Phi-3)
+    and ``norm_qk`` (per-head q/k norms before rotary in Qwen3)."""
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype):
         super().__init__()
         part = head_partition(cfg, ctx.tp_size, ctx.tp_rank)
         d = cfg.head_dim
         self.n_q, self.n_kv, self.head_dim = part.n_q, part.n_kv, d
-        kv_pieces = []   # contiguous runs of KV heads, as (start_row, rows)
-        for h in part.kv_heads:
-            if kv_pieces and kv_pieces[-1][0] + kv_pieces[-1][1] == h * d:
-                kv_pieces[-1] = (kv_pieces[-1][0], kv_pieces[-1][1] + d)
-            else:
-                kv_pieces.append((h * d, d))
-        pieces = [(f"{prefix}.q_proj", part.q_start * d, part.n_q * d)]
-        pieces += [(f"{prefix}.k_proj", s, n) for s, n in kv_pieces]
-        pieces += [(f"{prefix}.v_proj", s, n) for s, n in kv_pieces]
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, pieces, dtype, bias=cfg.attention_bias)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, self.qkv_pieces(cfg, part, prefix),
+                                             dtype, bias=cfg.attention_bias)
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj", part.q_start * d, part.n_q * d,
                                         cfg.hidden_size, dtype, ctx, bias=cfg.o_proj_bias)
         self.attn = PagedAttention(part.n_q, part.n_kv, d, d ** -0.5)
+
+    @staticmethod
+    def qkv_pieces(cfg: ModelConfig, part, prefix: str) -> list[tuple[str, int, int]]:
+        """(checkpoint name, start row, rows) of this rank's q, then k, then v rows."""
+        d = cfg.head_dim
+        kv = kv_row_runs(part.kv_heads, d)
+        return ([(f"{prefix}.q_proj", part.q_start * d, part.n_q * d)]
+                + [(f"{prefix}.k_proj", s, n) for s, n in kv]
+                + [(f"{prefix}.v_proj", s, n) for s, n in kv])
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, Hq, D), (T, Hk, D) before rotary; the identity for the Llama family."""
+        return q, k
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttentionMetadata, k_cache: torch.Tensor,
@@ -104,8 +115,20 @@ class Attention(nn.Module):
         q = q.view(t, self.n_q, self.head_dim)                            # (T, Hq, D)
         k = k.view(t, self.n_kv, self.head_dim)                           # (T, Hk, D)
         v = v.view(t, self.n_kv, self.head_dim)
+        q, k = self.norm_qk(q, k)
         out = self.attn(q, k, v, cos, sin, meta, k_cache, v_cache)        # (T, Hq, D)
         return self.o_proj(out.reshape(t, self.n_q * self.head_dim))
+
+
+def kv_row_runs(kv_heads: tuple[int, ...], d: int) -> list[tuple[int, int]]:
+    """Contiguous runs of the given KV heads as (start_row, rows) of a (H*D, ...) matrix."""
+    runs: list[tuple[int, int]] = []
+    for h in kv_heads:
+        if runs and runs[-1][0] + runs[-1][1] == h * d:
+            runs[-1] = (runs[-1][0], runs[-1][1] + d)
+        else:
+            runs.append((h * d, d))
+    return runs
 
 
 # Gate activations other than silu (which has a fused op); names as HF's ``hidden_act``.
@@ -119,17 +142,30 @@ GATE_ACTIVATIONS = {
 
 class MLP(nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x)), gate|up fused and split by columns over tp;
-    act is silu (SwiGLU) unless the config names another."""
+    act is silu (SwiGLU) unless the config names another. ``gate_up_pieces`` is the hook
+    for checkpoints that store gate|up fused (Phi-3).
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype):
+    MoE experts (models/moe.py) are MLPs too: ``rows`` (start, n) of an inner width
+    ``width`` this rank holds, checkpoint ``names`` of gate/up/down, and ``reduce=False``
+    to return the partial down product that the MoE block all-reduces once."""
+
+    NAMES = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype,
+                 width: int | None = None, rows: tuple[int, int] | None = None,
+                 names: tuple[str, str, str] = NAMES, reduce: bool = True):
         super().__init__()
-        start, n = split_evenly(cfg.intermediate_size, ctx.tp_size, ctx.tp_rank)
+        start, n = rows or split_evenly(width or cfg.intermediate_size, ctx.tp_size, ctx.tp_rank)
+        self.names = names
         self.gate_up_proj = ColumnParallelLinear(
-            cfg.hidden_size, [(f"{prefix}.gate_proj", start, n), (f"{prefix}.up_proj", start, n)], dtype,
-            bias=cfg.mlp_bias)
-        self.down_proj = RowParallelLinear(f"{prefix}.down_proj", start, n, cfg.hidden_size, dtype, ctx,
-                                           bias=cfg.mlp_bias)
+            cfg.hidden_size, self.gate_up_pieces(cfg, prefix, start, n), dtype, bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(f"{prefix}.{names[2]}", start, n, cfg.hidden_size, dtype,
+                                           ctx, bias=cfg.mlp_bias, reduce=reduce)
         self.act = None if cfg.hidden_act == "silu" else GATE_ACTIVATIONS[cfg.hidden_act]
+
+    def gate_up_pieces(self, cfg: ModelConfig, prefix: str, start: int, n: int) -> list[tuple[str, int, int]]:
+        """(checkpoint name, start row, rows) of this rank's gate rows, then its up rows."""
+        return [(f"{prefix}.{self.names[0]}", start, n), (f"{prefix}.{self.names[1]}", start, n)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)                                    # (..., 2 * F_local)
@@ -140,15 +176,23 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    attention_cls = Attention      # hooks for families that change only these modules
+    mlp_cls = MLP
+    rope_kind = "full_attention"   # which of the model's rotary tables the layer uses
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, index: int, dtype: torch.dtype):
         super().__init__()
         prefix = f"model.layers.{index}"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
                                        f"{prefix}.input_layernorm.weight")
-        self.self_attn = Attention(cfg, ctx, f"{prefix}.self_attn", dtype)
+        self.self_attn = self.attention_cls(cfg, ctx, f"{prefix}.self_attn", dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
                                                 f"{prefix}.post_attention_layernorm.weight")
-        self.mlp = MLP(cfg, ctx, f"{prefix}.mlp", dtype)
+        self.mlp = self.make_mlp(cfg, ctx, index, dtype)
+
+    def make_mlp(self, cfg: ModelConfig, ctx: ParallelContext, index: int, dtype: torch.dtype) -> nn.Module:
+        """The feed-forward block of layer ``index`` (a hook: MoE layers build experts)."""
+        return self.mlp_cls(cfg, ctx, f"model.layers.{index}.mlp", dtype)
 
     def forward(self, x, residual, cos, sin, meta, k_cache, v_cache):
         """Returns (this layer's output, residual stream before it)."""
@@ -164,6 +208,9 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """One pipeline stage of the model: layers ``layers`` on this tp rank's shard."""
 
+    layer_cls = DecoderLayer
+    norm_cls = RMSNorm
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layers: range, dtype: torch.dtype):
         super().__init__()
         self.cfg, self.ctx, self.layer_ids = cfg, ctx, layers
@@ -174,10 +221,10 @@ class LlamaForCausalLM(nn.Module):
         owns_embedding = ctx.is_last_stage if self.embeds_on_last_stage else ctx.is_first_stage
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, ctx)
                              if owns_embedding else None)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx, i, dtype) for i in layers)
+        self.layers = nn.ModuleList(self.layer_cls(cfg, ctx, i, dtype) for i in layers)
         self.norm = self.lm_head = None
         if ctx.is_last_stage:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, "model.norm.weight")
+            self.norm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps, dtype, "model.norm.weight")
             tied = cfg.tie_word_embeddings
             self.lm_head = ParallelLMHead(
                 cfg.vocab_size, cfg.hidden_size, dtype, ctx,
@@ -204,14 +251,19 @@ class LlamaForCausalLM(nn.Module):
         """
         if x.dtype == torch.long:
             x = self.embed(x)                                             # (T, d)
-        freqs = meta.positions.unsqueeze(-1).float() * self.inv_freq      # (T, D/2)
-        cos, sin = freqs.cos(), freqs.sin()
+        ropes = self.rotary(meta.positions)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            cos, sin = ropes[layer.rope_kind]
             x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache)
         if self.norm is not None:
             return self.norm(x, residual)[0]
         return x + residual
+
+    def rotary(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(T,) positions -> {rope_kind: (cos, sin)}, each (T, D/2) float32."""
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq           # (T, D/2)
+        return {"full_attention": (freqs.cos(), freqs.sin())}
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) normed hidden -> (..., vocab) float32 logits, full vocabulary."""

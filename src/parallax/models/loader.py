@@ -41,10 +41,14 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         model = cls(cfg, ParallelContext.single(), range(cfg.num_layers), torch.float32)
     shapes: dict[str, tuple[int, ...]] = {}
     for p in model.parameters():
+        # At tp=1 the pieces of one checkpoint tensor inside a parameter cover it whole: one
+        # piece, or several row ranges of a fused tensor (Phi-3's qkv_proj) that add up.
+        rows: dict[str, int] = {}
         for c in p.chunks:
             shape = list(p.shape)
             if c.dim is not None and c.length is not None:
-                shape[c.dim] = c.length       # at tp=1 a piece is the whole tensor
+                rows[c.name] = rows.get(c.name, 0) + c.length
+                shape[c.dim] = rows[c.name]
             shapes[c.name] = tuple(shape)
     return shapes
 
@@ -93,7 +97,10 @@ def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
         model = cls(cfg, ctx, layers, dtype)
     t0 = time.perf_counter()
     load_weights(model, ckpt, ctx.device, dtype, show_progress=ctx.rank == 0)
-    model.inv_freq = model.inv_freq.to(ctx.device)
+    for module in model.modules():     # rotary tables (built on the CPU, outside meta)
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(ctx.device)
     if quantize == "int8":
         for lin in model.linear_layers():
             lin.quantize_int8_()

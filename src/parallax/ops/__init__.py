@@ -216,15 +216,19 @@ def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  cos: torch.Tensor, sin: torch.Tensor,
                                  slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                                  context_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                                 scale: float) -> torch.Tensor:
+                                 scale: float, window: int | None = None,
+                                 softcap: float | None = None) -> torch.Tensor:
     """See reference.paged_attention_with_kvcache (rotary, paged cache write, causal
-    attention of a flat mixed prefill/decode batch). fp32 CPU: one C call; elsewhere the
-    reference. Both raise ParallaxError on out-of-range slots, lengths or block ids."""
+    attention of a flat mixed prefill/decode batch, optionally over a sliding ``window``
+    and with soft-capped scores). fp32 CPU: one C call; elsewhere, and for windowed or
+    soft-capped layers (the C kernel takes neither yet), the reference. Both raise
+    ParallaxError on out-of-range slots, lengths or block ids."""
     args = (q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens,
             query_start_loc)
-    if _cpu.fits(q, k, v, k_cache, v_cache) and _cpu.paged_layout_ok(*args):
+    if (window is None and softcap is None and _cpu.fits(q, k, v, k_cache, v_cache)
+            and _cpu.paged_layout_ok(*args)):
         return _cpu.paged_attention_with_kvcache(*args, scale)
-    return _ref.paged_attention_with_kvcache(*args, scale)
+    return _ref.paged_attention_with_kvcache(*args, scale, window, softcap)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

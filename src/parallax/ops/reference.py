@@ -148,13 +148,16 @@ def write_paged_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+                    query_start_loc: torch.Tensor, scale: float, window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """Attention of a flat batch of new tokens over paged caches, causal, GQA-aware.
 
     q: (T, Hq, D), rotated; k_cache, v_cache: (N, Hk, bs, D) with the new tokens already
     written; block_tables: (B, max_blocks) int32; context_lens: (B,) int32, tokens in the
     cache per sequence (new ones included); query_start_loc: (B+1,) int32, sequence b's new
     tokens are q[qsl[b]:qsl[b+1]], the last ones of its context. Returns (T, Hq, D).
+    window: a token at position p attends only to positions > p - window (HF's sliding
+    window). softcap: scores s (after ``scale``) become softcap * tanh(s / softcap) (Gemma 2).
     """
     n_blocks, hk, bs, d = k_cache.shape
     out = torch.empty_like(q)
@@ -165,11 +168,23 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k = k_cache[blocks].transpose(1, 2).reshape(-1, hk, d)[:length]      # (L, Hk, D)
         v = v_cache[blocks].transpose(1, 2).reshape(-1, hk, d)[:length]
         pos = torch.arange(length - (e - s), length, device=q.device)       # new tokens' positions
-        mask = torch.arange(length, device=q.device)[None, :] <= pos[:, None]   # (n, L)
-        o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != hk)        # (1, Hq, n, D)
-        out[s:e] = o[0].transpose(0, 1)
+        kpos = torch.arange(length, device=q.device)[None, :]
+        mask = kpos <= pos[:, None]                                         # (n, L)
+        if window is not None:
+            mask &= kpos > pos[:, None] - window
+        qb, kb, vb = q[s:e].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if softcap is None:
+            o = F.scaled_dot_product_attention(
+                qb[None], kb[None], vb[None], attn_mask=mask, scale=scale,
+                enable_gqa=q.shape[1] != hk)[0]                             # (Hq, n, D)
+        else:   # SDPA has no soft-capping: the scores spelled out
+            rep = q.shape[1] // hk
+            kb, vb = kb.repeat_interleave(rep, 0), vb.repeat_interleave(rep, 0)
+            scores = (qb @ kb.transpose(1, 2)).float() * scale               # (Hq, n, L)
+            scores = softcap * torch.tanh(scores / softcap)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            o = torch.softmax(scores, dim=-1).to(vb.dtype) @ vb
+        out[s:e] = o.transpose(0, 1)
     return out
 
 
@@ -178,7 +193,8 @@ def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  cos: torch.Tensor, sin: torch.Tensor,
                                  slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                                  context_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                                 scale: float) -> torch.Tensor:
+                                 scale: float, window: int | None = None,
+                                 softcap: float | None = None) -> torch.Tensor:
     """One step of paged attention with rotary and the cache write folded in.
 
     q: (T, Hq, D); k, v: (T, Hk, D) the new tokens' keys and values, not yet rotated;
@@ -191,7 +207,7 @@ def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     q, k = rotary_embedding(q[None], k[None], cos[None], sin[None])
     write_paged_kv(k[0], v, k_cache, v_cache, slot_mapping)
     return paged_attention(q[0], k_cache, v_cache, block_tables, context_lens,
-                           query_start_loc, scale)
+                           query_start_loc, scale, window, softcap)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

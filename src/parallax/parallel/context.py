@@ -32,6 +32,8 @@ class ParallelContext:
     world_size: int = 1
     tp_size: int = 1
     pp_size: int = 1
+    ep_size: int = 1                               # MoE experts split over the tp group
+                                                   # (divides tp_size; sharding.expert_partition)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None                     # "gloo" | "nccl" | None (single process)
     timeout_s: float = DEFAULT_TIMEOUT_S

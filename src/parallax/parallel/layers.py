@@ -86,15 +86,20 @@ class ColumnParallelLinear(_Linear):
 class RowParallelLinear(_Linear):
     """Y = sum_r X_r A_r + b with A split along its input dim; X arrives already split
     (``input_is_parallel``). Partial products are all-reduced over tp; the bias is added
-    once, after the reduction."""
+    once, after the reduction. ``reduce=False`` returns the partial product (no bias), for
+    callers that sum several of them before one all-reduce (MoE experts)."""
 
     def __init__(self, name: str, in_start: int, in_local: int, out_features: int,
-                 dtype: torch.dtype, ctx: ParallelContext, bias: bool = False):
+                 dtype: torch.dtype, ctx: ParallelContext, bias: bool = False, reduce: bool = True):
+        if bias and not reduce:
+            raise ValueError("a row-parallel bias is added after the reduction: needs reduce=True")
         b = [Chunk(f"{name}.bias")] if bias else None
         super().__init__(out_features, in_local, dtype, [Chunk(f"{name}.weight", 1, in_start, in_local)], b)
-        self.ctx = ctx
+        self.ctx, self.reduce = ctx, reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (..., in_local) -> (..., out)
+        if not self.reduce:
+            return self._local(x, None)
         y = C.all_reduce_tp(self._local(x, None), self.ctx)
         return y + self.bias if self.bias is not None else y
 

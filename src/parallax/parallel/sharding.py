@@ -132,3 +132,42 @@ def check_layout(cfg: ModelConfig, tp_size: int, pp_size: int,
         raise LayoutError(f"pp={pp_size} exceeds the model's {cfg.num_layers} layers; "
                           f"choose pp in 1..{cfg.num_layers}")
     split_layers(cfg, pp_size, layer_split)
+
+
+@dataclass(frozen=True)
+class ExpertPartition:
+    """The MoE expert weights one tp rank holds: whole experts ``experts`` (a contiguous
+    range of global expert ids), each cut to inner columns ``[f_start, f_start + f_len)``."""
+    experts: range
+    f_start: int
+    f_len: int
+
+
+def expert_partition(num_experts: int, width: int, tp_size: int, tp_rank: int,
+                     ep_size: int = 1) -> ExpertPartition:
+    """Expert parallelism over the tp group: ``ep_size`` (dividing tp_size) groups of
+    tp_size // ep_size consecutive ranks; group g holds experts split_evenly(E, ep, g) (uneven
+    counts allowed), and within a group each expert's inner width is split as tp splits a
+    dense MLP. ep_size 1: every rank holds every expert, tp-split; ep_size == tp_size: each
+    rank holds whole experts."""
+    inner = tp_size // ep_size
+    e_start, e_len = split_evenly(num_experts, ep_size, tp_rank // inner)
+    f_start, f_len = split_evenly(width, inner, tp_rank % inner)
+    return ExpertPartition(range(e_start, e_start + e_len), f_start, f_len)
+
+
+def check_expert_layout(cfg: ModelConfig, tp_size: int, ep_size: int) -> None:
+    """Raise LayoutError unless ``ep_size`` can split this model's experts over tp ranks."""
+    if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
+        raise LayoutError(f"ep must be an integer >= 1, got {ep_size!r}")
+    if ep_size == 1:
+        return
+    if not cfg.num_experts:
+        raise LayoutError(f"ep={ep_size} needs a mixture-of-experts model; "
+                          f"{cfg.architecture} has no experts (use ep=1)")
+    if tp_size % ep_size:
+        raise LayoutError(f"ep={ep_size} must divide tp={tp_size}: experts are split over the "
+                          f"ranks of the tp group (e.g. tp={ep_size}, ep={ep_size})")
+    if ep_size > cfg.num_experts:
+        raise LayoutError(f"ep={ep_size} exceeds the model's {cfg.num_experts} experts; "
+                          f"choose ep in 1..{cfg.num_experts} dividing tp")
