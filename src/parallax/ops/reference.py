@@ -233,3 +233,28 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales.to(weight.dtype)
+
+
+Q8_0_BLOCK, Q8_0_BYTES = 32, 34   # llama.cpp Q8_0: fp16 scale d, then 32 int8 q; w = q * d
+
+
+def q8_0_dequantize(qweight: torch.Tensor) -> torch.Tensor:
+    """Q8_0 rows -> fp32. qweight: (N, K/32*34) uint8, each row K/32 blocks of
+    (fp16 d, 32 int8 q) as in a GGUF file -> (N, K) float32 = q * d."""
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, -1, Q8_0_BYTES)                            # (N, K/32, 34)
+    d = blocks[..., :2].contiguous().view(torch.float16).float()           # (N, K/32, 1)
+    q = blocks[..., 2:].contiguous().view(torch.int8).float()              # (N, K/32, 32)
+    return (q * d).reshape(n, -1)
+
+
+def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W in Q8_0 rows (see q8_0_dequantize), dequantised by torch.
+    x: (..., K) float32 with K = qweight.shape[1] / 34 * 32 -> (..., N) float32."""
+    return F.linear(x, q8_0_dequantize(qweight).to(x.dtype), bias)
+
+
+def q8_0_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a Q8_0 matrix, dequantised: ids (...) long -> (..., K) float32."""
+    return q8_0_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)
