@@ -257,8 +257,9 @@ def llama3_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.ndarra
     return np.array(out, np.float32)
 
 
-def write_from_hf(path, hf_folder: str, extra: dict[str, np.ndarray]) -> None:
-    """An F32 GGUF of a HF llama checkpoint, as llama.cpp lays it out (q/k rows permuted)."""
+def write_from_hf(path, hf_folder: str, extra: dict[str, np.ndarray], qtype: Q = Q.F32) -> None:
+    """A GGUF of a HF llama checkpoint, as llama.cpp lays it out (q/k rows permuted); 2-D
+    weights stored as ``qtype`` (gguf.quants), vectors as F32."""
     import json
     from safetensors.numpy import load_file
     cfg = json.load(open(os.path.join(hf_folder, "config.json")))
@@ -280,7 +281,12 @@ def write_from_hf(path, hf_folder: str, extra: dict[str, np.ndarray]) -> None:
         stem, kind = name.rsplit(".", 1)
         if stem.endswith(("q_proj", "k_proj")):
             x = permute(x, cfg["num_attention_heads" if stem.endswith("q_proj") else "num_key_value_heads"])
-        w.add_tensor(f"{hf_to_gguf[stem]}.{kind}", np.ascontiguousarray(x, np.float32))
+        x = np.ascontiguousarray(x, np.float32)
+        if qtype != Q.F32 and x.ndim == 2:
+            w.add_tensor(f"{hf_to_gguf[stem]}.{kind}", gguf.quants.quantize(x, qtype),
+                         raw_dtype=qtype)
+        else:
+            w.add_tensor(f"{hf_to_gguf[stem]}.{kind}", x)
     for name, x in extra.items():
         w.add_tensor(name, x)
     w.write_header_to_file()

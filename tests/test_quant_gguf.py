@@ -48,3 +48,56 @@ def test_q8_0_dequantize_matches_gguf():
     for isa in VARIANTS:
         torch.testing.assert_close(cpu.q8_0_linear(x, qw, isa=isa), x @ want.reshape(13, 128).T,
                                    rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- whole models
+def tiny_q8_0(tmp_path, tied: bool, **overrides) -> str:
+    """A tiny random llama as a GGUF with every 2-D weight in Q8_0 (vectors F32)."""
+    from conftest import make_checkpoint
+    from test_gguf import write_from_hf
+    hf = make_checkpoint(str(tmp_path / f"hf-{tied}"), "llama", tie_word_embeddings=tied,
+                         **overrides)
+    path = str(tmp_path / f"q8_0-{tied}.gguf")
+    write_from_hf(path, hf, {}, gguf.GGMLQuantizationType.Q8_0)
+    return path
+
+
+def _weight_formats(llm) -> dict[str, str]:
+    model = llm._runner.model
+    return {name: m.quant_method.name for name, m in model.named_modules()
+            if getattr(m, "quant_method", None) is not None}
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2], list(range(30, 60))]
+GREEDY = dict(max_new_tokens=32, ignore_eos=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_q8_0_model_matches_dequantised_fp32(tmp_path, monkeypatch, tied):
+    """Quantized weights vs the same file dequantised to fp32 on load (the old path): both
+    multiply by exactly the same dequantised values, so the only difference is fp32
+    summation order: logits agree to 1e-5 relative to their scale (measured ~1e-6), greedy
+    tokens are equal for 32 tokens, and the weights take the Q8_0 bytes (34 per 32)."""
+    import parallax
+    path = tiny_q8_0(tmp_path, tied)
+    monkeypatch.setenv("PARALLAX_GGUF_DEQUANTIZE", "1")
+    with parallax.LLM(path) as ref:
+        ref_logits = ref.logits(PROMPTS)
+        ref_tokens = [o.token_ids for o in ref.generate(PROMPTS, **GREEDY)]
+        ref_bytes = ref.memory()[0]["weight_bytes"]
+        assert set(_weight_formats(ref).values()) == {"float"}
+    monkeypatch.delenv("PARALLAX_GGUF_DEQUANTIZE")
+    with parallax.LLM(path) as llm:
+        formats = _weight_formats(llm)
+        logits = llm.logits(PROMPTS)
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, **GREEDY)]
+        q_bytes = llm.memory()[0]["weight_bytes"]
+    assert set(formats.values()) == {"q8_0"}, formats
+    scale = float(ref_logits.nan_to_num().abs().max())    # ragged prompts: NaN padding
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5 * scale, rtol=0, equal_nan=True)
+    assert tokens == ref_tokens
+    # fp32 matrices (4 bytes a weight) became 34/32 bytes a weight; the fp32 vectors stay.
+    with parallax.loading.gguf.GGUFCheckpoint(path) as ckpt:
+        mats = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names() if len(ckpt.shape(n)) == 2)
+    assert ref_bytes - q_bytes == mats * 4 - mats * 34 // 32
