@@ -101,3 +101,50 @@ def test_q8_0_model_matches_dequantised_fp32(tmp_path, monkeypatch, tied):
     with parallax.loading.gguf.GGUFCheckpoint(path) as ckpt:
         mats = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names() if len(ckpt.shape(n)) == 2)
     assert ref_bytes - q_bytes == mats * 4 - mats * 34 // 32
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kw", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
+def test_q8_0_layouts_match_one_process(tmp_path, kw):
+    """tp=2 / pp=2 with Q8_0 weights equal one process with Q8_0 weights: greedy tokens
+    equal, logits within 1e-5 of their scale (tp reorders the o_proj/down_proj sums), and
+    every rank holds its share in Q8_0 (intermediate 128: tp=2 splits K at block edges)."""
+    import parallax
+    path = tiny_q8_0(tmp_path, True, intermediate_size=128)
+    with parallax.LLM(path) as one:
+        ref_tokens = [o.token_ids for o in one.generate(PROMPTS, **GREEDY)]
+        ref_logits = one.logits(PROMPTS)
+        one_bytes = one.memory()[0]["weight_bytes"]
+    with parallax.LLM(path, threads_per_rank=1, **kw) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, **GREEDY)] == ref_tokens
+        scale = float(ref_logits.nan_to_num().abs().max())
+        torch.testing.assert_close(llm.logits(PROMPTS), ref_logits, atol=1e-5 * scale, rtol=0,
+                                   equal_nan=True)
+        per_rank = [m["weight_bytes"] for m in llm.memory()]
+    # Quantized shards: every rank holds well under the one-process Q8_0 total.
+    assert all(b < 0.8 * one_bytes for b in per_rank), (per_rank, one_bytes)
+    if "tp" in kw:     # Q8_0 rows and whole blocks split exactly; the fp32 norms (2 per
+        norms = (2 * 4 + 1) * 64 * 4       # layer + the final one, hidden 64) are replicated
+        assert sum(per_rank) == one_bytes + norms, (per_rank, one_bytes)
+
+
+@pytest.mark.timeout(300)
+def test_tp_split_through_a_block_falls_back_to_float(tmp_path, caplog):
+    """intermediate 96 at tp=2: down_proj's K shard [48, 96) cuts a Q8_0 block, so that
+    layer is dequantised to fp32 with a warning and the rest stays Q8_0 (rank 1's shard,
+    built in this process: building reads weights only, no collectives)."""
+    import logging
+    import parallax
+    from parallax.loading.gguf import GGUFCheckpoint
+    from parallax.models.loader import build_model
+    from parallax.parallel.context import ParallelContext
+    path = tiny_q8_0(tmp_path, False)                     # intermediate_size 96
+    ctx = ParallelContext(rank=1, world_size=2, tp_size=2)
+    with GGUFCheckpoint(path) as ckpt, caplog.at_level(logging.WARNING):
+        model = build_model(ckpt, ctx, torch.float32)
+    formats = {n: m.quant_method.name for n, m in model.named_modules()
+               if getattr(m, "quant_method", None) is not None}
+    assert {f for n, f in formats.items() if n.endswith("down_proj")} == {"float"}
+    assert {f for n, f in formats.items() if not n.endswith("down_proj")} == {"q8_0"}
+    assert "cuts Q8_0 blocks" in caplog.text
