@@ -1,6 +1,7 @@
-"""GGUF Q8_0 weights kept quantized: the C kernel against its torch twin (every CPU variant
-this machine runs) and against gguf's own dequantisation; LLM(gguf) with Q8_0 weights against
-the same file dequantised to fp32 (the old path), in one process and under tp=2 / pp=2."""
+"""GGUF Q8_0 / Q4_0 weights kept quantized: the C kernels against their torch twins (every
+CPU variant this machine runs) and against gguf's own dequantisation; LLM(gguf) with quantized
+weights against the same file dequantised to fp32 (the old path), in one process and under
+tp=2 / pp=2."""
 from __future__ import annotations
 
 import gguf
@@ -11,54 +12,60 @@ import torch
 from parallax.ops import cpu, reference
 
 VARIANTS = cpu.supported_variants()
+Q = gguf.GGMLQuantizationType
+FORMATS = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 
 
-def q8_0_bytes(w: np.ndarray) -> torch.Tensor:
-    """(N, K) float32 -> Q8_0 rows (N, K/32*34) uint8, by gguf's own quantiser."""
-    q = gguf.quants.quantize(w.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+def block_bytes(w: np.ndarray, qtype=Q.Q8_0) -> torch.Tensor:
+    """(N, K) float32 -> rows of ``qtype`` blocks, uint8, by gguf's own quantiser."""
+    q = gguf.quants.quantize(w.astype(np.float32), qtype)
     return torch.from_numpy(np.ascontiguousarray(q))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("isa", VARIANTS)
 @pytest.mark.parametrize("m,n,k", [(1, 7, 32), (3, 33, 96), (5, 64, 256), (9, 17, 160),
                                    (17, 40, 64), (1, 1, 32)])
-def test_q8_0_kernel_matches_twin(isa, m, n, k):
+def test_block_kernel_matches_twin(isa, m, n, k, fmt):
     if cpu.kernels(isa) is None:
         pytest.fail(f"CPU kernels ({isa}) did not build: {cpu.build_error(isa)}")
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     w = torch.randn(n, k, generator=g).numpy()
-    qw = q8_0_bytes(w)
+    qw = block_bytes(w, FORMATS[fmt])
     x = torch.randn(m, k, generator=g)
     bias = torch.randn(n, generator=g)
-    want = reference.q8_0_linear(x, qw, bias)
-    got = cpu.q8_0_linear(x, qw, bias, isa=isa)
+    want = getattr(reference, f"{fmt}_linear")(x, qw, bias)
+    got = getattr(cpu, f"{fmt}_linear")(x, qw, bias, isa=isa)
     # Same dequantised values, different summation order: fp32 rounding only.
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * k ** 0.5)
 
 
-def test_q8_0_dequantize_matches_gguf():
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_matches_gguf(fmt):
+    """The twin's dequantisation is bit-equal to gguf's; every kernel variant multiplies by
+    those values (zero and subnormal-scale blocks included)."""
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(13, 128, generator=g) * 3).numpy()
     w[0, :32] = 0.0                    # an all-zero block (scale 0)
     w[1, 32:64] = 1e-6                 # a block whose fp16 scale is subnormal
-    qw = q8_0_bytes(w)
-    want = torch.from_numpy(gguf.quants.dequantize(qw.numpy(), gguf.GGMLQuantizationType.Q8_0))
-    assert torch.equal(reference.q8_0_dequantize(qw), want.reshape(13, 128))
+    qw = block_bytes(w, FORMATS[fmt])
+    want = torch.from_numpy(gguf.quants.dequantize(qw.numpy(), FORMATS[fmt])).reshape(13, 128)
+    assert torch.equal(getattr(reference, f"{fmt}_dequantize")(qw), want)
     x = torch.randn(2, 128, generator=g)
     for isa in VARIANTS:
-        torch.testing.assert_close(cpu.q8_0_linear(x, qw, isa=isa), x @ want.reshape(13, 128).T,
+        torch.testing.assert_close(getattr(cpu, f"{fmt}_linear")(x, qw, isa=isa), x @ want.T,
                                    rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------- whole models
-def tiny_q8_0(tmp_path, tied: bool, **overrides) -> str:
-    """A tiny random llama as a GGUF with every 2-D weight in Q8_0 (vectors F32)."""
+def tiny_gguf(tmp_path, tied: bool, fmt: str = "q8_0", **overrides) -> str:
+    """A tiny random llama as a GGUF with every 2-D weight in ``fmt`` (vectors F32)."""
     from conftest import make_checkpoint
     from test_gguf import write_from_hf
     hf = make_checkpoint(str(tmp_path / f"hf-{tied}"), "llama", tie_word_embeddings=tied,
                          **overrides)
-    path = str(tmp_path / f"q8_0-{tied}.gguf")
-    write_from_hf(path, hf, {}, gguf.GGMLQuantizationType.Q8_0)
+    path = str(tmp_path / f"{fmt}-{tied}.gguf")
+    write_from_hf(path, hf, {}, FORMATS[fmt])
     return path
 
 
@@ -73,14 +80,15 @@ GREEDY = dict(max_new_tokens=32, ignore_eos=True)
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_q8_0_model_matches_dequantised_fp32(tmp_path, monkeypatch, tied):
+def test_model_matches_dequantised_fp32(tmp_path, monkeypatch, tied, fmt):
     """Quantized weights vs the same file dequantised to fp32 on load (the old path): both
     multiply by exactly the same dequantised values, so the only difference is fp32
     summation order: logits agree to 1e-5 relative to their scale (measured ~1e-6), greedy
-    tokens are equal for 32 tokens, and the weights take the Q8_0 bytes (34 per 32)."""
+    tokens are equal for 32 tokens, and the weights take the block bytes (34 or 18 per 32)."""
     import parallax
-    path = tiny_q8_0(tmp_path, tied)
+    path = tiny_gguf(tmp_path, tied, fmt)
     monkeypatch.setenv("PARALLAX_GGUF_DEQUANTIZE", "1")
     with parallax.LLM(path) as ref:
         ref_logits = ref.logits(PROMPTS)
@@ -93,14 +101,15 @@ def test_q8_0_model_matches_dequantised_fp32(tmp_path, monkeypatch, tied):
         logits = llm.logits(PROMPTS)
         tokens = [o.token_ids for o in llm.generate(PROMPTS, **GREEDY)]
         q_bytes = llm.memory()[0]["weight_bytes"]
-    assert set(formats.values()) == {"q8_0"}, formats
+    assert set(formats.values()) == {fmt}, formats
     scale = float(ref_logits.nan_to_num().abs().max())    # ragged prompts: NaN padding
     torch.testing.assert_close(logits, ref_logits, atol=1e-5 * scale, rtol=0, equal_nan=True)
     assert tokens == ref_tokens
-    # fp32 matrices (4 bytes a weight) became 34/32 bytes a weight; the fp32 vectors stay.
+    # fp32 matrices (4 bytes a weight) became 34/32 or 18/32; the fp32 vectors stay.
     with parallax.loading.gguf.GGUFCheckpoint(path) as ckpt:
         mats = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names() if len(ckpt.shape(n)) == 2)
-    assert ref_bytes - q_bytes == mats * 4 - mats * 34 // 32
+    per_block = {"q8_0": 34, "q4_0": 18}[fmt]
+    assert ref_bytes - q_bytes == mats * 4 - mats // 32 * per_block
 
 
 @pytest.mark.slow
@@ -111,7 +120,7 @@ def test_q8_0_layouts_match_one_process(tmp_path, kw):
     equal, logits within 1e-5 of their scale (tp reorders the o_proj/down_proj sums), and
     every rank holds its share in Q8_0 (intermediate 128: tp=2 splits K at block edges)."""
     import parallax
-    path = tiny_q8_0(tmp_path, True, intermediate_size=128)
+    path = tiny_gguf(tmp_path, True, intermediate_size=128)
     with parallax.LLM(path) as one:
         ref_tokens = [o.token_ids for o in one.generate(PROMPTS, **GREEDY)]
         ref_logits = one.logits(PROMPTS)
@@ -139,7 +148,7 @@ def test_tp_split_through_a_block_falls_back_to_float(tmp_path, caplog):
     from parallax.loading.gguf import GGUFCheckpoint
     from parallax.models.loader import build_model
     from parallax.parallel.context import ParallelContext
-    path = tiny_q8_0(tmp_path, False)                     # intermediate_size 96
+    path = tiny_gguf(tmp_path, False)                     # intermediate_size 96
     ctx = ParallelContext(rank=1, world_size=2, tp_size=2)
     with GGUFCheckpoint(path) as ckpt, caplog.at_level(logging.WARNING):
         model = build_model(ckpt, ctx, torch.float32)

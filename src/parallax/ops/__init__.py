@@ -36,12 +36,13 @@ from ..errors import KernelInputError
 from . import cpu as _cpu
 from . import cuda as _cuda
 from . import reference as _ref
-from .reference import (paged_attention, prefill_attention, q8_0_embedding, quantize_int8,
-                        write_paged_kv)
+from .reference import (paged_attention, prefill_attention, q4_0_embedding, q8_0_embedding,
+                        quantize_int8, write_paged_kv)
 
 __all__ = ["add_rms_norm", "decode_attention", "decode_attention_with_kvcache",
            "paged_attention", "paged_attention_with_kvcache", "write_paged_kv",
-           "embedding_packed", "int8_linear", "q8_0_linear", "q8_0_embedding", "linear", "linear_packed", "prefill_attention",
+           "embedding_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "q8_0_embedding", "q4_0_linear",
+           "q4_0_embedding", "linear", "linear_packed", "prefill_attention",
            "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "active_backend",
            "kernel_report", "check_context_lens"]
 
@@ -83,7 +84,7 @@ def active_backend() -> str:
 
 
 # Which ops have a C kernel (fp32 CPU tensors) and which a CUDA one (fp16/bf16 GPU tensors).
-_CPU_OPS = ("linear_packed", "int8_linear", "q8_0_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
+_CPU_OPS = ("linear_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
             "decode_attention_with_kvcache")
 _CUDA_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "decode_attention",
              "decode_attention_with_kvcache", "int8_linear")
@@ -245,6 +246,14 @@ def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T + bias, W in GGUF Q8_0 rows (uint8 (N, K/32*34)); see reference.q8_0_linear.
     fp32 CPU: the C kernel or torch, as measured; elsewhere the reference."""
-    if _cpu.q8_0_fits(x, qweight):
-        return _cpu.q8_0_linear_auto(x, qweight, bias)
+    if _cpu.block_fits("q8_0", x, qweight):
+        return _cpu.block_linear_auto("q8_0", x, qweight, bias)
     return _ref.q8_0_linear(x, qweight, bias)
+
+
+def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias, W in GGUF Q4_0 rows (uint8 (N, K/32*18)); see reference.q4_0_linear."""
+    if _cpu.block_fits("q4_0", x, qweight):
+        return _cpu.block_linear_auto("q4_0", x, qweight, bias)
+    return _ref.q4_0_linear(x, qweight, bias)

@@ -81,6 +81,7 @@ _SIGNATURES = {
     "parallax_gemm_packed_f32": (None, [_P] * 3 + [_I] * 4),
     "parallax_int8_linear_f32": (None, [_P] * 4 + [_I] * 4),
     "parallax_q8_0_linear_f32": (None, [_P] * 3 + [_I] * 4),
+    "parallax_q4_0_linear_f32": (None, [_P] * 3 + [_I] * 4),
     "parallax_add_rms_norm_f32": (None, [_P] * 5 + [_I, _I, _F]),
     "parallax_silu_and_mul_f32": (None, [_P, _P, _I, _I]),
     "parallax_decode_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 4
@@ -303,39 +304,54 @@ def int8_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> b
             and qweight.dim() == 2 and qweight.is_contiguous() and scales.is_contiguous())
 
 
-def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None,
-                *, isa: str | None = None) -> torch.Tensor:
-    """reference.q8_0_linear by csrc/cpu/q8_0_f32.c: x (..., K) float32, qweight
-    (N, K/32*34) uint8 Q8_0 rows, contiguous. Blocks are dequantised in registers."""
+def _block_linear(kind: str, x: torch.Tensor, qweight: torch.Tensor,
+                  bias: torch.Tensor | None, isa: str | None) -> torch.Tensor:
+    """y = x @ W^T + bias, W in GGUF ``kind`` blocks ("q8_0", "q4_0": reference.GGUF_BLOCK_BYTES),
+    by csrc/cpu/q8_0_f32.c."""
     n = qweight.shape[0]
-    k = qweight.shape[1] // _ref.Q8_0_BYTES * _ref.Q8_0_BLOCK
+    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    kernels(isa).parallax_q8_0_linear_f32(rows.data_ptr(), qweight.data_ptr(), y.data_ptr(),
-                                          rows.shape[0], n, k, torch.get_num_threads())
+    fn = getattr(kernels(isa), f"parallax_{kind}_linear_f32")
+    fn(rows.data_ptr(), qweight.data_ptr(), y.data_ptr(), rows.shape[0], n, k,
+       torch.get_num_threads())
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], n)
 
 
-def q8_0_linear_auto(x: torch.Tensor, qweight: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q8_0_linear by the C kernel or the reference (dequantise the whole weight, then
-    F.linear), whichever measured faster for this shape and row count (``choose``)."""
+def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None,
+                *, isa: str | None = None) -> torch.Tensor:
+    """reference.q8_0_linear by csrc/cpu/q8_0_f32.c: x (..., K) float32, qweight
+    (N, K/32*34) uint8 Q8_0 rows, contiguous. Blocks are dequantised in registers."""
+    return _block_linear("q8_0", x, qweight, bias, isa)
+
+
+def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None,
+                *, isa: str | None = None) -> torch.Tensor:
+    """reference.q4_0_linear by csrc/cpu/q8_0_f32.c: qweight (N, K/32*18) uint8 Q4_0 rows."""
+    return _block_linear("q4_0", x, qweight, bias, isa)
+
+
+def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``kind`` ("q8_0", "q4_0") matmul by the C kernel or the reference (dequantise the
+    whole weight, then F.linear), whichever measured faster for this shape and row count
+    (``choose``)."""
+    kernel = q8_0_linear if kind == "q8_0" else q4_0_linear
+    twin = getattr(_ref, f"{kind}_linear")
     n = qweight.shape[0]
-    k = qweight.shape[1] // _ref.Q8_0_BYTES * _ref.Q8_0_BLOCK
-    path = choose("q8_0", n, k, x.numel() // k, lambda a: q8_0_linear(a, qweight),
-                  lambda a: _ref.q8_0_linear(a, qweight))
-    if path == "kernel":
-        return q8_0_linear(x, qweight, bias)
-    return _ref.q8_0_linear(x, qweight, bias)
+    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
+    path = choose(kind, n, k, x.numel() // k, lambda a: kernel(a, qweight),
+                  lambda a: twin(a, qweight))
+    return kernel(x, qweight, bias) if path == "kernel" else twin(x, qweight, bias)
 
 
-def q8_0_fits(x: torch.Tensor, qweight: torch.Tensor) -> bool:
-    """Whether q8_0_linear's C kernel takes these tensors."""
+def block_fits(kind: str, x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Whether the ``kind`` block kernel takes these tensors."""
     return (fits(x) and qweight.dtype == torch.uint8 and qweight.device.type == "cpu"
             and qweight.dim() == 2 and qweight.is_contiguous()
-            and qweight.shape[1] % _ref.Q8_0_BYTES == 0)
+            and qweight.shape[1] % _ref.GGUF_BLOCK_BYTES[kind] == 0)
 
 
 # Row-count buckets (inclusive upper bound, rows timed): decode batches, then prefill chunks.
@@ -350,7 +366,7 @@ def row_bucket(rows: int) -> tuple[int | None, int]:
 
 
 def choose(kind: str, n: int, k: int, rows: int, kernel, torch_path) -> str:
-    """"kernel" or "torch" for a ``kind`` ("f32", "int8", "q8_0") matmul of ``rows`` rows by an
+    """"kernel" or "torch" for a ``kind`` ("f32", "int8", "q8_0", "q4_0") matmul of ``rows`` rows by an
     (n, k) weight: both are timed once per (kind, n, k, row bucket, threads) on this machine
     (``kernel(x)``, ``torch_path(x)`` on random x), the choice cached, logged and listed by
     ``matmul_choices``. ``PARALLAX_CPU_MATMUL=kernel|torch`` fixes it instead."""
