@@ -1,14 +1,15 @@
 """Times parallax's kernels against their torch counterparts.
 
     PYTHONPATH=src python benchmarks/bench_kernels.py --cpu [--rows 1,8,16,128] [--reps 15]
-        [--tables f32,int8,q8_0]
+        [--tables f32,int8,q8_0,q4_0]
     PYTHONPATH=src python benchmarks/bench_kernels.py [--quick] [--skip-e2e]      (GPU)
 
 --cpu (the default without a GPU): the packed fp32 matmul of csrc/cpu in every variant this
 CPU runs against torch on the same panels (reference.linear_packed, what the dispatcher falls
 back to) and F.linear on the plain weight, for SmolLM2-135M's weight shapes; interleaved,
 medians; prints the ISA, ratios and the path ops.linear_packed chooses. Then the same for
-int8 weights and GGUF Q8_0 weights: each variant's kernel against dequantise + F.linear.
+int8 weights and GGUF Q8_0 / Q4_0 weights: each variant's kernel against dequantise +
+F.linear.
 
 GPU: the CUDA kernels against their torch counterparts, then a decode step of a
 random-weight Llama-3-8B-shaped model with the kernels on and off. Prints one table.
@@ -302,16 +303,19 @@ def cpu_matmul_table(rows: list[int], reps: int) -> None:
 
 def _quantized(kind: str, w: torch.Tensor):
     """(kernel(x, isa), torch path(x)) for weight ``w`` stored as ``kind`` ("int8": per-channel
-    scales; "q8_0": GGUF Q8_0 blocks, quantised by the gguf package)."""
+    scales; "q8_0" / "q4_0": GGUF blocks, quantised by the gguf package, whose torch path is
+    the dispatcher's: dequantise a few MiB of rows at a time, F.linear)."""
     from parallax.ops import cpu
     if kind == "int8":
         qw, sc = ref.quantize_int8(w)
         return (lambda x, isa=None: cpu.int8_linear(x, qw, sc, isa=isa),
                 lambda x: ref.int8_linear(x, qw, sc))
     import gguf
-    qb = torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0))
-    return (lambda x, isa=None: cpu.q8_0_linear(x, qb, isa=isa),
-            lambda x: ref.q8_0_linear(x, qb))
+    qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+    qb = torch.from_numpy(gguf.quants.quantize(w.numpy(), qtype))
+    kernel = getattr(cpu, f"{kind}_linear")
+    return (lambda x, isa=None: kernel(x, qb, isa=isa),
+            lambda x: cpu.block_linear_dequant(kind, x, qb))
 
 
 def cpu_quant_table(kind: str, rows: list[int], reps: int) -> None:
@@ -346,7 +350,7 @@ def main():
     ap.add_argument("--rows", default="1,4,8,16,128", help="--cpu: row counts")
     ap.add_argument("--reps", type=int, default=15, help="--cpu: interleaved rounds")
     ap.add_argument("--threads", type=int, default=None, help="--cpu: torch threads")
-    ap.add_argument("--tables", default="f32,int8,q8_0", help="--cpu: which weight tables")
+    ap.add_argument("--tables", default="f32,int8,q8_0,q4_0", help="--cpu: which weight tables")
     ap.add_argument("--quick", action="store_true", help="one case per kernel")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--sanitize-case", action="store_true",
@@ -358,7 +362,7 @@ def main():
         rows, tables = [int(r) for r in args.rows.split(",")], args.tables.split(",")
         if "f32" in tables:
             cpu_matmul_table(rows, args.reps)
-        for kind in ("int8", "q8_0"):
+        for kind in ("int8", "q8_0", "q4_0"):
             if kind in tables:
                 cpu_quant_table(kind, rows, args.reps)
         return

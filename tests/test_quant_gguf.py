@@ -157,3 +157,16 @@ def test_tp_split_through_a_block_falls_back_to_float(tmp_path, caplog):
     assert {f for n, f in formats.items() if n.endswith("down_proj")} == {"float"}
     assert {f for n, f in formats.items() if not n.endswith("down_proj")} == {"q8_0"}
     assert "cuts Q8_0 blocks" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_chunked_dequantise_path_matches_twin(fmt, monkeypatch):
+    """The dispatcher's torch path (dequantise a few rows at a time) gives the twin's result;
+    a tiny chunk forces several chunks and a ragged last one."""
+    monkeypatch.setattr(cpu, "DEQUANT_CHUNK_BYTES", 4 * 64 * 5)      # 5 rows a chunk
+    g = torch.Generator().manual_seed(1)
+    qw = block_bytes(torch.randn(23, 64, generator=g).numpy(), FORMATS[fmt])
+    x, bias = torch.randn(3, 64, generator=g), torch.randn(23, generator=g)
+    torch.testing.assert_close(cpu.block_linear_dequant(fmt, x, qw, bias),
+                               getattr(reference, f"{fmt}_linear")(x, qw, bias),
+                               rtol=1e-6, atol=1e-6)

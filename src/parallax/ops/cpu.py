@@ -333,18 +333,39 @@ def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | Non
     return _block_linear("q4_0", x, qweight, bias, isa)
 
 
+DEQUANT_CHUNK_BYTES = 8 << 20   # fp32 bytes of weight rows dequantised at a time
+
+
+def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch path of a ``kind`` block matmul: dequantise a few MiB of weight rows at a
+    time and F.linear them into their output columns, so no full fp32 copy of the weight
+    is ever made (reference.{kind}_linear's result, column block by column block)."""
+    deq = getattr(_ref, f"{kind}_dequantize")
+    n = qweight.shape[0]
+    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
+    rows = x.reshape(-1, k)
+    step = max(1, DEQUANT_CHUNK_BYTES // (4 * k))
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        y[:, r0:r1] = torch.nn.functional.linear(
+            rows, deq(qweight[r0:r1]), None if bias is None else bias[r0:r1])
+    return y.view(*x.shape[:-1], n)
+
+
 def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``kind`` ("q8_0", "q4_0") matmul by the C kernel or the reference (dequantise the
-    whole weight, then F.linear), whichever measured faster for this shape and row count
-    (``choose``)."""
+    """The ``kind`` ("q8_0", "q4_0") matmul by the C kernel or by block_linear_dequant,
+    whichever measured faster for this shape and row count (``choose``)."""
     kernel = q8_0_linear if kind == "q8_0" else q4_0_linear
-    twin = getattr(_ref, f"{kind}_linear")
     n = qweight.shape[0]
     k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
     path = choose(kind, n, k, x.numel() // k, lambda a: kernel(a, qweight),
-                  lambda a: twin(a, qweight))
-    return kernel(x, qweight, bias) if path == "kernel" else twin(x, qweight, bias)
+                  lambda a: block_linear_dequant(kind, a, qweight))
+    if path == "kernel":
+        return kernel(x, qweight, bias)
+    return block_linear_dequant(kind, x, qweight, bias)
 
 
 def block_fits(kind: str, x: torch.Tensor, qweight: torch.Tensor) -> bool:
