@@ -16,31 +16,11 @@
 #include <string.h>
 
 #include "isa.h"
+#include "widen.h"
 
 #define QK 32
 #define q8_0_BYTES 34
 #define q4_0_BYTES 18
-
-#if PARALLAX_VW == 16
-#include <immintrin.h>
-static inline vf load_i8(const int8_t* p) {
-    __m128i b = _mm_loadu_si128((const __m128i*)p);
-    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-}
-#elif PARALLAX_VW == 8
-#include <immintrin.h>
-static inline vf load_i8(const int8_t* p) {
-    __m128i b = _mm_loadl_epi64((const __m128i*)p);
-    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-}
-#else
-typedef int32_t vi32 __attribute__((vector_size(PARALLAX_VW * 4)));
-static inline vf load_i8(const int8_t* p) {
-    vi32 w;
-    for (int i = 0; i < PARALLAX_VW; i++) w[i] = p[i];
-    return __builtin_convertvector(w, vf);
-}
-#endif
 
 /* VW weights of a Q8_0 / Q4_0 block from element j (a multiple of VW), as fp32 q (Q8_0) or
  * q - 8 (Q4_0); the caller multiplies by d. */
