@@ -114,13 +114,14 @@ def test_model_matches_dequantised_fp32(tmp_path, monkeypatch, tied, fmt):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kw", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
-def test_q8_0_layouts_match_one_process(tmp_path, kw):
-    """tp=2 / pp=2 with Q8_0 weights equal one process with Q8_0 weights: greedy tokens
+def test_layouts_match_one_process(tmp_path, kw, fmt):
+    """tp=2 / pp=2 with block weights equal one process with block weights: greedy tokens
     equal, logits within 1e-5 of their scale (tp reorders the o_proj/down_proj sums), and
-    every rank holds its share in Q8_0 (intermediate 128: tp=2 splits K at block edges)."""
+    every rank holds its share in blocks (intermediate 128: tp=2 splits K at block edges)."""
     import parallax
-    path = tiny_gguf(tmp_path, True, intermediate_size=128)
+    path = tiny_gguf(tmp_path, True, fmt, intermediate_size=128)
     with parallax.LLM(path) as one:
         ref_tokens = [o.token_ids for o in one.generate(PROMPTS, **GREEDY)]
         ref_logits = one.logits(PROMPTS)
@@ -170,3 +171,19 @@ def test_chunked_dequantise_path_matches_twin(fmt, monkeypatch):
     torch.testing.assert_close(cpu.block_linear_dequant(fmt, x, qw, bias),
                                getattr(reference, f"{fmt}_linear")(x, qw, bias),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_raw_slice_through_a_block_refused(tmp_path):
+    """GGUFCheckpoint.read_quantized: a K slice must start and end on block boundaries;
+    whole blocks come back as the file's bytes (equal to the full read's columns)."""
+    from parallax.errors import CheckpointError
+    from parallax.loading.gguf import GGUFCheckpoint
+    path = tiny_gguf(tmp_path, False, intermediate_size=128)
+    name = "model.layers.0.mlp.down_proj.weight"                  # (64, 128)
+    with GGUFCheckpoint(path) as ckpt:
+        full = ckpt.read_quantized(name)
+        assert full.shape == (64, 128 // 32 * 34) and full.dtype == torch.uint8
+        assert torch.equal(ckpt.read_quantized(name, 1, 64, 64), full[:, 2 * 34:])
+        assert torch.equal(reference.q8_0_dequantize(full), ckpt.read(name))
+        with pytest.raises(CheckpointError, match="block boundaries"):
+            ckpt.read_quantized(name, 1, 48, 48)

@@ -7,7 +7,8 @@
 - ``cuda``: like auto, but the extension must load: importing this module raises if it cannot;
 - ``reference``: always the torch references.
 
-fp32 CPU tensors take the C kernels of csrc/cpu (ops/cpu.py: packed matmul, norms,
+fp32 CPU tensors take the C kernels of csrc/cpu (ops/cpu.py: packed matmul, int8 and GGUF
+Q8_0 / Q4_0 block matmuls, norms,
 ``silu_and_mul``, decode attention with the cache write, paged attention over a flat mixed
 prefill/decode batch) where they build, in the variant
 for the CPU's instruction set (``PARALLAX_CPU_ISA`` forces one); the packed matmul goes to
