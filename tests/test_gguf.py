@@ -258,10 +258,12 @@ def llama3_rope_factors(theta: float, head_dim: int, scaling: dict) -> np.ndarra
 
 
 def write_from_hf(path, hf_folder: str, extra: dict[str, np.ndarray], arch: str = "llama",
-                  names: dict[str, str] = GGUF_TO_HF, permuted: bool = True) -> None:
-    """An F32 GGUF of a HF checkpoint of ``arch``, as llama.cpp lays it out: GGUF tensor
-    names from ``names`` (GGUF stem -> HF stem), q/k rows permuted when ``permuted`` (llama),
-    head_dim written as key/value length, a tied lm_head left out."""
+                  names: dict[str, str] = GGUF_TO_HF, permuted: bool = True,
+                  qtype: Q = Q.F32) -> None:
+    """A GGUF of a HF checkpoint of ``arch``, as llama.cpp lays it out: GGUF tensor names from
+    ``names`` (GGUF stem -> HF stem), q/k rows permuted when ``permuted`` (llama), head_dim
+    written as key/value length, a tied lm_head left out; 2-D weights stored as ``qtype``
+    (gguf.quants), vectors as F32."""
     import json
     from safetensors.numpy import load_file
     cfg = json.load(open(os.path.join(hf_folder, "config.json")))
@@ -289,7 +291,12 @@ def write_from_hf(path, hf_folder: str, extra: dict[str, np.ndarray], arch: str 
         stem, kind = name.rsplit(".", 1)
         if permuted and stem.endswith(("q_proj", "k_proj")):
             x = permute(x, cfg["num_attention_heads" if stem.endswith("q_proj") else "num_key_value_heads"])
-        w.add_tensor(f"{hf_to_gguf[stem]}.{kind}", np.ascontiguousarray(x, np.float32))
+        x = np.ascontiguousarray(x, np.float32)
+        if qtype != Q.F32 and x.ndim == 2:
+            w.add_tensor(f"{hf_to_gguf[stem]}.{kind}", gguf.quants.quantize(x, qtype),
+                         raw_dtype=qtype)
+        else:
+            w.add_tensor(f"{hf_to_gguf[stem]}.{kind}", x)
     for name, x in extra.items():
         w.add_tensor(name, x)
     w.write_header_to_file()

@@ -137,44 +137,44 @@ class GGUFCheckpoint:
     def read(self, name: str, dim: int | None = None, start: int = 0,
              length: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         t = self._tensor(name)
-        shape = t.shape
-        permuted = self._is_permuted(name)
-        if dim is None:
-            start, length = 0, None
-        else:
-            if not -len(shape) <= dim < len(shape):
-                raise CheckpointError(f"{name} has shape {shape}; cannot slice dim {dim}")
-            dim %= len(shape)
-            if length is None:
-                length = shape[dim] - start
-            if start < 0 or length < 0 or start + length > shape[dim]:
-                raise CheckpointError(
-                    f"slice [{start}, {start + length}) of dim {dim} is outside {name} {shape}")
-
-        data = t.data                   # uint8 (..., bytes per row)
-        if dim == 0 and permuted:
-            hd = self.config.head_dim
-            if start % hd or length % hd:
-                raise CheckpointError(
-                    f"{name} rows are stored permuted per head in GGUF, so a row slice must "
-                    f"cover whole heads (start and length multiples of head_dim={hd}); "
-                    f"got start={start}, length={length}")
-        if dim == 0 and len(shape) > 1:
-            data = data[start:start + length]
-        elif dim is not None:
-            if dim != len(shape) - 1:
-                raise CheckpointError(f"{name} {shape}: only dim 0 or the last dim can be sliced")
+        dim, start, length = self._check_slice(name, t.shape, dim, start, length)
+        data = self._slice_rows(name, t, dim, start, length)
+        if dim is not None and dim != 0 and len(t.shape) > 1 or dim == 0 and len(t.shape) == 1:
             data, start = self._column_blocks(t, data, start, length)
 
         arr = self._dequantize(data, t, name)
-        if permuted:
-            if arr.shape[0] % self.config.head_dim:
-                raise CheckpointError(f"{name} has {arr.shape[0]} rows, not whole heads of "
-                                      f"head_dim={self.config.head_dim}")
-            arr = _unpermute_rows(arr, self.config.head_dim)
-        if dim is not None and dim != 0:      # the last dim: drop the rest of the edge blocks
+        if self._is_permuted(name):
+            arr = self._unpermute(name, arr)
+        if dim is not None and (dim != 0 or len(t.shape) == 1):   # drop the edge blocks' rest
             arr = arr[..., start:start + length]
         return self._to_torch(arr, dtype)
+
+    def ggml_type(self, name: str) -> str:
+        """The ggml type name of tensor ``name`` ("F32", "Q8_0", "Q4_1", ...)."""
+        return self._tensor(name).tensor_type.name
+
+    def read_quantized(self, name: str, dim: int | None = None, start: int = 0,
+                       length: int | None = None) -> torch.Tensor:
+        """The raw blocks of a 2-D tensor's slice, as in the file: uint8 (rows, bytes per
+        row), rows in HF order (q/k un-permuted). A slice along the last dim must start and
+        end on block boundaries (CheckpointError otherwise)."""
+        t = self._tensor(name)
+        if len(t.shape) != 2:
+            raise CheckpointError(f"{name} {t.shape}: only 2-D tensors are read as raw blocks")
+        dim, start, length = self._check_slice(name, t.shape, dim, start, length)
+        data = self._slice_rows(name, t, dim, start, length)
+        if dim == 1:
+            block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+            if start % block or length % block:
+                raise CheckpointError(
+                    f"{name}: columns [{start}, {start + length}) cut a {t.tensor_type.name} "
+                    f"block of {block}; a quantized slice must start and end on block "
+                    f"boundaries (pick a tp size that splits K into multiples of {block})")
+            data = data[:, start // block * type_size:(start + length) // block * type_size]
+        arr = np.array(data, dtype=np.uint8, order="C")          # own memory, off the mmap
+        if self._is_permuted(name):
+            arr = self._unpermute(name, arr)
+        return torch.from_numpy(np.ascontiguousarray(arr))
 
     def close(self) -> None:
         self._tensors.clear()
@@ -214,6 +214,47 @@ class GGUFCheckpoint:
     def _is_permuted(self, name: str) -> bool:
         return (self.config.architecture in _PERMUTED_ARCHS
                 and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name))
+
+    @staticmethod
+    def _check_slice(name: str, shape: tuple[int, ...], dim: int | None, start: int,
+                     length: int | None) -> tuple[int | None, int, int | None]:
+        """(dim made non-negative, start, length) of a valid slice; (None, 0, None): all."""
+        if dim is None:
+            return None, 0, None
+        if not -len(shape) <= dim < len(shape):
+            raise CheckpointError(f"{name} has shape {shape}; cannot slice dim {dim}")
+        dim %= len(shape)
+        if length is None:
+            length = shape[dim] - start
+        if start < 0 or length < 0 or start + length > shape[dim]:
+            raise CheckpointError(
+                f"slice [{start}, {start + length}) of dim {dim} is outside {name} {shape}")
+        if dim not in (0, len(shape) - 1):
+            raise CheckpointError(f"{name} {shape}: only dim 0 or the last dim can be sliced")
+        return dim, start, length
+
+    def _slice_rows(self, name: str, t: GGUFTensor, dim: int | None, start: int,
+                    length: int | None) -> np.ndarray:
+        """The tensor's bytes (uint8 (..., bytes per row)), only rows [start, start+length)
+        for a row slice of a 2-D+ tensor (whole heads where the rows are permuted)."""
+        data = t.data
+        if dim == 0 and len(t.shape) > 1:
+            if self._is_permuted(name):
+                hd = self.config.head_dim
+                if start % hd or length % hd:
+                    raise CheckpointError(
+                        f"{name} rows are stored permuted per head in GGUF, so a row slice "
+                        f"must cover whole heads (start and length multiples of head_dim={hd}); "
+                        f"got start={start}, length={length}")
+            data = data[start:start + length]
+        return data
+
+    def _unpermute(self, name: str, arr: np.ndarray) -> np.ndarray:
+        hd = self.config.head_dim
+        if arr.shape[0] % hd:
+            raise CheckpointError(f"{name} has {arr.shape[0]} rows, not whole heads of "
+                                  f"head_dim={hd}")
+        return _unpermute_rows(arr, hd)
 
     @staticmethod
     def _column_blocks(t: GGUFTensor, data: np.ndarray, start: int,

@@ -11,6 +11,7 @@ slices, so the check runs on names against the whole model built on the meta dev
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -23,6 +24,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ParallaxError
 from ..loading.checkpoint import Checkpoint
 from ..parallel.context import ParallelContext
+from ..parallel.quant import GGUF_METHODS, set_weight
 from ..parallel.sharding import split_layers
 from . import MODEL_REGISTRY
 
@@ -86,7 +88,8 @@ def _derived(name: str, cfg: ModelConfig) -> bool:
 
 def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
                 layer_split: list[int] | None = None, quantize: str | None = None) -> nn.Module:
-    """This rank's stage of the model with its tp shard of every weight loaded."""
+    """This rank's stage of the model with its tp shard of every weight loaded. fp32 on the
+    CPU without ``quantize``: GGUF Q8_0 tensors stay in their blocks (keep_gguf_blocks_)."""
     if quantize not in (None, "int8"):
         raise ParallaxError(f"quantize={quantize!r} is not supported; use None or 'int8'")
     cfg = ckpt.config
@@ -95,8 +98,14 @@ def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
     cls = MODEL_REGISTRY[cfg.architecture]
     with torch.device("meta"):
         model = cls(cfg, ctx, layers, dtype)
+    if quantize is None and ctx.device.type == "cpu" and dtype == torch.float32:
+        keep_gguf_blocks_(model, ckpt)
     t0 = time.perf_counter()
     load_weights(model, ckpt, ctx.device, dtype, show_progress=ctx.rank == 0)
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
     for module in model.modules():     # rotary tables (built on the CPU, outside meta)
         for name, buf in module._buffers.items():
             if buf is not None:
@@ -108,6 +117,46 @@ def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
     logger.info("rank %d: loaded layers %d..%d in %.2f s", ctx.rank, layers.start, layers.stop - 1,
                 time.perf_counter() - t0)
     return model.eval()
+
+
+def dequantize_gguf() -> bool:
+    """``PARALLAX_GGUF_DEQUANTIZE=1``: read every GGUF tensor as float (the old path)."""
+    return os.environ.get("PARALLAX_GGUF_DEQUANTIZE", "").strip().lower() in ("1", "true", "yes")
+
+
+def keep_gguf_blocks_(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Give each matmul / embedding layer whose checkpoint tensors are all of one GGUF block
+    type parallax computes on (``parallel.quant.GGUF_METHODS``: Q8_0) that type's
+    quant_method, so its weight is read and kept as raw blocks. A row-parallel shard whose
+    K range cuts a block stays float, with a warning. No-op for other checkpoints or with
+    ``PARALLAX_GGUF_DEQUANTIZE=1``. Tied layers share one parameter and one method."""
+    if not hasattr(ckpt, "read_quantized") or dequantize_gguf():
+        return
+    done: dict[int, tuple] = {}          # id(meta weight) -> (method, new parameter)
+    for module in model.modules():
+        if getattr(module, "quant_method", None) is None:   # not a matmul / embedding layer
+            continue
+        w = module.weight
+        if w is None or w.dim() != 2:
+            continue
+        if id(w) in done:                 # a tied head: the embedding's tensor and method
+            module.quant_method = done[id(w)][0]
+            set_weight(module, done[id(w)][1])
+            continue
+        types = {ckpt.ggml_type(c.name) for c in w.chunks}
+        method = GGUF_METHODS.get(types.pop()) if len(types) == 1 else None
+        if method is None:
+            continue
+        block = method.block
+        cut = [c for c in w.chunks if c.dim == 1 and (c.start % block or (c.length or 0) % block)]
+        if cut or w.shape[1] % block:
+            logger.warning("%s: this rank's K slice cuts %s blocks of %d; dequantising it to "
+                           "float instead", cut[0].name if cut else w.chunks[0].name,
+                           method.ggml_type, block)
+            continue
+        method.create_weights(module)
+        module.quant_method = method
+        done[id(w)] = (method, module.weight)
 
 
 def pack_weights_(model: nn.Module) -> None:
@@ -126,20 +175,29 @@ def pack_weights_(model: nn.Module) -> None:
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                  show_progress: bool = True) -> None:
-    """Replace every meta parameter by its shard from ``ckpt``; tied parameters stay one tensor."""
-    slots = [(m, name, p) for m in model.modules() for name, p in m._parameters.items() if p is not None]
-    loaded: dict[int, nn.Parameter] = {}
+    """Replace every meta parameter (and every meta buffer with ``chunks``: weights kept in
+    GGUF blocks) by its shard from ``ckpt``; tied tensors stay one tensor."""
+    slots = [(m, name, p, True) for m in model.modules() for name, p in m._parameters.items()
+             if p is not None]
+    slots += [(m, name, b, False) for m in model.modules() for name, b in m._buffers.items()
+              if b is not None and hasattr(b, "chunks")]
+    loaded: dict[int, torch.Tensor] = {}
     bar = tqdm(slots, desc="loading weights", unit="tensor", leave=False,
                disable=not (show_progress and sys.stderr.isatty()))
-    for module, name, meta in bar:
+    for module, name, meta, is_param in bar:
         new = loaded.get(id(meta))
         if new is None:
-            parts = [ckpt.read(c.name, c.dim, c.start, c.length, dtype=dtype) for c in meta.chunks]
+            if getattr(meta, "ggml_type", None):      # raw GGUF blocks (keep_gguf_blocks_)
+                parts = [ckpt.read_quantized(c.name, c.dim, c.start, c.length)
+                         for c in meta.chunks]
+            else:
+                parts = [ckpt.read(c.name, c.dim, c.start, c.length, dtype=dtype)
+                         for c in meta.chunks]
             data = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             if data.shape != meta.shape:
                 raise CheckpointError(
                     f"{[c.name for c in meta.chunks]} gave shape {tuple(data.shape)} but this rank "
                     f"expects {tuple(meta.shape)}; the checkpoint does not match its config")
-            new = nn.Parameter(data.to(device), requires_grad=False)
+            new = nn.Parameter(data.to(device), requires_grad=False) if is_param else data.to(device)
             loaded[id(meta)] = new
-        module._parameters[name] = new
+        (module._parameters if is_param else module._buffers)[name] = new

@@ -7,7 +7,8 @@
 - ``cuda``: like auto, but the extension must load: importing this module raises if it cannot;
 - ``reference``: always the torch references.
 
-fp32 CPU tensors take the C kernels of csrc/cpu (ops/cpu.py: packed matmul, norms,
+fp32 CPU tensors take the C kernels of csrc/cpu (ops/cpu.py: packed matmul, int8 and GGUF
+Q8_0 / Q4_0 block matmuls, norms,
 ``silu_and_mul``, decode attention with the cache write, paged attention over a flat mixed
 prefill/decode batch) where they build, in the variant
 for the CPU's instruction set (``PARALLAX_CPU_ISA`` forces one); the packed matmul goes to
@@ -36,11 +37,13 @@ from ..errors import KernelInputError
 from . import cpu as _cpu
 from . import cuda as _cuda
 from . import reference as _ref
-from .reference import paged_attention, prefill_attention, quantize_int8, write_paged_kv
+from .reference import (paged_attention, prefill_attention, q4_0_embedding, q8_0_embedding,
+                        quantize_int8, write_paged_kv)
 
 __all__ = ["add_rms_norm", "decode_attention", "decode_attention_with_kvcache",
            "paged_attention", "paged_attention_with_kvcache", "write_paged_kv",
-           "embedding_packed", "int8_linear", "linear", "linear_packed", "prefill_attention",
+           "embedding_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "q8_0_embedding", "q4_0_linear",
+           "q4_0_embedding", "linear", "linear_packed", "prefill_attention",
            "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "active_backend",
            "kernel_report", "check_context_lens"]
 
@@ -82,7 +85,7 @@ def active_backend() -> str:
 
 
 # Which ops have a C kernel (fp32 CPU tensors) and which a CUDA one (fp16/bf16 GPU tensors).
-_CPU_OPS = ("linear_packed", "int8_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
+_CPU_OPS = ("linear_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
             "decode_attention_with_kvcache")
 _CUDA_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "decode_attention",
              "decode_attention_with_kvcache", "int8_linear")
@@ -242,3 +245,20 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return _cpu.int8_linear_auto(x, qweight, scales, bias)
     # Larger batches on a GPU: dequantize-then-matmul (the reference), cuBLAS does the work.
     return _ref.int8_linear(x, qweight, scales, bias)
+
+
+def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias, W in GGUF Q8_0 rows (uint8 (N, K/32*34)); see reference.q8_0_linear.
+    fp32 CPU: the C kernel or torch, as measured; elsewhere the reference."""
+    if _cpu.block_fits("q8_0", x, qweight):
+        return _cpu.block_linear_auto("q8_0", x, qweight, bias)
+    return _ref.q8_0_linear(x, qweight, bias)
+
+
+def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias, W in GGUF Q4_0 rows (uint8 (N, K/32*18)); see reference.q4_0_linear."""
+    if _cpu.block_fits("q4_0", x, qweight):
+        return _cpu.block_linear_auto("q4_0", x, qweight, bias)
+    return _ref.q4_0_linear(x, qweight, bias)

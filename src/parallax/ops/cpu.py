@@ -74,12 +74,14 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor,
 PANEL = 32
 
 # Every C source of the library and the entry points ctypes binds: name -> (return, args).
-_SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "paged_attention_f32.c"]
+_SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "q8_0_f32.c", "paged_attention_f32.c"]
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGNATURES = {
     "parallax_cpu_isa": (ctypes.c_char_p, []),
     "parallax_gemm_packed_f32": (None, [_P] * 3 + [_I] * 4),
     "parallax_int8_linear_f32": (None, [_P] * 4 + [_I] * 4),
+    "parallax_q8_0_linear_f32": (None, [_P] * 3 + [_I] * 4),
+    "parallax_q4_0_linear_f32": (None, [_P] * 3 + [_I] * 4),
     "parallax_add_rms_norm_f32": (None, [_P] * 5 + [_I, _I, _F]),
     "parallax_silu_and_mul_f32": (None, [_P, _P, _I, _I]),
     "parallax_decode_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 4
@@ -302,6 +304,77 @@ def int8_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> b
             and qweight.dim() == 2 and qweight.is_contiguous() and scales.is_contiguous())
 
 
+def _block_linear(kind: str, x: torch.Tensor, qweight: torch.Tensor,
+                  bias: torch.Tensor | None, isa: str | None) -> torch.Tensor:
+    """y = x @ W^T + bias, W in GGUF ``kind`` blocks ("q8_0", "q4_0": reference.GGUF_BLOCK_BYTES),
+    by csrc/cpu/q8_0_f32.c."""
+    n = qweight.shape[0]
+    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    fn = getattr(kernels(isa), f"parallax_{kind}_linear_f32")
+    fn(rows.data_ptr(), qweight.data_ptr(), y.data_ptr(), rows.shape[0], n, k,
+       torch.get_num_threads())
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], n)
+
+
+def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None,
+                *, isa: str | None = None) -> torch.Tensor:
+    """reference.q8_0_linear by csrc/cpu/q8_0_f32.c: x (..., K) float32, qweight
+    (N, K/32*34) uint8 Q8_0 rows, contiguous. Blocks are dequantised in registers."""
+    return _block_linear("q8_0", x, qweight, bias, isa)
+
+
+def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None,
+                *, isa: str | None = None) -> torch.Tensor:
+    """reference.q4_0_linear by csrc/cpu/q8_0_f32.c: qweight (N, K/32*18) uint8 Q4_0 rows."""
+    return _block_linear("q4_0", x, qweight, bias, isa)
+
+
+DEQUANT_CHUNK_BYTES = 8 << 20   # fp32 bytes of weight rows dequantised at a time
+
+
+def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch path of a ``kind`` block matmul: dequantise a few MiB of weight rows at a
+    time and F.linear them into their output columns, so no full fp32 copy of the weight
+    is ever made (reference.{kind}_linear's result, column block by column block)."""
+    deq = getattr(_ref, f"{kind}_dequantize")
+    n = qweight.shape[0]
+    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
+    rows = x.reshape(-1, k)
+    step = max(1, DEQUANT_CHUNK_BYTES // (4 * k))
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        y[:, r0:r1] = torch.nn.functional.linear(
+            rows, deq(qweight[r0:r1]), None if bias is None else bias[r0:r1])
+    return y.view(*x.shape[:-1], n)
+
+
+def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``kind`` ("q8_0", "q4_0") matmul by the C kernel or by block_linear_dequant,
+    whichever measured faster for this shape and row count (``choose``)."""
+    kernel = q8_0_linear if kind == "q8_0" else q4_0_linear
+    n = qweight.shape[0]
+    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
+    path = choose(kind, n, k, x.numel() // k, lambda a: kernel(a, qweight),
+                  lambda a: block_linear_dequant(kind, a, qweight))
+    if path == "kernel":
+        return kernel(x, qweight, bias)
+    return block_linear_dequant(kind, x, qweight, bias)
+
+
+def block_fits(kind: str, x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Whether the ``kind`` block kernel takes these tensors."""
+    return (fits(x) and qweight.dtype == torch.uint8 and qweight.device.type == "cpu"
+            and qweight.dim() == 2 and qweight.is_contiguous()
+            and qweight.shape[1] % _ref.GGUF_BLOCK_BYTES[kind] == 0)
+
+
 # Row-count buckets (inclusive upper bound, rows timed): decode batches, then prefill chunks.
 ROW_BUCKETS = ((1, 1), (4, 4), (8, 8), (16, 16), (64, 64), (None, 256))
 TORCH_MARGIN = 0.95   # torch is chosen only when clearly faster: ties keep the kernel
@@ -314,7 +387,7 @@ def row_bucket(rows: int) -> tuple[int | None, int]:
 
 
 def choose(kind: str, n: int, k: int, rows: int, kernel, torch_path) -> str:
-    """"kernel" or "torch" for a ``kind`` ("f32", "int8") matmul of ``rows`` rows by an
+    """"kernel" or "torch" for a ``kind`` ("f32", "int8", "q8_0", "q4_0") matmul of ``rows`` rows by an
     (n, k) weight: both are timed once per (kind, n, k, row bucket, threads) on this machine
     (``kernel(x)``, ``torch_path(x)`` on random x), the choice cached, logged and listed by
     ``matmul_choices``. ``PARALLAX_CPU_MATMUL=kernel|torch`` fixes it instead."""

@@ -249,3 +249,53 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales.to(weight.dtype)
+
+
+# llama.cpp block formats kept quantized on the CPU: bytes per block of 32 weights.
+GGUF_BLOCK = 32
+GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+
+
+def q8_0_dequantize(qweight: torch.Tensor) -> torch.Tensor:
+    """Q8_0 rows -> fp32. qweight: (N, K/32*34) uint8, each row K/32 blocks of
+    (fp16 d, 32 int8 q) as in a GGUF file -> (N, K) float32 = q * d."""
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, -1, 34)                                    # (N, K/32, 34)
+    d = blocks[..., :2].contiguous().view(torch.float16).float()           # (N, K/32, 1)
+    q = blocks[..., 2:].contiguous().view(torch.int8).float()              # (N, K/32, 32)
+    return (q * d).reshape(n, -1)
+
+
+def q4_0_dequantize(qweight: torch.Tensor) -> torch.Tensor:
+    """Q4_0 rows -> fp32. qweight: (N, K/32*18) uint8, each row K/32 blocks of (fp16 d,
+    16 bytes: weight i < 16 in the low nibble of byte i, 16 + i in its high nibble)
+    -> (N, K) float32 = (q - 8) * d."""
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, -1, 18)                                    # (N, K/32, 18)
+    d = blocks[..., :2].contiguous().view(torch.float16).float()           # (N, K/32, 1)
+    qs = blocks[..., 2:].to(torch.int16)                                   # (N, K/32, 16)
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).float() - 8                  # (N, K/32, 32)
+    return (q * d).reshape(n, -1)
+
+
+def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W in Q8_0 rows (see q8_0_dequantize), dequantised by torch.
+    x: (..., K) float32 with K = qweight.shape[1] / 34 * 32 -> (..., N) float32."""
+    return F.linear(x, q8_0_dequantize(qweight).to(x.dtype), bias)
+
+
+def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q8_0_linear for Q4_0 rows (see q4_0_dequantize): K = qweight.shape[1] / 18 * 32."""
+    return F.linear(x, q4_0_dequantize(qweight).to(x.dtype), bias)
+
+
+def q8_0_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a Q8_0 matrix, dequantised: ids (...) long -> (..., K) float32."""
+    return q8_0_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)
+
+
+def q4_0_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a Q4_0 matrix, dequantised: ids (...) long -> (..., K) float32."""
+    return q4_0_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)

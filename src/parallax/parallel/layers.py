@@ -16,6 +16,7 @@ from torch import nn
 from .. import ops
 from . import collectives as C
 from .context import ParallelContext
+from .quant import UNQUANTIZED, QuantMethod
 from .sharding import split_evenly
 
 
@@ -27,14 +28,6 @@ class Chunk(NamedTuple):
     length: int | None = None
 
 
-def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b, for a plain (N, K) weight or one packed for the CPU kernel (3-D panels,
-    see models/loader.py: pack_weights_)."""
-    if weight.dim() == 3:
-        return ops.linear_packed(x, weight, bias)
-    return ops.linear(x, weight, bias)
-
-
 def _param(shape: tuple[int, ...], dtype: torch.dtype, chunks: list[Chunk]) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     p.chunks = chunks
@@ -42,7 +35,10 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, chunks: list[Chunk]) -> n
 
 
 class _Linear(nn.Module):
-    """y = x W^T (+ b) on this rank's shard, in float or weight-only int8."""
+    """y = x W^T (+ b) on this rank's shard, in float, weight-only int8 or a GGUF block
+    format (``quant_method``, set by the loader; parallel/quant.py)."""
+
+    quant_method: QuantMethod = UNQUANTIZED
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype,
                  weight_chunks: list[Chunk], bias_chunks: list[Chunk] | None):
@@ -61,7 +57,7 @@ class _Linear(nn.Module):
     def _local(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.qweight is not None:
             return ops.int8_linear(x, self.qweight, self.scales, bias)
-        return _matmul(x, self.weight, bias)
+        return self.quant_method.apply(self, x, bias)
 
 
 class ColumnParallelLinear(_Linear):
@@ -108,6 +104,8 @@ class VocabParallelEmbedding(nn.Module):
     """Embedding with the vocabulary split in contiguous row blocks; ids outside this rank's
     block look up zeros, and the all-reduce over tp sums the one real row into place."""
 
+    quant_method: QuantMethod = UNQUANTIZED
+
     def __init__(self, vocab: int, dim: int, dtype: torch.dtype, ctx: ParallelContext,
                  name: str = "model.embed_tokens.weight"):
         super().__init__()
@@ -117,12 +115,11 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _param((n, dim), dtype, [Chunk(name, 0, self.start, n)])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:   # (B, T) long -> (B, T, dim)
-        lookup = ops.embedding_packed if self.weight.dim() == 3 else nn.functional.embedding
         if self.ctx.tp_size == 1:
-            return lookup(ids, self.weight)
+            return self.quant_method.embedding(self, ids)
         local = ids - self.start
         outside = (local < 0) | (local >= self.vocab_sizes[self.ctx.tp_rank])
-        x = lookup(local.masked_fill(outside, 0), self.weight)
+        x = self.quant_method.embedding(self, local.masked_fill(outside, 0))
         x = x.masked_fill(outside.unsqueeze(-1), 0.0)
         return C.all_reduce_tp(x, self.ctx)
 
@@ -132,7 +129,10 @@ class ParallelLMHead(nn.Module):
     logits are gathered over tp into the full vocabulary. With tied embeddings it reuses the
     embedding's parameter (one tensor in memory; packed for the CPU kernel, the embedding
     reads its rows from the panels); on a pipeline stage without the embedding
-    it reads the embedding matrix under ``name``."""
+    it reads the embedding matrix under ``name``. A tied head shares the embedding's
+    ``quant_method`` too."""
+
+    quant_method: QuantMethod = UNQUANTIZED
 
     def __init__(self, vocab: int, dim: int, dtype: torch.dtype, ctx: ParallelContext,
                  name: str = "lm_head.weight", tied: VocabParallelEmbedding | None = None):
@@ -146,5 +146,5 @@ class ParallelLMHead(nn.Module):
             self.weight = _param((n, dim), dtype, [Chunk(name, 0, start, n)])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:   # (..., dim) -> (..., vocab) float32
-        logits = _matmul(h, self.weight).float()
+        logits = self.quant_method.apply(self, h).float()
         return C.gather_tp(logits, self.ctx, self.vocab_sizes)

@@ -1,0 +1,189 @@
+"""GGUF Q8_0 / Q4_0 weights kept quantized: the C kernels against their torch twins (every
+CPU variant this machine runs) and against gguf's own dequantisation; LLM(gguf) with quantized
+weights against the same file dequantised to fp32 (the old path), in one process and under
+tp=2 / pp=2."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from parallax.ops import cpu, reference
+
+VARIANTS = cpu.supported_variants()
+Q = gguf.GGMLQuantizationType
+FORMATS = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
+
+
+def block_bytes(w: np.ndarray, qtype=Q.Q8_0) -> torch.Tensor:
+    """(N, K) float32 -> rows of ``qtype`` blocks, uint8, by gguf's own quantiser."""
+    q = gguf.quants.quantize(w.astype(np.float32), qtype)
+    return torch.from_numpy(np.ascontiguousarray(q))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (3, 33, 96), (5, 64, 256), (9, 17, 160),
+                                   (17, 40, 64), (1, 1, 32)])
+def test_block_kernel_matches_twin(isa, m, n, k, fmt):
+    if cpu.kernels(isa) is None:
+        pytest.fail(f"CPU kernels ({isa}) did not build: {cpu.build_error(isa)}")
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=g).numpy()
+    qw = block_bytes(w, FORMATS[fmt])
+    x = torch.randn(m, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    want = getattr(reference, f"{fmt}_linear")(x, qw, bias)
+    got = getattr(cpu, f"{fmt}_linear")(x, qw, bias, isa=isa)
+    # Same dequantised values, different summation order: fp32 rounding only.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_matches_gguf(fmt):
+    """The twin's dequantisation is bit-equal to gguf's; every kernel variant multiplies by
+    those values (zero and subnormal-scale blocks included)."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(13, 128, generator=g) * 3).numpy()
+    w[0, :32] = 0.0                    # an all-zero block (scale 0)
+    w[1, 32:64] = 1e-6                 # a block whose fp16 scale is subnormal
+    qw = block_bytes(w, FORMATS[fmt])
+    want = torch.from_numpy(gguf.quants.dequantize(qw.numpy(), FORMATS[fmt])).reshape(13, 128)
+    assert torch.equal(getattr(reference, f"{fmt}_dequantize")(qw), want)
+    x = torch.randn(2, 128, generator=g)
+    for isa in VARIANTS:
+        torch.testing.assert_close(getattr(cpu, f"{fmt}_linear")(x, qw, isa=isa), x @ want.T,
+                                   rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- whole models
+def tiny_gguf(tmp_path, tied: bool, fmt: str = "q8_0", **overrides) -> str:
+    """A tiny random llama as a GGUF with every 2-D weight in ``fmt`` (vectors F32)."""
+    from conftest import make_checkpoint
+    from test_gguf import write_from_hf
+    hf = make_checkpoint(str(tmp_path / f"hf-{tied}"), "llama", tie_word_embeddings=tied,
+                         **overrides)
+    path = str(tmp_path / f"{fmt}-{tied}.gguf")
+    write_from_hf(path, hf, {}, qtype=FORMATS[fmt])
+    return path
+
+
+def _weight_formats(llm) -> dict[str, str]:
+    model = llm._runner.model
+    return {name: m.quant_method.name for name, m in model.named_modules()
+            if getattr(m, "quant_method", None) is not None}
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [1, 2], list(range(30, 60))]
+GREEDY = dict(max_new_tokens=32, ignore_eos=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_model_matches_dequantised_fp32(tmp_path, monkeypatch, tied, fmt):
+    """Quantized weights vs the same file dequantised to fp32 on load (the old path): both
+    multiply by exactly the same dequantised values, so the only difference is fp32
+    summation order: logits agree to 1e-5 relative to their scale (measured 6e-7), greedy
+    tokens are equal for 32 tokens, and the weights take the block bytes (34 or 18 per 32)."""
+    import parallax
+    path = tiny_gguf(tmp_path, tied, fmt)
+    monkeypatch.setenv("PARALLAX_GGUF_DEQUANTIZE", "1")
+    with parallax.LLM(path) as ref:
+        ref_logits = ref.logits(PROMPTS)
+        ref_tokens = [o.token_ids for o in ref.generate(PROMPTS, **GREEDY)]
+        ref_bytes = ref.memory()[0]["weight_bytes"]
+        assert set(_weight_formats(ref).values()) == {"float"}
+    monkeypatch.delenv("PARALLAX_GGUF_DEQUANTIZE")
+    with parallax.LLM(path) as llm:
+        formats = _weight_formats(llm)
+        logits = llm.logits(PROMPTS)
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, **GREEDY)]
+        q_bytes = llm.memory()[0]["weight_bytes"]
+    assert set(formats.values()) == {fmt}, formats
+    scale = float(ref_logits.nan_to_num().abs().max())    # ragged prompts: NaN padding
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5 * scale, rtol=0, equal_nan=True)
+    assert tokens == ref_tokens
+    # fp32 matrices (4 bytes a weight) became 34/32 or 18/32; the fp32 vectors stay.
+    with parallax.loading.gguf.GGUFCheckpoint(path) as ckpt:
+        mats = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names() if len(ckpt.shape(n)) == 2)
+    per_block = {"q8_0": 34, "q4_0": 18}[fmt]
+    assert ref_bytes - q_bytes == mats * 4 - mats // 32 * per_block
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kw", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
+def test_layouts_match_one_process(tmp_path, kw, fmt):
+    """tp=2 / pp=2 with block weights equal one process with block weights: greedy tokens
+    equal, logits within 1e-5 of their scale (tp reorders the o_proj/down_proj sums), and
+    every rank holds its share in blocks (intermediate 128: tp=2 splits K at block edges)."""
+    import parallax
+    path = tiny_gguf(tmp_path, True, fmt, intermediate_size=128)
+    with parallax.LLM(path) as one:
+        ref_tokens = [o.token_ids for o in one.generate(PROMPTS, **GREEDY)]
+        ref_logits = one.logits(PROMPTS)
+        one_bytes = one.memory()[0]["weight_bytes"]
+    with parallax.LLM(path, threads_per_rank=1, **kw) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, **GREEDY)] == ref_tokens
+        scale = float(ref_logits.nan_to_num().abs().max())
+        torch.testing.assert_close(llm.logits(PROMPTS), ref_logits, atol=1e-5 * scale, rtol=0,
+                                   equal_nan=True)
+        per_rank = [m["weight_bytes"] for m in llm.memory()]
+    # Quantized shards: every rank holds well under the one-process Q8_0 total.
+    assert all(b < 0.8 * one_bytes for b in per_rank), (per_rank, one_bytes)
+    if "tp" in kw:     # Q8_0 rows and whole blocks split exactly; the fp32 norms (2 per
+        norms = (2 * 4 + 1) * 64 * 4       # layer + the final one, hidden 64) are replicated
+        assert sum(per_rank) == one_bytes + norms, (per_rank, one_bytes)
+
+
+@pytest.mark.timeout(300)
+def test_tp_split_through_a_block_falls_back_to_float(tmp_path, caplog):
+    """intermediate 96 at tp=2: down_proj's K shard [48, 96) cuts a Q8_0 block, so that
+    layer is dequantised to fp32 with a warning and the rest stays Q8_0 (rank 1's shard,
+    built in this process: building reads weights only, no collectives)."""
+    import logging
+    import parallax
+    from parallax.loading.gguf import GGUFCheckpoint
+    from parallax.models.loader import build_model
+    from parallax.parallel.context import ParallelContext
+    path = tiny_gguf(tmp_path, False)                     # intermediate_size 96
+    ctx = ParallelContext(rank=1, world_size=2, tp_size=2)
+    with GGUFCheckpoint(path) as ckpt, caplog.at_level(logging.WARNING):
+        model = build_model(ckpt, ctx, torch.float32)
+    formats = {n: m.quant_method.name for n, m in model.named_modules()
+               if getattr(m, "quant_method", None) is not None}
+    assert {f for n, f in formats.items() if n.endswith("down_proj")} == {"float"}
+    assert {f for n, f in formats.items() if not n.endswith("down_proj")} == {"q8_0"}
+    assert "cuts Q8_0 blocks" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_chunked_dequantise_path_matches_twin(fmt, monkeypatch):
+    """The dispatcher's torch path (dequantise a few rows at a time) gives the twin's result;
+    a tiny chunk forces several chunks and a ragged last one."""
+    monkeypatch.setattr(cpu, "DEQUANT_CHUNK_BYTES", 4 * 64 * 5)      # 5 rows a chunk
+    g = torch.Generator().manual_seed(1)
+    qw = block_bytes(torch.randn(23, 64, generator=g).numpy(), FORMATS[fmt])
+    x, bias = torch.randn(3, 64, generator=g), torch.randn(23, generator=g)
+    torch.testing.assert_close(cpu.block_linear_dequant(fmt, x, qw, bias),
+                               getattr(reference, f"{fmt}_linear")(x, qw, bias),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_raw_slice_through_a_block_refused(tmp_path):
+    """GGUFCheckpoint.read_quantized: a K slice must start and end on block boundaries;
+    whole blocks come back as the file's bytes (equal to the full read's columns)."""
+    from parallax.errors import CheckpointError
+    from parallax.loading.gguf import GGUFCheckpoint
+    path = tiny_gguf(tmp_path, False, intermediate_size=128)
+    name = "model.layers.0.mlp.down_proj.weight"                  # (64, 128)
+    with GGUFCheckpoint(path) as ckpt:
+        full = ckpt.read_quantized(name)
+        assert full.shape == (64, 128 // 32 * 34) and full.dtype == torch.uint8
+        assert torch.equal(ckpt.read_quantized(name, 1, 64, 64), full[:, 2 * 34:])
+        assert torch.equal(reference.q8_0_dequantize(full), ckpt.read(name))
+        with pytest.raises(CheckpointError, match="block boundaries"):
+            ckpt.read_quantized(name, 1, 48, 48)
