@@ -38,13 +38,17 @@ def test_stop_token_ids_end_generation(llm):
 
 
 def test_stop_in_one_sequence_does_not_stop_the_batch(llm):
+    """A stop id that ends sequence 0 early leaves sequence 1 (which never samples it)
+    running to its full length."""
     prompts = [[1, 2, 3], [40, 41]]
     full = [o.token_ids for o in llm.generate(prompts, max_new_tokens=16, ignore_eos=True)]
-    stop_at = full[0][2]
-    outs = llm.generate(prompts, max_new_tokens=16, stop_token_ids=[stop_at])
-    assert outs[0].finish_reason == "stop" and outs[0].token_ids == full[0][:full[0].index(stop_at) + 1]
-    if stop_at not in full[1]:
-        assert outs[1].token_ids == full[1] and outs[1].finish_reason == "length"
+    # A token of sequence 0's answer that sequence 1's answer never holds.
+    stop_at = next(t for t in full[0][1:] if t not in full[1])
+    outs = llm.generate(prompts, max_new_tokens=16, ignore_eos=True, stop_token_ids=[stop_at])
+    assert outs[0].finish_reason == "stop"
+    assert outs[0].token_ids == full[0][:full[0].index(stop_at) + 1]
+    assert len(outs[0].token_ids) < 16
+    assert outs[1].token_ids == full[1] and outs[1].finish_reason == "length"
 
 
 def test_repetition_penalty_matches_hf(tiny_llama):
