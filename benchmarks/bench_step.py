@@ -19,12 +19,8 @@ The cpu column of the parts is the engine thread's own CPU; the OpenMP worker th
 help it show only in the caller's process CPU row.
 
 What this found (2026-11, 2-core AVX-512 EPYC, shared): the Python parts of a step (schedule,
-plan, metadata, sampling) are < 0.5 ms; the step is the forward's C kernels. The engine's
-process has two OpenMP teams (the caller's thread, which loaded the model, and the engine
-thread), more team threads than cores, so libgomp waits between parallel regions with a
-throttled spin and sleeps: each of the ~150 regions of a step pays a futex wake. The
-pre-engine code had one team and spun (fast on an idle machine, collapsing under load).
-``OMP_WAIT_POLICY=active`` in the environment shows the difference.
+plan, metadata, sampling) are < 0.5 ms; the step is the forward's C kernels and torch ops,
+and how libgomp waits between their parallel regions (docs/engine.md, "Threads and OpenMP").
 """
 
 from __future__ import annotations
