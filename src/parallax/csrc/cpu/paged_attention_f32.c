@@ -60,6 +60,12 @@ static void pv(float* acc, float corr, const float* p, const float* v, int n, in
 #define MAX_D 256
 #define MAX_G 16
 #define QCHUNK 16  /* query tokens per work item: long prefills spread over threads */
+/* Below these amounts of work a loop runs on the calling thread alone: a decode step's
+ * cache write (a few rows) and short-context attention take microseconds, less than
+ * waking the OpenMP team (tens of microseconds when its threads sleep between regions,
+ * which libgomp makes them do when a process has more team threads than cores). */
+#define MIN_PARALLEL_ROWS 256        /* new (token, KV head) rows to write */
+#define MIN_PARALLEL_MACS (1L << 20) /* query-key pairs x head dim to attend */
 
 enum { OK = 0, BAD_SLOT = -1, BAD_LENGTH = -2, BAD_BLOCK = -3, BAD_QUERY = -4, BAD_SHAPE = -5 };
 
@@ -98,7 +104,8 @@ int parallax_paged_attention_kv_f32(
     if (err) return err;
 
     /* 1. The new keys (rotated) and values into their slots. */
-    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    #pragma omp parallel for schedule(static) num_threads(num_threads) \
+        if (T * Hk >= MIN_PARALLEL_ROWS)
     for (int item = 0; item < T * Hk; item++) {
         int t = item / Hk, h = item % Hk;
         long s = slot_mapping[t];
@@ -111,7 +118,11 @@ int parallax_paged_attention_kv_f32(
 
     /* 2. Work items (sequence, KV head, chunk of its queries). */
     int n_items = 0;
-    for (int b = 0; b < B; b++) n_items += (qsl[b + 1] - qsl[b] + QCHUNK - 1) / QCHUNK * Hk;
+    long macs = 0;
+    for (int b = 0; b < B; b++) {
+        n_items += (qsl[b + 1] - qsl[b] + QCHUNK - 1) / QCHUNK * Hk;
+        macs += (long)(qsl[b + 1] - qsl[b]) * context_lens[b] * Hq * D;
+    }
     int* items = malloc(sizeof(int) * 3 * (size_t)(n_items > 0 ? n_items : 1));
     if (!items) return BAD_SHAPE;
     int w = 0;
@@ -121,7 +132,8 @@ int parallax_paged_attention_kv_f32(
                 items[3 * w] = b; items[3 * w + 1] = c; items[3 * w + 2] = h; w++;
             }
 
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) \
+        if (macs >= MIN_PARALLEL_MACS)
     for (int it = 0; it < n_items; it++) {
         int b = items[3 * it], c0 = items[3 * it + 1], h = items[3 * it + 2];
         int q_end = qsl[b + 1], len = context_lens[b];
