@@ -98,7 +98,7 @@ int parallax_paged_attention_kv_f32(
         const int32_t* context_lens, const int32_t* qsl, float* out, int T, int B, int Hq,
         int Hk, int D, int N, int bs, float scale, int num_threads) {
     int G = Hq / Hk, h2 = D / 2;
-    (void)num_threads;   /* unused where OpenMP is off */
+    (void)num_threads;   /* unused where OpenMP is off (as is macs below) */
     if (Hk < 1 || Hq % Hk) return BAD_SHAPE;
     int err = check(slot_mapping, block_tables, max_blocks, context_lens, qsl, T, B, N, bs, G, D);
     if (err) return err;
@@ -123,6 +123,7 @@ int parallax_paged_attention_kv_f32(
         n_items += (qsl[b + 1] - qsl[b] + QCHUNK - 1) / QCHUNK * Hk;
         macs += (long)(qsl[b + 1] - qsl[b]) * context_lens[b] * Hq * D;
     }
+    (void)macs;
     int* items = malloc(sizeof(int) * 3 * (size_t)(n_items > 0 ? n_items : 1));
     if (!items) return BAD_SHAPE;
     int w = 0;
