@@ -284,13 +284,22 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- serve
-def cmd_serve(a: argparse.Namespace) -> int:
-    if a.replicas is not None or a.min_replicas is not None or a.max_replicas is not None:
-        from .serve.ray_serve import main as ray_main    # Ray only for replicated serving
-        return ray_main(a)
-    if a.ray_address or a.prefix_routing:
+def _replicated(a: argparse.Namespace) -> bool:
+    return a.replicas is not None or a.min_replicas is not None or a.max_replicas is not None
+
+
+def check_serve(a: argparse.Namespace) -> None:
+    """``serve``'s flags that go together, then model and layout. Raises ParallaxError."""
+    if not _replicated(a) and (a.ray_address or a.prefix_routing):
         raise ParallaxError("--ray-address and --prefix-routing need --replicas N or "
                             "--min-replicas A --max-replicas B")
+    check_model(a)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    if _replicated(a):
+        from .serve.ray_serve import main as ray_main    # Ray only for replicated serving
+        return ray_main(a)
     from .serve.server import main as serve_main     # FastAPI/uvicorn only when serving
     return serve_main(a)
 
@@ -426,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "generate": (check_generate, cmd_generate),
     "info": (check_model, cmd_info),
-    "serve": (check_model, cmd_serve),
+    "serve": (check_serve, cmd_serve),
     "bench": (None, cmd_bench),
 }
 

@@ -67,11 +67,16 @@ class _Rank:
         return ip, self.store.port
 
     def start(self, ip: str, port: int, factory: Callable[..., Any], factory_args: tuple) -> None:
-        from .context import ParallelContext, connect_store
+        import datetime
+
+        import torch.distributed as dist
+
+        from .context import ParallelContext
         if not self.device.startswith("cuda") and ip.startswith("127.") \
                 and "GLOO_SOCKET_IFNAME" not in os.environ:
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # all ranks on loopback (one machine)
-        store = self.store if self.rank == 0 else connect_store(ip, port, self.timeout_s)
+        store = self.store if self.rank == 0 else dist.TCPStore(
+            ip, port, is_master=False, timeout=datetime.timedelta(seconds=self.timeout_s))
         self.ctx = ParallelContext.initialize(rank=self.rank, tp_size=self.tp_size,
                                               pp_size=self.pp_size, device=self.device,
                                               timeout_s=self.timeout_s, store=store)
