@@ -18,7 +18,8 @@ import torch
 
 from . import defaults as D
 from .engine.block_manager import BlockManager
-from .engine.core import EngineCore, LocalExecutor, PoolExecutor, SpmdExecutor, follow
+from .engine.core import (EngineCore, LocalExecutor, PoolExecutor, SpmdExecutor, follow,
+                          in_own_thread)
 from .engine.handle import RequestHandle
 from .engine.request import Completion, Delta, StopConditions, Usage
 from .engine.runner import ModelRunner, parse_dtype
@@ -126,7 +127,8 @@ class LLM:
             args = (model, dtype, layer_split, quantize, num_blocks, block_size)
             if tp * pp == 1:
                 self._ctx = ParallelContext.single(device)
-                self._runner = ModelRunner(self._ctx, *args, checkpoint=ckpt)
+                # Loaded in a thread of its own (see engine.core.in_own_thread).
+                self._runner = in_own_thread(lambda: ModelRunner(self._ctx, *args, checkpoint=ckpt))
                 executor = LocalExecutor(self._runner)
             elif launched_by_torchrun():
                 self._ctx = ParallelContext.from_torchrun_env(tp, pp, device, timeout_s)

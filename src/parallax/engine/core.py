@@ -28,8 +28,35 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- executors
+def in_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a fresh, short-lived thread; its result, or its exception raised here.
+
+    Why: libgomp gives every thread that starts OpenMP parallel regions its own team of
+    worker threads, and once a process has more team threads than cores it stops spinning
+    between regions, so each of a decode step's ~150 regions (the C kernels, torch ops)
+    waits for a wake-up. Model work done outside the engine thread (loading, side calls)
+    therefore runs in a thread that ends, taking its team with it, and the engine
+    thread's team stays the only one (benchmarks/bench_step.py measures the difference).
+    """
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn(*args)))
+        except BaseException as exc:   # noqa: BLE001  re-raised in the caller
+            box.append((False, exc))
+    t = threading.Thread(target=run, name="parallax-side-call")
+    t.start()
+    t.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
 class LocalExecutor:
-    """The runner in this process (one rank)."""
+    """The runner in this process (one rank); side calls run in a short-lived thread
+    (``in_own_thread``), steps in the engine thread."""
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
@@ -41,11 +68,16 @@ class LocalExecutor:
 
     def call(self, method: str, *args: Any) -> Any:
         with self._lock:
-            return getattr(self.runner, method)(*args)
+            return in_own_thread(getattr(self.runner, method), *args)
 
 
 class SpmdExecutor(LocalExecutor):
-    """torchrun: this rank schedules; every plan is broadcast so all ranks run it."""
+    """torchrun: this rank schedules; every plan is broadcast so all ranks run it. Steps
+    and side calls run in the caller's thread (collectives stay on one thread)."""
+
+    def call(self, method: str, *args: Any) -> Any:
+        with self._lock:
+            return getattr(self.runner, method)(*args)
 
     def execute(self, plan: StepPlan | None) -> list[int]:
         ctx = self.runner.ctx
