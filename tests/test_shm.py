@@ -241,8 +241,10 @@ def test_driver_killed_between_create_and_attach_leaves_nothing(tmp_path):
         t0 = time.monotonic()
         while driver.poll() is None and time.monotonic() - t0 < 90:
             with contextlib.suppress(psutil.Error):
+                # Spawned workers only, once exec'd (a child just forked still shows the
+                # driver's command line; the resource tracker is no worker).
                 workers |= {p.pid for p in psutil.Process(driver.pid).children()
-                            if "resource_tracker" not in " ".join(p.cmdline())}
+                            if "spawn_main" in " ".join(p.cmdline())}
             time.sleep(0.05)
         assert driver.returncode == -signal.SIGKILL
         assert len(workers) == 2
