@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -171,8 +172,7 @@ class LLM:
         if device.startswith("cuda"):
             budget = int(0.5 * torch.cuda.mem_get_info()[0])
         else:
-            import psutil
-            budget = min(_CPU_KV_BUDGET, int(0.1 * psutil.virtual_memory().available))
+            budget = min(_CPU_KV_BUDGET, int(0.1 * _available_memory_bytes()))
         return max(16, min(budget // per_token, max_num_seqs * cfg.max_position_embeddings))
 
     @property
@@ -442,3 +442,15 @@ def _is_messages(prompt) -> bool:
     """A chat message, or a conversation, given where a prompt belongs."""
     return isinstance(prompt, dict) or (isinstance(prompt, (list, tuple)) and bool(prompt)
                                         and isinstance(prompt[0], dict))
+
+
+def _available_memory_bytes() -> int:
+    """Memory the OS can give without swapping (MemAvailable), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
