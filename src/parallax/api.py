@@ -130,12 +130,12 @@ class LLM:
                 self._ctx = ParallelContext.single(device)
                 # Loaded in a thread of its own (see engine.core.in_own_thread).
                 self._runner = in_own_thread(lambda: ModelRunner(self._ctx, *args, checkpoint=ckpt))
-                executor = LocalExecutor(self._runner)
+                steps = LocalExecutor(self._runner)
             elif launched_by_torchrun():
                 self._ctx = ParallelContext.from_torchrun_env(tp, pp, device, timeout_s)
                 self._ctx.ep_size = ep
                 self._runner = ModelRunner(self._ctx, *args, checkpoint=ckpt)
-                executor = SpmdExecutor(self._runner)
+                steps = SpmdExecutor(self._runner)
             else:
                 from .parallel.ray_executor import inside_ray_worker
                 if executor == "ray" or (executor is None and inside_ray_worker()):
@@ -145,10 +145,10 @@ class LLM:
                 factory = ModelRunner if ep == 1 else functools.partial(_runner_with_ep, ep)
                 self._pool = Ranks(factory, args, tp_size=tp, pp_size=pp, device=device,
                                    timeout_s=timeout_s, threads_per_rank=threads_per_rank)
-                executor = PoolExecutor(self._pool)
+                steps = PoolExecutor(self._pool)
         finally:
             ckpt.close()
-        self._executor = executor
+        self._executor = steps
         bm = BlockManager(num_blocks, block_size, prefix_caching)
         scheduler = Scheduler(bm, max_num_seqs, max_num_batched_tokens)
         make_decoder = None
@@ -156,7 +156,7 @@ class LLM:
             from .loading.tokenizer import IncrementalDecoder
             tok = self.tokenizer
             make_decoder = lambda: IncrementalDecoder(tok)   # noqa: E731
-        self._core = EngineCore(executor, bm, scheduler, make_decoder,
+        self._core = EngineCore(steps, bm, scheduler, make_decoder,
                                 micro_batches=(micro_batches or pp) if pp > 1 else 1)
         if not self._spmd:
             self._core.start()
