@@ -22,6 +22,8 @@
 float expf(float) __attribute__((simd("notinbranch")));
 #endif
 
+#include "softmax.h"
+
 /* One vector of partial sums, folded once at the end. */
 static inline float dot(const float* a, const float* b, int n) {
     vf acc = vzero();
@@ -149,16 +151,7 @@ int parallax_decode_attention_kv_f32(
             for (int j = 0; j < n; j++)
                 for (int g = 0; g < G; g++) s[g][j] = dot(qr[g], kb + (size_t)j * D, D) * scale;
             for (int g = 0; g < G; g++) {
-                float m = mx[g], sum = 0.f;
-                for (int j = 0; j < n; j++) m = s[g][j] > m ? s[g][j] : m;
-                float corr = expf(mx[g] - m);   /* 0 on the first block */
-                #pragma omp simd reduction(+:sum)
-                for (int j = 0; j < n; j++) {
-                    s[g][j] = expf(s[g][j] - m);
-                    sum += s[g][j];
-                }
-                denom[g] = denom[g] * corr + sum;
-                mx[g] = m;
+                float corr = softmax_round(s[g], n, &mx[g], &denom[g]);
                 pv(acc[g], corr, s[g], vc + (size_t)j0 * D, n, D);
             }
         }

@@ -29,6 +29,8 @@
 float expf(float) __attribute__((simd("notinbranch")));
 #endif
 
+#include "softmax.h"
+
 static inline float dot(const float* a, const float* b, int n) {
     vf acc = vzero();
     int i = 0;
@@ -162,16 +164,7 @@ int parallax_paged_attention_kv_f32(
                             sc[g][j + r] = dot(qr[g], kb + (size_t)r * D, D) * scale;
                 }
                 for (int g = 0; g < G; g++) {
-                    float mm = mx[g], sum = 0.f;
-                    for (int j = 0; j < n; j++) mm = sc[g][j] > mm ? sc[g][j] : mm;
-                    float corr = expf(mx[g] - mm);       /* 0 on the first round */
-                    #pragma omp simd reduction(+:sum)
-                    for (int j = 0; j < n; j++) {
-                        sc[g][j] = expf(sc[g][j] - mm);
-                        sum += sc[g][j];
-                    }
-                    denom[g] = denom[g] * corr + sum;
-                    mx[g] = mm;
+                    float corr = softmax_round(sc[g], n, &mx[g], &denom[g]);
                     for (int j = 0; j < n; j += bs) {
                         int pos = j0 + j, m = n - j < bs ? n - j : bs;
                         const float* vb = v_cache + ((size_t)table[pos / bs] * Hk + h) * bs * D;
