@@ -185,7 +185,8 @@ class LLM:
                  seed: int | None = None, stop: str | list[str] | None = None,
                  ignore_eos: bool = False, chat: bool | None = None,
                  repetition_penalty: float = D.REPETITION_PENALTY,
-                 stop_token_ids: list[int] | None = None) -> list[Completion]:
+                 stop_token_ids: list[int] | None = None, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, logprobs: int | None = None) -> list[Completion]:
         """Generate for each prompt; one Completion each, in order.
 
         All prompts are submitted to the engine at once and their results awaited; each
@@ -206,6 +207,11 @@ class LLM:
                 model has one. Message lists go to ``LLM.chat``.
             repetition_penalty: > 1 makes tokens already in the prompt or answer less likely.
             stop_token_ids: token ids that end the answer (included in ``token_ids``).
+            presence_penalty, frequency_penalty: OpenAI's penalties in [-2, 2] over the
+                tokens generated so far (0: off; see ``SamplingParams``).
+            logprobs: return each generated token's log-probability and those of its
+                ``logprobs`` most likely alternatives (0..20) in ``Completion.logprobs``
+                (and ``Delta.logprobs``); None: off.
 
         Returns:
             One Completion per prompt, in order.
@@ -219,14 +225,16 @@ class LLM:
             prompts = [prompts]
         ids, sampling, stops = self._prepare(prompts, max_new_tokens, temperature, top_k,
                                              top_p, seed, stop, ignore_eos, chat,
-                                             repetition_penalty, stop_token_ids)
+                                             repetition_penalty, stop_token_ids,
+                                             presence_penalty, frequency_penalty, logprobs)
         return self._run_all(ids, sampling, stops)
 
     def submit(self, prompt: Prompt, max_new_tokens: int = D.MAX_NEW_TOKENS, **kwargs: Any) -> RequestHandle:
         """Queue one request and return its handle at once. Thread-safe.
 
         Takes ``generate``'s keyword arguments (temperature, top_k, top_p, seed, stop,
-        ignore_eos, chat, repetition_penalty, stop_token_ids) for one prompt.
+        ignore_eos, chat, repetition_penalty, stop_token_ids, presence_penalty,
+        frequency_penalty, logprobs) for one prompt.
         Iterate the handle (``for`` or ``async for``) for Deltas, call ``result()`` for the
         Completion, ``cancel()`` to stop it (its KV blocks are freed within one step). Not
         available under torchrun (use ``generate`` there).
@@ -376,14 +384,17 @@ class LLM:
 
     def _prepare(self, prompts, max_new_tokens, temperature=D.TEMPERATURE, top_k=None, top_p=D.TOP_P,
                  seed=None, stop=None, ignore_eos=False, chat=None, repetition_penalty=D.REPETITION_PENALTY,
-                 stop_token_ids=None):
+                 stop_token_ids=None, presence_penalty=0.0, frequency_penalty=0.0, logprobs=None):
         if not prompts:
             raise PromptError("no prompts given; pass a string, a list of token ids, or a list of those")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise SamplingError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        extra = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                     logprobs=logprobs)
+        sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed, **extra)
         per_prompt = [sampling if seed is None else
-                      SamplingParams(temperature, top_k, top_p, repetition_penalty, seed + i)
+                      SamplingParams(temperature, top_k, top_p, repetition_penalty, seed + i,
+                                     **extra)
                       for i in range(len(prompts))]
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) or not s for s in stops):

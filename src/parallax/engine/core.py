@@ -251,10 +251,11 @@ class EngineCore:
         tokens = self.executor.execute(self._plan(out))
         self.scheduler.update(out)
         sampled = [s for s in out.scheduled if s.samples]
-        for s, tok in zip(sampled, tokens):
+        logprobs = getattr(tokens, "logprobs", None) or [None] * len(tokens)
+        for s, tok, lp in zip(sampled, tokens, logprobs):
             req = s.request
             _, handle = self._live[req.request_id]
-            delta = req.append_token(tok)
+            delta = req.append_token(tok, logprobs=lp)
             self.generation_tokens += 1
             if delta.finish_reason is not None:
                 self._end(req, handle, delta)

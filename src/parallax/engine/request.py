@@ -13,7 +13,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -60,10 +60,13 @@ class Delta:
         text: new text that is safe to show (never part of a possible stop string).
         token_ids: new token ids (usually one; empty on a final delta that only flushes text).
         finish_reason: None until the last delta, then "length" | "stop" | "abort".
+        logprobs: one ``TokenLogprobs`` per token id when the request asked for them
+            (``logprobs=k``), else None.
     """
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -79,6 +82,8 @@ class Completion:
         time_to_first_token_s: seconds from submission to the first output token.
         tokens_per_s: decode speed after the first token (0 with fewer than 2 tokens).
         usage: prompt and completion token counts (OpenAI's ``usage``).
+        logprobs: one ``TokenLogprobs`` per generated token when asked for, else None.
+        queue_time_s: seconds from submission to the engine first scheduling the request.
     """
     text: str
     token_ids: list[int]
@@ -87,6 +92,8 @@ class Completion:
     time_to_first_token_s: float
     tokens_per_s: float
     usage: Usage = field(default=None)   # type: ignore[assignment]
+    logprobs: list[TokenLogprobs] | None = None
+    queue_time_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.usage is None:
@@ -115,9 +122,11 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.arrival_time = time.perf_counter()
+        self.scheduled_time: float | None = None    # first admitted to the running batch
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.num_cached_tokens = 0      # prompt tokens found in the prefix cache at admission
+        self.logprobs: list[TokenLogprobs] | None = [] if sampling.logprobs is not None else None
         self.text = ""
         self._emitted = 0               # chars of text already handed out
 
@@ -133,9 +142,15 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
-    def append_token(self, token: int, now: float | None = None) -> Delta:
-        """Add a sampled token; sets ``finish_reason`` when a stop or the length limit hits."""
+    def append_token(self, token: int, now: float | None = None,
+                     logprobs: TokenLogprobs | None = None) -> Delta:
+        """Add a sampled token (and its logprobs, when the request asked for them); sets
+        ``finish_reason`` when a stop or the length limit hits."""
         now = time.perf_counter() if now is None else now
+        lps = None
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(logprobs)
+            lps = [logprobs]
         if self.first_token_time is None:
             self.first_token_time = now
         self.last_token_time = now
@@ -150,7 +165,7 @@ class Request:
             self.finish_reason = "length"
             if self.decoder is not None:
                 self.text += self.decoder.flush()
-        return Delta(self._take_text(), [token], self.finish_reason)
+        return Delta(self._take_text(), [token], self.finish_reason, lps)
 
     def abort(self) -> Delta:
         """End the request as cancelled; returns the final delta (its held-back text)."""
@@ -184,9 +199,12 @@ class Request:
         n = len(self.output_ids)
         first = self.first_token_time or self.arrival_time
         decode_s = (self.last_token_time or first) - first
+        queued = (self.scheduled_time or self.arrival_time) - self.arrival_time
         return Completion(self.text, list(self.output_ids), self.finish_reason or "length",
                           self.num_prompt_tokens, first - self.arrival_time,
-                          (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
+                          (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+                          logprobs=list(self.logprobs) if self.logprobs is not None else None,
+                          queue_time_s=queued)
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id}, {self.status.value}, computed="

@@ -25,7 +25,7 @@ from ..models.loader import build_model
 from ..parallel import collectives as C
 from ..parallel.context import ParallelContext
 from ..parallel.sharding import check_layout
-from ..sampling import Sampler, SamplingParams
+from ..sampling import SampledTokens, Sampler, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ the step
     def execute(self, plan: StepPlan) -> list[int] | None:
         """Run one step on this rank. The driver rank returns the sampled token of each
-        sample row (in order); other ranks return None."""
+        sample row (in order, with their logprobs where asked: ``SampledTokens``); other
+        ranks return None."""
         t0 = time.perf_counter()
         if self.sampler is not None:
             for r in plan.new_requests:
@@ -150,9 +151,9 @@ class ModelRunner:
             for rid in plan.finished:
                 self.sampler.remove(rid)
         if not plan.seqs:
-            return [] if self.ctx.is_driver else None
+            return SampledTokens() if self.ctx.is_driver else None
         ids = torch.tensor(plan.token_ids, device=self.ctx.device)
-        tokens: list[int] = []
+        tokens = SampledTokens()
         pending: list = []
         with torch.inference_mode():
             parts = plan.micro_batches()

@@ -20,6 +20,7 @@ Rules, in order (docs/engine.md):
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -141,6 +142,8 @@ class Scheduler:
                     req.num_cached_tokens = cached
                 self.waiting.popleft()
                 req.status = RequestStatus.RUNNING
+                if req.scheduled_time is None:         # the first time: its queue time ends
+                    req.scheduled_time = time.perf_counter()
                 self.running.append(req)
                 scheduled[req.request_id] = ScheduledRequest(
                     req, n, cached, self.bm.block_table(req.request_id))
