@@ -234,6 +234,93 @@ def test_stop_strings_and_fields_passed_to_engine(llm, srv, submitted):
     assert r["choices"][0]["finish_reason"] == want.finish_reason
 
 
+def hf_free_logprobs(llm, prompt_ids: list[int], tokens: list[int]):
+    """The oracle: log-softmax of one-process parallax's logits for the same prefix
+    (``LLM.logits``, the offline forward over prompt + generated tokens)."""
+    import torch
+    logits = llm.logits([prompt_ids + tokens[:-1]])[0, len(prompt_ids) - 1:]
+    return torch.log_softmax(logits, dim=-1)
+
+
+def check_wire_logprobs(llm, prompt_ids, tokens, chosen, tops, k):
+    """chosen: each token's logprob; tops: each position's {text: logprob} alternatives."""
+    logp = hf_free_logprobs(llm, prompt_ids, tokens)
+    assert len(chosen) == len(tokens) == len(tops)
+    for i, tok in enumerate(tokens):
+        assert abs(chosen[i] - float(logp[i, tok])) < 1e-4
+        want = logp[i].topk(k).values.tolist()
+        got = sorted(tops[i].values(), reverse=True)[:k]
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_completion_logprobs_openai_shape_stream_and_not(llm, srv):
+    c = client(srv.url)
+    kw = dict(model=MODEL, prompt="The quick brown", max_tokens=6, temperature=0,
+              logprobs=3, extra_body={"ignore_eos": True})
+    r = c.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    ids = llm.tokenizer.encode("The quick brown")
+    want = oracle(llm, "The quick brown", 6, ignore_eos=True, logprobs=3)
+    assert lp.tokens == [llm.tokenizer.decode([t], skip_special_tokens=False)
+                         for t in want.token_ids]
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert all(lp.tokens[i] in lp.top_logprobs[i] and len(lp.top_logprobs[i]) <= 4
+               for i in range(6))
+    check_wire_logprobs(llm, ids, want.token_ids, lp.token_logprobs, lp.top_logprobs, 3)
+    streamed = [ch.choices[0].logprobs for ch in c.completions.create(stream=True, **kw)
+                if ch.choices and ch.choices[0].logprobs is not None]
+    assert sum((x.tokens for x in streamed), []) == lp.tokens
+    assert sum((x.text_offset for x in streamed), []) == lp.text_offset
+    assert sum((x.token_logprobs for x in streamed), []) == pytest.approx(lp.token_logprobs,
+                                                                         abs=1e-6)
+    assert c.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].logprobs \
+        is None
+
+
+def test_chat_logprobs_openai_shape_stream_and_not(llm, srv):
+    c = client(srv.url)
+    msgs = [{"role": "user", "content": "Say hi"}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=5, temperature=0, logprobs=True,
+              top_logprobs=2, extra_body={"ignore_eos": True})
+    r = c.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(msgs), add_special_tokens=False)
+    want = llm.generate([ids], max_new_tokens=5, ignore_eos=True, logprobs=2)[0]
+    assert [e.token for e in content] == [llm.tokenizer.decode([t], skip_special_tokens=False)
+                                          for t in want.token_ids]
+    assert all(e.bytes == list(e.token.encode()) and len(e.top_logprobs) == 2 for e in content)
+    check_wire_logprobs(llm, ids, want.token_ids, [e.logprob for e in content],
+                        [{f"{j}": t.logprob for j, t in enumerate(e.top_logprobs)}
+                         for e in content], 2)
+    streamed = [e for ch in c.chat.completions.create(stream=True, **kw)
+                if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == \
+        [(e.token, round(e.logprob, 5)) for e in content]
+    plain = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
+def test_presence_frequency_penalties_reach_the_engine(llm, srv, submitted):
+    """Greedy with penalties over HTTP equals offline generate with the same penalties
+    (and differs from the answer without: the penalties were applied)."""
+    c = client(srv.url)
+    kw = dict(model=MODEL, prompt="the the the", max_tokens=12, temperature=0,
+              extra_body={"ignore_eos": True})
+    r = c.completions.create(presence_penalty=1.5, frequency_penalty=0.7, **kw)
+    sub = submitted[-1].kw
+    assert (sub["presence_penalty"], sub["frequency_penalty"]) == (1.5, 0.7)
+    want = oracle(llm, "the the the", 12, ignore_eos=True, presence_penalty=1.5,
+                  frequency_penalty=0.7)
+    assert r.choices[0].text == want.text
+    assert want.text != oracle(llm, "the the the", 12, ignore_eos=True).text
+    chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                     max_tokens=3, presence_penalty=-1.0, frequency_penalty=2.0)
+    assert chat.choices[0].message.content is not None
+    assert (submitted[-1].kw["presence_penalty"], submitted[-1].kw["frequency_penalty"]) == (
+        -1.0, 2.0)
+
+
 def test_token_id_prompts(llm, srv):
     c = client(srv.url)
     g = dict(temperature=0, extra_body={"ignore_eos": True})
@@ -308,9 +395,9 @@ def err(r: httpx.Response, status: int) -> dict:
 @pytest.mark.parametrize("field,value,param", [
     ("temperature", -1, "temperature"), ("n", 0, "n"), ("max_tokens", 0, "max_tokens"),
     ("top_p", 0, "top_p"), ("prompt", [], "prompt"), ("bogus_field", 1, "bogus_field"),
-    ("presence_penalty", 0.5, "presence_penalty"), ("frequency_penalty", 1.0,
+    ("presence_penalty", 2.5, "presence_penalty"), ("frequency_penalty", -3,
                                                     "frequency_penalty"),
-    ("logprobs", 2, "logprobs"), ("echo", True, "echo"),
+    ("logprobs", 21, "logprobs"), ("logprobs", -1, "logprobs"), ("echo", True, "echo"),
 ])
 def test_bad_fields_are_400(srv, field, value, param):
     body = {"model": MODEL, "prompt": "Hi", field: value}
@@ -321,8 +408,11 @@ def test_bad_fields_are_400(srv, field, value, param):
 def test_chat_logprobs_400_and_bad_role(srv):
     msgs = [{"role": "user", "content": "Hi"}]
     e = err(httpx.post(srv.url + "/v1/chat/completions",
-                       json={"model": MODEL, "messages": msgs, "logprobs": True}), 400)
-    assert "not supported yet" in e["message"] and e["param"] == "logprobs"
+                       json={"model": MODEL, "messages": msgs, "top_logprobs": 2}), 400)
+    assert "logprobs=true" in e["message"] and e["param"] == "top_logprobs"
+    e = err(httpx.post(srv.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": msgs, "logprobs": True, "top_logprobs": 21}), 400)
+    assert e["param"] == "top_logprobs"
     e = err(httpx.post(srv.url + "/v1/chat/completions",
                        json={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}),
             400)
@@ -477,6 +567,10 @@ def test_metrics_names_and_counts(llm):
             assert f"\nparallax:{name}" in text, name
         assert metric(s.url, "parallax:request_success_total", finished_reason="length") == 3
         assert metric(s.url, "parallax:time_to_first_token_seconds_count") == 3
+        # the engine's queue time: one per choice, none negative, each below its e2e
+        assert metric(s.url, "parallax:request_queue_time_seconds_count") == 3
+        queued = metric(s.url, "parallax:request_queue_time_seconds_sum")
+        assert 0 <= queued <= metric(s.url, "parallax:e2e_request_latency_seconds_sum")
         # 4 + 4 + 3 tokens: one inter-token gap per token after each choice's first
         assert metric(s.url, "parallax:inter_token_latency_seconds_count") == 8
         stats = llm.stats()

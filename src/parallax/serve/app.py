@@ -11,6 +11,7 @@ client that goes away cancels its engine requests (their KV blocks are freed wit
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -45,6 +46,18 @@ class ServeState:
     draining: bool = False
     created: int = field(default_factory=P.now)
 
+    def __post_init__(self) -> None:
+        self.token_text = functools.lru_cache(maxsize=65536)(self._token_text)
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's own text (logprobs name tokens by it); ``token_id:N`` without a
+        tokenizer (vLLM's spelling). A byte-level piece of a longer character decodes to
+        U+FFFD, as in other servers."""
+        tok = self.llm.tokenizer
+        if tok is None:
+            return f"token_id:{token_id}"
+        return tok.decode([token_id], skip_special_tokens=False)
+
 
 @dataclass
 class _Choice:
@@ -53,6 +66,8 @@ class _Choice:
     handle: Any
     prompt_tokens: int
     arrival: float
+    response_id: str = ""
+    logprobs: list | None = None          # TokenLogprobs per token, when asked
     text: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -70,6 +85,8 @@ class _Choice:
                 self.gaps.append((t - self.last, k))
             self.last = t
         self.completion_tokens += k
+        if self.logprobs is not None and delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
         self.text.append(delta.text or "")
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
@@ -146,7 +163,7 @@ def _max_new_tokens(state: ServeState, ids: list[int], asked: int | None) -> int
 
 
 def _submit(state: ServeState, prompts: list[list[int]], max_tokens: int | None,
-            req: P._SamplingRequest) -> list[_Choice]:
+            req: P._SamplingRequest, response_id: str) -> list[_Choice]:
     """Submit n requests per prompt (choice index = prompt * n + i; choice i samples with
     seed + i); all or none: a refused one cancels those already submitted."""
     kw = req.sampling_kwargs()
@@ -158,7 +175,8 @@ def _submit(state: ServeState, prompts: list[list[int]], max_tokens: int | None,
             for i in range(req.n):
                 seed = None if req.seed is None else req.seed + i
                 h = state.llm.submit(ids, max_new_tokens=budget, seed=seed, chat=False, **kw)
-                choices.append(_Choice(j * req.n + i, h, len(ids), arrival))
+                choices.append(_Choice(j * req.n + i, h, len(ids), arrival, response_id,
+                                       [] if req.num_logprobs is not None else None))
     except BaseException:
         for c in choices:
             c.handle.cancel()
@@ -167,15 +185,27 @@ def _submit(state: ServeState, prompts: list[list[int]], max_tokens: int | None,
 
 
 def _finish(state: ServeState, choices: list[_Choice], failure: str | None) -> None:
-    """Record metrics once per choice; cancel what did not finish."""
+    """Record metrics once per choice; cancel what did not finish.
+
+    A choice counts as a success (``request_success_total``) exactly when the server took
+    its final delta (finish reason stop / length) from the engine before it learnt that the
+    client had gone; otherwise it is ``request_failed_total{reason="aborted"}`` (or
+    "error"). A client that hangs up just as its last token is on the wire may therefore
+    miss an answer the server counted as complete; the per-choice DEBUG record below
+    ("<response id> choice <i>: success|aborted|error ...") names which way each went.
+    """
     now = time.monotonic()
     for c in choices:
         if c.finish_reason in FINISHED:
             state.metrics.observe_finished(c.finish_reason, c.arrival, c.first, c.last or now,
                                            c.gaps, _queue_time(c.handle))
+            outcome = "success"
         else:           # cut short: the client left (the engine says "abort") or an error
             c.handle.cancel()
-            state.metrics.observe_failed(failure or "aborted")
+            outcome = failure or "aborted"
+            state.metrics.observe_failed(outcome)
+        logger.debug("%s choice %d: %s finish_reason=%s completion_tokens=%d", c.response_id,
+                     c.index, outcome, c.finish_reason, c.completion_tokens)
 
 
 def _queue_time(handle) -> float | None:
@@ -286,7 +316,7 @@ async def _stream(state: ServeState, choices: list[_Choice], fmt,
 
 async def _respond(state: ServeState, request: Request, body: P._SamplingRequest,
                    prompts: list[list[int]], max_tokens: int | None, fmt):
-    choices = _submit(state, prompts, max_tokens, body)
+    choices = _submit(state, prompts, max_tokens, body, fmt.head["id"])
     if body.stream:
         return _sse_response(_stream(state, choices, fmt,
                                      body.n if body.include_usage else None))
@@ -297,30 +327,66 @@ async def _respond(state: ServeState, request: Request, body: P._SamplingRequest
 class _CompletionFormat:
     """/v1/completions bodies for one request."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, token_text):
         self.head = dict(id=P.new_id("cmpl"), created=P.now(), model=model)
+        self.token_text = token_text
+        self.offsets: dict[int, int] = {}       # choice index -> text offset of its next token
 
     def opening(self, c: _Choice) -> None:
         return None
 
+    def logprobs(self, c: _Choice, lps) -> P.CompletionLogprobs | None:
+        """OpenAI's legacy logprobs of ``lps`` (TokenLogprobs), continuing the choice's
+        text offsets; the chosen token is among top_logprobs (so up to k + 1 entries)."""
+        if c.logprobs is None:
+            return None
+        out = P.CompletionLogprobs()
+        offset = self.offsets.get(c.index, 0)
+        for x in lps or ():
+            text = self.token_text(x.token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(x.logprob)
+            top = {self.token_text(t): v for t, v in x.top}
+            top.setdefault(text, x.logprob)
+            out.top_logprobs.append(top)
+            out.text_offset.append(offset)
+            offset += len(text)
+        self.offsets[c.index] = offset
+        return out
+
     def chunk(self, c: _Choice, d) -> P.CompletionResponse:
         return P.CompletionResponse(**self.head, choices=[P.CompletionChoice(
-            index=c.index, text=d.text or "", finish_reason=d.finish_reason)])
+            index=c.index, text=d.text or "", logprobs=self.logprobs(c, d.logprobs),
+            finish_reason=d.finish_reason)])
 
     def usage(self, u: P.Usage) -> P.CompletionResponse:
         return P.CompletionResponse(**self.head, choices=[], usage=u)
 
     def full(self, choices: list[_Choice], u: P.Usage) -> P.CompletionResponse:
         return P.CompletionResponse(**self.head, usage=u, choices=[P.CompletionChoice(
-            index=c.index, text="".join(c.text), finish_reason=c.finish_reason)
-            for c in choices])
+            index=c.index, text="".join(c.text), logprobs=self.logprobs(c, c.logprobs),
+            finish_reason=c.finish_reason) for c in choices])
 
 
 class _ChatFormat:
     """/v1/chat/completions bodies for one request (a stream opens with the role)."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, token_text):
         self.head = dict(id=P.new_id("chatcmpl"), created=P.now(), model=model)
+        self.token_text = token_text
+
+    def _top(self, token_id: int, logprob: float) -> dict:
+        text = self.token_text(token_id)
+        return dict(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    def logprobs(self, c: _Choice, lps) -> P.ChatLogprobs | None:
+        """OpenAI's chat logprobs of ``lps`` (TokenLogprobs): one content entry per token."""
+        if c.logprobs is None:
+            return None
+        return P.ChatLogprobs(content=[P.ChatTokenLogprob(
+            **self._top(x.token_id, x.logprob),
+            top_logprobs=[P.TopLogprob(**self._top(t, v)) for t, v in x.top])
+            for x in lps or ()])
 
     def opening(self, c: _Choice) -> P.ChatCompletionChunk:
         return P.ChatCompletionChunk(**self.head, choices=[P.ChatChunkChoice(
@@ -329,7 +395,7 @@ class _ChatFormat:
     def chunk(self, c: _Choice, d) -> P.ChatCompletionChunk:
         return P.ChatCompletionChunk(**self.head, choices=[P.ChatChunkChoice(
             index=c.index, delta=P.ChatDelta(content=d.text or ""),
-            finish_reason=d.finish_reason)])
+            logprobs=self.logprobs(c, d.logprobs), finish_reason=d.finish_reason)])
 
     def usage(self, u: P.Usage) -> P.ChatCompletionChunk:
         return P.ChatCompletionChunk(**self.head, choices=[], usage=u)
@@ -337,7 +403,8 @@ class _ChatFormat:
     def full(self, choices: list[_Choice], u: P.Usage) -> P.ChatCompletionResponse:
         return P.ChatCompletionResponse(**self.head, usage=u, choices=[P.ChatChoice(
             index=c.index, message=P.AssistantMessage(content="".join(c.text)),
-            finish_reason=c.finish_reason) for c in choices])
+            logprobs=self.logprobs(c, c.logprobs), finish_reason=c.finish_reason)
+            for c in choices])
 
 
 # ---------------------------------------------------------------------- the app
@@ -388,14 +455,14 @@ def build_app(llm, model_name: str, *, api_key: str | None = None, max_queue: in
         _admit(state)
         prompts = [_encode_text(state, p) if isinstance(p, str) else p for p in body.prompts()]
         return await _respond(state, request, body, prompts, body.max_tokens,
-                              _CompletionFormat(model_name))
+                              _CompletionFormat(model_name, state.token_text))
 
     @v1.post("/chat/completions")
     async def chat_completions(body: P.ChatCompletionRequest, request: Request):
         _check_model(state, body.model)
         _admit(state)
         return await _respond(state, request, body, [_chat_ids(state, body.messages)],
-                              body.max_new_tokens, _ChatFormat(model_name))
+                              body.max_new_tokens, _ChatFormat(model_name, state.token_text))
 
     app.include_router(v1)
 

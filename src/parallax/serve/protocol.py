@@ -18,8 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # OpenAI fields accepted only at their "off" value: (field, the values that mean off).
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
     "echo": (None, False),
     "suffix": (None, ""),
@@ -35,12 +33,7 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "service_tier": (None, "auto", "default"),
 }
 
-NOT_SUPPORTED_WHY = {
-    "presence_penalty": "use repetition_penalty (HF/CTRL style, 1 = off)",
-    "frequency_penalty": "use repetition_penalty (HF/CTRL style, 1 = off)",
-    "logprobs": "the engine does not return log-probabilities yet",
-    "top_logprobs": "the engine does not return log-probabilities yet",
-}
+MAX_LOGPROBS = 20         # alternatives per token at most (OpenAI's top_logprobs limit)
 
 
 class UnsupportedField(Exception):
@@ -71,6 +64,8 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     repetition_penalty: float = Field(1.0, gt=0.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     user: str | None = None
@@ -87,8 +82,8 @@ class _SamplingRequest(BaseModel):
         for name, value in (self.model_extra or {}).items():
             if name in UNSUPPORTED_FIELDS:
                 if value not in UNSUPPORTED_FIELDS[name]:
-                    why = NOT_SUPPORTED_WHY.get(name, "parallax does not implement it")
-                    raise UnsupportedField(name, f"{name}={value!r} is not supported yet ({why})")
+                    raise UnsupportedField(name, f"{name}={value!r} is not supported yet "
+                                           "(parallax does not implement it)")
             else:
                 raise UnsupportedField(name, f"Unrecognized request argument supplied: {name}")
         if self.stream_options is not None and not self.stream:
@@ -99,19 +94,26 @@ class _SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token to return (None: no logprobs); set by each endpoint."""
+        return None
+
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``LLM.submit`` (without max_new_tokens and seed)."""
         return dict(temperature=self.temperature, top_p=self.top_p,
                     top_k=self.top_k if self.top_k and self.top_k > 0 else None,
                     stop=self.stop or None, ignore_eos=self.ignore_eos,
                     repetition_penalty=self.repetition_penalty,
-                    stop_token_ids=self.stop_token_ids)
+                    presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty,
+                    stop_token_ids=self.stop_token_ids, logprobs=self.num_logprobs)
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)     # None: up to the model's context
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)   # alternatives per token
 
     @field_validator("prompt")
     @classmethod
@@ -120,12 +122,9 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("prompt must not be empty")
         return v
 
-    @model_validator(mode="after")
-    def _no_logprobs(self):
-        if self.logprobs is not None:
-            raise UnsupportedField("logprobs", "logprobs is not supported yet "
-                                   f"({NOT_SUPPORTED_WHY['logprobs']})")
-        return self
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (each a string or token ids)."""
@@ -162,15 +161,17 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
-    def _no_logprobs(self):
-        for field in ("logprobs", "top_logprobs"):
-            if getattr(self, field) not in (None, False):
-                raise UnsupportedField(field, f"{field} is not supported yet "
-                                       f"({NOT_SUPPORTED_WHY[field]})")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise UnsupportedField("top_logprobs", "top_logprobs needs logprobs=true")
         return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def max_new_tokens(self) -> int | None:
@@ -189,10 +190,19 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
+class CompletionLogprobs(BaseModel):
+    """/v1/completions' logprobs: per generated token its text, its logprob, the top
+    alternatives (text -> logprob, the chosen token included) and its text offset."""
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -210,10 +220,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """/v1/chat/completions' logprobs: one entry per generated token."""
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -234,7 +260,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
