@@ -291,13 +291,15 @@ class RayExecutor:
 
 
 def inside_ray_worker() -> bool:
-    """True in a Ray task or actor (e.g. a Ray Serve replica), not in a driver; never
-    imports Ray itself."""
+    """True in a Ray actor (e.g. a Ray Serve replica) or in a task placed in a placement
+    group, not in a driver; never imports Ray itself. Public API only: ``get_actor_id()``
+    is None outside an actor, ``get_current_placement_group()`` None outside a group."""
     import sys
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return False
     with contextlib.suppress(Exception):
-        from ray._private.worker import WORKER_MODE, global_worker
-        return global_worker.mode == WORKER_MODE
+        from ray.util import get_current_placement_group
+        return (ray.get_runtime_context().get_actor_id() is not None
+                or get_current_placement_group() is not None)
     return False

@@ -43,6 +43,7 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)   # each chunk's arrival, from run start
     disconnected: bool = False          # hung up on purpose mid-stream
+    response_id: str | None = None      # the answer's ``id`` (from its first chunk)
 
     @property
     def ok(self) -> bool:
@@ -81,6 +82,7 @@ async def _one(client: httpx.AsyncClient, url: str, rec: RequestRecord, body: di
             if r.status_code != 200:
                 rec.error = json.dumps(data.get("error", data))
                 return
+            rec.response_id = data.get("id")
             rec.text = data["choices"][0]["text"]
             rec.finish_reason = data["choices"][0]["finish_reason"]
             rec.prompt_tokens = data["usage"]["prompt_tokens"]
@@ -102,6 +104,7 @@ async def _one(client: httpx.AsyncClient, url: str, rec: RequestRecord, body: di
                 if "error" in data:
                     rec.error = json.dumps(data["error"])
                     break
+                rec.response_id = rec.response_id or data.get("id")
                 if data.get("usage"):
                     rec.prompt_tokens = data["usage"]["prompt_tokens"]
                     rec.output_tokens = data["usage"]["completion_tokens"]
@@ -119,9 +122,10 @@ async def _one(client: httpx.AsyncClient, url: str, rec: RequestRecord, body: di
                     rec.text += ch.get("text") or ""
                     rec.finish_reason = ch.get("finish_reason") or rec.finish_reason
                 chunks += 1
-                if hang_up_after is not None and chunks >= hang_up_after:
-                    # Hanging up after the answer is complete is no disconnect.
-                    rec.disconnected = rec.finish_reason is None
+                if hang_up_after is not None and chunks >= hang_up_after \
+                        and rec.finish_reason is None:
+                    # (A client that already has the whole answer reads on to [DONE].)
+                    rec.disconnected = True
                     break           # leaving the block closes the connection
             rec.e2e_s = time.perf_counter() - t0
     except Exception as e:      # a load driver records failures instead of stopping

@@ -4,16 +4,20 @@ replica that has it in its prefix cache, unless queues are too uneven.
 Ray Serve's proxy routes HTTP requests before it reads their bodies, so a router there cannot
 see prompts. Hence two parts:
 
-* ``PrefixFront``, a light ingress deployment: reads each request's body, takes the first
-  ``prefix_chars`` characters of its prompt (completions: ``prompt``; chat: the messages'
-  roles and contents) as the routing key, and forwards the raw HTTP request to an engine
-  replica through a deployment handle (``ParallaxReplica.forward``), streaming the answer
-  back. The routes themselves stay in serve/app.py, run by the replica.
+* the front deployment (serve/front.py) reads each request's body, takes the first
+  ``prefix_chars`` characters of its prompt (``prefix_key``: completions' ``prompt``; chat:
+  the messages' roles and contents) as the routing key, and forwards the raw HTTP request
+  to an engine replica through a deployment handle (``ParallaxReplica.forward``).
 * ``PrefixAffinityRouter``, a Ray Serve ``RequestRouter`` on the engine deployment (used by
   the front's handle): rendezvous hashing of the key over the live replicas picks the
   preferred replica (stable as replicas come and go: only the keys of a removed replica
   move); if its queue exceeds the shortest by more than ``imbalance`` requests, the least
   loaded replica takes the request instead. Requests without a key use power of two choices.
+
+Only Ray Serve's public router API is used (``ray.serve.request_router``, Ray 2.60): queue
+lengths come from ``replica_queue_len_cache``, which Serve fills as it probes the replicas
+of the ranks a router returns and from the replicas' own reports; a replica with no entry
+yet counts as unknown (it neither triggers nor blocks the fallback).
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import logging
 import random
 from typing import Any
 
-from ray import serve
 from ray.serve.request_router import RequestRouter
 
 logger = logging.getLogger(__name__)
@@ -80,7 +83,7 @@ class PrefixAffinityRouter(RequestRouter):
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
         order = preferred_order(key, list(by_id))
-        queues = await self._queue_lens(candidate_replicas)
+        queues = self._queue_lens(candidate_replicas)
         best = by_id[order[0]]
         known = [q for q in queues.values() if q is not None]
         mine = queues.get(order[0])
@@ -91,51 +94,7 @@ class PrefixAffinityRouter(RequestRouter):
             return [[least]]
         return [[best], [by_id[r] for r in order[1:]]]
 
-    async def _queue_lens(self, replicas) -> dict[str, int | None]:
-        out: dict[str, int | None] = {}
-        missing = []
-        for r in replicas:
-            q = self.replica_queue_len_cache.get(r.replica_id)
-            if q is None:
-                missing.append(r)
-            out[r.replica_id.to_full_id_str()] = q
-        if missing:   # as Ray's own routers do: ask the replicas (this fills the cache)
-            for r, q in await self._probe_queue_lens(missing, 0):
-                out[r.replica_id.to_full_id_str()] = q
-        return out
-
-
-class PrefixFront:
-    """Ingress: forwards each HTTP request to the engine replica its prompt prefix picks."""
-
-    def __init__(self, engines, prefix_chars: int):
-        self.engines = engines.options(stream=True)
-        self.prefix_chars = prefix_chars
-
-    async def __call__(self, request):
-        from starlette.responses import StreamingResponse
-        body = await request.body()
-        key = prefix_key(body, self.prefix_chars)
-        headers = [(k.encode(), v.encode()) for k, v in request.headers.items()]
-        path, root = request.url.path, request.scope.get("root_path", "")
-        if root and path.startswith(root):        # the route prefix is the front's, not the app's
-            path = path[len(root):] or "/"
-        gen = self.engines.forward.remote(key, request.method, path, request.url.query,
-                                          headers, body)
-        start = await gen.__anext__()          # (status, headers) first, then body chunks
-
-        async def rest():
-            async for chunk in gen:
-                yield chunk
-
-        return StreamingResponse(rest(), status_code=start[0],
-                                 headers={k.decode(): v.decode() for k, v in start[1]
-                                          if k.lower() not in (b"content-length",
-                                                               b"transfer-encoding")})
-
-
-def front_app(engines, prefix_chars: int):
-    """The bound ingress for ``build_app(..., prefix_routing=True)`` over ``engines``."""
-    return serve.deployment(PrefixFront, name="parallax-prefix-front",
-                            ray_actor_options={"num_cpus": 0.1},
-                            max_ongoing_requests=1024).bind(engines, prefix_chars)
+    def _queue_lens(self, replicas) -> dict[str, int | None]:
+        """Each replica's last known queue length (None: not known yet)."""
+        return {r.replica_id.to_full_id_str(): self.replica_queue_len_cache.get(r.replica_id)
+                for r in replicas}

@@ -17,9 +17,13 @@ Design choices:
   ``STRICT_PACK`` (one node) by default, ``PACK``/``SPREAD`` let a replica span nodes.
 * **Health**: Serve's health check asks the app's engine monitor; a dead rank or a stuck
   engine fails it, and Serve replaces the replica.
+* **Front**: the HTTP ingress is a light front deployment (serve/front.py) that forwards
+  each request to a replica through a handle: a request a dying replica took before
+  answering is retried on another, and what cannot be retried ends in OpenAI's error body
+  instead of the Serve proxy's plain 500.
 * **Routing**: Serve's default (power of two choices on queue length), or with
-  ``prefix_routing=True`` a front deployment that reads each request's prompt and sends
-  requests sharing a prefix to the same replica (serve/prefix_router.py).
+  ``prefix_routing=True`` the front routes by the prompt's prefix, so requests sharing a
+  prefix go to the same replica (serve/prefix_router.py).
 """
 
 from __future__ import annotations
@@ -170,7 +174,7 @@ def build_app(model: str, tp: int = 1, pp: int = 1, *, num_replicas: int | None 
               placement_strategy: str = "STRICT_PACK", max_ongoing_requests: int | None = None,
               upscale_delay_s: float = 30.0, downscale_delay_s: float = 600.0,
               prefix_routing: bool = False, prefix_chars: int = 256, prefix_imbalance: int = 8,
-              **llm_kwargs: Any):
+              retries: int = 3, **llm_kwargs: Any):
     """The Ray Serve application for ``serve.run``: replicas of ``LLM(model, tp, pp, ...)``.
 
     Args:
@@ -187,6 +191,8 @@ def build_app(model: str, tp: int = 1, pp: int = 1, *, num_replicas: int | None 
         prefix_routing: put a router in front that sends requests sharing their first
             ``prefix_chars`` prompt characters to the same replica unless its queue is
             longer than the shortest by more than ``prefix_imbalance`` (serve/prefix_router.py).
+        retries: times the front re-sends a request whose replica died before answering
+            it (serve/front.py); 0: such requests get a 503 error body at once.
     """
     from ray import serve
 
@@ -209,6 +215,8 @@ def build_app(model: str, tp: int = 1, pp: int = 1, *, num_replicas: int | None 
         if n < 1:
             raise ParallaxError(f"num_replicas must be >= 1, got {n}")
         scaling = {"num_replicas": n}
+    if retries < 0:
+        raise ParallaxError(f"retries must be >= 0, got {retries}")
     if threads_per_rank < 1:
         raise ParallaxError(f"threads_per_rank must be >= 1, got {threads_per_rank}")
     bundles, actor_resources = replica_bundles(tp, pp, device, threads_per_rank)
@@ -236,10 +244,8 @@ def build_app(model: str, tp: int = 1, pp: int = 1, *, num_replicas: int | None 
                                   health_check_timeout_s=max(10.0, health_timeout_s),
                                   graceful_shutdown_timeout_s=30.0, **scaling, **routing)
     engines = deployment.bind(model, llm_kwargs, app_kwargs, threads_per_rank)
-    if not prefix_routing:
-        return engines
-    from .prefix_router import front_app
-    return front_app(engines, prefix_chars)
+    from .front import front_app
+    return front_app(engines, prefix_chars if prefix_routing else None, retries)
 
 
 # ---------------------------------------------------------------------- parallax serve
@@ -293,7 +299,10 @@ def main(a: argparse.Namespace) -> int:
 def _proxy_address(host: str, port: int) -> tuple[str, int]:
     """Serve's HTTP host and port as running (they differ from ours when Serve ran before)."""
     try:
-        from ray.serve.context import _get_global_client   # no public accessor for this
+        # Private, and kept to this one place: Ray 2.60 has no public accessor for the
+        # running proxy's HTTP options (serve.status() lists proxies without addresses),
+        # and only the log line below needs them. Any failure falls back to ours.
+        from ray.serve.context import _get_global_client
         opts = _get_global_client().http_config
         return opts.host, opts.port
     except Exception:
