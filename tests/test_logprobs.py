@@ -172,3 +172,21 @@ def test_sampled_tokens_join_and_pickle():
 def test_bad_values_name_the_parameter(kwargs, word):
     with pytest.raises(SamplingError, match=word):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_parallel_layouts_equal_one_process(llm, tiny_llama, tp, pp):
+    """Logprobs and penalties cross the worker pool (the driver rank samples): tp=2 and
+    pp=2 give one-process parallax's tokens and logprobs."""
+    kw = dict(max_new_tokens=8, ignore_eos=True, logprobs=3, presence_penalty=0.6,
+              frequency_penalty=0.4)
+    want = llm.generate(PROMPTS, **kw)
+    with parallax.LLM(tiny_llama, tp=tp, pp=pp) as par:
+        got = par.generate(PROMPTS, **kw)
+    for a, b in zip(got, want):
+        assert a.token_ids == b.token_ids
+        assert [x.logprob for x in a.logprobs] == pytest.approx(
+            [x.logprob for x in b.logprobs], abs=TOL)
+        assert [[t for t, _ in x.top] for x in a.logprobs] == \
+            [[t for t, _ in x.top] for x in b.logprobs]

@@ -8,6 +8,7 @@
     server.py    uvicorn runner with SIGTERM drain; BackgroundServer for tests/benchmarks
     loadgen.py   HTTP load driver for any OpenAI-compatible server
     ray_serve.py the app as a Ray Serve deployment: replicas, autoscaling (docs/scaling.md)
+    front.py     the Ray Serve ingress: forwards to replicas, retries a dead one's requests
     prefix_router.py  prefix-aware routing between Ray Serve replicas
 
 Needs the ``serve`` extra (fastapi, uvicorn, prometheus-client); importing this package
