@@ -207,8 +207,10 @@ class LLM:
                 model has one. Message lists go to ``LLM.chat``.
             repetition_penalty: > 1 makes tokens already in the prompt or answer less likely.
             stop_token_ids: token ids that end the answer (included in ``token_ids``).
-            presence_penalty, frequency_penalty: OpenAI's penalties in [-2, 2] over the
-                tokens generated so far (0: off; see ``SamplingParams``).
+            presence_penalty: OpenAI's, in [-2, 2]: lowers the logit of every token generated
+                so far once (0: off; see ``SamplingParams``).
+            frequency_penalty: OpenAI's, in [-2, 2]: lowers each token's logit once per time
+                it was generated so far (0: off).
             logprobs: return each generated token's log-probability and those of its
                 ``logprobs`` most likely alternatives (0..20) in ``Completion.logprobs``
                 (and ``Delta.logprobs``); None: off.
