@@ -767,6 +767,55 @@ def test_load_mixed(llm, srv, outcomes):
     check_load(srv.url, llm, budgets, want, records, before, outcomes)
 
 
+def test_hang_ups_racing_the_last_token_count_once(llm, srv, outcomes):
+    """Two-token streams whose clients hang up after the first chunk: the server often has
+    the last token already. Each request still counts once, on the side the server's own
+    record names, and request_success_total equals that count exactly."""
+    from parallax.serve.loadgen import run_load, synthetic_prompts
+    prompts = synthetic_prompts(40, (2, 10), seed=11)
+    budgets = [2] * len(prompts)
+    want = offline(llm, prompts, budgets, ignore_eos=True)
+    before = counters(srv.url)
+    records, _ = run_load(srv.url, prompts, model=MODEL, max_tokens=budgets, concurrency=16,
+                          stream=True, disconnect_fraction=1.0, seed=4, timeout_s=60,
+                          extra_body={"ignore_eos": True})
+    check_load(srv.url, llm, budgets, want, records, before, outcomes)
+
+
+def test_success_is_decided_by_the_final_delta_not_by_the_client(llm, outcomes):
+    """The definition, without network timing: a stream closed (the client gone) after the
+    server took its final delta counts as a success, even though the client never read
+    that chunk; closed one delta earlier, it counts as aborted. Once each."""
+    from parallax.serve import app as A
+    from parallax.serve import protocol as P
+    state = build_app(llm, MODEL).state.serve
+    body = P.CompletionRequest(prompt=[5, 6, 7], max_tokens=3, temperature=0, stream=True,
+                               ignore_eos=True)
+
+    async def run(chunks_before_close: int) -> str:
+        fmt = A._CompletionFormat(MODEL, state.token_text)
+        choices = A._submit(state, [[5, 6, 7]], 3, body, fmt.head["id"])
+        gen = A._stream(state, choices, fmt, None)
+        for _ in range(chunks_before_close):
+            await gen.__anext__()
+        await gen.aclose()                    # what the server does when the client leaves
+        return fmt.head["id"]
+
+    late = asyncio.run(run(3))                # the 3rd chunk holds the last token
+    early = asyncio.run(run(2))
+    seen = outcomes()
+    assert seen[late] == ("success", "length", 3) and seen[early][0] == "aborted"
+    assert metric_value(state, "request_success_total") == 1
+    assert metric_value(state, "request_failed_total") == 1
+    assert wait_until(lambda: idle(llm))
+
+
+def metric_value(state, name: str) -> float:
+    """Sum of an app's counter samples, read from its own registry (no server needed)."""
+    return sum(s.value for m in state.metrics.registry.collect()
+               for s in m.samples if s.name == "parallax:" + name)
+
+
 # ====================================================================== the real engine
 def offline(llm, prompts, budgets, **kw) -> list[str]:
     """LLM.generate's texts for (prompt, max_new_tokens) pairs, one generate per budget."""

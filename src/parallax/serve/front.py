@@ -124,6 +124,8 @@ class Front:
 def front_app(engines, prefix_chars: int | None = None, retries: int = DEFAULT_RETRIES):
     """The bound ingress of ``build_app`` over the engine deployment ``engines``."""
     from ray import serve
+    # No CPU reserved: the front only awaits I/O (like Serve's own proxies), and a
+    # fraction here would leave less than a whole CPU for some replica's rank bundle.
     return serve.deployment(Front, name="parallax-front",
-                            ray_actor_options={"num_cpus": 0.1},
+                            ray_actor_options={"num_cpus": 0},
                             max_ongoing_requests=1024).bind(engines, prefix_chars, retries)
