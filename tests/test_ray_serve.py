@@ -294,17 +294,26 @@ def test_sigkill_one_replica_under_load_recovers(two_replicas, oracle):
     prompts, budgets = prompts_and_budgets(80, seed=1)
     budgets = [24 + b for b in budgets]                        # long enough to be cut
     kill_at = {}
+    done = []                     # requests answered so far (list.append is atomic)
+    flowing = threading.Event()
 
     def killer():
-        time.sleep(2.0)
+        # Once 10 answers are back, 12 more are in flight (about half on the victim).
+        flowing.wait(60)
         kill_at["t"] = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL)
+
+    def one(i: int) -> dict:
+        r = complete_any(url, prompts[i], budgets[i], i % 2 == 1)
+        done.append(i)
+        if len(done) >= 10:
+            flowing.set()
+        return r
 
     with cf.ThreadPoolExecutor(1) as k, cf.ThreadPoolExecutor(12) as pool:
         k.submit(killer)
         t0 = time.monotonic()
-        results = list(pool.map(lambda i: complete_any(url, prompts[i], budgets[i], i % 2 == 1),
-                                range(len(prompts))))
+        results = list(pool.map(one, range(len(prompts))))
     assert time.monotonic() - t0 < 120
     bad = [r for r in results if r["error"] is not None]
     retried = [r for r in results if r["retries"]]

@@ -742,6 +742,10 @@ def check_load(url: str, llm, budgets, oracle_texts, records, before: dict | Non
               f"({late} of them after the server had finished), success_total {success:.0f}")
     assert count("parallax:request_failed_total", reason="error") == 0
     assert count("parallax:e2e_request_latency_seconds_count") == success
+    # the engine's queue time, once per success, never above the request's whole latency
+    assert count("parallax:request_queue_time_seconds_count") == success
+    assert 0 <= count("parallax:request_queue_time_seconds_sum") \
+        <= count("parallax:e2e_request_latency_seconds_sum")
     s = summarize(records, 1.0)
     assert s["completed"] == len(done) and s["failed"] == 0
 
@@ -750,7 +754,10 @@ def counters(url: str) -> dict:
     """The counters check_load compares, before a run."""
     names = [("parallax:request_success_total",), ("parallax:request_failed_total", "aborted"),
              ("parallax:request_failed_total", "error"),
-             ("parallax:e2e_request_latency_seconds_count",)]
+             ("parallax:e2e_request_latency_seconds_count",),
+             ("parallax:e2e_request_latency_seconds_sum",),
+             ("parallax:request_queue_time_seconds_count",),
+             ("parallax:request_queue_time_seconds_sum",)]
     return {n: metric(url, n[0], **({"reason": n[1]} if len(n) > 1 else {})) for n in names}
 
 
