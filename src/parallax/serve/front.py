@@ -93,6 +93,9 @@ class Front:
                 logger.exception("forwarding %s %s failed", request.method, path)
                 return _error(500, f"the engine replica failed: {e}", "internal_error",
                               "replica_error")
+            except BaseException:                 # cancelled (the client left): stop the work
+                gen.cancel()
+                raise
         else:
             return _error(503, f"the engine replica serving this request died, and "
                           f"{self.retries} retries found no live one; retry later",
