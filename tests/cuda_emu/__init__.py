@@ -1,0 +1,101 @@
+"""Runs the CUDA paged-attention kernel's own source on the CPU, for machines without a GPU.
+
+``cuda_runtime.h`` here stands in for CUDA's: each thread block runs as blockDim.x
+std::threads with real barriers (``__syncthreads``, ``__syncwarp``), shuffles go through a
+per-warp buffer, launches run block after block. ``build()`` rewrites the .cu's launch syntax
+and its dynamic shared array, compiles it with the host C++ compiler against the CUDA
+toolkit's fp16/bf16 headers, and loads it. It checks the kernel's logic (indexing, masks,
+splits, online softmax, metadata checks, barriers a missing one would race on); it says
+nothing about speed, occupancy or the GPU memory model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "..", "..", "src", "parallax", "csrc")
+CXX = shutil.which("g++") or shutil.which("c++")
+CUDA_INCLUDE = next((p for p in ("/usr/local/cuda/include",
+                                 os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"),
+                                              "include"))
+                     if os.path.exists(os.path.join(p, "cuda_bf16.h"))), None)
+DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+STUBS = r"""
+#include <cuda_runtime_api.h>
+extern "C" int parallax_num_sms(int) { return 132; }
+extern "C" cudaError_t cudaGetLastError() { return cudaSuccess; }
+"""
+
+
+class PagedParams(ctypes.Structure):
+    """ctypes twin of ParallaxPagedAttention (csrc/ops.h), field for field."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in (
+        "out", "q", "k", "v", "k_cache", "v_cache", "cos", "sin", "slot_mapping",
+        "block_tables", "context_lens", "query_start_loc", "status", "part_out", "part_lse")]
+        + [(n, ctypes.c_int64) for n in (
+            "num_tokens", "num_seqs", "num_heads", "num_kv_heads", "head_dim", "num_blocks",
+            "block_size", "max_blocks", "q_st", "q_sh", "k_st", "k_sh", "v_st", "v_sh")]
+        + [("scale", ctypes.c_float), ("window", ctypes.c_int32), ("softcap", ctypes.c_float),
+           ("num_splits", ctypes.c_int32), ("dtype", ctypes.c_int32)])
+
+
+def _emulable(src: str) -> str:
+    src = re.sub(r"([\w:]+(?:<[^<>]*>)?)<<<(.*?)>>>\((.*?)\);",
+                 lambda m: f"emu::launch({m.group(1)}, {m.group(2)}, {m.group(3)});", src,
+                 flags=re.S)
+    return re.sub(r"extern __shared__ (\w+) (\w+)\[\];",
+                  lambda m: f"{m.group(1)}* {m.group(2)} = "
+                            f"reinterpret_cast<{m.group(1)}*>(emu::blk->smem.data());", src)
+
+
+def build(folder: str, name: str = "paged_attention.cu") -> ctypes.CDLL:
+    """Compile csrc/``name`` for the emulation into ``folder`` and load it."""
+    with open(os.path.join(CSRC, name)) as f:
+        src = _emulable(f.read())
+    cpp, stubs = os.path.join(folder, "kernel.cpp"), os.path.join(folder, "stubs.cpp")
+    with open(cpp, "w") as f:
+        f.write(src)
+    with open(stubs, "w") as f:
+        f.write(STUBS)
+    lib = os.path.join(folder, "libkernel.so")
+    cmd = [CXX, "-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-pthread", f"-I{HERE}",
+           f"-I{CUDA_INCLUDE}", f"-I{CSRC}", cpp, stubs, "-o", lib]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-4000:])
+    dll = ctypes.CDLL(lib)
+    dll.parallax_paged_attention.argtypes = [ctypes.POINTER(PagedParams), ctypes.c_void_p]
+    return dll
+
+
+def paged_attention(lib: ctypes.CDLL, q, k, v, k_cache, v_cache, cos, sin, slot_mapping,
+                    block_tables, context_lens, query_start_loc, scale, window=None,
+                    softcap=None, num_splits=1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launcher on CPU tensors, as binding.cpp calls it. Returns (out, status)."""
+    t, hq, d = q.shape
+    b = context_lens.shape[0]
+    out = torch.full_like(q, 12345.0)                     # unwritten elements stand out
+    status = torch.full((b + 1,), -7, dtype=torch.int32)
+    part_out = torch.full((t, hq, num_splits, d), 12345.0)
+    part_lse = torch.full((t, hq, num_splits), 12345.0)
+    keep = [cos.float().contiguous(), sin.float().contiguous(), slot_mapping.long().contiguous(),
+            block_tables.int().contiguous(), context_lens.int().contiguous(),
+            query_start_loc.int().contiguous()]
+    p = PagedParams(*[x.data_ptr() for x in (out, q, k, v, k_cache, v_cache, *keep, status,
+                                             part_out, part_lse)],
+                    t, b, hq, k_cache.shape[1], d, k_cache.shape[0], k_cache.shape[2],
+                    keep[3].shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                    v.stride(0), v.stride(1), scale, window or 0, softcap or 0.0, num_splits,
+                    DTYPE_CODE[q.dtype])
+    err = lib.parallax_paged_attention(ctypes.byref(p), None)
+    if err:
+        raise RuntimeError(f"launcher returned {err}")
+    return out, status

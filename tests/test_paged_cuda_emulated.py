@@ -1,0 +1,126 @@
+"""The CUDA paged attention kernel (csrc/paged_attention.cu) run on the CPU through the
+emulation in tests/cuda_emu (its own source, g++, one std::thread per CUDA thread), against a
+float64 oracle: ragged mixed prefill/decode batches, block boundaries, shared prefix blocks,
+GQA, every head dim and dtype, sliding window, soft-cap, split-KV; the cache writes; and the
+device-side checks of bad metadata. The same problems run on a GPU in test_kernels_cuda.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cuda_emu
+import paged_cases as pc
+from parallax.ops import reference as ref
+
+pytestmark = pytest.mark.skipif(cuda_emu.CXX is None or cuda_emu.CUDA_INCLUDE is None,
+                                reason="needs g++ and the CUDA toolkit's headers")
+
+EPS = {torch.float32: 1e-5, torch.bfloat16: 2e-4, torch.float16: 5e-5}
+# (dtype, window, softcap, splits): each case runs in every variant
+VARIANTS = {"f32": (torch.float32, None, None, 1),
+            "f32-window-softcap-split3": (torch.float32, 6, 1.5, 3),
+            "bf16": (torch.bfloat16, None, None, 1),
+            "f16-window-split2": (torch.float16, 11, None, 2)}
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return cuda_emu.build(str(tmp_path_factory.mktemp("cuda_emu")))
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite values in the kernel output"
+    return ((out.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", pc.CASES)
+def test_kernel_matches_oracle_and_writes_only_new_slots(lib, name, variant):
+    dtype, window, softcap, splits = VARIANTS[variant]
+    c = pc.case(name, dtype=dtype, strided=name == "mixed-chunked")
+    d = c["q"].shape[-1]
+    scale = d ** -0.5
+    a = pc.args(c)
+    out, status = cuda_emu.paged_attention(lib, *a, scale, window, softcap, splits)
+    assert status.tolist() == [0] * (len(status) - 1) + [0]
+    want = pc.oracle(c, scale, window, softcap)
+    base = ref.paged_attention_with_kvcache(*pc.args(c), scale, window, softcap)
+    err, base_err = rel_err(out, want), rel_err(base, want)
+    assert err <= 2 * base_err + EPS[dtype], f"kernel {err:.3e} vs torch {base_err:.3e}"
+    kc, vc = pc.expected_caches(c)
+    torch.testing.assert_close(a[3], kc, atol=0, rtol=0) if dtype == torch.float32 \
+        else torch.testing.assert_close(a[3].float(), kc.float(), atol=1e-2, rtol=1e-2)
+    assert torch.equal(a[4], vc)
+    # nothing but the new slots moved (the tolerance above must not hide a stray write)
+    slots = c["slot_mapping"]
+    bs = kc.shape[2]
+    moved = torch.zeros(kc.shape[0] * bs, dtype=torch.bool)
+    moved[slots] = True
+    flat = lambda x: x.transpose(1, 2).reshape(-1, *x.shape[1:2], x.shape[-1])  # noqa: E731
+    assert torch.equal(flat(a[3])[~moved], flat(c["k_cache"])[~moved])
+
+
+BAD = {  # what breaks sequence 1 of three -> the status code the kernel reports
+    "negative-slot": 1, "slot-beyond-capacity": 1, "length-below-new-tokens": 2,
+    "length-beyond-table": 2, "block-beyond-cache": 3, "negative-block": 3}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("bad", BAD)
+def test_bad_sequence_gets_nan_and_writes_nothing(lib, bad, splits):
+    c = pc.make_case(5, [(20, 1), (9, 4), (30, 2)], hq=4, hk=2, d=64, bs=8)
+    n_blocks = c["k_cache"].shape[0]
+    if bad == "negative-slot":
+        c["slot_mapping"][2] = -1
+    elif bad == "slot-beyond-capacity":
+        c["slot_mapping"][3] = n_blocks * 8
+    elif bad == "length-below-new-tokens":
+        c["context_lens"][1] = 3
+    elif bad == "length-beyond-table":
+        c["context_lens"][1] = 8 * c["block_tables"].shape[1] + 1
+    elif bad == "block-beyond-cache":
+        c["block_tables"][1, 0] = n_blocks
+    else:
+        c["block_tables"][1, 1] = -3
+    a = pc.args(c)
+    out, status = cuda_emu.paged_attention(lib, *a, 0.125, None, None, splits)
+    assert status.tolist() == [0, BAD[bad], 0, 0]
+    assert out[1:5].isnan().all()                          # sequence 1's four tokens
+    good = torch.tensor([0, 5, 6])
+    assert torch.isfinite(out[good]).all()
+    want = pc.oracle({**c, **_only(c, [0, 2])}, 0.125)
+    torch.testing.assert_close(out[good].double(), want, atol=1e-5, rtol=1e-5)
+    kc, vc = pc.expected_caches(c, good)                   # the good tokens' slots only
+    assert torch.equal(a[3], kc) and torch.equal(a[4], vc)
+
+
+def _only(c: dict, seqs: list[int]) -> dict:
+    """The metadata of a case restricted to some of its sequences (their tokens in order)."""
+    qsl = c["query_start_loc"].tolist()
+    toks = torch.cat([torch.arange(qsl[b], qsl[b + 1]) for b in seqs])
+    n = [qsl[b + 1] - qsl[b] for b in seqs]
+    return dict(q=c["q"][toks], k=c["k"][toks], v=c["v"][toks], cos=c["cos"][toks],
+                sin=c["sin"][toks], slot_mapping=c["slot_mapping"][toks],
+                block_tables=c["block_tables"][seqs], context_lens=c["context_lens"][seqs],
+                query_start_loc=torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(),
+                                             dtype=torch.int32))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("qsl", [[0, 1, 1, 7], [0, 5, 3, 7], [1, 2, 5, 7], [0, 1, 5, 6],
+                                 [0, 1, 5, 9], [-2, 1, 5, 7]])
+def test_broken_query_start_loc_makes_everything_nan_and_writes_nothing(lib, qsl, splits):
+    """A sequence without tokens, a decreasing or short/long partition (the batch has 7
+    tokens): no sequence owns well-defined rows, so all are bad."""
+    c = pc.make_case(6, [(20, 1), (9, 4), (30, 2)], hq=4, hk=2, d=64, bs=8)
+    c["query_start_loc"] = torch.tensor(qsl, dtype=torch.int32)
+    a = pc.args(c)
+    out, status = cuda_emu.paged_attention(lib, *a, 0.125, None, None, splits)
+    assert status.tolist() == [4, 4, 4, 1]
+    assert out.isnan().all()
+    assert torch.equal(a[3], c["k_cache"]) and torch.equal(a[4], c["v_cache"])
