@@ -114,7 +114,7 @@ def expected_caches(c: dict, tokens: torch.Tensor | None = None) -> tuple:
 # query heads per KV head, every head dim the kernel is built for, shared prefix blocks.
 CASES = {
     "decode-ragged": ([(1, 1), (17, 1), (16, 1), (33, 1), (100, 1)], 8, 2, 64, 16, 0),
-    "prefill-ragged": ([(5, 5), (16, 16), (40, 40), (129, 129)], 8, 2, 64, 16, 0),
+    "prefill-ragged": ([(5, 5), (16, 16), (40, 40), (70, 70)], 8, 2, 64, 16, 0),
     "mixed-chunked": ([(47, 1), (64, 30), (200, 7), (3, 3), (18, 2)], 9, 3, 64, 16, 0),
     "block-boundaries": ([(15, 1), (16, 1), (17, 1), (32, 16), (33, 17)], 4, 4, 128, 16, 0),
     "odd-block-size": ([(37, 5), (6, 6), (70, 1)], 8, 1, 96, 7, 0),
