@@ -124,8 +124,16 @@ CASES = {
     "shared-prefix": ([(70, 1), (70, 6)], 8, 2, 64, 16, 4),
 }
 
+# Long contexts (GPU only; too slow for the emulation): the split-KV path runs when the batch
+# leaves the GPU idle, and windows far shorter than the context.
+LONG_CASES = {
+    "long-decode": ([(3000, 1), (1500, 1), (700, 2), (4097, 1)], 32, 8, 128, 16, 0),
+    "long-prefill": ([(1200, 1000), (600, 1)], 8, 2, 128, 16, 0),
+    "long-mqa-256": ([(2500, 1), (900, 3)], 8, 1, 256, 32, 0),
+}
+
 
 def case(name: str, seed: int = 0, **kw) -> dict:
-    seqs, hq, hk, d, bs, shared = CASES[name]
+    seqs, hq, hk, d, bs, shared = {**CASES, **LONG_CASES}[name]
     return make_case(seed + len(name), seqs, hq=hq, hk=hk, d=d, bs=bs, shared_blocks=shared,
                      **kw)
