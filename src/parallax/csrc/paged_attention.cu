@@ -206,12 +206,10 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const ParallaxPaged
   }
 
   float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][J];
-  int64_t pos[kRowsPerWarp];
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     m[i] = -INFINITY;
     l[i] = 0.f;
-    pos[i] = first_pos + (r0 + i * kWarps + warp) / G;
 #pragma unroll
     for (int j = 0; j < J; ++j) acc[i][j] = 0.f;
   }
@@ -263,7 +261,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const ParallaxPaged
       if (r0 + lr >= r1) continue;  // uniform over the warp
       float x = s[i];
       if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
-      const bool valid = key < k_hi && key <= pos[i] && (p.window <= 0 || key > pos[i] - p.window);
+      const int64_t pos = first_pos + (r0 + lr) / G;  // the row's token position
+      const bool valid = key < k_hi && key <= pos && (p.window <= 0 || key > pos - p.window);
       x = valid ? x * kLog2e : -INFINITY;
       const float m_new = fmaxf(m[i], warp_max(x));
       if (m_new == -INFINITY) continue;  // no key of this row seen yet (uniform)
