@@ -62,6 +62,25 @@ def args(c: dict) -> list:
     return [c[n].clone() if n in ("k_cache", "v_cache") else c[n] for n in NAMES]
 
 
+def guarded(c: dict, blocks: int = 2) -> tuple[list, list]:
+    """args(c) with each cache a slice of a larger tensor whose ``blocks`` extra blocks on
+    either side hold NaN: returns (args, [the two larger tensors]) so a test can check that
+    nothing was written outside the cache."""
+    a, outer = args(c), []
+    for i in (3, 4):
+        n = a[i].shape[0]
+        big = torch.full((n + 2 * blocks, *a[i].shape[1:]), float("nan"), dtype=a[i].dtype,
+                         device=a[i].device)
+        big[blocks:blocks + n] = a[i]
+        a[i] = big[blocks:blocks + n]
+        outer.append(big)
+    return a, outer
+
+
+def guards_intact(outer: list, blocks: int = 2) -> bool:
+    return all(big[:blocks].isnan().all() and big[-blocks:].isnan().all() for big in outer)
+
+
 def _rot(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     c, s = cos[:, None], sin[:, None]

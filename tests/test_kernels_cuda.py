@@ -193,9 +193,10 @@ def test_paged_attention_bad_metadata(bad):
         c["block_tables"][1, 1] = -3
     else:
         c["query_start_loc"][2] = 0      # 5 -> 0: decreasing
-    a = pc.args(c)
+    a, outer = pc.guarded(c)
     out = C.paged_attention_with_kvcache(*a, 0.1)
     torch.cuda.synchronize()
+    assert pc.guards_intact(outer), "a write landed outside the cache"
     if bad == "broken-partition":
         assert out.isnan().all()
         assert torch.equal(a[3], c["k_cache"]) and torch.equal(a[4], c["v_cache"])

@@ -86,8 +86,9 @@ def test_bad_sequence_gets_nan_and_writes_nothing(lib, bad, splits):
         c["block_tables"][1, 0] = n_blocks
     else:
         c["block_tables"][1, 1] = -3
-    a = pc.args(c)
+    a, outer = pc.guarded(c)
     out, status = cuda_emu.paged_attention(lib, *a, 0.125, None, None, splits)
+    assert pc.guards_intact(outer), "a write landed outside the cache"
     assert status.tolist() == [0, BAD[bad], 0, 0]
     assert out[1:5].isnan().all()                          # sequence 1's four tokens
     good = torch.tensor([0, 5, 6])
@@ -119,8 +120,9 @@ def test_broken_query_start_loc_makes_everything_nan_and_writes_nothing(lib, qsl
     tokens): no sequence owns well-defined rows, so all are bad."""
     c = pc.make_case(6, [(20, 1), (9, 4), (30, 2)], hq=4, hk=2, d=64, bs=8)
     c["query_start_loc"] = torch.tensor(qsl, dtype=torch.int32)
-    a = pc.args(c)
+    a, outer = pc.guarded(c)
     out, status = cuda_emu.paged_attention(lib, *a, 0.125, None, None, splits)
+    assert pc.guards_intact(outer), "a write landed outside the cache"
     assert status.tolist() == [4, 4, 4, 1]
     assert out.isnan().all()
     assert torch.equal(a[3], c["k_cache"]) and torch.equal(a[4], c["v_cache"])

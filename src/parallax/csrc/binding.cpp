@@ -136,11 +136,7 @@ void decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_c
   TORCH_CHECK(D == 64 || D == 128, "parallax.", op, ": head dim must be 64 or 128, got ", D,
               " (other sizes go to parallax.ops.reference)");
   check_contig(q, op, "q");
-  check_on(out, q, op, "out");
-  check_contig(out, op, "out");
-  check_dtype(out, q.scalar_type(), op, "out");
-  TORCH_CHECK(out.sizes() == q.sizes(), "parallax.", op, ": out has shape ", out.sizes(),
-              ", expected ", q.sizes());
+  check_like(out, q, op, "out");
   for (const at::Tensor* t : {&k_cache, &v_cache}) {
     const char* name = t == &k_cache ? "k_cache" : "v_cache";
     check_on(*t, q, op, name);
@@ -203,11 +199,7 @@ void paged_attention_with_kvcache(at::Tensor out, const at::Tensor& q, const at:
   TORCH_CHECK(parallax_paged_head_dim_ok(D), "parallax.", op,
               ": head dim must be 64, 96, 128 or 256, got ", D,
               " (other sizes go to parallax.ops.reference)");
-  check_on(out, q, op, "out");
-  check_contig(out, op, "out");
-  check_dtype(out, q.scalar_type(), op, "out");
-  TORCH_CHECK(out.sizes() == q.sizes(), "parallax.", op, ": out has shape ", out.sizes(),
-              ", expected ", q.sizes());
+  check_like(out, q, op, "out");
   for (const at::Tensor* t : {&k_cache, &v_cache}) {
     const char* name = t == &k_cache ? "k_cache" : "v_cache";
     check_on(*t, q, op, name);
