@@ -17,8 +17,8 @@
 //  2. write, one block per new token: rotated k and v into slot_mapping[t], unless the
 //     token's sequence is bad.
 //  3. attention, grid (query tile, KV head x split, sequence). A tile is kRows query rows
-//     (token, head of the KV group), token-major, of one sequence; one warp per row at a
-//     time. The block streams the keys its rows need (causal, window) through shared memory,
+//     (token, head of the KV group), token-major, of one sequence; warp w owns rows w,
+//     w + kWarps, ... The block streams the keys its rows need (causal, window) through shared memory,
 //     kKeys per tile: a lane scores one key for kRowsPerWarp rows, each row keeps its own
 //     online softmax, and a lane accumulates D/32 output elements. The grid's tile count is
 //     sized from T on the host (no host sync): tiles past a sequence's rows exit at once.
@@ -27,7 +27,7 @@
 //     split_combine_kernel (cuda_common.h) merges them.
 // A bad sequence reads nothing from the cache, writes nothing into it, and gets NaN outputs;
 // the other sequences of the batch run normally. parallax.ops refuses bad metadata on the
-// host before launching, except while a CUDA graph is captured; this is the last line.
+// host before launching, except while a CUDA graph is captured; this is the last defence.
 #include <math.h>
 
 #include "cuda_common.h"
