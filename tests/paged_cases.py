@@ -1,5 +1,5 @@
 """Paged-attention problems and a float64 oracle, shared by the CUDA kernel's tests (on a GPU,
-tests/test_kernels_cuda.py, and through the CPU emulation, tests/test_paged_cuda_emulated.py).
+tests/test_kernels_cuda.py, and through the CPU emulation, tests/test_cuda_emulated.py).
 
 A case is a flat batch of sequences (context length, new tokens) over a paged cache whose
 block ids are shuffled; sequences 0 and 1 may share their first blocks (a prefix-cache hit).

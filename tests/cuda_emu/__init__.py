@@ -52,28 +52,33 @@ def _emulable(src: str) -> str:
     src = re.sub(r"([\w:]+(?:<[^<>]*>)?)<<<(.*?)>>>\((.*?)\);",
                  lambda m: f"emu::launch({m.group(1)}, {m.group(2)}, {m.group(3)});", src,
                  flags=re.S)
-    return re.sub(r"extern __shared__ (\w+) (\w+)\[\];",
-                  lambda m: f"{m.group(1)}* {m.group(2)} = "
-                            f"reinterpret_cast<{m.group(1)}*>(emu::blk->smem.data());", src)
+    src = re.sub(r"extern __shared__ (\w+) (\w+)\[\];",
+                 lambda m: f"{m.group(1)}* {m.group(2)} = "
+                           f"reinterpret_cast<{m.group(1)}*>(emu::blk->smem.data());", src)
+    # Static shared arrays become function statics: one per kernel instantiation, shared by
+    # the block's threads, reused by the next block (blocks run one after another).
+    return re.sub(r"\b__shared__ ", "static ", src)
 
 
 def build(folder: str, name: str = "paged_attention.cu") -> ctypes.CDLL:
     """Compile csrc/``name`` for the emulation into ``folder`` and load it."""
     with open(os.path.join(CSRC, name)) as f:
         src = _emulable(f.read())
-    cpp, stubs = os.path.join(folder, "kernel.cpp"), os.path.join(folder, "stubs.cpp")
+    stem = name.split(".")[0]
+    cpp, stubs = os.path.join(folder, f"{stem}.cpp"), os.path.join(folder, "stubs.cpp")
     with open(cpp, "w") as f:
         f.write(src)
     with open(stubs, "w") as f:
         f.write(STUBS)
-    lib = os.path.join(folder, "libkernel.so")
+    lib = os.path.join(folder, f"lib{stem}.so")
     cmd = [CXX, "-std=c++20", "-O2", "-fno-strict-aliasing", "-fPIC", "-shared", "-w", "-pthread", f"-I{HERE}",
            f"-I{CUDA_INCLUDE}", f"-I{CSRC}", cpp, stubs, "-o", lib]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-4000:])
     dll = ctypes.CDLL(lib)
-    dll.parallax_paged_attention.argtypes = [ctypes.POINTER(PagedParams), ctypes.c_void_p]
+    if name == "paged_attention.cu":
+        dll.parallax_paged_attention.argtypes = [ctypes.POINTER(PagedParams), ctypes.c_void_p]
     return dll
 
 
@@ -100,3 +105,25 @@ def paged_attention(lib: ctypes.CDLL, q, k, v, k_cache, v_cache, cos, sin, slot_
     if err:
         raise RuntimeError(f"launcher returned {err}")
     return out, status
+
+
+def decode_attention(lib: ctypes.CDLL, q, k_cache, v_cache, context_lens, scale,
+                     num_splits=1) -> torch.Tensor:
+    """csrc/decode_attention.cu's launcher on CPU tensors (caches (B, Hk, S, D), any batch
+    and head strides), as binding.cpp calls it."""
+    b, hq, d = q.shape
+    hk, s = k_cache.shape[1], k_cache.shape[2]
+    out = torch.full_like(q, 12345.0)
+    part_out = torch.full((b, hq, num_splits, d), 12345.0)
+    part_lse = torch.full((b, hq, num_splits), 12345.0)
+    lens = context_lens.int().contiguous()
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.parallax_decode_attention
+    fn.argtypes = [ptr] * 7 + [i64] * 9 + [ctypes.c_float, ctypes.c_int, ctypes.c_int, ptr]
+    err = fn(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+             lens.data_ptr(), part_out.data_ptr(), part_lse.data_ptr(), b, hq, hk, s, d,
+             k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), scale,
+             num_splits, DTYPE_CODE[q.dtype], None)
+    if err:
+        raise RuntimeError(f"launcher returned {err}")
+    return out

@@ -1,8 +1,10 @@
-"""The CUDA paged attention kernel (csrc/paged_attention.cu) run on the CPU through the
-emulation in tests/cuda_emu (its own source, g++, one std::thread per CUDA thread), against a
-float64 oracle: ragged mixed prefill/decode batches, block boundaries, shared prefix blocks,
-GQA, every head dim and dtype, sliding window, soft-cap, split-KV; the cache writes; and the
-device-side checks of bad metadata. The same problems run on a GPU in test_kernels_cuda.py.
+"""CUDA kernels run on the CPU through the emulation in tests/cuda_emu (their own source,
+g++, one std::thread per CUDA thread), against float64 oracles. The paged attention kernel
+(csrc/paged_attention.cu): ragged mixed prefill/decode batches, block boundaries, shared
+prefix blocks, GQA, every head dim and dtype, sliding window, soft-cap, split-KV; the cache
+writes; the device-side checks of bad metadata. The decode attention kernel
+(csrc/decode_attention.cu): ragged lengths, GQA buckets, splits, bad lengths. The same
+problems run on a GPU in test_kernels_cuda.py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ VARIANTS = {"f32": (torch.float32, None, None, 1),
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     return cuda_emu.build(str(tmp_path_factory.mktemp("cuda_emu")))
+
+
+@pytest.fixture(scope="module")
+def decode_lib(tmp_path_factory):
+    return cuda_emu.build(str(tmp_path_factory.mktemp("cuda_emu")), "decode_attention.cu")
 
 
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
@@ -126,3 +133,53 @@ def test_broken_query_start_loc_makes_everything_nan_and_writes_nothing(lib, qsl
     assert status.tolist() == [4, 4, 4, 1]
     assert out.isnan().all()
     assert torch.equal(a[3], c["k_cache"]) and torch.equal(a[4], c["v_cache"])
+
+
+def _decode_oracle(q, kc, vc, lens, scale):
+    b, hq, d = q.shape
+    rep = hq // kc.shape[1]
+    out = torch.empty(b, hq, d, dtype=torch.float64)
+    for i, n in enumerate(lens.tolist()):
+        k = kc[i, :, :n].double().repeat_interleave(rep, 0)          # (Hq, n, D)
+        v = vc[i, :, :n].double().repeat_interleave(rep, 0)
+        p = torch.softmax((k @ q[i].double()[:, :, None]).squeeze(-1) * scale, dim=-1)
+        out[i] = (p[:, None, :] @ v).squeeze(1)
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("b,hq,hk,d,lens,splits,dtype", [
+    (3, 9, 3, 64, [5, 70, 1], 1, torch.bfloat16),
+    (2, 8, 2, 128, [300, 33], 3, torch.float16),
+    (2, 16, 1, 64, [40, 9], 2, torch.bfloat16),     # MQA: two query chunks per KV head
+    (2, 14, 2, 128, [100, 64], 2, torch.float16),   # GQA 7: bucket 8, one head masked
+])
+def test_decode_attention_kernel_matches_oracle(decode_lib, b, hq, hk, d, lens, splits, dtype):
+    """Cache rows past each length hold NaN: a read past the end would show."""
+    g = torch.Generator().manual_seed(b * hq + d)
+    s = max(lens) + 9
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
+    kc = torch.randn(b, hk + 1, s, d, generator=g).to(dtype)[:, 1:]   # strided heads
+    vc = torch.randn(b, hk + 1, s, d, generator=g).to(dtype)[:, 1:]
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    want = _decode_oracle(q, kc, vc, lens_t, d ** -0.5)
+    base = ref.decode_attention(q, kc, vc, lens_t, d ** -0.5)
+    for i, n in enumerate(lens):
+        kc[i, :, n:] = float("nan")
+        vc[i, :, n:] = float("nan")
+    out = cuda_emu.decode_attention(decode_lib, q, kc, vc, lens_t, d ** -0.5, splits)
+    err, base_err = rel_err(out, want), rel_err(base, want)
+    assert err <= 2 * base_err + EPS[dtype], f"kernel {err:.3e} vs torch {base_err:.3e}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("bad", [0, -5, 301])
+def test_decode_attention_kernel_bad_length_is_nan(decode_lib, bad, splits):
+    q = torch.randn(3, 8, 64).to(torch.bfloat16)
+    kc = torch.randn(3, 2, 300, 64).to(torch.bfloat16)
+    vc = torch.randn_like(kc)
+    kc[1], vc[1] = float("nan"), float("nan")
+    lens = torch.tensor([40, bad, 300], dtype=torch.int32)
+    out = cuda_emu.decode_attention(decode_lib, q, kc, vc, lens, 0.125, splits)
+    assert out[1].isnan().all() and torch.isfinite(out[[0, 2]]).all()
