@@ -3,8 +3,9 @@ g++, one std::thread per CUDA thread), against float64 oracles. The paged attent
 (csrc/paged_attention.cu): ragged mixed prefill/decode batches, block boundaries, shared
 prefix blocks, GQA, every head dim and dtype, sliding window, soft-cap, split-KV; the cache
 writes; the device-side checks of bad metadata. The decode attention kernel
-(csrc/decode_attention.cu): ragged lengths, GQA buckets, splits, bad lengths. The same
-problems run on a GPU in test_kernels_cuda.py.
+(csrc/decode_attention.cu): ragged lengths, GQA buckets, splits, bad lengths. The norm,
+rotary and int8 kernels against their references. The same problems run on a GPU in
+test_kernels_cuda.py.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ def lib(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def small_lib(tmp_path_factory):
+    return cuda_emu.build(str(tmp_path_factory.mktemp("cuda_emu")),
+                          ("norm.cu", "rotary.cu", "int8_linear.cu"))
+
+
+@pytest.fixture(scope="module")
 def decode_lib(tmp_path_factory):
-    return cuda_emu.build(str(tmp_path_factory.mktemp("cuda_emu")), "decode_attention.cu")
+    return cuda_emu.build(str(tmp_path_factory.mktemp("cuda_emu")), ("decode_attention.cu",))
 
 
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
@@ -183,3 +190,48 @@ def test_decode_attention_kernel_bad_length_is_nan(decode_lib, bad, splits):
     lens = torch.tensor([40, bad, 300], dtype=torch.int32)
     out = cuda_emu.decode_attention(decode_lib, q, kc, vc, lens, 0.125, splits)
     assert out[1].isnan().all() and torch.isfinite(out[[0, 2]]).all()
+
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", [(3, 100), (2, 576), (1, 4096)])   # scalar and vector paths
+def test_norm_kernels_match_reference(small_lib, shape, dtype):
+    g = torch.Generator().manual_seed(shape[1])
+    x, r = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    w = torch.randn(shape[1], generator=g).to(dtype)
+    out, res = cuda_emu.add_rms_norm(small_lib, x, r, w, 1e-5)
+    want_out, want_res = ref.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(res, want_res)                    # x + r rounded once, like torch
+    torch.testing.assert_close(out, want_out)
+    out, _ = cuda_emu.add_rms_norm(small_lib, x, None, w, 1e-5)
+    torch.testing.assert_close(out, ref.rms_norm(x, w, 1e-5))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", HALF)
+def test_rotary_kernel_rotates_strided_views_in_place(small_lib, dtype):
+    qkv = torch.randn(2, 5, 15 * 64).to(dtype)           # q, k, v views of one projection
+    q, k = qkv[..., :9 * 64].view(2, 5, 9, 64), qkv[..., 9 * 64:12 * 64].view(2, 5, 3, 64)
+    theta = torch.rand(2, 5, 32) * 10
+    want_q, want_k = ref.rotary_embedding(q.clone(), k.clone(), theta.cos(), theta.sin())
+    v_before = qkv[..., 12 * 64:].clone()
+    cuda_emu.rotary_embedding(small_lib, q, k, theta.cos(), theta.sin())
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(k, want_k)
+    assert torch.equal(qkv[..., 12 * 64:], v_before)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m,n,k", [(1, 96, 256), (3, 37, 528), (16, 64, 64)])
+def test_int8_kernel_matches_oracle(small_lib, m, n, k, dtype):
+    g = torch.Generator().manual_seed(m * n)
+    qw, sc = ref.quantize_int8(torch.randn(n, k, generator=g).to(dtype))
+    x, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    want = x.double() @ (qw.double() * sc.double()[:, None]).T + b.double()
+    out = cuda_emu.int8_linear(small_lib, x, qw, sc, b)
+    err, base_err = rel_err(out, want), rel_err(ref.int8_linear(x, qw, sc, b), want)
+    assert err <= 2 * base_err + EPS[dtype], f"kernel {err:.3e} vs torch {base_err:.3e}"

@@ -49,7 +49,7 @@ class PagedParams(ctypes.Structure):
 
 
 def _emulable(src: str) -> str:
-    src = re.sub(r"([\w:]+(?:<[^<>]*>)?)<<<(.*?)>>>\((.*?)\);",
+    src = re.sub(r"([\w:]+(?:<[^<>]*>)?)\s*<<<(.*?)>>>\((.*?)\);",
                  lambda m: f"emu::launch({m.group(1)}, {m.group(2)}, {m.group(3)});", src,
                  flags=re.S)
     src = re.sub(r"extern __shared__ (\w+) (\w+)\[\];",
@@ -60,24 +60,26 @@ def _emulable(src: str) -> str:
     return re.sub(r"\b__shared__ ", "static ", src)
 
 
-def build(folder: str, name: str = "paged_attention.cu") -> ctypes.CDLL:
-    """Compile csrc/``name`` for the emulation into ``folder`` and load it."""
-    with open(os.path.join(CSRC, name)) as f:
-        src = _emulable(f.read())
-    stem = name.split(".")[0]
-    cpp, stubs = os.path.join(folder, f"{stem}.cpp"), os.path.join(folder, "stubs.cpp")
-    with open(cpp, "w") as f:
-        f.write(src)
+def build(folder: str, names: tuple[str, ...] = ("paged_attention.cu",)) -> ctypes.CDLL:
+    """Compile csrc/``names`` for the emulation into one library in ``folder`` and load it."""
+    sources = []
+    for name in names:
+        with open(os.path.join(CSRC, name)) as f:
+            src = _emulable(f.read())
+        sources.append(os.path.join(folder, name.replace(".cu", ".cpp")))
+        with open(sources[-1], "w") as f:
+            f.write(src)
+    stubs = os.path.join(folder, "stubs.cpp")
     with open(stubs, "w") as f:
         f.write(STUBS)
-    lib = os.path.join(folder, f"lib{stem}.so")
-    cmd = [CXX, "-std=c++20", "-O2", "-fno-strict-aliasing", "-fPIC", "-shared", "-w", "-pthread", f"-I{HERE}",
-           f"-I{CUDA_INCLUDE}", f"-I{CSRC}", cpp, stubs, "-o", lib]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    lib = os.path.join(folder, "libkernels.so")
+    cmd = [CXX, "-std=c++20", "-O2", "-fno-strict-aliasing", "-fPIC", "-shared", "-w",
+           "-pthread", f"-I{HERE}", f"-I{CUDA_INCLUDE}", f"-I{CSRC}", *sources, stubs, "-o", lib]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-4000:])
     dll = ctypes.CDLL(lib)
-    if name == "paged_attention.cu":
+    if "paged_attention.cu" in names:
         dll.parallax_paged_attention.argtypes = [ctypes.POINTER(PagedParams), ctypes.c_void_p]
     return dll
 
@@ -124,6 +126,48 @@ def decode_attention(lib: ctypes.CDLL, q, k_cache, v_cache, context_lens, scale,
              lens.data_ptr(), part_out.data_ptr(), part_lse.data_ptr(), b, hq, hk, s, d,
              k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), scale,
              num_splits, DTYPE_CODE[q.dtype], None)
+    if err:
+        raise RuntimeError(f"launcher returned {err}")
+    return out
+
+
+def add_rms_norm(lib: ctypes.CDLL, x, residual, weight, eps) -> tuple:
+    """csrc/norm.cu: (out, residual_out); residual None gives plain rms_norm (and None)."""
+    x = x.contiguous()
+    out, res_out = torch.full_like(x, 12345.0), torch.full_like(x, 12345.0)
+    d = x.shape[-1]
+    fn = lib.parallax_add_rms_norm
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int,
+                                                                  ctypes.c_void_p]
+    err = fn(out.data_ptr(), None if residual is None else res_out.data_ptr(), x.data_ptr(),
+             None if residual is None else residual.contiguous().data_ptr(), weight.data_ptr(),
+             x.numel() // d, d, eps, DTYPE_CODE[x.dtype], None)
+    if err:
+        raise RuntimeError(f"launcher returned {err}")
+    return out, (None if residual is None else res_out)
+
+
+def rotary_embedding(lib: ctypes.CDLL, q, k, cos, sin) -> None:
+    """csrc/rotary.cu: rotates q (B, T, Hq, D) and k (B, T, Hk, D) in place."""
+    b, t, hq, d = q.shape
+    fn = lib.parallax_rotary_embedding
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_int, ctypes.c_void_p]
+    err = fn(q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(), b, t, hq, k.shape[2], d,
+             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+             DTYPE_CODE[q.dtype], None)
+    if err:
+        raise RuntimeError(f"launcher returned {err}")
+
+
+def int8_linear(lib: ctypes.CDLL, x, qweight, scales, bias=None) -> torch.Tensor:
+    """csrc/int8_linear.cu: x (M, K) @ (qweight (N, K) * scales[:, None]).T + bias."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    out = torch.full((m, n), 12345.0, dtype=x.dtype)
+    fn = lib.parallax_int8_linear
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p]
+    err = fn(out.data_ptr(), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+             None if bias is None else bias.data_ptr(), m, n, k, DTYPE_CODE[x.dtype], None)
     if err:
         raise RuntimeError(f"launcher returned {err}")
     return out
