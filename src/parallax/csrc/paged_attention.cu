@@ -18,10 +18,11 @@
 //     token's sequence is bad.
 //  3. attention, grid (query tile, KV head x split, sequence). A tile is kRows query rows
 //     (token, head of the KV group), token-major, of one sequence; warp w owns rows w,
-//     w + kWarps, ... The block streams the keys its rows need (causal, window) through shared memory,
-//     kKeys per tile: a lane scores one key for kRowsPerWarp rows, each row keeps its own
-//     online softmax, and a lane accumulates D/32 output elements. The grid's tile count is
-//     sized from T on the host (no host sync): tiles past a sequence's rows exit at once.
+//     w + kWarps, ... The block streams the keys its rows need (causal, window) through
+//     shared memory, kKeys per tile: a lane scores one key for kRowsPerWarp rows, each row
+//     keeps its own online softmax, and a lane accumulates D/32 output elements. The grid's
+//     tile count is sized from T on the host (no host sync): tiles past a sequence's rows
+//     exit at once.
 //  4. with num_splits > 1 (flash-decoding, for batches that leave the GPU idle), each block
 //     covers one slice of its key range and writes a partial result plus its log-sum-exp;
 //     split_combine_kernel (cuda_common.h) merges them.
@@ -320,8 +321,9 @@ int launch(const ParallaxPagedAttention& p, cudaStream_t stream) {
                   static_cast<unsigned>(p.num_kv_heads * p.num_splits), B);
   constexpr size_t smem = smem_bytes<D>();
   if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(
-        attention_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    const cudaError_t e = cudaFuncSetAttribute(attention_kernel<T, D>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));
     if (e != cudaSuccess) return static_cast<int>(e);
   }
   attention_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);

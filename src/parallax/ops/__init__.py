@@ -18,8 +18,8 @@ with few rows takes the batched-gemm form in ops/cpu.py; other CPU tensors the r
 attention) takes the CUDA paged kernel for fp32/fp16/bf16 and head dims 64/96/128/256. GPU
 inputs a kernel does not cover (float32 elsewhere, other head dims, int8 batches above
 ``cuda.INT8_GEMV_MAX_M`` rows) also take the reference, which runs on the GPU through torch.
-Prefill attention, dense ``linear`` and ``quantize_int8`` always use the reference: torch's SDPA (flash backend) and cuBLAS are what we would write
-(docs/kernels.md says why).
+Prefill attention, dense ``linear`` and ``quantize_int8`` always use the reference: torch's
+SDPA (flash backend) and cuBLAS are what we would write (docs/kernels.md says why).
 
 Differences callers must know: the CUDA ``rotary_embedding`` rotates q and k in place and
 returns them (the reference returns new tensors). Context lengths outside [1, cache slots]
@@ -228,10 +228,9 @@ def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     and with soft-capped scores). GPU tensors (fp32/fp16/bf16, head dim 64/96/128/256):
     the CUDA kernel, window and soft-cap included; fp32 CPU: one C call; elsewhere, and for
     windowed or soft-capped layers on the CPU (the C kernel takes neither yet), the
-    reference. All
-    raise ParallaxError on out-of-range slots, lengths or block ids (on a GPU while a CUDA
-    graph is captured: no host check, the kernel answers NaN for such a sequence and
-    writes none of its tokens)."""
+    reference. All raise ParallaxError on out-of-range slots, lengths or block ids (on a GPU
+    while a CUDA graph is captured: no host check; the kernel answers NaN for such a
+    sequence and writes none of its tokens)."""
     args = (q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens,
             query_start_loc)
     if _on_cuda(q) and _cuda.paged_fits(q, k, v, k_cache, v_cache):
