@@ -11,8 +11,9 @@ medians; prints the ISA, ratios and the path ops.linear_packed chooses. Then the
 int8 weights and GGUF Q8_0 / Q4_0 weights: each variant's kernel against dequantise +
 F.linear.
 
-GPU: the CUDA kernels against their torch counterparts, then a decode step of a
-random-weight Llama-3-8B-shaped model with the kernels on and off. Prints one table.
+GPU: the CUDA kernels against their torch counterparts (the paged attention kernel against
+its torch reference, the fallback the model takes without the extension), then a decode step
+of a random-weight Llama-3-8B-shaped model with the kernels on and off. Prints one table.
 
 Method: CUDA events around each launch, median of many runs, inputs rotated over enough
 copies that the working set exceeds the L2 (so bandwidth is HBM's, not the cache's). Achieved
@@ -99,6 +100,59 @@ def bench_decode(quick: bool):
         record("decode_attention", f"B={b} ctx={ctx} Hq=32 Hk=8 D=128",
                lambda q, kc, vc, lens: C.decode_attention(q, kc, vc, lens, scale), sdpa, sets,
                kv_bytes + 2 * b * hq * d * 2)
+
+
+def paged_problem(seqs: list[tuple[int, int]], hq: int, hk: int, d: int, bs: int = 16,
+                  dtype: torch.dtype = BF) -> tuple:
+    """Arguments of paged_attention_with_kvcache for sequences [(context_len, new_tokens)]
+    on shuffled cache blocks (as after a while of serving)."""
+    blocks = [-(-length // bs) for length, _ in seqs]
+    n_blocks = sum(blocks) + 1
+    perm = torch.randperm(n_blocks, device=DEV).to(torch.int32)
+    tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32, device=DEV)
+    at = 0
+    for b, nb in enumerate(blocks):
+        tables[b, :nb] = perm[at:at + nb]
+        at += nb
+    pos = torch.cat([torch.arange(length - n, length, device=DEV) for length, n in seqs])
+    seq = torch.cat([torch.full((n,), b, device=DEV) for b, (_, n) in enumerate(seqs)])
+    slots = tables[seq, pos // bs].long() * bs + pos % bs
+    t = pos.shape[0]
+    ang = pos[:, None].float() * (1.0 / 10000 ** (torch.arange(0, d, 2, device=DEV) / d))
+    qsl = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(),
+                       dtype=torch.int32, device=DEV)
+    lens = torch.tensor([length for length, _ in seqs], dtype=torch.int32, device=DEV)
+    g = dict(device=DEV, dtype=dtype)
+    return (torch.randn(t, hq, d, **g), torch.randn(t, hk, d, **g), torch.randn(t, hk, d, **g),
+            torch.randn(n_blocks, hk, bs, d, **g), torch.randn(n_blocks, hk, bs, d, **g),
+            ang.cos(), ang.sin(), slots, tables, lens, qsl)
+
+
+def bench_paged(quick: bool):
+    """The paged kernel (rotary + cache write + attention of a flat batch) against its torch
+    reference (the fallback: one SDPA per sequence over gathered blocks), Llama-3-8B heads."""
+    hq, hk, d = 32, 8, 128
+    cases = {"decode B=1 ctx=8192": [(8192, 1)],
+             "decode B=32 ctx=2048": [(2048, 1)] * 32,
+             "prefill 1x2048": [(2048, 2048)],
+             "mixed 512 + 31 decodes ctx=1024": [(512, 512)] + [(1024, 1)] * 31}
+    if quick:
+        cases = dict(list(cases.items())[:2])
+    for detail, seqs in cases.items():
+        kv = sum(length for length, _ in seqs) * hk * d * 2 * 2
+        sets = [paged_problem(seqs, hq, hk, d) for _ in range(copies_for(kv))]
+        scale = d ** -0.5
+        record("paged_attention", detail,
+               lambda *a: C.paged_attention_with_kvcache(*a, scale),
+               lambda *a: ref.paged_attention_with_kvcache(*a, scale), sets, kv,
+               iters=20)
+    # Gemma-2 style layer: sliding window 4096 and soft-cap 50, head dim 256.
+    seqs = [(8192, 1)] * 8
+    sets = [paged_problem(seqs, 8, 4, 256) for _ in range(2)]
+    record("paged_attention", "window=4096 softcap=50 D=256 B=8 ctx=8192",
+           lambda *a: C.paged_attention_with_kvcache(*a, 256 ** -0.5, 4096, 50.0),
+           lambda *a: ref.paged_attention_with_kvcache(*a, 256 ** -0.5, 4096, 50.0), sets,
+           8 * 4096 * 4 * 256 * 2 * 2, iters=10)
 
 
 def bench_int8(quick: bool):
@@ -245,6 +299,13 @@ def sanitize_case():
         kc, vc = torch.randn(3, hk, 300, d, **g), torch.randn(3, hk, 300, d, **g)
         C.decode_attention(q, kc, vc, torch.tensor([1, 300, 77], dtype=torch.int32, device=DEV),
                            d ** -0.5)
+    for dtype in (torch.float32, BF):   # paged: odd sizes, split-KV, window, a bad sequence
+        for seqs, hq, hk, d, bs in (([(1, 1), (70, 3), (33, 33)], 9, 3, 64, 7),
+                                    ([(3000, 1), (5, 2)], 8, 1, 256, 16)):
+            a = paged_problem(seqs, hq, hk, d, bs, dtype)
+            C.paged_attention_with_kvcache(*a, 0.1, 17, 20.0)
+            a[7][0] = -1                                       # a bad slot: no write, NaN
+            C.paged_attention_with_kvcache(*a, 0.1)
     qw, sc = ref.quantize_int8(torch.randn(37, 528, **g))
     for m in (1, 3, 16):
         C.int8_linear(torch.randn(m, 528, **g), qw, sc, torch.randn(37, **g))
@@ -375,7 +436,7 @@ def main():
     bw = copy_bandwidth()
     print(f"# {prop.name}, {prop.multi_processor_count} SMs, L2 {l2_bytes() >> 20} MiB; "
           f"device copy {bw:.0f} GB/s (read + write)")
-    for fn in (bench_decode, bench_int8, bench_norm_rotary):
+    for fn in (bench_paged, bench_decode, bench_int8, bench_norm_rotary):
         try:
             fn(args.quick)
         except Exception as e:  # noqa: BLE001 - keep the other rows

@@ -124,6 +124,112 @@ def test_decode_attention_bad_context_lens(bad, ctx):
         ops.decode_attention(q, kc, vc, lens, d ** -0.5)
 
 
+# ----------------------------------------------------------------------------- paged attention
+
+PAGED_EPS = {**EPS, torch.float32: 1e-5}
+PAGED_VARIANTS = {"plain": (None, None), "window": (37, None), "softcap": (None, 30.0),
+                  "window-softcap": (5, 2.0)}
+
+
+def paged_case(name, dtype, seed=0):
+    import paged_cases as pc
+    return pc.case(name, seed=seed, dtype=dtype, device=DEV, strided=name == "mixed-chunked")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", PAGED_VARIANTS)
+@pytest.mark.parametrize("name", ["decode-ragged", "prefill-ragged", "mixed-chunked",
+                                  "block-boundaries", "odd-block-size", "mqa-16",
+                                  "head-dim-256", "block-size-1", "shared-prefix",
+                                  "long-decode", "long-prefill", "long-mqa-256"])
+def test_paged_attention(name, variant, dtype):
+    """Against a float64 oracle (error at most twice torch's in the same dtype), with the
+    new tokens' rotated k and v in their slots and nothing else in the caches moved."""
+    import paged_cases as pc
+    window, softcap = PAGED_VARIANTS[variant]
+    c = paged_case(name, dtype, seed=len(variant))
+    scale = c["q"].shape[-1] ** -0.5
+    a = pc.args(c)
+    out = C.paged_attention_with_kvcache(*a, scale, window, softcap)
+    want = pc.oracle(c, scale, window, softcap).to(DEV)
+    torch_lowp = ref.paged_attention_with_kvcache(*pc.args(c), scale, window, softcap)
+    err, base = rel_err(out, want), rel_err(torch_lowp, want)
+    assert err <= 2 * base + PAGED_EPS[dtype], f"{name}: kernel err {err:.3e} vs torch {base:.3e}"
+    kc, vc = pc.expected_caches(c)
+    if dtype == torch.float32:
+        torch.testing.assert_close(a[3], kc, atol=1e-6, rtol=1e-6)
+    else:   # rotated in fp32 then rounded: an FMA may round one ulp differently
+        torch.testing.assert_close(a[3].float(), kc.float(), atol=1e-2, rtol=1e-2)
+    assert torch.equal(a[4], vc)
+    slots, bs = c["slot_mapping"], kc.shape[2]
+    moved = torch.zeros(kc.shape[0] * bs, dtype=torch.bool, device=DEV)
+    moved[slots] = True
+    flat = lambda x: x.transpose(1, 2).reshape(-1, *x.shape[1:2], x.shape[-1])  # noqa: E731
+    assert torch.equal(flat(a[3])[~moved], flat(c["k_cache"])[~moved])
+    # the dispatcher (what models/attention.py calls) takes the kernel: the same bits
+    again = pc.args(c)
+    assert torch.equal(ops.paged_attention_with_kvcache(*again, scale, window, softcap), out)
+
+
+@pytest.mark.parametrize("bad", ["negative-slot", "slot-beyond-capacity", "zero-length",
+                                 "block-beyond-cache", "negative-block", "broken-partition"])
+def test_paged_attention_bad_metadata(bad):
+    """The kernel: NaN for the bad sequence (every sequence for a broken partition), none of
+    its tokens written, the others right. The dispatcher: ParallaxError, caches untouched."""
+    import paged_cases as pc
+    from parallax.errors import ParallaxError
+    c = pc.make_case(5, [(20, 1), (9, 4), (30, 2)], hq=8, hk=2, d=128, bs=8,
+                     dtype=torch.bfloat16, device=DEV)
+    n_blocks = c["k_cache"].shape[0]
+    if bad == "negative-slot":
+        c["slot_mapping"][2] = -1
+    elif bad == "slot-beyond-capacity":
+        c["slot_mapping"][3] = n_blocks * 8
+    elif bad == "zero-length":
+        c["context_lens"][1] = 0
+    elif bad == "block-beyond-cache":
+        c["block_tables"][1, 0] = n_blocks
+    elif bad == "negative-block":
+        c["block_tables"][1, 1] = -3
+    else:
+        c["query_start_loc"][2] = 0      # 5 -> 0: decreasing
+    a, outer = pc.guarded(c)
+    out = C.paged_attention_with_kvcache(*a, 0.1)
+    torch.cuda.synchronize()
+    assert pc.guards_intact(outer), "a write landed outside the cache"
+    if bad == "broken-partition":
+        assert out.isnan().all()
+        assert torch.equal(a[3], c["k_cache"]) and torch.equal(a[4], c["v_cache"])
+    else:
+        assert out[1:5].isnan().all() and torch.isfinite(out[[0, 5, 6]]).all()
+        kc, vc = pc.expected_caches(c, torch.tensor([0, 5, 6]))
+        torch.testing.assert_close(a[3].float(), kc.float(), atol=1e-2, rtol=1e-2)
+        assert torch.equal(a[4], vc)
+    a = pc.args(c)
+    with pytest.raises(ParallaxError):
+        ops.paged_attention_with_kvcache(*a, 0.1)
+    assert torch.equal(a[3], c["k_cache"]) and torch.equal(a[4], c["v_cache"])
+
+
+def test_paged_attention_layer_runs_the_kernel():
+    """models/attention.py's PagedAttention on GPU tensors: the dispatcher picks the kernel
+    (kernel_report) and the layer equals the torch reference."""
+    import paged_cases as pc
+    from parallax.models.attention import AttentionMetadata, PagedAttention
+    assert ops.kernel_report()["ops"]["paged_attention_with_kvcache"] == "cuda"
+    c = pc.case("mixed-chunked", dtype=torch.bfloat16, device=DEV)
+    meta = AttentionMetadata(positions=torch.zeros(c["q"].shape[0], device=DEV),
+                             slot_mapping=c["slot_mapping"], block_tables=c["block_tables"],
+                             context_lens=c["context_lens"],
+                             query_start_loc=c["query_start_loc"])
+    layer = PagedAttention(9, 3, 64, 0.125, window=20, softcap=50.0)
+    kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+    out = layer(c["q"], c["k"], c["v"], c["cos"], c["sin"], meta, kc, vc)
+    want = ref.paged_attention_with_kvcache(*pc.args(c), 0.125, 20, 50.0)
+    err = rel_err(out, pc.oracle(c, 0.125, 20, 50.0).to(DEV))
+    assert err <= 2 * rel_err(want, pc.oracle(c, 0.125, 20, 50.0).to(DEV)) + EPS[torch.bfloat16]
+
+
 # ----------------------------------------------------------------------------- int8 linear
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -216,6 +322,13 @@ def test_opcheck_every_op():
     lens = torch.tensor([600, 3], dtype=torch.int32, device=DEV)
     torch.library.opcheck(torch.ops.parallax.decode_attention.default,
                           (torch.empty_like(qd), qd, kc, vc, lens, 0.088))
+    import paged_cases as pc
+    c = pc.make_case(1, [(20, 1), (9, 4)], hq=8, hk=2, d=64, bs=8, dtype=torch.bfloat16,
+                     device=DEV)
+    a = pc.args(c)
+    torch.library.opcheck(torch.ops.parallax.paged_attention_with_kvcache.default,
+                          (torch.empty_like(c["q"]), *a[:5], a[5].contiguous(),
+                           a[6].contiguous(), *a[7:], 0.125, 0, 0.0))
     qw, sc = ref.quantize_int8(torch.randn(96, 256, **bf))
     xs = torch.randn(3, 256, **bf)
     for bias in (None, torch.randn(96, **bf)):

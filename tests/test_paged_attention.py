@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from paged_cases import make_case
 from parallax import ParallaxError
 from parallax.ops import cpu as cpu_ops
 from parallax.ops import reference as ref
@@ -27,30 +28,8 @@ def _rot(x, cos, sin):
 def _case(seed, seqs, hq=8, hk=2, d=64, shared_blocks=0, num_blocks=64):
     """seqs: [(context_len, new_tokens)]. Sequences 0 and 1 share their first
     ``shared_blocks`` blocks (same ids, same cached contents), as after a prefix-cache hit."""
-    g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(num_blocks, hk, BS, d, generator=g)
-    v_cache = torch.randn(num_blocks, hk, BS, d, generator=g)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    width = max(-(-length // BS) for length, _ in seqs) + 1
-    tables = torch.full((len(seqs), width), -1, dtype=torch.int32)   # unused entries stay -1
-    for b, (length, _) in enumerate(seqs):
-        for i in range(-(-length // BS)):
-            tables[b, i] = tables[0, i] if b == 1 and i < shared_blocks else perm.pop()
-    t = sum(n for _, n in seqs)
-    q = torch.randn(t, hq, d, generator=g)
-    k = torch.randn(t, hk, d, generator=g)
-    v = torch.randn(t, hk, d, generator=g)
-    pos = torch.cat([torch.arange(length - n, length) for length, n in seqs])
-    freqs = pos[:, None].float() * (1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
-    slots = torch.cat([tables[b, p // BS].long() * BS + p % BS
-                       for b, (length, n) in enumerate(seqs)
-                       for p in [torch.arange(length - n, length)]])
-    qsl = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(),
-                       dtype=torch.int32)
-    lens = torch.tensor([length for length, _ in seqs], dtype=torch.int32)
-    return dict(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, cos=freqs.cos(),
-                sin=freqs.sin(), slot_mapping=slots, block_tables=tables, context_lens=lens,
-                query_start_loc=qsl)
+    return make_case(seed, seqs, hq=hq, hk=hk, d=d, bs=BS, num_blocks=num_blocks,
+                     shared_blocks=shared_blocks)
 
 
 def _args(c):

@@ -136,11 +136,7 @@ void decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_c
   TORCH_CHECK(D == 64 || D == 128, "parallax.", op, ": head dim must be 64 or 128, got ", D,
               " (other sizes go to parallax.ops.reference)");
   check_contig(q, op, "q");
-  check_on(out, q, op, "out");
-  check_contig(out, op, "out");
-  check_dtype(out, q.scalar_type(), op, "out");
-  TORCH_CHECK(out.sizes() == q.sizes(), "parallax.", op, ": out has shape ", out.sizes(),
-              ", expected ", q.sizes());
+  check_like(out, q, op, "out");
   for (const at::Tensor* t : {&k_cache, &v_cache}) {
     const char* name = t == &k_cache ? "k_cache" : "v_cache";
     check_on(*t, q, op, name);
@@ -182,6 +178,122 @@ void decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_c
                    k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
                    static_cast<float>(scale), splits, code, current_stream(q)),
                op);
+}
+
+// out, q: (T, Hq, D); k, v: (T, Hk, D) (q, k, v: head dim contiguous); caches (N, Hk, bs, D)
+// contiguous; cos, sin: (T, D/2) float32; slot_mapping (T,) int64; block_tables (B, W),
+// context_lens (B,), query_start_loc (B+1,) int32. window 0 / softcap 0: off.
+void paged_attention_with_kvcache(at::Tensor out, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
+                                  const at::Tensor& cos, const at::Tensor& sin,
+                                  const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                                  const at::Tensor& context_lens,
+                                  const at::Tensor& query_start_loc, double scale, int64_t window,
+                                  double softcap) {
+  const char* op = "paged_attention_with_kvcache";
+  check_on(q, q, op, "q");
+  int code = PARALLAX_F32;
+  if (q.scalar_type() != at::kFloat) code = dtype_code(q, op, "q");
+  TORCH_CHECK(q.dim() == 3, "parallax.", op, ": q must be (T, Hq, D), got ", q.sizes());
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(parallax_paged_head_dim_ok(D), "parallax.", op,
+              ": head dim must be 64, 96, 128 or 256, got ", D,
+              " (other sizes go to parallax.ops.reference)");
+  check_like(out, q, op, "out");
+  for (const at::Tensor* t : {&k_cache, &v_cache}) {
+    const char* name = t == &k_cache ? "k_cache" : "v_cache";
+    check_on(*t, q, op, name);
+    check_dtype(*t, q.scalar_type(), op, name);
+    check_contig(*t, op, name);
+    TORCH_CHECK(t->dim() == 4 && t->size(3) == D, "parallax.", op, ": ", name,
+                " must be (num_blocks, Hk, block_size, D=", D, "), got ", t->sizes());
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "parallax.", op, ": ",
+                name, " must be 16-byte aligned");
+  }
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "parallax.", op,
+              ": k_cache and v_cache shapes differ: ", k_cache.sizes(), " vs ", v_cache.sizes());
+  const int64_t N = k_cache.size(0), Hk = k_cache.size(1), bs = k_cache.size(2);
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "parallax.", op, ": query heads (", Hq,
+              ") must be a multiple of KV heads (", Hk, ")");
+  TORCH_CHECK(bs > 0, "parallax.", op, ": block_size must be positive");
+  TORCH_CHECK(q.stride(2) == 1, "parallax.", op, ": q's head dim must be contiguous");
+  for (const at::Tensor* t : {&k, &v}) {
+    const char* name = t == &k ? "k" : "v";
+    check_on(*t, q, op, name);
+    check_dtype(*t, q.scalar_type(), op, name);
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == T && t->size(1) == Hk && t->size(2) == D,
+                "parallax.", op, ": ", name, " must be (T=", T, ", Hk=", Hk, ", D=", D,
+                "), got ", t->sizes());
+    TORCH_CHECK(t->stride(2) == 1, "parallax.", op, ": ", name,
+                "'s head dim must be contiguous");
+  }
+  for (const at::Tensor* t : {&cos, &sin}) {
+    const char* name = t == &cos ? "cos" : "sin";
+    check_on(*t, q, op, name);
+    check_dtype(*t, at::kFloat, op, name);
+    check_contig(*t, op, name);
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == T && t->size(1) == D / 2, "parallax.", op, ": ",
+                name, " must be (", T, ", ", D / 2, "), got ", t->sizes());
+  }
+  check_on(slot_mapping, q, op, "slot_mapping");
+  check_dtype(slot_mapping, at::kLong, op, "slot_mapping");
+  check_contig(slot_mapping, op, "slot_mapping");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == T, "parallax.", op,
+              ": slot_mapping must be (", T, ",), got ", slot_mapping.sizes());
+  const int64_t B = context_lens.numel();
+  TORCH_CHECK(B >= 1 && B <= 65535, "parallax.", op,
+              ": the batch must have 1 to 65535 sequences, got ", B);
+  for (const at::Tensor* t : {&block_tables, &context_lens, &query_start_loc}) {
+    const char* name = t == &block_tables ? "block_tables"
+                       : t == &context_lens ? "context_lens" : "query_start_loc";
+    check_on(*t, q, op, name);
+    check_dtype(*t, at::kInt, op, name);
+    check_contig(*t, op, name);
+  }
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B, "parallax.", op,
+              ": block_tables must be (", B, ", max_blocks), got ", block_tables.sizes());
+  TORCH_CHECK(context_lens.dim() == 1, "parallax.", op, ": context_lens must be 1-D");
+  TORCH_CHECK(query_start_loc.dim() == 1 && query_start_loc.size(0) == B + 1, "parallax.", op,
+              ": query_start_loc must be (", B + 1, ",), got ", query_start_loc.sizes());
+  TORCH_CHECK(window >= 0 && window <= INT32_MAX, "parallax.", op,
+              ": window must be >= 0 (0: no window), got ", window);
+  TORCH_CHECK(softcap >= 0, "parallax.", op, ": softcap must be >= 0 (0: none), got ", softcap);
+  c10::DeviceGuard guard(q.device());
+  const int64_t W = block_tables.size(1);
+  const int splits = parallax_paged_num_splits(T, B, Hq, Hk, W * bs, q.device().index());
+  at::Tensor status = at::empty({B + 1}, q.options().dtype(at::kInt));
+  at::Tensor part_out, part_lse;
+  if (splits > 1) {
+    part_out = at::empty({T, Hq, splits, D}, q.options().dtype(at::kFloat));
+    part_lse = at::empty({T, Hq, splits}, q.options().dtype(at::kFloat));
+  }
+  ParallaxPagedAttention p{};
+  p.out = out.data_ptr();
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.cos = cos.data_ptr<float>();
+  p.sin = sin.data_ptr<float>();
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.block_tables = block_tables.data_ptr<int32_t>();
+  p.context_lens = context_lens.data_ptr<int32_t>();
+  p.query_start_loc = query_start_loc.data_ptr<int32_t>();
+  p.status = status.data_ptr<int32_t>();
+  p.part_out = splits > 1 ? part_out.data_ptr<float>() : nullptr;
+  p.part_lse = splits > 1 ? part_lse.data_ptr<float>() : nullptr;
+  p.num_tokens = T, p.num_seqs = B, p.num_heads = Hq, p.num_kv_heads = Hk, p.head_dim = D;
+  p.num_blocks = N, p.block_size = bs, p.max_blocks = W;
+  p.q_st = q.stride(0), p.q_sh = q.stride(1);
+  p.k_st = k.stride(0), p.k_sh = k.stride(1);
+  p.v_st = v.stride(0), p.v_sh = v.stride(1);
+  p.scale = static_cast<float>(scale);
+  p.window = static_cast<int32_t>(window);
+  p.softcap = static_cast<float>(softcap);
+  p.num_splits = splits;
+  p.dtype = code;
+  check_launch(parallax_paged_attention(&p, current_stream(q)), op);
 }
 
 // out: (M, N); x: (M, K); qweight: (N, K) int8; scales, bias: (N,), x's dtype.
@@ -241,6 +353,10 @@ TORCH_LIBRARY(parallax, m) {
   m.def("decode_attention(Tensor! out, Tensor q, Tensor k_cache, Tensor v_cache, "
         "Tensor context_lens, float scale) -> ()");
   m.def("int8_linear(Tensor! out, Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> ()");
+  m.def("paged_attention_with_kvcache(Tensor! out, Tensor q, Tensor k, Tensor v, "
+        "Tensor! k_cache, Tensor! v_cache, Tensor cos, Tensor sin, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor context_lens, Tensor query_start_loc, float scale, "
+        "int window, float softcap) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(parallax, CUDA, m) {
@@ -249,4 +365,5 @@ TORCH_LIBRARY_IMPL(parallax, CUDA, m) {
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("decode_attention", &decode_attention);
   m.impl("int8_linear", &int8_linear);
+  m.impl("paged_attention_with_kvcache", &paged_attention_with_kvcache);
 }

@@ -198,29 +198,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block per (batch, query head), one thread per element of D.
-template <typename T, int D>
-__global__ void __launch_bounds__(D)
-    decode_combine_kernel(T* __restrict__ out, const float* __restrict__ part_out,
-                          const float* __restrict__ part_lse, int num_splits) {
-  const int64_t head = blockIdx.x;
-  const int d = threadIdx.x;
-  const float* lse = part_lse + head * num_splits;
-  float mx = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, lse[s]);
-  float wsum = 0.f, o = 0.f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < num_splits; ++s) {
-      const float w = exp2f(lse[s] - mx);
-      if (w > 0.f) {
-        wsum += w;
-        o += w * part_out[(head * num_splits + s) * D + d];
-      }
-    }
-  }
-  out[head * D + d] = from_float<T>(wsum > 0.f ? o / wsum : 0.f);
-}
-
 template <typename T, int D, int GQ>
 int launch(void* out, const void* q, const void* k, const void* v, const int* ctx,
            float* part_out, float* part_lse, int64_t B, int64_t Hq, int64_t Hk, int64_t S,
@@ -235,7 +212,7 @@ int launch(void* out, const void* q, const void* k, const void* v, const int* ct
       static_cast<int>(Hk), S, k_sb, k_sh, v_sb, v_sh, scale * kLog2e, num_splits);
   int err = launch_status();
   if (err != 0 || num_splits == 1) return err;
-  decode_combine_kernel<T, D><<<static_cast<unsigned>(B * Hq), D, 0, stream>>>(
+  split_combine_kernel<T, D><<<static_cast<unsigned>(B * Hq), D, 0, stream>>>(
       static_cast<T*>(out), part_out, part_lse, num_splits);
   return launch_status();
 }

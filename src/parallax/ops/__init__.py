@@ -14,17 +14,19 @@ prefill/decode batch) where they build, in the variant
 for the CPU's instruction set (``PARALLAX_CPU_ISA`` forces one); the packed matmul goes to
 torch instead for the weight shapes and row counts where torch measured faster. ``linear``
 with few rows takes the batched-gemm form in ops/cpu.py; other CPU tensors the reference.
-``kernel_report()`` says what runs. GPU
-inputs a kernel does not cover (float32, head dims other than 64/128, int8 batches above
-``cuda.INT8_GEMV_MAX_M`` rows) also take the reference, which runs on the GPU through torch. Prefill attention, dense ``linear`` and ``quantize_int8``
-always use the reference: torch's SDPA (flash backend) and cuBLAS are what we would write
-(docs/kernels.md says why).
+``kernel_report()`` says what runs. On a GPU, ``paged_attention_with_kvcache`` (the model's
+attention) takes the CUDA paged kernel for fp32/fp16/bf16 and head dims 64/96/128/256. GPU
+inputs a kernel does not cover (float32 elsewhere, other head dims, int8 batches above
+``cuda.INT8_GEMV_MAX_M`` rows) also take the reference, which runs on the GPU through torch.
+Prefill attention, dense ``linear`` and ``quantize_int8`` always use the reference: torch's
+SDPA (flash backend) and cuBLAS are what we would write (docs/kernels.md says why).
 
 Differences callers must know: the CUDA ``rotary_embedding`` rotates q and k in place and
 returns them (the reference returns new tensors). Context lengths outside [1, cache slots]
 raise ``KernelInputError`` before anything is written, except on a GPU while a CUDA graph is
 being captured (no host sync then): the CUDA ``decode_attention`` then returns NaN for such
-a sequence and reads nothing.
+a sequence and reads nothing, and the CUDA paged kernel returns NaN for a sequence with a bad
+length, slot or block id and writes none of its tokens into the cache.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def active_backend() -> str:
 _CPU_OPS = ("linear_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
             "decode_attention_with_kvcache")
 _CUDA_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "decode_attention",
-             "decode_attention_with_kvcache", "int8_linear")
+             "decode_attention_with_kvcache", "int8_linear", "paged_attention_with_kvcache")
 
 
 def kernel_report() -> dict:
@@ -223,11 +225,19 @@ def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  softcap: float | None = None) -> torch.Tensor:
     """See reference.paged_attention_with_kvcache (rotary, paged cache write, causal
     attention of a flat mixed prefill/decode batch, optionally over a sliding ``window``
-    and with soft-capped scores). fp32 CPU: one C call; elsewhere, and for windowed or
-    soft-capped layers (the C kernel takes neither yet), the reference. Both raise
-    ParallaxError on out-of-range slots, lengths or block ids."""
+    and with soft-capped scores). GPU tensors (fp32/fp16/bf16, head dim 64/96/128/256):
+    the CUDA kernel, window and soft-cap included; fp32 CPU: one C call; elsewhere, and for
+    windowed or soft-capped layers on the CPU (the C kernel takes neither yet), the
+    reference. All raise ParallaxError on out-of-range slots, lengths or block ids (on a GPU
+    while a CUDA graph is captured: no host check; the kernel answers NaN for such a
+    sequence and writes none of its tokens)."""
     args = (q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens,
             query_start_loc)
+    if _on_cuda(q) and _cuda.paged_fits(q, k, v, k_cache, v_cache):
+        if not torch.cuda.is_current_stream_capturing():   # no host sync inside a graph
+            _ref.check_paged_metadata(slot_mapping, block_tables, context_lens,
+                                      query_start_loc, k_cache.shape[0], k_cache.shape[2])
+        return _cuda.paged_attention_with_kvcache(*args, scale, window, softcap)
     if (window is None and softcap is None and _cpu.fits(q, k, v, k_cache, v_cache)
             and _cpu.paged_layout_ok(*args)):
         return _cpu.paged_attention_with_kvcache(*args, scale)

@@ -21,6 +21,10 @@ import torch
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
+# Head dims the paged attention kernel is instantiated for (csrc/paged_attention.cu).
+PAGED_HEAD_DIMS = (64, 96, 128, 256)
+PAGED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 # Largest batch (rows of x) the int8 GEMV kernel takes; beyond it a dequantize + dense matmul
 # is at least as fast (the kernel turns compute-bound). Tune after a GPU run.
 INT8_GEMV_MAX_M = 16
@@ -91,7 +95,7 @@ def _register_fakes() -> None:
         return None
 
     for name in ("rms_norm", "add_rms_norm", "rotary_embedding", "decode_attention",
-                 "int8_linear"):
+                 "int8_linear", "paged_attention_with_kvcache"):
         try:
             torch.library.register_fake(f"parallax::{name}")(none)
         except RuntimeError as e:  # already registered (a second load in one process)
@@ -154,3 +158,39 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     out = torch.empty(x2.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
     torch.ops.parallax.int8_linear(out, x2, qweight, scales.to(x.dtype), bias)
     return out.view(*lead, qweight.shape[0])
+
+
+def paged_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> bool:
+    """Whether the paged kernel takes these tensors (else the reference runs): one dtype of
+    PAGED_DTYPES, a head dim of PAGED_HEAD_DIMS, contiguous 16-byte aligned caches, head
+    dims contiguous."""
+    return (q.dtype in PAGED_DTYPES and q.dim() == 3 and q.shape[-1] in PAGED_HEAD_DIMS
+            and all(t.dtype == q.dtype for t in (k, v, k_cache, v_cache))
+            and all(t.stride(-1) == 1 for t in (q, k, v))
+            and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0)
+
+
+def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 cos: torch.Tensor, sin: torch.Tensor,
+                                 slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                                 context_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                                 scale: float, window: int | None = None,
+                                 softcap: float | None = None) -> torch.Tensor:
+    """reference.paged_attention_with_kvcache on the GPU: q (T, Hq, D), k, v (T, Hk, D) not
+    yet rotated (head dim contiguous, any other strides); caches (N, Hk, bs, D) contiguous,
+    written in place; cos, sin (T, D/2) float32; slot_mapping (T,); block_tables (B, W);
+    context_lens (B,); query_start_loc (B+1,). Returns (T, Hq, D).
+
+    Metadata is checked on the device, not here: a sequence with a bad length, slot or block
+    id gets NaN outputs and its tokens are not written (parallax.ops checks on the host first).
+    """
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    torch.ops.parallax.paged_attention_with_kvcache(
+        out, q, k, v, k_cache, v_cache, cos.float().contiguous(), sin.float().contiguous(),
+        slot_mapping.long().contiguous(), block_tables.int().contiguous(),
+        context_lens.int().contiguous(), query_start_loc.int().contiguous(), float(scale),
+        int(window or 0), float(softcap or 0.0))
+    return out
