@@ -86,7 +86,7 @@ def active_backend() -> str:
 
 # Which ops have a C kernel (fp32 CPU tensors) and which a CUDA one (fp16/bf16 GPU tensors).
 _CPU_OPS = ("linear_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
-            "decode_attention_with_kvcache")
+            "decode_attention_with_kvcache", "paged_attention_with_kvcache")
 _CUDA_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "decode_attention",
              "decode_attention_with_kvcache", "int8_linear")
 
@@ -223,14 +223,13 @@ def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  softcap: float | None = None) -> torch.Tensor:
     """See reference.paged_attention_with_kvcache (rotary, paged cache write, causal
     attention of a flat mixed prefill/decode batch, optionally over a sliding ``window``
-    and with soft-capped scores). fp32 CPU: one C call; elsewhere, and for windowed or
-    soft-capped layers (the C kernel takes neither yet), the reference. Both raise
-    ParallaxError on out-of-range slots, lengths or block ids."""
+    and with soft-capped scores). fp32 CPU: one C call, window and soft-cap included;
+    elsewhere the reference. Both raise ParallaxError on out-of-range slots, lengths or
+    block ids (blocks wholly before a sliding window are not read, nor checked)."""
     args = (q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens,
             query_start_loc)
-    if (window is None and softcap is None and _cpu.fits(q, k, v, k_cache, v_cache)
-            and _cpu.paged_layout_ok(*args)):
-        return _cpu.paged_attention_with_kvcache(*args, scale)
+    if _cpu.fits(q, k, v, k_cache, v_cache) and _cpu.paged_layout_ok(*args):
+        return _cpu.paged_attention_with_kvcache(*args, scale, window, softcap)
     return _ref.paged_attention_with_kvcache(*args, scale, window, softcap)
 
 
