@@ -16,11 +16,14 @@ process, before any weight is read or any worker starts:
 - Rotary over part of each head (``partial_rotary_factor`` != 1, GGUF
   ``rope.dimension_count`` < head_dim) is refused.
 - ``rope_scaling`` types other than linear and llama3 are refused (CheckpointError).
-- A sliding window (mistral/phi3 ``sliding_window``, qwen2/qwen3 ``use_sliding_window``) shorter than
-  ``max_position_embeddings`` clamps the usable context to the window: within it, sliding
-  attention equals full attention, so a longer prompt is a PromptError rather than a
-  silently different answer. Gemma 2 / 3 (``WINDOWED_FAMILIES``) run their window in the
-  attention instead, with no clamp.
+- A sliding window is run in the attention (``layer_types``, ``layer_window``) by the
+  families whose layers parallax knows: Gemma 2 / 3 (alternating layers), and Mistral,
+  Mixtral and Phi-3 (``SLIDING_FAMILIES``: every layer slides, so the engine frees the KV
+  blocks that fall out of the window, ``cache_window``). For qwen2 / qwen3 / their MoE
+  (``use_sliding_window``, whose sliding layers differ between transformers versions) and
+  for GGUF files, a window shorter than ``max_position_embeddings`` still clamps the usable
+  context to it: within it, sliding attention equals full attention, so a longer prompt is
+  a PromptError rather than a silently different answer.
 - Gemma and MoE fields are read by ``_hf_gemma`` / ``_hf_moe``; see docs/models.md.
 """
 
@@ -66,6 +69,10 @@ MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # Families whose sliding-window layers parallax runs windowed (models/gemma.py), instead of
 # clamping the context to the window.
 WINDOWED_FAMILIES = ("gemma2", "gemma3")
+
+# Families whose every layer attends over ``sliding_window`` (HF's Mistral, Mixtral and
+# Phi-3 modules): parallax runs the window in every layer, with no context clamp.
+SLIDING_FAMILIES = ("mistral", "mixtral", "phi3")
 
 # GGUF ``general.architecture`` values parallax reads (llama.cpp's names = our family names).
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -161,7 +168,8 @@ class ModelConfig:
         o_proj_bias: whether the attention output projection carries a bias.
         mlp_bias: whether gate/up/down carry a bias (llama ``mlp_bias``).
         sliding_window: the checkpoint's attention window in tokens, or None.
-        layer_types: Gemma: "sliding_attention" or "full_attention" per layer.
+        layer_types: "sliding_attention" or "full_attention" per layer, where some layer
+            runs a sliding window (Gemma; Mistral, Mixtral, Phi-3 with a window); else None.
         query_pre_attn_scalar: Gemma: the attention scale is its inverse square root.
         attn_logit_softcapping: Gemma 2: attention scores s become c * tanh(s / c).
         final_logit_softcapping: Gemma 2: logits z become c * tanh(z / c).
@@ -198,8 +206,8 @@ class ModelConfig:
     o_proj_bias: bool = False         # attention output bias (llama attention_bias)
     mlp_bias: bool = False            # gate/up/down bias (llama mlp_bias)
     sliding_window: int | None = None  # attention window of the checkpoint, if any
-    # Gemma 2 / 3 (models/gemma.py); None elsewhere.
     layer_types: list[str] | None = None   # per layer "sliding_attention" | "full_attention"
+    # Gemma 2 / 3 (models/gemma.py); None elsewhere.
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power
     attn_logit_softcapping: float | None = None  # scores -> c * tanh(scores / c)
     final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
@@ -259,6 +267,21 @@ class ModelConfig:
                                   f"{self.head_dim} needs {self.head_dim // 2}")
         if ff is not None and not all(0 < f < float("inf") for f in ff):
             raise CheckpointError("rope frequency factors (rope_freqs) must be finite and positive")
+
+    def layer_window(self, index: int) -> int | None:
+        """The attention window of layer ``index`` (None: it attends to every position)."""
+        if self.layer_types is None or self.layer_types[index] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def cache_window(self) -> int | None:
+        """The window when every layer slides (then KV blocks wholly before it can be freed:
+        engine/block_manager.py), else None (some layer reads every position)."""
+        if self.layer_types is None or self.sliding_window is None:
+            return None
+        return self.sliding_window if all(t == "sliding_attention"
+                                          for t in self.layer_types) else None
 
     @property
     def group_size(self) -> int:
@@ -328,7 +351,9 @@ class ModelConfig:
             rope_theta, rope_scaling = gemma.pop("rope")
         if window is not None and window < 1:
             raise CheckpointError(f"sliding_window={window} must be positive")
-        if window is not None and window < max_pos and family not in WINDOWED_FAMILIES:
+        if window is not None and family in SLIDING_FAMILIES:
+            gemma = {"layer_types": ["sliding_attention"] * cfg["num_hidden_layers"]}
+        elif window is not None and window < max_pos and family not in WINDOWED_FAMILIES:
             logger.info("the checkpoint attends over a sliding window of %d tokens; parallax "
                         "limits the context to it (max_position_embeddings %d)", window, max_pos)
             max_pos = window
