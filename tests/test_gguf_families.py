@@ -43,7 +43,9 @@ def _gguf_names(family: str, layers: int) -> dict[str, str]:
     return out
 
 
-def write_gguf(path: str, hf_folder: str, family: str) -> str:
+def write_gguf(path: str, hf_folder: str, family: str, qtype=gguf.GGMLQuantizationType.F32) -> str:
+    """The GGUF llama.cpp's converter makes of ``hf_folder``; matrices (experts included)
+    stored as ``qtype``, vectors as F32."""
     arch = CASES[family][0]
     cfg = json.load(open(os.path.join(hf_folder, "config.json")))
     sd = load_file(os.path.join(hf_folder, "model.safetensors"))
@@ -103,7 +105,11 @@ def write_gguf(path: str, hf_folder: str, family: str) -> str:
         if family == "qwen2_moe":
             w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     for name, x in tensors.items():
-        w.add_tensor(name, np.ascontiguousarray(x, np.float32))
+        x = np.ascontiguousarray(x, np.float32)
+        if qtype != gguf.GGMLQuantizationType.F32 and x.ndim >= 2:
+            w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -142,3 +148,26 @@ def test_gguf_gemma_default_layer_pattern():
     assert g3.layer_types == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
     assert g3.rope_local_theta == 10000.0
     assert parallax.ModelConfig.from_gguf_metadata(meta("gemma3", 62)).query_pre_attn_scalar == 8
+
+
+def test_gguf_q8_0_experts_match_hf_on_the_same_rounded_weights(tmp_path):
+    """A Q8_0 Mixtral file: each expert's blocks are read as a view of the stacked tensor and
+    kept quantized (the C Q8_0 kernels); HF on the Q8_0-rounded weights is the oracle."""
+    from safetensors.numpy import save_file
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    hf_path = make_family_checkpoint(str(tmp_path / "hf"), "mixtral")
+    path = write_gguf(str(tmp_path / "q8.gguf"), hf_path, "mixtral", qtype=q8)
+    sd = load_file(os.path.join(hf_path, "model.safetensors"))
+    rounded = {k: (gguf.quants.dequantize(gguf.quants.quantize(v, q8), q8).astype(np.float32)
+                   if v.ndim == 2 else v) for k, v in sd.items()}
+    save_file(rounded, os.path.join(hf_path, "model.safetensors"), metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32).eval()
+    with parallax.LLM(path) as llm:
+        formats = {name: m.quant_method.name for name, m in llm._runner.model.named_modules()
+                   if ".experts." in name and getattr(m, "quant_method", None) is not None}
+        ours = llm.logits(PROMPTS)
+    assert formats and set(formats.values()) == {"q8_0"}, formats
+    with torch.no_grad():
+        for i, p in enumerate(PROMPTS):
+            torch.testing.assert_close(ours[i, :len(p)], hf(torch.tensor([p])).logits[0],
+                                       atol=1e-4, rtol=0)
