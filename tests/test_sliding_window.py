@@ -113,3 +113,20 @@ def test_block_manager_releases_blocks_behind_the_window():
     assert bm.num_free_blocks == 12 - bm.num_held_blocks(0)
     bm.free_request(0)
     assert bm.num_free_blocks == 12
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_windowed_cache_layouts_match_one_process(tmp_path):
+    """tp=2 and pp=2 read the same block tables (released entries -1) as one process: the
+    same greedy tokens and logits past the window (Mistral, block size 4)."""
+    path = make_checkpoint(str(tmp_path / "m"), "mistral", sliding_window=WINDOW)
+    greedy = dict(max_new_tokens=40, ignore_eos=True)
+    with parallax.LLM(path, block_size=4) as one:
+        ref_tokens = [o.token_ids for o in one.generate(PROMPTS, **greedy)]
+        ref_logits = one.logits(PROMPTS)
+    for kw in (dict(tp=2), dict(pp=2)):
+        with parallax.LLM(path, block_size=4, threads_per_rank=1, **kw) as llm:
+            assert [o.token_ids for o in llm.generate(PROMPTS, **greedy)] == ref_tokens, kw
+            torch.testing.assert_close(llm.logits(PROMPTS), ref_logits, atol=1e-4, rtol=0,
+                                       equal_nan=True)
