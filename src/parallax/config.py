@@ -1,6 +1,7 @@
 """ModelConfig: the architecture facts parallax needs, read from HF ``config.json`` or GGUF metadata.
 
-One dataclass for every family parallax runs (llama, mistral, qwen2, qwen3, phi3): the Llama
+One dataclass for every family parallax runs (llama, mistral, qwen2, qwen3, phi3, gemma2/3,
+mixtral, qwen2_moe, qwen3_moe): the Llama
 family differs in which projections carry a bias, the gate activation, the rope variant, a
 sliding window and their defaults, so one model file serves all three (``models/llama.py``);
 Qwen3 (per-head q/k norms) and Phi-3 (fused qkv / gate_up tensors) are small subclasses of it
@@ -150,7 +151,8 @@ class ModelConfig:
     :meth:`from_gguf_metadata` (GGUF); the field comments say what each holds.
 
     Attributes:
-        architecture: the model family, "llama" | "mistral" | "qwen2" | "qwen3" | "phi3".
+        architecture: the model family: "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" |
+            "gemma2" | "gemma3" | "mixtral" | "qwen2_moe" | "qwen3_moe".
         vocab_size: rows of the embedding and of the LM head.
         hidden_size: the model width (d_model).
         intermediate_size: the inner width of the SwiGLU MLP.
@@ -189,7 +191,7 @@ class ModelConfig:
         pad_token_id: the padding token, if the checkpoint names one.
     """
 
-    architecture: str                 # "llama" | "mistral" | "qwen2" | "qwen3" | "phi3"
+    architecture: str                 # a family of SUPPORTED_ARCHITECTURES' values
     vocab_size: int
     hidden_size: int                  # d_model
     intermediate_size: int            # gated-MLP inner width
