@@ -1,9 +1,9 @@
 """ModelConfig: the architecture facts parallax needs, read from HF ``config.json`` or GGUF metadata.
 
 One dataclass for every family parallax runs (llama, mistral, qwen2, qwen3, phi3, gemma2/3,
-mixtral, qwen2_moe, qwen3_moe): the Llama
-family differs in which projections carry a bias, the gate activation, the rope variant, a
-sliding window and their defaults, so one model file serves all three (``models/llama.py``);
+mixtral, qwen2_moe, qwen3_moe): the Llama family differs in which projections carry a bias,
+the gate activation, the rope variant, a sliding window and their defaults, so one model
+file serves all three (``models/llama.py``);
 Qwen3 (per-head q/k norms) and Phi-3 (fused qkv / gate_up tensors) are small subclasses of it
 (``models/qwen3.py``, ``models/phi3.py``; docs/models.md).
 
