@@ -1,7 +1,8 @@
 """A mixture-of-experts decode step at ep=2 vs ep=1 (both tp=2, one thread per rank on the
-same two cores), and in one process (2 threads), with where a step's time goes.
+same two cores), and in one process (2 threads, and 1), with where a step's time goes.
 
-    python benchmarks/bench_moe.py [--rounds 15] [--steps 16] [--batch 8] [--json out.json]
+    python benchmarks/bench_moe.py [--rounds 15] [--steps 16] [--batch 8] [--matmul kernel]
+                                   [--json out.json]
 
 The model is a random Mixtral (transformers' class, saved to a temporary folder): hidden
 512, 8 experts of width 1024, top-2, 4 layers, fp32. Every layout is built once and kept
@@ -10,7 +11,10 @@ The model is a random Mixtral (transformers' class, saved to a temporary folder)
 rounds), the same positions every round, so load from other processes hits every layout
 alike. Reported per layout: the median over rounds of the per-round median step time, with
 the 25th-75th percentile of the rounds, and the ep=2 / ep=1 ratio per round (paired, so
-slow drift of the machine's load cancels), median and range.
+slow drift of the machine's load cancels), median and range. ``--matmul`` fixes the fp32
+matmul path of every layout (``PARALLAX_CPU_MATMUL``; default the C kernel): left to
+``auto``, each process times kernel against torch once per weight shape, and on a loaded
+machine two layouts can settle on different paths, which would be compared instead of ep.
 
 Inside a step, on each rank (``BenchRank``): ``SparseMoE.route`` (router matmul, softmax,
 top-k), the experts' compute, the MoE block's one exchange (``all_reduce_tp`` of the
@@ -24,13 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
 
 import torch
 
-LAYOUTS = {"tp1": dict(tp=1, ep=1), "tp2-ep1": dict(tp=2, ep=1), "tp2-ep2": dict(tp=2, ep=2)}
+# One process with 2 threads (the same cores as tp=2) and with 1 thread; tp=2 one thread per rank.
+LAYOUTS = {"tp1": dict(tp=1, ep=1, threads=2), "tp1-1thread": dict(tp=1, ep=1, threads=1),
+           "tp2-ep1": dict(tp=2, ep=1, threads=1), "tp2-ep2": dict(tp=2, ep=2, threads=1)}
 PROMPT = 32
 
 
@@ -46,22 +53,25 @@ def make_mixtral(path: str) -> str:
 
 
 class _Clock:
-    """Seconds spent per bucket; ``wrap`` times a function into the current bucket."""
+    """Wall and CPU seconds per bucket (CPU: this thread's, ``time.thread_time``: with one
+    thread per rank, the rank's own work, whatever else the machine runs)."""
 
     def __init__(self):
-        self.t: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
         self.in_moe = False
-
-    def add(self, key: str, dt: float) -> None:
-        self.t[key] = self.t.get(key, 0.0) + dt
 
     def wrap(self, fn, key):
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.add(key(), time.perf_counter() - t0)
+                k = key()
+                self.wall[k] = self.wall.get(k, 0.0) + time.perf_counter() - w0
+                self.cpu[k] = self.cpu.get(k, 0.0) + time.thread_time() - c0
+                self.calls[k] = self.calls.get(k, 0) + 1
         return timed
 
 
@@ -95,33 +105,45 @@ class BenchRank:
         from parallax.parallel import collectives
         m, clock = self.model, _Clock()
         real = (moe.SparseMoE.route, moe.SparseMoE.forward, collectives.all_reduce_tp)
+        experts_cpu: list[float] = []      # per MoE block call: its experts' CPU seconds
 
         def forward(layer, x):
+            c0 = time.thread_time()
+            before = clock.cpu.get("route", 0.0) + clock.cpu.get("moe_exchange", 0.0)
             clock.in_moe = True
             try:
                 return real[1](layer, x)
             finally:
                 clock.in_moe = False
+                inner = clock.cpu.get("route", 0.0) + clock.cpu.get("moe_exchange", 0.0)
+                experts_cpu.append(time.thread_time() - c0 - (inner - before))
         moe.SparseMoE.route = clock.wrap(real[0], lambda: "route")
         moe.SparseMoE.forward = clock.wrap(forward, lambda: "moe")
         collectives.all_reduce_tp = clock.wrap(
             real[2], lambda: "moe_exchange" if clock.in_moe else "other_collectives")
-        steps_ms = []
+        steps_ms, step_cpu = [], 0.0
         try:
             with torch.inference_mode():
                 for s in range(self.steps):
                     meta = AttentionMetadata.build([(PROMPT + s, 1, t) for t in self.tables],
                                                    self.bs)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     m.compute_logits(m(self.ids[:self.batch], meta, self.caches))
                     steps_ms.append(1e3 * (time.perf_counter() - t0))
+                    step_cpu += time.thread_time() - c0
         finally:
             moe.SparseMoE.route, moe.SparseMoE.forward, collectives.all_reduce_tp = real
-        t = clock.t
-        mine = dict(steps_ms=steps_ms, route=t.get("route", 0.0),
-                    moe_exchange=t.get("moe_exchange", 0.0),
-                    experts=t.get("moe", 0.0) - t.get("route", 0.0) - t.get("moe_exchange", 0.0),
-                    other_collectives=t.get("other_collectives", 0.0),
+        w, c = clock.wall, clock.cpu
+        mine = dict(steps_ms=steps_ms, route=w.get("route", 0.0),
+                    moe_exchange=w.get("moe_exchange", 0.0),
+                    experts=w.get("moe", 0.0) - w.get("route", 0.0) - w.get("moe_exchange", 0.0),
+                    other_collectives=w.get("other_collectives", 0.0),
+                    experts_cpu=experts_cpu,
+                    # this rank's CPU seconds outside the experts and every all-reduce
+                    rest_cpu=(step_cpu - sum(experts_cpu) - c.get("moe_exchange", 0.0)
+                              - c.get("other_collectives", 0.0)),
+                    all_reduces=clock.calls.get("moe_exchange", 0)
+                    + clock.calls.get("other_collectives", 0),
                     experts_held=len(m.layers[0].mlp.experts), exchange_ms=self._exchange_ms())
         return self._gather(mine)
 
@@ -153,23 +175,33 @@ def _q(xs: list[float], p: float) -> float:
 
 
 def summarise(rounds: list[list[dict]]) -> dict:
-    """Per-round medians -> median and 25th-75th percentile over rounds; time shares of
-    rank 0's steps, the experts' compute per rank."""
+    """Per-round medians -> median and 25th-75th percentile over rounds; wall-time shares of
+    rank 0's steps; the experts' CPU ms per step on each rank; and ``cpu_step_ms``, the step
+    a quiet machine would take by CPU time: the slowest rank's other work, each MoE block's
+    slowest rank (the exchange waits for it), and every all-reduce's transfer alone."""
     step = [statistics.median(r[0]["steps_ms"]) for r in rounds]
     total = [sum(r[0]["steps_ms"]) / 1e3 for r in rounds]
+    n_steps = len(rounds[0][0]["steps_ms"])
 
     def share(key, rank=0):
         return statistics.median(r[rank][key] / t for r, t in zip(rounds, total))
-    ranks = len(rounds[0])
+
+    def per_step_ms(values):
+        return statistics.median(values) * 1e3 / n_steps
+    ranks = range(len(rounds[0]))
+    critical = [sum(map(max, zip(*(r[k]["experts_cpu"] for k in ranks)))) for r in rounds]
+    rest = [max(r[k]["rest_cpu"] for k in ranks) for r in rounds]
+    comm = [r[0]["all_reduces"] * r[0]["exchange_ms"] / 1e3 for r in rounds]
+    cpu_step = [1e3 * (a + b + c) / n_steps for a, b, c in zip(critical, rest, comm)]
     return dict(
         step_ms=statistics.median(step), step_p25=_q(step, 25), step_p75=_q(step, 75),
         route=share("route"), moe_exchange=share("moe_exchange"),
         other_collectives=share("other_collectives"),
-        experts=[share("experts", k) for k in range(ranks)],
+        experts=[share("experts", k) for k in ranks],
+        experts_cpu_ms=[per_step_ms([sum(r[k]["experts_cpu"]) for r in rounds]) for k in ranks],
+        experts_critical_ms=per_step_ms(critical),
+        cpu_step_ms=statistics.median(cpu_step), cpu_per_round=cpu_step,
         exchange_ms=statistics.median(r[0]["exchange_ms"] for r in rounds),
-        exchange_share=statistics.median(
-            r[0]["exchange_ms"] * 4 * len(r[0]["steps_ms"]) / 1e3 / t
-            for r, t in zip(rounds, total)),      # 4 MoE layers per step
         experts_held=rounds[0][0]["experts_held"], per_round=step)
 
 
@@ -178,19 +210,25 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--matmul", choices=("kernel", "torch", "auto"), default="kernel")
     ap.add_argument("--json")
     a = ap.parse_args()
+    os.environ["PARALLAX_CPU_MATMUL"] = a.matmul      # the workers inherit it
     torch.set_num_threads(2)
     from parallax.parallel.context import ParallelContext
     from parallax.parallel.launch import WorkerPool
     with tempfile.TemporaryDirectory() as d:
         path = make_mixtral(d)
-        runners, pools = {}, []
+        runners, pools, one = {}, [], None
         try:
             for name, kw in LAYOUTS.items():
                 if kw["tp"] == 1:
-                    one = BenchRank(ParallelContext.single(), path, 1, a.batch, a.steps)
-                    runners[name] = one.run
+                    one = one or BenchRank(ParallelContext.single(), path, 1, a.batch, a.steps)
+
+                    def run_one(threads=kw["threads"]):
+                        torch.set_num_threads(threads)
+                        return one.run()
+                    runners[name] = run_one
                 else:
                     pool = WorkerPool(BenchRank, (path, kw["ep"], a.batch, a.steps),
                                       tp_size=kw["tp"], pp_size=1, threads_per_rank=1)
@@ -209,19 +247,33 @@ def main() -> None:
     print(f"Mixtral 4 x (8 experts, top-2), hidden 512, fp32, batch {a.batch}: {a.rounds} "
           f"interleaved rounds of {a.steps} decode steps")
     print("| layout | experts / rank | step ms, median [p25-p75] | routing | MoE exchange "
-          "(transfer alone) | experts' compute, rank 0 / 1 | other all-reduces |")
+          "| experts' compute, rank 0 / 1 | other all-reduces |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, t in table.items():
         experts = " / ".join(f"{e:.0%}" for e in t["experts"])
         print(f"| {name} | {t['experts_held']} | {t['step_ms']:.1f} [{t['step_p25']:.1f}-"
-              f"{t['step_p75']:.1f}] | {t['route']:.1%} | {t['moe_exchange']:.1%} "
-              f"({t['exchange_share']:.1%}, {t['exchange_ms'] * 1e3:.0f} us) | {experts} | "
-              f"{t['other_collectives']:.1%} |")
-    print(f"\nep=2 / ep=1 step time at tp=2, paired per round: median {statistics.median(ratios):.2f}x "
-          f"(range {min(ratios):.2f}-{max(ratios):.2f}x)")
+              f"{t['step_p75']:.1f}] | {t['route']:.1%} | {t['moe_exchange']:.1%} | "
+              f"{experts} | {t['other_collectives']:.1%} |")
+    print("\nBy CPU time (one thread per rank; load-insensitive), ms per step:")
+    print("| layout | experts' CPU, rank 0 / 1 | experts' critical path | all-reduce alone "
+          "| step on a quiet machine |")
+    print("|---|---:|---:|---:|---:|")
+    for name, t in table.items():
+        if LAYOUTS[name]["threads"] > 1:
+            continue        # two threads: one thread's CPU time is not the step's
+        cpu = " / ".join(f"{e:.1f}" for e in t["experts_cpu_ms"])
+        print(f"| {name} | {cpu} | {t['experts_critical_ms']:.1f} | "
+              f"{t['exchange_ms'] * 1e3:.0f} us | {t['cpu_step_ms']:.1f} |")
+    cpu_ratios = [b / c for b, c in zip(table["tp2-ep2"]["cpu_per_round"],
+                                        table["tp2-ep1"]["cpu_per_round"])]
+    print(f"\nep=2 / ep=1 step time at tp=2, paired per round: wall median "
+          f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x); "
+          f"by CPU time median {statistics.median(cpu_ratios):.2f}x (range "
+          f"{min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}x)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"layouts": table, "ep2_over_ep1": ratios}, f, indent=1)
+            json.dump({"layouts": table, "ep2_over_ep1": ratios,
+                       "ep2_over_ep1_cpu": cpu_ratios}, f, indent=1)
 
 
 if __name__ == "__main__":
