@@ -65,6 +65,14 @@ static void pv(float* acc, float corr, const float* p, const float* v, int n, in
 #define KEYS 128   /* keys scored per round of the online softmax (a multiple of bs) */
 #define MAX_D 256
 #define MAX_G 16
+
+/* Gemma 2's soft-capping of a round's scores: s -> c * tanh(s / c). Out of line: the
+ * uncapped loop around its call stays as tight as without it. */
+static __attribute__((noinline)) void cap_scores(float sc[][KEYS], int G, int n, float c) {
+    float inv = 1.f / c;
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < n; j++) sc[g][j] = c * tanhf(sc[g][j] * inv);
+}
 #define QCHUNK 16  /* query tokens per work item: long prefills spread over threads */
 /* Below these amounts of work a loop runs on the calling thread alone: a decode step's
  * cache write (a few rows) and short-context attention take microseconds, less than
@@ -166,31 +174,32 @@ int parallax_paged_attention_kv_f32(
                 mx[g] = -INFINITY;
                 denom[g] = 0.f;
             }
-            for (int j0 = lo; j0 < keys; j0 += KEYS) {
+            /* Rounds of KEYS keys from the block holding lo, block by block as without a
+             * window; the slots of that block before lo get no score (-inf, after the cap)
+             * and are not read. */
+            int a0 = lo - lo % bs;
+            for (int j0 = a0; j0 < keys; j0 += KEYS) {
                 int n = keys - j0 < KEYS ? keys - j0 : KEYS;
-                /* Runs of consecutive slots within one block (the first may start mid-block
-                 * when a window cuts it). */
-                for (int j = 0, m; j < n; j += m) {
-                    int p = j0 + j, off = p % bs;
-                    m = bs - off < n - j ? bs - off : n - j;
-                    const float* kb = k_cache + (((size_t)table[p / bs] * Hk + h) * bs + off) * D;
-                    for (int r = 0; r < m; r++)
+                int skip = j0 == a0 ? lo - a0 : 0;           /* < bs */
+                for (int j = 0; j < n; j += bs) {
+                    int pos = j0 + j, m = n - j < bs ? n - j : bs;
+                    int r0 = j == 0 ? skip : 0;
+                    const float* kb = k_cache + ((size_t)table[pos / bs] * Hk + h) * bs * D;
+                    for (int r = r0; r < m; r++)
                         for (int g = 0; g < G; g++)
                             sc[g][j + r] = dot(qr[g], kb + (size_t)r * D, D) * scale;
                 }
-                if (softcap > 0.f) {
-                    float inv = 1.f / softcap;
-                    for (int g = 0; g < G; g++)
-                        for (int j = 0; j < n; j++) sc[g][j] = softcap * tanhf(sc[g][j] * inv);
-                }
+                if (softcap > 0.f) cap_scores(sc, G, n, softcap);
+                for (int g = 0; g < G; g++)
+                    for (int r = 0; r < skip; r++) sc[g][r] = -INFINITY;
                 for (int g = 0; g < G; g++) {
                     float corr = softmax_round(sc[g], n, &mx[g], &denom[g]);
-                    for (int j = 0, m; j < n; j += m) {
-                        int p = j0 + j, off = p % bs;
-                        m = bs - off < n - j ? bs - off : n - j;
-                        const float* vb =
-                            v_cache + (((size_t)table[p / bs] * Hk + h) * bs + off) * D;
-                        pv(acc[g], j == 0 ? corr : 1.f, sc[g] + j, vb, m, D);
+                    for (int j = 0; j < n; j += bs) {
+                        int pos = j0 + j, m = n - j < bs ? n - j : bs;
+                        int r0 = j == 0 ? skip : 0;
+                        const float* vb = v_cache + ((size_t)table[pos / bs] * Hk + h) * bs * D;
+                        pv(acc[g], j == 0 ? corr : 1.f, sc[g] + j + r0, vb + (size_t)r0 * D,
+                           m - r0, D);
                     }
                 }
             }
