@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import parallax
 from conftest import TINY, make_checkpoint
 from parallax import CheckpointError, PromptError
-from parallax.config import ModelConfig
+from parallax.config import SLIDING_FAMILIES, ModelConfig
 
 PROMPTS = [[5, 17, 300, 2, 99, 45, 7], [11, 3], list(range(40, 120, 6))]   # <= 16 tokens
 
@@ -128,22 +128,29 @@ def test_tie_word_embeddings(tmp_path, tied):
 
 
 # ---------------------------------------------------------------------- sliding window
-def test_mistral_sliding_window_clamps_the_context(tmp_path):
+def test_mistral_sliding_window_runs_windowed(tmp_path):
+    """Every Mistral layer slides: no context clamp (tests/test_sliding_window.py runs it
+    past the window against HF)."""
     path = make_checkpoint(str(tmp_path), "mistral", sliding_window=16)
-    cfg = assert_matches_hf(path)          # within the window: equal to HF's sliding attention
-    assert cfg.sliding_window == 16 and cfg.max_position_embeddings == 16
-    with parallax.LLM(path) as llm:
-        assert len(llm.generate([[1] * 12], max_new_tokens=4, ignore_eos=True)[0].token_ids) == 4
-        with pytest.raises(PromptError, match="context of 16 tokens"):
-            llm.generate([[1] * 12], max_new_tokens=5)
+    cfg = assert_matches_hf(path)
+    assert cfg.sliding_window == 16 and cfg.cache_window == 16
+    assert cfg.max_position_embeddings == TINY["max_position_embeddings"]
+    assert [cfg.layer_window(i) for i in range(cfg.num_layers)] == [16] * cfg.num_layers
 
 
 @pytest.mark.parametrize("max_window_layers, clamped", [(2, True), (4, False)])
 def test_qwen2_sliding_window_only_where_a_layer_uses_it(tmp_path, max_window_layers, clamped):
+    """Qwen2's sliding layers are not run windowed: a window some layer uses clamps the
+    context to it (within it, sliding attention equals full attention)."""
     path = make_checkpoint(str(tmp_path), "qwen2", use_sliding_window=True, sliding_window=16,
                            max_window_layers=max_window_layers)
     cfg = assert_matches_hf(path)
     assert cfg.max_position_embeddings == (16 if clamped else TINY["max_position_embeddings"])
+    assert cfg.cache_window is None
+    if clamped:
+        with parallax.LLM(path) as llm:
+            with pytest.raises(PromptError, match="context of 16 tokens"):
+                llm.generate([[1] * 12], max_new_tokens=5)
 
 
 def test_no_window_keeps_the_context(tiny_llama, tmp_path):
@@ -211,7 +218,8 @@ def test_defaults_equal_hf(model_type):
     assert ours.hidden_act == hf.hidden_act
     window = getattr(hf, "sliding_window", None)
     assert ours.sliding_window == window
-    assert ours.max_position_embeddings == min(hf.max_position_embeddings, window or 1 << 62)
+    clamp = window if window and model_type not in SLIDING_FAMILIES else 1 << 62
+    assert ours.max_position_embeddings == min(hf.max_position_embeddings, clamp)
     llama = model_type == "llama"
     assert ours.mlp_bias == (llama and hf.mlp_bias)
     assert ours.o_proj_bias == (llama and hf.attention_bias)

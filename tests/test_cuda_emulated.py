@@ -77,6 +77,23 @@ def test_kernel_matches_oracle_and_writes_only_new_slots(lib, name, variant):
     assert torch.equal(flat(a[3])[~moved], flat(c["k_cache"])[~moved])
 
 
+
+@pytest.mark.timeout(300)
+def test_blocks_before_the_window_may_be_freed(lib):
+    """The engine frees blocks wholly behind an all-sliding model's window (their table
+    entries become -1): the kernel neither reads nor rejects them."""
+    window, bs = 10, 8
+    c = pc.make_case(3, [(70, 1), (41, 3)], hq=4, hk=2, d=64, bs=bs)
+    scale = 64 ** -0.5
+    full, _ = cuda_emu.paged_attention(lib, *pc.args(c), scale, window, None, 1)
+    freed = dict(c, block_tables=c["block_tables"].clone())
+    for b, (length, n) in enumerate([(70, 1), (41, 3)]):
+        freed["block_tables"][b, :ref.first_block_read(length, n, bs, window)] = -1
+    assert (freed["block_tables"] == -1).sum() > (c["block_tables"] == -1).sum()
+    out, status = cuda_emu.paged_attention(lib, *pc.args(freed), scale, window, None, 1)
+    assert status.tolist() == [0, 0, 0]
+    torch.testing.assert_close(out, full, atol=0, rtol=0)
+
 BAD = {  # what breaks sequence 1 of three -> the status code the kernel reports
     "negative-slot": 1, "slot-beyond-capacity": 1, "length-below-new-tokens": 2,
     "length-beyond-table": 2, "block-beyond-cache": 3, "negative-block": 3}

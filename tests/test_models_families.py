@@ -304,3 +304,26 @@ def test_paged_attention_window_and_softcap_equal_dense(window, softcap):
                 s = softcap * torch.tanh(s / softcap)
             ref = torch.softmax(s, 0) @ v_all[lo:p + 1, h // 2]
             torch.testing.assert_close(out[i, h], ref, atol=1e-5, rtol=0)
+
+
+def test_gemma_windowed_soft_capped_layers_take_the_c_kernel(checkpoints, monkeypatch):
+    """fp32 on the CPU, Gemma 2's sliding (window 16) and global layers, both soft-capped,
+    run the C paged attention kernel, not the torch reference."""
+    from parallax.ops import cpu as cpu_ops
+    from parallax.ops import reference
+    if cpu_ops.kernels() is None:
+        pytest.fail("the CPU kernels did not build (gcc missing?)")
+    seen = []
+    real = cpu_ops.paged_attention_with_kvcache
+
+    def spy(*args, **kwargs):
+        seen.append(args[12:14])                  # (window, softcap)
+        return real(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference ran")
+    monkeypatch.setattr(cpu_ops, "paged_attention_with_kvcache", spy)
+    monkeypatch.setattr(reference, "paged_attention_with_kvcache", refuse)
+    with parallax.LLM(checkpoints["gemma2"]) as llm:
+        llm.logits([PROMPTS[2]])
+    assert set(seen) == {(16, 2.0), (None, 2.0)}

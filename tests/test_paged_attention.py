@@ -38,9 +38,10 @@ def _args(c):
             c["query_start_loc"])
 
 
-def _oracle(c, scale):
+def _oracle(c, scale, window=None, softcap=None):
     """Dense attention per sequence: old keys read from the cache by position, new keys
-    rotated here; no block table walk, no paged write."""
+    rotated here; no block table walk, no paged write. ``window``: keys within the last
+    ``window`` positions only; ``softcap``: scores c * tanh(s / c), spelled out."""
     outs = []
     qsl = c["query_start_loc"].tolist()
     q = _rot(c["q"], c["cos"], c["sin"])
@@ -52,11 +53,18 @@ def _oracle(c, scale):
         vs = [c["v_cache"][c["block_tables"][b, p // BS], :, p % BS] for p in range(old)]
         k = torch.cat([torch.stack(ks), k_new[s:e]]) if ks else k_new[s:e]
         v = torch.cat([torch.stack(vs), c["v"][s:e]]) if vs else c["v"][s:e]
-        mask = torch.arange(length)[None, :] <= torch.arange(old, length)[:, None]
-        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                           v.transpose(0, 1)[None], attn_mask=mask, scale=scale,
-                                           enable_gqa=True)
-        outs.append(o[0].transpose(0, 1))
+        kpos, qpos = torch.arange(length)[None, :], torch.arange(old, length)[:, None]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        qh, kh, vh = q[s:e].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        rep = qh.shape[0] // kh.shape[0]
+        kh, vh = kh.repeat_interleave(rep, 0), vh.repeat_interleave(rep, 0)
+        scores = qh @ kh.transpose(1, 2) * scale                         # (Hq, n, L)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        o = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ vh
+        outs.append(o.transpose(0, 1))
     return torch.cat(outs)
 
 
@@ -93,6 +101,34 @@ def test_paged_attention_matches_dense_oracle(impl, name):
     untouched[c["slot_mapping"]] = False
     flat = lambda x: x.transpose(1, 2).reshape(-1, *x.shape[1:2], x.shape[-1])  # noqa: E731
     assert torch.equal(flat(kc)[untouched], flat(c["k_cache"])[untouched])
+
+
+# Sliding windows that are and are not a multiple of the block size, over lengths that
+# cross the window and block boundaries, mixed prefill (longer than the window) and decode.
+WINDOW_SEQS = [(1, 1), (19, 1), (20, 1), (21, 1), (32, 1), (33, 1), (47, 2), (70, 40),
+               (130, 1), (64, 64)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("window,softcap", [(20, None), (32, None), (16, 5.0), (None, 3.0),
+                                            (7, 50.0)])
+def test_windowed_soft_capped_attention_matches_dense_oracle(impl, window, softcap):
+    if impl.startswith("c-") and cpu_ops.kernels() is None:
+        pytest.fail("the CPU kernels did not build (gcc missing?)")
+    c = _case(11, WINDOW_SEQS, num_blocks=80)
+    c["q"] *= 3   # larger scores, so the soft-cap bends them
+    expect = _oracle(c, 0.125, window, softcap)
+    if window is not None:   # blocks wholly before every window are never read: poison them
+        for b, (length, n) in enumerate(WINDOW_SEQS):
+            first = ref.first_block_read(length, n, BS, window)
+            for i in range(first):
+                blk = int(c["block_tables"][b, i])
+                c["k_cache"][blk] = float("nan")
+                c["v_cache"][blk] = float("nan")
+            if b % 2:
+                c["block_tables"][b, :first] = -1     # as the engine leaves freed entries
+    out = IMPLS[impl](*_args(c), 0.125, window, softcap)
+    torch.testing.assert_close(out, expect, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -149,7 +149,8 @@ class LLM:
         finally:
             ckpt.close()
         self._executor = steps
-        bm = BlockManager(num_blocks, block_size, prefix_caching)
+        bm = BlockManager(num_blocks, block_size, prefix_caching,
+                          window=self.config.cache_window)
         scheduler = Scheduler(bm, max_num_seqs, max_num_batched_tokens)
         make_decoder = None
         if self.tokenizer is not None:

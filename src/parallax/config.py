@@ -1,8 +1,9 @@
 """ModelConfig: the architecture facts parallax needs, read from HF ``config.json`` or GGUF metadata.
 
-One dataclass for every family parallax runs (llama, mistral, qwen2, qwen3, phi3): the Llama
-family differs in which projections carry a bias, the gate activation, the rope variant, a
-sliding window and their defaults, so one model file serves all three (``models/llama.py``);
+One dataclass for every family parallax runs (llama, mistral, qwen2, qwen3, phi3, gemma2/3,
+mixtral, qwen2_moe, qwen3_moe): the Llama family differs in which projections carry a bias,
+the gate activation, the rope variant, a sliding window and their defaults, so one model
+file serves all three (``models/llama.py``);
 Qwen3 (per-head q/k norms) and Phi-3 (fused qkv / gate_up tensors) are small subclasses of it
 (``models/qwen3.py``, ``models/phi3.py``; docs/models.md).
 
@@ -16,11 +17,14 @@ process, before any weight is read or any worker starts:
 - Rotary over part of each head (``partial_rotary_factor`` != 1, GGUF
   ``rope.dimension_count`` < head_dim) is refused.
 - ``rope_scaling`` types other than linear and llama3 are refused (CheckpointError).
-- A sliding window (mistral/phi3 ``sliding_window``, qwen2/qwen3 ``use_sliding_window``) shorter than
-  ``max_position_embeddings`` clamps the usable context to the window: within it, sliding
-  attention equals full attention, so a longer prompt is a PromptError rather than a
-  silently different answer. Gemma 2 / 3 (``WINDOWED_FAMILIES``) run their window in the
-  attention instead, with no clamp.
+- A sliding window is run in the attention (``layer_types``, ``layer_window``) by the
+  families whose layers parallax knows: Gemma 2 / 3 (alternating layers), and Mistral,
+  Mixtral and Phi-3 (``SLIDING_FAMILIES``: every layer slides, so the engine frees the KV
+  blocks that fall out of the window, ``cache_window``). For qwen2 / qwen3 / their MoE
+  (``use_sliding_window``, whose sliding layers differ between transformers versions) and
+  for GGUF files, a window shorter than ``max_position_embeddings`` still clamps the usable
+  context to it: within it, sliding attention equals full attention, so a longer prompt is
+  a PromptError rather than a silently different answer.
 - Gemma and MoE fields are read by ``_hf_gemma`` / ``_hf_moe``; see docs/models.md.
 """
 
@@ -67,8 +71,15 @@ MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 # clamping the context to the window.
 WINDOWED_FAMILIES = ("gemma2", "gemma3")
 
-# GGUF ``general.architecture`` values parallax reads (llama.cpp's names = our family names).
-GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# Families whose every layer attends over ``sliding_window`` (HF's Mistral, Mixtral and
+# Phi-3 modules): parallax runs the window in every layer, with no context clamp.
+SLIDING_FAMILIES = ("mistral", "mixtral", "phi3")
+
+# GGUF ``general.architecture`` values parallax reads, and llama.cpp's names that differ from
+# our family names (llama.cpp writes Mixtral as "llama" with an expert count).
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+                      "qwen2moe", "qwen3moe")
+_GGUF_FAMILY = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 
 # Gate activations of the gated MLP (HF ``hidden_act`` names; "swish" is HF's alias of silu).
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -140,7 +151,8 @@ class ModelConfig:
     :meth:`from_gguf_metadata` (GGUF); the field comments say what each holds.
 
     Attributes:
-        architecture: the model family, "llama" | "mistral" | "qwen2" | "qwen3" | "phi3".
+        architecture: the model family: "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" |
+            "gemma2" | "gemma3" | "mixtral" | "qwen2_moe" | "qwen3_moe".
         vocab_size: rows of the embedding and of the LM head.
         hidden_size: the model width (d_model).
         intermediate_size: the inner width of the SwiGLU MLP.
@@ -161,7 +173,8 @@ class ModelConfig:
         o_proj_bias: whether the attention output projection carries a bias.
         mlp_bias: whether gate/up/down carry a bias (llama ``mlp_bias``).
         sliding_window: the checkpoint's attention window in tokens, or None.
-        layer_types: Gemma: "sliding_attention" or "full_attention" per layer.
+        layer_types: "sliding_attention" or "full_attention" per layer, where some layer
+            runs a sliding window (Gemma; Mistral, Mixtral, Phi-3 with a window); else None.
         query_pre_attn_scalar: Gemma: the attention scale is its inverse square root.
         attn_logit_softcapping: Gemma 2: attention scores s become c * tanh(s / c).
         final_logit_softcapping: Gemma 2: logits z become c * tanh(z / c).
@@ -178,7 +191,7 @@ class ModelConfig:
         pad_token_id: the padding token, if the checkpoint names one.
     """
 
-    architecture: str                 # "llama" | "mistral" | "qwen2" | "qwen3" | "phi3"
+    architecture: str                 # a family of SUPPORTED_ARCHITECTURES' values
     vocab_size: int
     hidden_size: int                  # d_model
     intermediate_size: int            # gated-MLP inner width
@@ -198,8 +211,8 @@ class ModelConfig:
     o_proj_bias: bool = False         # attention output bias (llama attention_bias)
     mlp_bias: bool = False            # gate/up/down bias (llama mlp_bias)
     sliding_window: int | None = None  # attention window of the checkpoint, if any
-    # Gemma 2 / 3 (models/gemma.py); None elsewhere.
     layer_types: list[str] | None = None   # per layer "sliding_attention" | "full_attention"
+    # Gemma 2 / 3 (models/gemma.py); None elsewhere.
     query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power
     attn_logit_softcapping: float | None = None  # scores -> c * tanh(scores / c)
     final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
@@ -259,6 +272,21 @@ class ModelConfig:
                                   f"{self.head_dim} needs {self.head_dim // 2}")
         if ff is not None and not all(0 < f < float("inf") for f in ff):
             raise CheckpointError("rope frequency factors (rope_freqs) must be finite and positive")
+
+    def layer_window(self, index: int) -> int | None:
+        """The attention window of layer ``index`` (None: it attends to every position)."""
+        if self.layer_types is None or self.layer_types[index] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def cache_window(self) -> int | None:
+        """The window when every layer slides (then KV blocks wholly before it can be freed:
+        engine/block_manager.py), else None (some layer reads every position)."""
+        if self.layer_types is None or self.sliding_window is None:
+            return None
+        return self.sliding_window if all(t == "sliding_attention"
+                                          for t in self.layer_types) else None
 
     @property
     def group_size(self) -> int:
@@ -328,7 +356,9 @@ class ModelConfig:
             rope_theta, rope_scaling = gemma.pop("rope")
         if window is not None and window < 1:
             raise CheckpointError(f"sliding_window={window} must be positive")
-        if window is not None and window < max_pos and family not in WINDOWED_FAMILIES:
+        if window is not None and family in SLIDING_FAMILIES:
+            gemma = {"layer_types": ["sliding_attention"] * cfg["num_hidden_layers"]}
+        elif window is not None and window < max_pos and family not in WINDOWED_FAMILIES:
             logger.info("the checkpoint attends over a sliding window of %d tokens; parallax "
                         "limits the context to it (max_position_embeddings %d)", window, max_pos)
             max_pos = window
@@ -408,10 +438,14 @@ class ModelConfig:
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
 
-        if get("expert_count"):   # llama.cpp writes Mixtral as "llama" with experts
+        family = _GGUF_FAMILY.get(arch, arch)
+        if get("expert_count") and arch == "llama":
+            family = "mixtral"
+        elif get("expert_count") and family not in MOE_FAMILIES:
             raise CheckpointError(
-                f"this GGUF {arch} file is a mixture of experts ({get('expert_count')} experts); "
-                f"parallax reads MoE models from HF safetensors only")
+                f"this GGUF {arch} file declares a mixture of experts ({get('expert_count')} "
+                f"experts), which llama.cpp never writes for {arch}; parallax reads MoE GGUF "
+                f"files as llama (Mixtral), qwen2moe and qwen3moe")
         try:
             n_heads = int(get("attention.head_count"))
             hidden = int(get("embedding_length"))
@@ -431,10 +465,15 @@ class ModelConfig:
                     eos_ids.append(int(meta[key]))
             max_pos = int(get("context_length", 2048))
             window = get("attention.sliding_window")
-            if window is not None and 0 < int(window) < max_pos:
+            extra: dict[str, Any] = {}
+            if family in WINDOWED_FAMILIES:
+                extra = _gguf_gemma(family, get, hidden, n_heads, head_dim)
+            elif window is not None and 0 < int(window) < max_pos:
                 max_pos = int(window)
+            if family in MOE_FAMILIES:
+                extra = _gguf_moe(family, get, meta.get("parallax.dense_layers", []))
             return cls(
-                architecture=arch,
+                architecture=family,
                 vocab_size=int(n_vocab),
                 hidden_size=hidden,
                 intermediate_size=int(get("feed_forward_length")),
@@ -449,12 +488,14 @@ class ModelConfig:
                 max_position_embeddings=max_pos,
                 tie_word_embeddings=bool(meta.get("parallax.tied_embeddings", True)),
                 attention_bias=bool(meta.get("parallax.qkv_bias", arch == "qwen2")),
+                hidden_act="gelu_pytorch_tanh" if family in WINDOWED_FAMILIES else "silu",
                 o_proj_bias=bool(meta.get("parallax.o_proj_bias", False)),
                 mlp_bias=bool(meta.get("parallax.mlp_bias", False)),
                 sliding_window=None if window is None else int(window),
                 bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
                 eos_token_ids=eos_ids,
                 pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+                **extra,
             )
         except CheckpointError:
             raise
@@ -569,6 +610,11 @@ def _hf_moe(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> dict[
                                                     if family == "qwen2_moe" else 0),
                    dense_layers=[i for i in range(n) if i in only or (i + 1) % step])
     out["num_experts_per_tok"] = get("num_experts_per_tok")
+    return _checked_moe(out)
+
+
+def _checked_moe(out: dict[str, Any]) -> dict[str, Any]:
+    """``out`` (the MoE fields of ModelConfig) after checking the expert counts and width."""
     for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
         if not _is_int(out[key]) or out[key] < 1:
             raise CheckpointError(f"config value {key}={out[key]!r} must be a positive integer")
@@ -576,6 +622,55 @@ def _hf_moe(cfg: dict[str, Any], family: str, defaults: dict[str, Any]) -> dict[
         raise CheckpointError(f"num_experts_per_tok={out['num_experts_per_tok']} exceeds the "
                               f"{out['num_experts']} experts")
     return out
+
+
+def _gguf_gemma(family: str, get, hidden: int, n_heads: int, head_dim: int) -> dict[str, Any]:
+    """The Gemma 2 / 3 fields of ModelConfig from GGUF metadata (``get(key)`` reads
+    ``{arch}.key``), as llama.cpp runs these files: sliding layers by
+    ``attention.sliding_window_pattern`` (a period n: layer i slides when i % n < n - 1; or
+    one bool per layer), else llama.cpp's fixed periods (2 for Gemma 2, 6 for Gemma 3); the
+    attention scale from head_dim, except hidden / heads for the 27B models (46 / 62 layers),
+    which is what llama.cpp does in place of HF's query_pre_attn_scalar; the sliding layers'
+    rope base ``rope.freq_base_swa`` (Gemma 3, default 10000)."""
+    n = int(get("block_count"))
+    window = get("attention.sliding_window")
+    pattern = get("attention.sliding_window_pattern", 2 if family == "gemma2" else 6)
+    if window is None:
+        types = ["full_attention"] * n
+    elif isinstance(pattern, list):
+        if len(pattern) != n:
+            raise CheckpointError(f"attention.sliding_window_pattern has {len(pattern)} "
+                                  f"entries for {n} layers")
+        types = ["sliding_attention" if p else "full_attention" for p in pattern]
+    else:
+        period = int(pattern)
+        types = ["sliding_attention" if period and i % period < period - 1 else "full_attention"
+                 for i in range(n)]
+    big = n == (46 if family == "gemma2" else 62)
+    out: dict[str, Any] = dict(
+        layer_types=types, query_pre_attn_scalar=float(hidden // n_heads if big else head_dim),
+        attn_logit_softcapping=get("attn_logit_softcapping"),
+        final_logit_softcapping=get("final_logit_softcapping"))
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if out[key] is not None:
+            out[key] = float(out[key])
+    if family == "gemma3":
+        out["rope_local_theta"] = float(get("rope.freq_base_swa", 10000.0))
+    return out
+
+
+def _gguf_moe(family: str, get, dense_layers: list[int]) -> dict[str, Any]:
+    """The MoE fields of ModelConfig from GGUF metadata, as llama.cpp runs the file: top-k
+    weights renormalised for Mixtral and Qwen3-MoE, not for Qwen2-MoE (llama.cpp's graphs;
+    ``expert_weights_norm`` overrides); ``dense_layers``: layers whose file holds a dense
+    MLP (GGUFCheckpoint finds them)."""
+    ffn = get("expert_feed_forward_length", get("feed_forward_length"))
+    shared = get("expert_shared_feed_forward_length", 0) if family == "qwen2_moe" else 0
+    return _checked_moe(dict(
+        num_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
+        moe_intermediate_size=int(ffn),
+        norm_topk_prob=bool(get("expert_weights_norm", family != "qwen2_moe")),
+        shared_expert_intermediate_size=int(shared), dense_layers=list(dense_layers)))
 
 
 def _check_partial_rotary(cfg: dict[str, Any]) -> None:

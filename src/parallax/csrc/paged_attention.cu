@@ -90,8 +90,12 @@ __global__ void __launch_bounds__(128) validate_kernel(const ParallaxPagedAttent
     code = kBadLength;
     if (len >= n && nb <= p.max_blocks) {
       const int32_t* table = p.block_tables + b * p.max_blocks;
+      // Entries before the window's first block are never read (the engine may have freed
+      // them): reference.first_block_read.
+      const int64_t first = p.window > 0
+          ? max(static_cast<int64_t>(0), len - n + 1 - p.window) / p.block_size : 0;
       int bad_block = 0, bad_slot = 0;
-      for (int64_t i = threadIdx.x; i < nb; i += blockDim.x)
+      for (int64_t i = first + threadIdx.x; i < nb; i += blockDim.x)
         bad_block |= table[i] < 0 || table[i] >= p.num_blocks;
       const int64_t capacity = p.num_blocks * p.block_size;
       for (int64_t t = q0 + threadIdx.x; t < q0 + n; t += blockDim.x)

@@ -13,6 +13,12 @@ side only, hands out block ids.
   prompt's full blocks and takes every consecutive block already cached (count + 1, out of
   the free queue if it was there) instead of computing it again. A freed block keeps its hash
   until allocation reuses it, so a finished request's prefix stays reusable until evicted.
+- Sliding window (``window``, set when every layer of the model slides: ModelConfig
+  .cache_window): a step computing tokens from position c on reads no key before
+  c + 1 - window, so the blocks wholly before that are released as the request advances and
+  their table entries become -1 (the attention neither reads nor checks them:
+  ops.reference.first_block_read). A request then holds at most ceil(window / block_size)
+  + 1 blocks at a decode step, however long it runs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..errors import ParallaxError
+from ..ops.reference import first_block_read
 from .request import Request
 
 
@@ -43,18 +50,22 @@ class BlockManager:
         num_blocks: blocks in the cache (capacity = num_blocks * block_size tokens).
         block_size: token slots per block.
         prefix_caching: reuse cached full blocks across requests.
+        window: the model's attention window when every layer slides (None: keep every
+            block of a request until it ends).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True,
+                 window: int | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ParallaxError(f"the KV cache needs num_blocks >= 1 and block_size >= 1, got "
                                 f"{num_blocks} and {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.prefix_caching = prefix_caching
+        self.prefix_caching, self.window = prefix_caching, window
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[int, Block] = {}
-        self.tables: dict[int, list[Block]] = {}       # request id -> its blocks, in order
+        # request id -> its blocks in order; None where a block fell out of the window
+        self.tables: dict[int, list[Block | None]] = {}
         self._hashes: dict[int, list[int]] = {}        # request id -> hashes of its full blocks
         self.prefix_cache_queries = 0                  # prompt tokens looked up
         self.prefix_cache_hits = 0                     # of those, found in the cache
@@ -72,7 +83,12 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def block_table(self, request_id: int) -> list[int]:
-        return [b.block_id for b in self.tables.get(request_id, ())]
+        """The request's block ids in token order, -1 for blocks released by the window."""
+        return [-1 if b is None else b.block_id for b in self.tables.get(request_id, ())]
+
+    def num_held_blocks(self, request_id: int) -> int:
+        """Blocks the request holds now (those released by the window not counted)."""
+        return sum(b is not None for b in self.tables.get(request_id, ()))
 
     # ------------------------------------------------------------------ prefix cache
     def _block_hashes(self, req: Request, upto: int) -> list[int]:
@@ -114,9 +130,11 @@ class BlockManager:
         """Give req blocks for ``num_computed_tokens + num_new_tokens`` tokens.
 
         ``computed``: cached blocks to take first (from ``get_computed_blocks``, on admission).
-        Returns False, changing nothing, when too few blocks are free.
+        Returns False, allocating nothing, when too few blocks are free (blocks that fell out
+        of the window are released either way).
         """
         computed = computed or []
+        self._release_out_of_window(req.request_id, req.num_computed_tokens)
         table = self.tables.get(req.request_id, [])
         have = len(table) + len(computed)
         need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - have
@@ -142,21 +160,39 @@ class BlockManager:
             self._cache_full_blocks(req, req.num_computed_tokens + num_new_tokens)
         return True
 
+    def _release(self, b: Block) -> None:
+        b.ref_cnt -= 1
+        if b.ref_cnt == 0:
+            self.free[b.block_id] = b
+
+    def _release_out_of_window(self, request_id: int, start: int) -> None:
+        """Release the blocks no step from position ``start`` on reads (window only).
+        Safe whether or not the allocation that follows succeeds: positions only advance,
+        and a preempted request is recomputed from a fresh table."""
+        table = self.tables.get(request_id)
+        if self.window is None or not table:
+            return
+        # The first new token (position start) is the earliest reader: context start + 1.
+        first = first_block_read(start + 1, 1, self.block_size, self.window)
+        for i in range(min(first, len(table))):
+            if table[i] is not None:
+                self._release(table[i])
+                table[i] = None
+
     def _cache_full_blocks(self, req: Request, num_tokens: int) -> None:
         """Enter req's blocks that are full within its first num_tokens tokens."""
         table = self.tables[req.request_id]
         hashes = self._block_hashes(req, num_tokens)[:num_tokens // self.block_size]
         for b, h in zip(table, hashes):
-            if b.block_hash is None and h not in self.cached:
+            if b is not None and b.block_hash is None and h not in self.cached:
                 b.block_hash = h
                 self.cached[h] = b
 
     def free_request(self, request_id: int) -> None:
         """Release a request's blocks (tail first, so they are evicted first)."""
         for b in reversed(self.tables.pop(request_id, [])):
-            b.ref_cnt -= 1
-            if b.ref_cnt == 0:
-                self.free[b.block_id] = b
+            if b is not None:
+                self._release(b)
         self._hashes.pop(request_id, None)
 
     def reset_prefix_cache(self) -> None:

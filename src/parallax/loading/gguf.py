@@ -11,6 +11,13 @@ Design choices:
   interleaved pairs instead of halves), per head. ``read`` undoes it per head, so a row
   slice of whole heads is exact; a slice through the middle of a head is refused.
   Qwen2 files are not permuted.
+- Mixture-of-experts files stack each layer's experts in one 3-D tensor (``ffn_gate_exps``
+  (E, F, d) and the like); each expert's (F, d) slab is presented as the HF per-expert
+  tensor (``...experts.{E}.gate_proj``), a view of the file's bytes like any other tensor.
+  Layers of a qwen2moe file without a router (``ffn_gate_inp``) are dense
+  (``parallax.dense_layers``).
+- llama.cpp's Gemma converters store every RMSNorm weight as 1 + w (llama.cpp's norm
+  multiplies by the weight as stored); ``read`` gives back HF's w.
 - Llama 3.x stores its rope scaling as ``rope_freqs.weight`` (head_dim/2 divisors of the
   rope frequencies, as llama.cpp applies them): it goes into the config
   (``rope_freq_factors``), not into the tensor names.
@@ -55,22 +62,47 @@ GGUF_TO_HF = {
     "blk.{N}.ffn_up": "model.layers.{N}.mlp.up_proj",
     "blk.{N}.ffn_down": "model.layers.{N}.mlp.down_proj",
 }
-# Per-architecture additions and overrides of GGUF_TO_HF.
+# Mixture-of-experts tensors; "{E}" is the expert index (one slab of a stacked tensor).
+_QWEN_MOE = {
+    "blk.{N}.ffn_gate_inp": "model.layers.{N}.mlp.gate",
+    "blk.{N}.ffn_gate_exps": "model.layers.{N}.mlp.experts.{E}.gate_proj",
+    "blk.{N}.ffn_up_exps": "model.layers.{N}.mlp.experts.{E}.up_proj",
+    "blk.{N}.ffn_down_exps": "model.layers.{N}.mlp.experts.{E}.down_proj",
+}
+_QK_NORMS = {"blk.{N}.attn_q_norm": "model.layers.{N}.self_attn.q_norm",
+             "blk.{N}.attn_k_norm": "model.layers.{N}.self_attn.k_norm"}
+_GEMMA_NORMS = {"blk.{N}.post_attention_norm": "model.layers.{N}.post_attention_layernorm",
+                "blk.{N}.ffn_norm": "model.layers.{N}.pre_feedforward_layernorm",
+                "blk.{N}.post_ffw_norm": "model.layers.{N}.post_feedforward_layernorm"}
+# Per-family (ModelConfig.architecture) additions and overrides of GGUF_TO_HF.
 ARCH_GGUF_TO_HF = {
-    "qwen3": {"blk.{N}.attn_q_norm": "model.layers.{N}.self_attn.q_norm",
-              "blk.{N}.attn_k_norm": "model.layers.{N}.self_attn.k_norm"},
+    "qwen3": _QK_NORMS,
+    "gemma2": _GEMMA_NORMS,
+    "gemma3": {**_GEMMA_NORMS, **_QK_NORMS},
+    "mixtral": {"blk.{N}.ffn_gate_inp": "model.layers.{N}.block_sparse_moe.gate",
+                "blk.{N}.ffn_gate_exps": "model.layers.{N}.block_sparse_moe.experts.{E}.w1",
+                "blk.{N}.ffn_up_exps": "model.layers.{N}.block_sparse_moe.experts.{E}.w3",
+                "blk.{N}.ffn_down_exps": "model.layers.{N}.block_sparse_moe.experts.{E}.w2"},
+    "qwen2_moe": {**_QWEN_MOE,
+                  "blk.{N}.ffn_gate_inp_shexp": "model.layers.{N}.mlp.shared_expert_gate",
+                  "blk.{N}.ffn_gate_shexp": "model.layers.{N}.mlp.shared_expert.gate_proj",
+                  "blk.{N}.ffn_up_shexp": "model.layers.{N}.mlp.shared_expert.up_proj",
+                  "blk.{N}.ffn_down_shexp": "model.layers.{N}.mlp.shared_expert.down_proj"},
+    "qwen3_moe": {**_QWEN_MOE, **_QK_NORMS},
     # llama.cpp keeps Phi-3's fused tensors fused: q|k|v rows, and gate|up rows in ffn_up.
     "phi3": {"blk.{N}.attn_qkv": "model.layers.{N}.self_attn.qkv_proj",
              "blk.{N}.ffn_up": "model.layers.{N}.mlp.gate_up_proj"},
 }
 # Architectures whose converter permuted q/k rows (llama.cpp `LlamaModel.permute`).
-_PERMUTED_ARCHS = ("llama", "mistral")
+_PERMUTED_ARCHS = ("llama", "mistral", "mixtral")
+# Families whose GGUF norm weights are stored as 1 + w (llama.cpp's Gemma converters).
+_NORM_PLUS_ONE = ("gemma2", "gemma3")
 _GGUF_NAME = re.compile(r"^(?:blk\.(\d+)\.)?(.+)\.(weight|bias)$")
 
 
 def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
-    """The HF name of a GGUF tensor of an ``arch`` model, or None when parallax has no use
-    for it."""
+    """The HF name of a GGUF tensor of an ``arch`` family's model (with "{E}" for the expert
+    of a stacked expert tensor), or None when parallax has no use for it."""
     m = _GGUF_NAME.match(gguf_name)
     if m is None:
         return None
@@ -79,7 +111,7 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     hf = ARCH_GGUF_TO_HF.get(arch, {}).get(key) or GGUF_TO_HF.get(key)
     if hf is None:
         return None
-    return f"{hf.format(N=layer)}.{kind}"
+    return f"{hf.format(N=layer, E='{E}')}.{kind}"
 
 
 def _unpermute_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
@@ -106,6 +138,10 @@ class GGUFCheckpoint:
             self.metadata[f"parallax.{key}_bias"] = f"blk.0.{stem}.bias" in tensors
         if "token_embd.weight" in tensors:
             self.metadata["parallax.embedding_rows"] = tensors["token_embd.weight"].shape[0]
+        routed = [int(n.split(".")[1]) for n in tensors if n.endswith(".ffn_gate_inp.weight")]
+        if routed:
+            n_layers = max(int(n.split(".")[1]) for n in tensors if n.startswith("blk.")) + 1
+            self.metadata["parallax.dense_layers"] = sorted(set(range(n_layers)) - set(routed))
         factors = None
         if ROPE_FREQS in tensors:
             factors = self._read_tensor(tensors[ROPE_FREQS], ROPE_FREQS).reshape(-1).tolist()
@@ -124,7 +160,15 @@ class GGUFCheckpoint:
                 raise CheckpointError(
                     f"tensor {t.name!r} uses ggml type {t.tensor_type.name}, which parallax cannot "
                     f"dequantize; supported: {', '.join(q.name for q in SUPPORTED_TYPES)}")
-            self._tensors[name] = t
+            if "{E}" not in name:
+                self._tensors[name] = t
+                continue
+            if len(t.shape) != 3:
+                raise CheckpointError(f"{t.name} {t.shape}: stacked experts must be 3-D "
+                                      "(experts, rows, columns)")
+            for e in range(t.shape[0]):   # expert e: a (rows, columns) view of the file
+                self._tensors[name.replace("{E}", str(e))] = GGUFTensor(
+                    f"{t.name}[{e}]", t.tensor_type, t.dims[:2], t.data[e])
 
     # ------------------------------------------------------------------ protocol
     def names(self) -> list[str]:
@@ -145,6 +189,8 @@ class GGUFCheckpoint:
         arr = self._dequantize(data, t, name)
         if self._is_permuted(name):
             arr = self._unpermute(name, arr)
+        if self.config.architecture in _NORM_PLUS_ONE and name.endswith("norm.weight"):
+            arr = arr - np.float32(1)
         if dim is not None and (dim != 0 or len(t.shape) == 1):   # drop the edge blocks' rest
             arr = arr[..., start:start + length]
         return self._to_torch(arr, dtype)

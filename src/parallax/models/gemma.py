@@ -42,11 +42,10 @@ class GemmaRMSNorm(RMSNorm):
 
 class GemmaAttention(Attention):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype,
-                 sliding: bool):
+                 window: int | None):
         super().__init__(cfg, ctx, prefix, dtype)
         self.attn = PagedAttention(self.n_q, self.n_kv, self.head_dim,
-                                   cfg.query_pre_attn_scalar ** -0.5,
-                                   window=cfg.sliding_window if sliding else None,
+                                   cfg.query_pre_attn_scalar ** -0.5, window=window,
                                    softcap=cfg.attn_logit_softcapping)
         self.q_norm = self.k_norm = None
         if cfg.architecture == "gemma3":
@@ -64,13 +63,13 @@ class GemmaDecoderLayer(nn.Module):
         super().__init__()
         prefix = f"model.layers.{index}"
         self.rope_kind = cfg.layer_types[index]
-        sliding = self.rope_kind == "sliding_attention"
 
         def norm(name: str) -> GemmaRMSNorm:
             return GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, f"{prefix}.{name}.weight")
 
         self.input_layernorm = norm("input_layernorm")
-        self.self_attn = GemmaAttention(cfg, ctx, f"{prefix}.self_attn", dtype, sliding)
+        self.self_attn = GemmaAttention(cfg, ctx, f"{prefix}.self_attn", dtype,
+                                        cfg.layer_window(index))
         self.post_attention_layernorm = norm("post_attention_layernorm")
         self.pre_feedforward_layernorm = norm("pre_feedforward_layernorm")
         self.mlp = MLP(cfg, ctx, f"{prefix}.mlp", dtype)

@@ -79,9 +79,11 @@ class Attention(nn.Module):
 
     Hooks for families that differ only here: ``qkv_pieces`` (where this rank's q/k/v rows
     live in the checkpoint: separate q_proj/k_proj/v_proj here, a fused qkv_proj in Phi-3)
-    and ``norm_qk`` (per-head q/k norms before rotary in Qwen3)."""
+    and ``norm_qk`` (per-head q/k norms before rotary in Qwen3). ``window``: the layer's
+    sliding window (``ModelConfig.layer_window``), None for full attention."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype,
+                 window: int | None = None):
         super().__init__()
         part = head_partition(cfg, ctx.tp_size, ctx.tp_rank)
         d = cfg.head_dim
@@ -90,7 +92,7 @@ class Attention(nn.Module):
                                              dtype, bias=cfg.attention_bias)
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj", part.q_start * d, part.n_q * d,
                                         cfg.hidden_size, dtype, ctx, bias=cfg.o_proj_bias)
-        self.attn = PagedAttention(part.n_q, part.n_kv, d, d ** -0.5)
+        self.attn = PagedAttention(part.n_q, part.n_kv, d, d ** -0.5, window=window)
 
     @staticmethod
     def qkv_pieces(cfg: ModelConfig, part, prefix: str) -> list[tuple[str, int, int]]:
@@ -185,7 +187,8 @@ class DecoderLayer(nn.Module):
         prefix = f"model.layers.{index}"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
                                        f"{prefix}.input_layernorm.weight")
-        self.self_attn = self.attention_cls(cfg, ctx, f"{prefix}.self_attn", dtype)
+        self.self_attn = self.attention_cls(cfg, ctx, f"{prefix}.self_attn", dtype,
+                                            window=cfg.layer_window(index))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
                                                 f"{prefix}.post_attention_layernorm.weight")
         self.mlp = self.make_mlp(cfg, ctx, index, dtype)

@@ -15,8 +15,9 @@ from .llama import Attention, DecoderLayer, LlamaForCausalLM, RMSNorm
 
 
 class Qwen3Attention(Attention):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype):
-        super().__init__(cfg, ctx, prefix, dtype)
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, prefix: str, dtype: torch.dtype,
+                 window: int | None = None):
+        super().__init__(cfg, ctx, prefix, dtype, window)
         # Per-head norms: every tp rank holds the whole (head_dim,) weight.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, f"{prefix}.q_norm.weight")
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, f"{prefix}.k_norm.weight")

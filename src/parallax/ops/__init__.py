@@ -88,7 +88,7 @@ def active_backend() -> str:
 
 # Which ops have a C kernel (fp32 CPU tensors) and which a CUDA one (fp16/bf16 GPU tensors).
 _CPU_OPS = ("linear_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
-            "decode_attention_with_kvcache")
+            "decode_attention_with_kvcache", "paged_attention_with_kvcache")
 _CUDA_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "decode_attention",
              "decode_attention_with_kvcache", "int8_linear", "paged_attention_with_kvcache")
 
@@ -226,21 +226,21 @@ def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """See reference.paged_attention_with_kvcache (rotary, paged cache write, causal
     attention of a flat mixed prefill/decode batch, optionally over a sliding ``window``
     and with soft-capped scores). GPU tensors (fp32/fp16/bf16, head dim 64/96/128/256):
-    the CUDA kernel, window and soft-cap included; fp32 CPU: one C call; elsewhere, and for
-    windowed or soft-capped layers on the CPU (the C kernel takes neither yet), the
-    reference. All raise ParallaxError on out-of-range slots, lengths or block ids (on a GPU
-    while a CUDA graph is captured: no host check; the kernel answers NaN for such a
-    sequence and writes none of its tokens)."""
+    the CUDA kernel; fp32 CPU: one C call; both take the window and the soft-cap. Elsewhere
+    the reference. All raise ParallaxError on out-of-range slots, lengths or block ids
+    (blocks wholly before a sliding window are not read, nor checked; on a GPU while a CUDA
+    graph is captured there is no host check: the kernel answers NaN for such a sequence
+    and writes none of its tokens)."""
     args = (q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens,
             query_start_loc)
     if _on_cuda(q) and _cuda.paged_fits(q, k, v, k_cache, v_cache):
         if not torch.cuda.is_current_stream_capturing():   # no host sync inside a graph
             _ref.check_paged_metadata(slot_mapping, block_tables, context_lens,
-                                      query_start_loc, k_cache.shape[0], k_cache.shape[2])
+                                      query_start_loc, k_cache.shape[0], k_cache.shape[2],
+                                      window)
         return _cuda.paged_attention_with_kvcache(*args, scale, window, softcap)
-    if (window is None and softcap is None and _cpu.fits(q, k, v, k_cache, v_cache)
-            and _cpu.paged_layout_ok(*args)):
-        return _cpu.paged_attention_with_kvcache(*args, scale)
+    if _cpu.fits(q, k, v, k_cache, v_cache) and _cpu.paged_layout_ok(*args):
+        return _cpu.paged_attention_with_kvcache(*args, scale, window, softcap)
     return _ref.paged_attention_with_kvcache(*args, scale, window, softcap)
 
 

@@ -87,7 +87,7 @@ _SIGNATURES = {
     "parallax_decode_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 4
                                          + [_L, _L, _I, _P, _P] + [_I] * 4 + [_F, _I]),
     "parallax_paged_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 6
-                                        + [_I, _P, _P, _P] + [_I] * 7 + [_F, _I]),
+                                        + [_I, _P, _P, _P] + [_I] * 7 + [_F, _I, _F, _I]),
 }
 
 # variant -> (compiler flags, /proc/cpuinfo flags the code needs); best first. The x86
@@ -516,10 +516,11 @@ _PAGED_ERRORS = {-1: "a slot in slot_mapping is negative or beyond the cache's c
 
 def paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, slot_mapping,
                                  block_tables, context_lens, query_start_loc, scale,
+                                 window: int | None = None, softcap: float | None = None,
                                  *, isa: str | None = None):
-    """reference.paged_attention_with_kvcache in one C call (csrc/cpu/paged_attention_f32.c).
-    Needs ``paged_layout_ok``; raises KernelInputError on out-of-range metadata, writing
-    nothing."""
+    """reference.paged_attention_with_kvcache in one C call (csrc/cpu/paged_attention_f32.c),
+    sliding ``window`` and score ``softcap`` included. Needs ``paged_layout_ok``; raises
+    KernelInputError on out-of-range metadata, writing nothing."""
     t, hq, d = q.shape
     n, hk, bs, _ = k_cache.shape
     out = q.new_empty(t, hq, d)
@@ -528,7 +529,8 @@ def paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, slot_mappi
         cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
         context_lens.data_ptr(), query_start_loc.data_ptr(), out.data_ptr(),
-        t, context_lens.shape[0], hq, hk, d, n, bs, scale, torch.get_num_threads())
+        t, context_lens.shape[0], hq, hk, d, n, bs, scale, window or 0, softcap or 0.0,
+        torch.get_num_threads())
     if err:
         raise KernelInputError(f"paged attention: {_PAGED_ERRORS.get(err, err)}")
     return out

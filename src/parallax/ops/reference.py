@@ -105,11 +105,22 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     v_cache[rows, :, slots] = v
 
 
+def first_block_read(context_len: int, new_tokens: int, block_size: int,
+                     window: int | None) -> int:
+    """The first block-table entry a sequence's attention reads: 0, or with a sliding
+    ``window`` the block holding the first key its first new token sees (the entries before
+    it are never read; the engine may have freed their blocks)."""
+    if window is None:
+        return 0
+    return max(0, context_len - new_tokens + 1 - window) // block_size
+
+
 def check_paged_metadata(slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                          context_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                         num_blocks: int, block_size: int) -> None:
+                         num_blocks: int, block_size: int, window: int | None = None) -> None:
     """Raise ParallaxError unless every slot, length and needed block id is in range
-    (the paged kernels' input contract; nothing is written when this fails)."""
+    (the paged kernels' input contract; nothing is written when this fails). With a
+    ``window``, entries before ``first_block_read`` are not needed and not checked."""
     from ..errors import ParallaxError
     t, b = slot_mapping.shape[0], context_lens.shape[0]
     qsl = query_start_loc.tolist()
@@ -129,8 +140,8 @@ def check_paged_metadata(slot_mapping: torch.Tensor, block_tables: torch.Tensor,
         if need > block_tables.shape[1]:
             raise ParallaxError(f"sequence {i}: {lens[i]} tokens need {need} blocks but the "
                                 f"block table has {block_tables.shape[1]} columns")
-        ids = block_tables[i, :need]
-        if need and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        ids = block_tables[i, first_block_read(lens[i], n[i], block_size, window):need]
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
             raise ParallaxError(f"sequence {i}: block ids {ids.tolist()[:8]} outside "
                                 f"[0, {num_blocks})")
 
@@ -164,11 +175,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     qsl, lens = query_start_loc.tolist(), context_lens.tolist()
     for b in range(len(lens)):
         s, e, length = qsl[b], qsl[b + 1], lens[b]
-        blocks = block_tables[b, :-(-length // bs)].long()
-        k = k_cache[blocks].transpose(1, 2).reshape(-1, hk, d)[:length]      # (L, Hk, D)
-        v = v_cache[blocks].transpose(1, 2).reshape(-1, hk, d)[:length]
+        first = first_block_read(length, e - s, bs, window)
+        blocks = block_tables[b, first:-(-length // bs)].long()
+        start = first * bs                                                  # first key read
+        k = k_cache[blocks].transpose(1, 2).reshape(-1, hk, d)[:length - start]  # (L, Hk, D)
+        v = v_cache[blocks].transpose(1, 2).reshape(-1, hk, d)[:length - start]
         pos = torch.arange(length - (e - s), length, device=q.device)       # new tokens' positions
-        kpos = torch.arange(length, device=q.device)[None, :]
+        kpos = torch.arange(start, length, device=q.device)[None, :]
         mask = kpos <= pos[:, None]                                         # (n, L)
         if window is not None:
             mask &= kpos > pos[:, None] - window
@@ -203,7 +216,7 @@ def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Raises ParallaxError (before writing) on a slot, length or block id out of range.
     """
     check_paged_metadata(slot_mapping, block_tables, context_lens, query_start_loc,
-                         k_cache.shape[0], k_cache.shape[2])
+                         k_cache.shape[0], k_cache.shape[2], window)
     q, k = rotary_embedding(q[None], k[None], cos[None], sin[None])
     write_paged_kv(k[0], v, k_cache, v_cache, slot_mapping)
     return paged_attention(q[0], k_cache, v_cache, block_tables, context_lens,

@@ -13,6 +13,10 @@
  *   (tokens in the cache after this step, new ones included); query_start_loc (B+1,) int32:
  *   sequence b's new tokens are q[query_start_loc[b] : query_start_loc[b+1]], the last
  *   ones of its context; out (T, Hq, D) contiguous.
+ *   window > 0: a token at position p attends only to positions (p - window, p] (sliding
+ *   window; blocks wholly before the window of a sequence's first new token are never read,
+ *   so their block-table entries may be anything, e.g. -1 once the engine freed them).
+ *   softcap > 0: the scaled scores s become softcap * tanh(s / softcap) (Gemma 2).
  *
  * Every length, slot and block id is checked before anything is written: the function
  * returns a negative code (ops/cpu.py turns it into an error) instead of writing outside
@@ -61,6 +65,14 @@ static void pv(float* acc, float corr, const float* p, const float* v, int n, in
 #define KEYS 128   /* keys scored per round of the online softmax (a multiple of bs) */
 #define MAX_D 256
 #define MAX_G 16
+
+/* Gemma 2's soft-capping of a round's scores: s -> c * tanh(s / c). Out of line: the
+ * uncapped loop around its call stays as tight as without it. */
+static __attribute__((noinline)) void cap_scores(float sc[][KEYS], int G, int n, float c) {
+    float inv = 1.f / c;
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < n; j++) sc[g][j] = c * tanhf(sc[g][j] * inv);
+}
 #define QCHUNK 16  /* query tokens per work item: long prefills spread over threads */
 /* Below these amounts of work a loop runs on the calling thread alone: a decode step's
  * cache write (a few rows) and short-context attention take microseconds, less than
@@ -71,9 +83,14 @@ static void pv(float* acc, float corr, const float* p, const float* v, int n, in
 
 enum { OK = 0, BAD_SLOT = -1, BAD_LENGTH = -2, BAD_BLOCK = -3, BAD_QUERY = -4, BAD_SHAPE = -5 };
 
+/* The first position a token at position pos attends to. */
+static inline int first_key(int pos, int window) {
+    return window > 0 && pos + 1 > window ? pos + 1 - window : 0;
+}
+
 static int check(const int64_t* slot_mapping, const int32_t* block_tables, int max_blocks,
                  const int32_t* context_lens, const int32_t* qsl, int T, int B, int N, int bs,
-                 int G, int D) {
+                 int G, int D, int window) {
     if (D % 16 || D > MAX_D || G < 1 || G > MAX_G || bs < 1 || KEYS % bs) return BAD_SHAPE;
     if (qsl[0] != 0 || qsl[B] != T) return BAD_QUERY;
     long capacity = (long)N * bs;
@@ -85,7 +102,7 @@ static int check(const int64_t* slot_mapping, const int32_t* block_tables, int m
         if (len < n) return BAD_LENGTH;
         int nb = (len + bs - 1) / bs;
         if (nb > max_blocks) return BAD_LENGTH;
-        for (int i = 0; i < nb; i++) {
+        for (int i = first_key(len - n, window) / bs; i < nb; i++) {   /* blocks read */
             int32_t blk = block_tables[(size_t)b * max_blocks + i];
             if (blk < 0 || blk >= N) return BAD_BLOCK;
         }
@@ -98,11 +115,12 @@ int parallax_paged_attention_kv_f32(
         long v_stride, const float* cos, const float* sin, float* k_cache, float* v_cache,
         const int64_t* slot_mapping, const int32_t* block_tables, int max_blocks,
         const int32_t* context_lens, const int32_t* qsl, float* out, int T, int B, int Hq,
-        int Hk, int D, int N, int bs, float scale, int num_threads) {
+        int Hk, int D, int N, int bs, float scale, int window, float softcap, int num_threads) {
     int G = Hq / Hk, h2 = D / 2;
     (void)num_threads;   /* unused where OpenMP is off (as is macs below) */
     if (Hk < 1 || Hq % Hk) return BAD_SHAPE;
-    int err = check(slot_mapping, block_tables, max_blocks, context_lens, qsl, T, B, N, bs, G, D);
+    int err = check(slot_mapping, block_tables, max_blocks, context_lens, qsl, T, B, N, bs, G, D,
+                    window);
     if (err) return err;
 
     /* 1. The new keys (rotated) and values into their slots. */
@@ -123,7 +141,8 @@ int parallax_paged_attention_kv_f32(
     long macs = 0;
     for (int b = 0; b < B; b++) {
         n_items += (qsl[b + 1] - qsl[b] + QCHUNK - 1) / QCHUNK * Hk;
-        macs += (long)(qsl[b + 1] - qsl[b]) * context_lens[b] * Hq * D;
+        int len = context_lens[b];
+        macs += (long)(qsl[b + 1] - qsl[b]) * (window > 0 && window < len ? window : len) * Hq * D;
     }
     (void)macs;
     int* items = malloc(sizeof(int) * 3 * (size_t)(n_items > 0 ? n_items : 1));
@@ -145,7 +164,8 @@ int parallax_paged_attention_kv_f32(
         const int32_t* table = block_tables + (size_t)b * max_blocks;
         float qr[MAX_G][MAX_D], acc[MAX_G][MAX_D], sc[MAX_G][KEYS], mx[MAX_G], denom[MAX_G];
         for (int t = c0; t < c1; t++) {
-            int keys = first_pos + (t - qsl[b]) + 1;      /* causal: slots [0, pos] */
+            int pos = first_pos + (t - qsl[b]);           /* causal: keys [lo, pos] */
+            int lo = first_key(pos, window), keys = pos + 1;
             const float* cb = cos + (size_t)t * h2;
             const float* sb = sin + (size_t)t * h2;
             for (int g = 0; g < G; g++) {
@@ -154,21 +174,32 @@ int parallax_paged_attention_kv_f32(
                 mx[g] = -INFINITY;
                 denom[g] = 0.f;
             }
-            for (int j0 = 0; j0 < keys; j0 += KEYS) {
+            /* Rounds of KEYS keys from the block holding lo, block by block as without a
+             * window; the slots of that block before lo get no score (-inf, after the cap)
+             * and are not read. */
+            int a0 = lo - lo % bs;
+            for (int j0 = a0; j0 < keys; j0 += KEYS) {
                 int n = keys - j0 < KEYS ? keys - j0 : KEYS;
-                for (int j = 0; j < n; j += bs) {          /* block by block */
+                int skip = j0 == a0 ? lo - a0 : 0;           /* < bs */
+                for (int j = 0; j < n; j += bs) {
                     int pos = j0 + j, m = n - j < bs ? n - j : bs;
+                    int r0 = j == 0 ? skip : 0;
                     const float* kb = k_cache + ((size_t)table[pos / bs] * Hk + h) * bs * D;
-                    for (int r = 0; r < m; r++)
+                    for (int r = r0; r < m; r++)
                         for (int g = 0; g < G; g++)
                             sc[g][j + r] = dot(qr[g], kb + (size_t)r * D, D) * scale;
                 }
+                if (softcap > 0.f) cap_scores(sc, G, n, softcap);
+                for (int g = 0; g < G; g++)
+                    for (int r = 0; r < skip; r++) sc[g][r] = -INFINITY;
                 for (int g = 0; g < G; g++) {
                     float corr = softmax_round(sc[g], n, &mx[g], &denom[g]);
                     for (int j = 0; j < n; j += bs) {
                         int pos = j0 + j, m = n - j < bs ? n - j : bs;
+                        int r0 = j == 0 ? skip : 0;
                         const float* vb = v_cache + ((size_t)table[pos / bs] * Hk + h) * bs * D;
-                        pv(acc[g], j == 0 ? corr : 1.f, sc[g] + j, vb, m, D);
+                        pv(acc[g], j == 0 ? corr : 1.f, sc[g] + j + r0, vb + (size_t)r0 * D,
+                           m - r0, D);
                     }
                 }
             }
