@@ -276,8 +276,9 @@ def load_hf(path: str):
 def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: dict,
                  files: dict, agree: list[dict] | None, llm_tok) -> None:
     lc = any("llama.cpp_tok_s" in r for r in rows)
-    print(f"\nSmolLM2-135M decode, ISA {isa}, {a.threads} threads, {a.new_tokens} new tokens, "
-          f"median of {a.repeats} interleaved rounds\n")
+    print(f"\nSmolLM2-135M decode, ISA {isa}, {os.cpu_count()} CPUs, {a.threads} threads, "
+          f"{a.new_tokens} new tokens, median of {a.repeats} interleaved rounds; 1-minute load "
+          f"average {a.load_avg[0]:.1f} at the start, {a.load_avg[1]:.1f} at the end\n")
     head = "| format | batch | parallax tok/s | (own timer) | transformers tok/s "
     line = "|---|---:|---:|---:|---:"
     if lc:
@@ -378,6 +379,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
 
     isa = machine_isa()
+    load_before = os.getloadavg()[0]
     src = os.path.join(smollm2_folder(), SMOLLM2_FILE)
     llama = None
     if a.llama_cpp_python:
@@ -424,12 +426,14 @@ def main() -> None:
             log.info("peak RSS of parallax on %s", fmt)
             rss[fmt] = peak_rss(path, a.threads, a.rss_tokens, a.rss_kv_tokens)
 
+    a.load_avg = (load_before, os.getloadavg()[0])
     print_tables(a, isa, rows, loads, roof, rss, files, agree, tok)
     print_matmul_choices()
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": "smollm2-135m", "isa": isa, "threads": a.threads,
                        "new_tokens": a.new_tokens, "repeats": a.repeats, "files": files,
+                       "load_average": a.load_avg,
                        "rows": rows, "loads": loads, "roofline": roof, "peak_rss": rss,
                        "agreement": agree}, f, indent=1)
         log.info("wrote %s", a.json)

@@ -28,6 +28,9 @@ import llama_cpp
 import numpy as np
 
 
+PREFILL_TOKENS = 512   # n_batch: the prefill of every sequence goes in one llama_decode call
+
+
 def _first(*names):
     """The first of these llama_cpp functions this version has (the C API renames some)."""
     for name in names:
@@ -65,7 +68,7 @@ class Runner:
         for b in batches:
             cp = llama_cpp.llama_context_default_params()
             cp.n_ctx = n_ctx_seq * b
-            cp.n_batch = cp.n_ubatch = max(512, n_ctx_seq * b)
+            cp.n_batch = cp.n_ubatch = PREFILL_TOKENS
             cp.n_seq_max = b
             cp.n_threads = cp.n_threads_batch = threads
             ctx = _first("llama_init_from_model", "llama_new_context_with_model")(self.model, cp)
@@ -89,6 +92,9 @@ class Runner:
         ctx, lb = self.ctxs[batch], self.batches[batch]
         self._clear(ctx)
         p = len(ids)
+        if batch * p > PREFILL_TOKENS:
+            return {"error": f"{batch} x {p} prompt tokens: more than one llama_decode call "
+                             f"takes here ({PREFILL_TOKENS})"}
         # Prefill: every sequence's prompt in one call; logits only at each last position.
         lb.n_tokens = batch * p
         for s in range(batch):

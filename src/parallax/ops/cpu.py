@@ -223,6 +223,7 @@ def load_library(name: str, path: str) -> str:
     return built_for
 
 
+@torch.compiler.assume_constant_result   # torch.compile: a constant of the process, not traced
 def kernels(variant: str | None = None) -> str | None:
     """The name under which the torch ops call ``variant``'s kernels (default:
     ``best_variant()``), or None where they cannot be built: the failure and the compiler's
