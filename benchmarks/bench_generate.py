@@ -61,14 +61,19 @@ def smollm2_folder() -> str:
     return spec.submodule_search_locations[0]
 
 
-def decode_rate(run, batch: int, new_tokens: int) -> float:
-    """Decode tokens/s for the whole batch: (t(1 + N) - t(1)) covers N decode steps."""
-    t0 = time.perf_counter()
-    run(1)
-    t1 = time.perf_counter()
-    run(1 + new_tokens)
-    t2 = time.perf_counter()
-    return batch * new_tokens / ((t2 - t1) - (t1 - t0))
+def decode_rate(run, batch: int, new_tokens: int) -> tuple[float, float]:
+    """Decode tokens/s for the whole batch, (t(1 + N) - t(1)) covering N decode steps: by the
+    wall clock, and per CPU-second (this process's CPU time, all threads, plus what ``run``
+    returns: CPU seconds spent in another process). On a machine shared with other work the
+    CPU-time rate counts only the work done, not the time spent waiting for a core."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    x0 = run(1) or 0.0
+    w1, c1 = time.perf_counter(), time.process_time()
+    x1 = run(1 + new_tokens) or 0.0
+    w2, c2 = time.perf_counter(), time.process_time()
+    cpu = (c2 - c1 + x1) - (c1 - c0 + x0)
+    return (batch * new_tokens / ((w2 - w1) - (w1 - w0)),
+            batch * new_tokens / cpu if cpu > 0 else float("nan"))
 
 
 def matvec_shapes(cfg) -> list[tuple[int, int]]:
@@ -243,9 +248,10 @@ def bench_batch(batch: int, ids: list[int], llm, hf, llama: LlamaCpp | None, a) 
                               do_sample=False, pad_token_id=0)
         assert out.shape[1] == x.shape[1] + n
 
-    def run_lc(n: int) -> None:
-        toks = llama.call("generate", ids=ids, n=n, batch=batch)["tokens"]
-        assert len(toks) == batch and all(len(t) == n for t in toks)
+    def run_lc(n: int) -> float:
+        ans = llama.call("generate", ids=ids, n=n, batch=batch)
+        assert len(ans["tokens"]) == batch and all(len(t) == n for t in ans["tokens"])
+        return ans["cpu_s"]
 
     runs = {"parallax": run_px, "transformers": run_hf}
     if llama is not None:
@@ -253,15 +259,17 @@ def bench_batch(batch: int, ids: list[int], llm, hf, llama: LlamaCpp | None, a) 
     for run in runs.values():
         run(4)                    # warm-up: caches, thread pools, lazy inits, kernel choices
     own.clear()
-    rates: dict[str, list[float]] = {name: [] for name in runs}
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for r in range(a.repeats):
         for name, run in runs.items():
             rates[name].append(decode_rate(run, batch, a.new_tokens))
         log.info("batch %d, round %d/%d: %s", batch, r + 1, a.repeats,
-                 ", ".join(f"{name} {v[-1]:.1f} tok/s" for name, v in rates.items()))
+                 ", ".join(f"{name} {v[-1][0]:.1f} tok/s ({v[-1][1]:.1f} per CPU-s)"
+                           for name, v in rates.items()))
     row = {"batch": batch, "parallax_own_timer_tok_s": statistics.median(own)}
     for name, v in rates.items():
-        row[f"{name}_tok_s"] = statistics.median(v)
+        row[f"{name}_tok_s"] = statistics.median(w for w, _ in v)
+        row[f"{name}_cpu_tok_s"] = statistics.median(c for _, c in v)
         row[f"{name}_rounds"] = v
     return row
 
@@ -292,6 +300,18 @@ def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: di
             cells += [f"{r['llama.cpp_tok_s']:.1f}",
                       f"{r['parallax_tok_s'] / r['llama.cpp_tok_s']:.2f}x"]
         cells.append(f"{r['parallax_tok_s'] / r['transformers_tok_s']:.2f}x")
+        print("| " + " | ".join(map(str, cells)) + " |")
+    print("\nthe same rounds per CPU-second (tokens / CPU time of the engine's process, all "
+          "threads; robust to waiting for a core on a shared machine when --threads 1):\n")
+    names = ["parallax", "transformers"] + (["llama.cpp"] if lc else [])
+    print("| format | batch | " + " | ".join(f"{n} tok/CPU-s" for n in names)
+          + " | parallax / transformers" + (" | parallax / llama.cpp |" if lc else " |"))
+    print("|---|---:|" + "---:|" * (len(names) + 1 + lc))
+    for r in rows:
+        cells = [r["format"], r["batch"]] + [f"{r[f'{n}_cpu_tok_s']:.1f}" for n in names]
+        cells.append(f"{r['parallax_cpu_tok_s'] / r['transformers_cpu_tok_s']:.2f}x")
+        if lc:
+            cells.append(f"{r['parallax_cpu_tok_s'] / r['llama.cpp_cpu_tok_s']:.2f}x")
         print("| " + " | ".join(map(str, cells)) + " |")
     print("\nload time (s): " + ", ".join(f"{fmt}: parallax {v['parallax']:.1f}, "
                                          f"transformers {v['transformers']:.1f}"

@@ -9,20 +9,22 @@ object per line each way. It imports only llama_cpp, numpy and the standard libr
     {"cmd": "load", "path": F, "threads": 2, "batches": [1, 8], "n_ctx_seq": 512}
                                                          -> {"ok": true, "n_vocab": V}
     {"cmd": "generate", "ids": [...], "n": N, "batch": B}
-                                                         -> {"tokens": [[...] * B]}
+                                                         -> {"tokens": [[...] * B], "cpu_s": t}
     {"cmd": "free"}                                      -> {"ok": true}
 
 ``generate`` runs B copies of the prompt as B parallel sequences of one context (llama.cpp's
 ``llama_batch`` with one sequence id per row: one prefill call for all rows, then one decode
 call per step carrying one token of every sequence) and greedy-samples each row (argmax of
 its logits) for N tokens: the first from the prefill, N - 1 decode steps after it, the
-semantics of ``LLM.generate(max_new_tokens=N)``. Errors answer {"error": message}.
+semantics of ``LLM.generate(max_new_tokens=N)``; ``cpu_s`` is the CPU time this process
+(all its threads) spent on it. Errors answer {"error": message}.
 """
 from __future__ import annotations
 
 import ctypes
 import json
 import sys
+import time
 
 import llama_cpp
 import numpy as np
@@ -89,6 +91,7 @@ class Runner:
         return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
 
     def generate(self, ids: list[int], n: int, batch: int) -> dict:
+        cpu0 = time.process_time()
         ctx, lb = self.ctxs[batch], self.batches[batch]
         self._clear(ctx)
         p = len(ids)
@@ -120,7 +123,7 @@ class Runner:
             if llama_cpp.llama_decode(ctx, lb) != 0:
                 return {"error": f"llama_decode failed at step {step}"}
             nxt = [self._argmax(ctx, s) for s in range(batch)]
-        return {"tokens": out}
+        return {"tokens": out, "cpu_s": time.process_time() - cpu0}
 
     def free(self) -> dict:
         for b in list(self.ctxs):
