@@ -27,6 +27,17 @@ def _block_linear(x, qweight, bias, kind, block, block_bytes, isa):
     return _linear_out(x, qweight.shape[0])
 
 
+@torch.library.register_fake("parallax_cpu::block_linear_q8")
+def _block_linear_q8(x, qweight, bias, kind, block, block_bytes, isa):
+    return _linear_out(x, qweight.shape[0])
+
+
+@torch.library.register_fake("parallax_cpu::quantize_q8")
+def _quantize_q8(x, block, isa):
+    return (x.new_empty(x.shape, dtype=torch.int8),                        # (M, K) codes
+            x.new_empty(x.shape[0], x.shape[1] // block))                  # (M, K/32) scales
+
+
 @torch.library.register_fake("parallax_cpu::add_rms_norm_f32")
 def _add_rms_norm(x, residual, weight, eps, isa):
     return torch.empty_like(x), (torch.empty_like(x) if residual is not None

@@ -126,11 +126,14 @@ at::Tensor int8_linear_f32(const at::Tensor& x, const at::Tensor& qweight,
     return finish(y, bias, shape);
 }
 
-// Any GGUF-style block format `kind` whose kernel is parallax_<kind>_linear_f32(x, w, y, M,
-// N, K, threads): qweight (N, K / block * block_bytes) uint8 rows of blocks.
-at::Tensor block_linear_f32(const at::Tensor& x, const at::Tensor& qweight,
-                            const std::optional<at::Tensor>& bias, const std::string& kind,
-                            int64_t block, int64_t block_bytes, const std::string& isa) {
+// Any GGUF-style block format `kind`: qweight (N, K / block * block_bytes) uint8 rows of
+// blocks; the kernel is parallax_<kind>_linear_<act>(x, w, y, M, N, K, threads), `act`
+// "f32" (x as it is; returns nothing) or "q8" (x rounded to 8-bit blocks first, integer dot
+// products; returns non-zero when it could not allocate those codes).
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight,
+                        const std::optional<at::Tensor>& bias, const std::string& kind,
+                        int64_t block, int64_t block_bytes, const std::string& isa,
+                        bool q8) {
     check_cpu(qweight, at::kByte, "qweight");
     TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous()
                 && qweight.size(1) % block_bytes == 0,
@@ -140,11 +143,49 @@ at::Tensor block_linear_f32(const at::Tensor& x, const at::Tensor& qweight,
     std::vector<int64_t> shape;
     at::Tensor rows = rows_of(x, k, shape, n);
     at::Tensor y = at::empty({rows.size(0), n}, rows.options());
-    const std::string name = "parallax_" + kind + "_linear_f32";
-    entry<linear_fn>(isa, name.c_str())(rows.const_data_ptr<float>(), qweight.const_data_ptr(),
-                                        y.mutable_data_ptr<float>(), rows.size(0), n, k,
-                                        threads());
+    const std::string name = "parallax_" + kind + (q8 ? "_linear_q8" : "_linear_f32");
+    const float* xp = rows.const_data_ptr<float>();
+    float* yp = y.mutable_data_ptr<float>();
+    int m = rows.size(0);
+    if (q8) {
+        using fn = int (*)(const float*, const void*, float*, int, int, int, int);
+        int rc = entry<fn>(isa, name.c_str())(xp, qweight.const_data_ptr(), yp, m, n, k,
+                                              threads());
+        TORCH_CHECK_WITH(OutOfMemoryError, rc == 0, "parallax_cpu: ", kind, " matmul: no ",
+                         "memory for ", m, " x ", k, " int8 activations");
+    } else {
+        entry<linear_fn>(isa, name.c_str())(xp, qweight.const_data_ptr(), yp, m, n, k,
+                                            threads());
+    }
     return finish(y, bias, shape);
+}
+
+at::Tensor block_linear_f32(const at::Tensor& x, const at::Tensor& qweight,
+                            const std::optional<at::Tensor>& bias, const std::string& kind,
+                            int64_t block, int64_t block_bytes, const std::string& isa) {
+    return block_linear(x, qweight, bias, kind, block, block_bytes, isa, false);
+}
+
+at::Tensor block_linear_q8(const at::Tensor& x, const at::Tensor& qweight,
+                           const std::optional<at::Tensor>& bias, const std::string& kind,
+                           int64_t block, int64_t block_bytes, const std::string& isa) {
+    return block_linear(x, qweight, bias, kind, block, block_bytes, isa, true);
+}
+
+// x (M, K) -> (codes (M, K) int8, scales (M, K / block) float32): what the *_linear_q8
+// kernels do to x, by parallax_quantize_q8_f32(x, q, d, M, K).
+std::tuple<at::Tensor, at::Tensor> quantize_q8(const at::Tensor& x, int64_t block,
+                                               const std::string& isa) {
+    check_cpu(x, at::kFloat, "x");
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % block == 0,
+                "parallax_cpu: quantize_q8 needs contiguous x (M, K), K a multiple of ", block);
+    at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+    at::Tensor d = at::empty({x.size(0), x.size(1) / block}, x.options());
+    using fn = void (*)(const float*, int8_t*, float*, int, int);
+    entry<fn>(isa, "parallax_quantize_q8_f32")(x.const_data_ptr<float>(),
+                                               q.mutable_data_ptr<int8_t>(),
+                                               d.mutable_data_ptr<float>(), x.size(0), x.size(1));
+    return {q, d};
 }
 
 // residual None: (rms_norm(x) * weight, an empty tensor).
@@ -247,6 +288,9 @@ TORCH_LIBRARY(parallax_cpu, m) {
           " -> Tensor");
     m.def("block_linear_f32(Tensor x, Tensor qweight, Tensor? bias, str kind, int block, "
           "int block_bytes, str isa) -> Tensor");
+    m.def("block_linear_q8(Tensor x, Tensor qweight, Tensor? bias, str kind, int block, "
+          "int block_bytes, str isa) -> Tensor");
+    m.def("quantize_q8(Tensor x, int block, str isa) -> (Tensor, Tensor)");
     m.def("add_rms_norm_f32(Tensor x, Tensor? residual, Tensor weight, float eps, str isa)"
           " -> (Tensor, Tensor)");
     m.def("silu_and_mul_f32(Tensor x, str isa) -> Tensor");
@@ -263,6 +307,8 @@ TORCH_LIBRARY_IMPL(parallax_cpu, CPU, m) {
     m.impl("gemm_packed_f32", &gemm_packed_f32);
     m.impl("int8_linear_f32", &int8_linear_f32);
     m.impl("block_linear_f32", &block_linear_f32);
+    m.impl("block_linear_q8", &block_linear_q8);
+    m.impl("quantize_q8", &quantize_q8);
     m.impl("add_rms_norm_f32", &add_rms_norm_f32);
     m.impl("silu_and_mul_f32", &silu_and_mul_f32);
     m.impl("decode_attention_kv_f32", &decode_attention_kv_f32);
