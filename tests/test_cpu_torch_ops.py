@@ -92,7 +92,7 @@ def test_paged_attention_op_compiles_fullgraph(parallax_cpu):
     g = torch.Generator().manual_seed(3)
     hq, hk, d, bs, nblocks = 4, 2, 32, 16, 6
     q, k, v = (torch.randn(5, h, d, generator=g) for h in (hq, hk, hk))
-    kc, vc = torch.randn(nblocks, hk, bs, d, generator=g), torch.randn(nblocks, hk, bs, d, generator=g)
+    kc, vc = (torch.randn(nblocks, hk, bs, d, generator=g) for _ in range(2))
     theta = torch.rand(5, d // 2, generator=g)
     meta = (torch.tensor([3, 4, 5, 65, 66], dtype=torch.int64),                    # slots
             torch.tensor([[0, 1, 5], [2, 3, 4]], dtype=torch.int32),               # tables

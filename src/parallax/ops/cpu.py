@@ -7,9 +7,10 @@ avx512, avx2, generic; csrc/cpu/isa.h), and the variant the CPU runs best is loa
 (``PARALLAX_CPU_ISA`` forces one). torch calls them as ops of the ``parallax_cpu`` library
 (``torch.ops.parallax_cpu.*``: schemas, fake tensors, torch.compile, torch's thread count):
 a small C++ shim (csrc/cpu/torch_ops.cpp, built once by torch.utils.cpp_extension and
-cached) registers the ops and calls into whichever variant's library it was given by name. Packed fp32 weights (fp32 CPU weights whose shard rows
-are a multiple of 32) and int8 weights go through their kernel or through torch on the same
-tensors, whichever measured faster for that weight shape and row count (``choose``).
+cached) registers the ops and calls into whichever variant's library it was given by name.
+Packed fp32 weights (fp32 CPU weights whose shard rows are a multiple of 32) and int8
+weights go through their kernel or through torch on the same tensors, whichever measured
+faster for that weight shape and row count (``choose``).
 Other fp32 weights take the batched-gemm form below.
 
 For x with M <= 16 rows, MKL's sgemv/sgemm path behind ``F.linear`` streams the weight
@@ -491,18 +492,11 @@ def decode_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, context_l
     heads D apart in q/k/v, cache slots D apart, cos/sin contiguous (B, D/2), int32 lens.
     Raises KernelInputError (and writes nothing) when a context length is outside
     [1, cache slots]."""
-    op = torch.ops.parallax_cpu.decode_attention_kv_f32.default
-    args = (q, k, v, k_cache, v_cache, cos, sin, context_lens, scale, kernels(isa))
-    if torch.compiler.is_compiling():
-        return op(*args)
-    try:
-        return op(*args)
-    except ValueError as e:
-        bad = _error_code(e)
-        raise KernelInputError(
-            f"decode attention: context_lens[{bad - 1}] = {int(context_lens[bad - 1])} is "
-            f"outside [1, {k_cache.shape[2]}] (the cache's slots); nothing was written"
-        ) from None
+    return _checked(
+        torch.ops.parallax_cpu.decode_attention_kv_f32.default,
+        (q, k, v, k_cache, v_cache, cos, sin, context_lens, scale, kernels(isa)),
+        lambda bad: f"decode attention: context_lens[{bad - 1}] = {int(context_lens[bad - 1])} "
+                    f"is outside [1, {k_cache.shape[2]}] (the cache's slots); nothing was written")
 
 
 def attention_layout_ok(q, k, v, k_cache, v_cache, cos, sin, context_lens) -> bool:
@@ -530,25 +524,26 @@ def paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, slot_mappi
     """reference.paged_attention_with_kvcache in one C call (csrc/cpu/paged_attention_f32.c).
     Needs ``paged_layout_ok``; raises KernelInputError on out-of-range metadata, writing
     nothing."""
-    op = torch.ops.parallax_cpu.paged_attention_kv_f32.default
-    args = (q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens,
-            query_start_loc, scale, kernels(isa))
+    return _checked(
+        torch.ops.parallax_cpu.paged_attention_kv_f32.default,
+        (q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens,
+         query_start_loc, scale, kernels(isa)),
+        lambda err: f"paged attention: {_PAGED_ERRORS.get(err, err)}")
+
+
+def _checked(op, args: tuple, explain) -> torch.Tensor:
+    """``op(*args)`` for an attention op whose C kernel refuses bad metadata with a code
+    (the op's ValueError "parallax_cpu error <code>", nothing written): that becomes
+    KernelInputError(explain(code)). Under torch.compile the op is traced as is."""
     if torch.compiler.is_compiling():
         return op(*args)
     try:
         return op(*args)
     except ValueError as e:
-        err = _error_code(e)
-        raise KernelInputError(f"paged attention: {_PAGED_ERRORS.get(err, err)}") from None
-
-
-def _error_code(e: ValueError) -> int:
-    """The code a C attention kernel refused its input with (the torch op's ValueError
-    "parallax_cpu error <code>"); any other ValueError is raised again."""
-    m = re.search(r"parallax_cpu error (-?\d+)", str(e))
-    if m is None:
-        raise e
-    return int(m.group(1))
+        m = re.search(r"parallax_cpu error (-?\d+)", str(e))
+        if m is None:
+            raise
+        raise KernelInputError(explain(int(m.group(1)))) from None
 
 
 def paged_layout_ok(q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables,
