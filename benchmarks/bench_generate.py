@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generate.py [--threads 2] [--max-new-tokens 64] [--repeats 3]
                                         [--batches 1,8] [--json out.json]
+                                        [--llama-cpp-python PY [--formats f32,q8_0,q4_0]]
     parallax bench generate ...        (the same, through the CLI)
 
 Fairness: both load the same GGUF file (HF with ``gguf_file=``, dequantized to fp32), run
@@ -19,15 +20,31 @@ fresh fp32 tensors of those shapes: a bare ``torch.mv`` sweep (torch's own matri
 kernel on the same bytes; parallax's packed-panel kernel can beat it) and one streaming read
 of as many bytes (the memory-bandwidth bound no kernel beats). The fraction of each that
 parallax reaches at batch 1 is printed.
+
+llama.cpp beside them (``--llama-cpp-python PY``, the Python that llama-cpp-python is
+installed in, kept in its own environment; llamacpp_driver.py runs under it as a
+subprocess so the two never share an interpreter): the shipped file is converted once with
+llama.cpp's own ``llama_model_quantize`` (allow_requantize) to each of ``--formats``
+(F32, Q8_0, Q4_0 by default) in ``--gguf-cache``; for each format parallax, HF and llama.cpp
+load that same file and run interleaved rounds (parallax, HF, llama.cpp, parallax, ...) at
+every batch size, same threads, same prompt token ids. llama.cpp's batch B is B parallel
+sequences of one context (``llama_batch``, one decode call per step), greedy (argmax).
+Also printed: the CPU's ISA, parallax's peak RSS per format in a fresh process against the
+file size, and whether parallax's greedy text equals llama.cpp's at ``--agree-format``
+(``--agree-tokens`` tokens on a few prompts; the first differing position otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -44,14 +61,19 @@ def smollm2_folder() -> str:
     return spec.submodule_search_locations[0]
 
 
-def decode_rate(run, batch: int, new_tokens: int) -> float:
-    """Decode tokens/s for the whole batch: (t(1 + N) - t(1)) covers N decode steps."""
-    t0 = time.perf_counter()
-    run(1)
-    t1 = time.perf_counter()
-    run(1 + new_tokens)
-    t2 = time.perf_counter()
-    return batch * new_tokens / ((t2 - t1) - (t1 - t0))
+def decode_rate(run, batch: int, new_tokens: int) -> tuple[float, float]:
+    """Decode tokens/s for the whole batch, (t(1 + N) - t(1)) covering N decode steps: by the
+    wall clock, and per CPU-second (this process's CPU time, all threads, plus what ``run``
+    returns: CPU seconds spent in another process). On a machine shared with other work the
+    CPU-time rate counts only the work done, not the time spent waiting for a core."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    x0 = run(1) or 0.0
+    w1, c1 = time.perf_counter(), time.process_time()
+    x1 = run(1 + new_tokens) or 0.0
+    w2, c2 = time.perf_counter(), time.process_time()
+    cpu = (c2 - c1 + x1) - (c1 - c0 + x0)
+    return (batch * new_tokens / ((w2 - w1) - (w1 - w0)),
+            batch * new_tokens / cpu if cpu > 0 else float("nan"))
 
 
 def matvec_shapes(cfg) -> list[tuple[int, int]]:
@@ -90,99 +112,350 @@ def roofline(cfg, repeats: int = 10) -> dict:
     return {"bytes": nbytes, "mv_ms": mv_ms, "read_ms": read_ms}
 
 
+# llama.cpp's ftype numbers (llama_model_quantize) of the formats the issue compares.
+LLAMA_FTYPES = {"f32": 0, "q8_0": 7, "q4_0": 2}
+AGREE_PROMPTS = ["The three primary colors are",
+                 "def fibonacci(n):",
+                 "The capital of France is",
+                 "Once upon a time, in a small village,"]
+RSS_RUN = r"""
+import json, sys, torch, parallax
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+path, threads, n, kv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+base = rss()
+with parallax.LLM(path, dtype="float32", kv_cache_tokens=kv) as llm:
+    llm.generate(["The three primary colors are"], max_new_tokens=n, ignore_eos=True, chat=False)
+    m = llm.memory()[0]
+print(json.dumps({"runtime_rss_bytes": base, "peak_rss_bytes": m["peak_rss_bytes"],
+                  "kv_cache_bytes": m["kv_cache_bytes"], "weight_bytes": m["weight_bytes"]}))
+"""
+
+
+def machine_isa() -> str:
+    """``grep -o -w -m1 avx512f /proc/cpuinfo || echo avx2``, the ISA the tables are for."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512f" if any("avx512f" in line.split() for line in f
+                                    if line.startswith("flags")) else "avx2"
+    except OSError:
+        return "unknown"
+
+
+class LlamaCpp:
+    """llamacpp_driver.py under ``python`` (llama-cpp-python's own environment): one JSON
+    request and one JSON answer per line. llama.cpp's log goes to ``log_path``."""
+
+    def __init__(self, python: str, log_path: str) -> None:
+        driver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llamacpp_driver.py")
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen([python, driver], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True)
+
+    def call(self, cmd: str, **kw) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        ans = json.loads(line) if line else {"error": "the llama.cpp driver exited"}
+        if "error" in ans:
+            with open(self.log_path) as f:
+                tail = f.read()[-3000:]
+            raise SystemExit(f"llama.cpp: {cmd}: {ans['error']}\n(log {self.log_path}):\n{tail}")
+        return ans
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+def gguf_files(llama: LlamaCpp, src: str, cache: str, formats: list[str]) -> dict[str, str]:
+    """format -> the shipped file converted by llama.cpp's llama_model_quantize (made once,
+    kept in ``cache``)."""
+    os.makedirs(cache, exist_ok=True)
+    out = {}
+    for fmt in formats:
+        dst = os.path.join(cache, f"SmolLM2-135M-Instruct.{fmt.upper()}.gguf")
+        if not os.path.exists(dst):
+            log.info("llama_model_quantize %s -> %s", src, dst)
+            tmp = f"{dst}.{os.getpid()}.tmp"
+            llama.call("quantize", src=src, dst=tmp, ftype=LLAMA_FTYPES[fmt])
+            os.replace(tmp, dst)
+        out[fmt] = dst
+    return out
+
+
+def peak_rss(path: str, threads: int, tokens: int, kv_tokens: int) -> dict:
+    """parallax alone in a fresh process: RSS after importing torch and parallax (the
+    runtime), peak RSS after loading ``path`` and generating ``tokens`` tokens with a
+    ``kv_tokens`` KV cache, the KV cache's and the weights' bytes."""
+    r = subprocess.run([sys.executable, "-c", RSS_RUN, path, str(threads), str(tokens),
+                        str(kv_tokens)], capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        raise SystemExit(f"peak RSS run on {path} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (or the shorter length), None when equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def agreement(llm, hf, llama: LlamaCpp, n: int) -> list[dict]:
+    """Greedy ``n`` tokens of each AGREE_PROMPTS (same token ids, no chat template) by
+    parallax, llama.cpp and HF; where parallax's differ, the first differing position."""
+    res = []
+    for prompt in AGREE_PROMPTS:
+        ids = llm.tokenizer.encode(prompt)
+        px = list(llm.generate([ids], max_new_tokens=n, ignore_eos=True, chat=False)[0].token_ids)
+        lc = llama.call("generate", ids=ids, n=n, batch=1)["tokens"][0]
+        with torch.inference_mode():
+            x = torch.tensor([ids])
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=0)
+        res.append({"prompt": prompt, "parallax": px, "llama_cpp": lc,
+                    "hf": out[0, len(ids):].tolist(),
+                    "llama_cpp_differs_at": first_difference(px, lc),
+                    "hf_differs_at": first_difference(px, out[0, len(ids):].tolist())})
+    return res
+
+
+def bench_batch(batch: int, ids: list[int], llm, hf, llama: LlamaCpp | None, a) -> dict:
+    """Interleaved decode rates of parallax, HF (and llama.cpp) for ``batch`` copies of
+    the prompt; medians over ``a.repeats`` rounds."""
+    prompts = [ids] * batch
+    x = torch.tensor(prompts)
+    mask = torch.ones_like(x)
+    own: list[float] = []
+
+    def run_px(n: int) -> None:
+        outs = llm.generate(prompts, max_new_tokens=n, ignore_eos=True, chat=False)
+        assert all(len(o.token_ids) == n for o in outs)
+        if n > 1:
+            own.append(sum(o.tokens_per_s for o in outs))
+
+    def run_hf(n: int) -> None:
+        with torch.inference_mode():
+            out = hf.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+        assert out.shape[1] == x.shape[1] + n
+
+    def run_lc(n: int) -> float:
+        ans = llama.call("generate", ids=ids, n=n, batch=batch)
+        assert len(ans["tokens"]) == batch and all(len(t) == n for t in ans["tokens"])
+        return ans["cpu_s"]
+
+    runs = {"parallax": run_px, "transformers": run_hf}
+    if llama is not None:
+        runs["llama.cpp"] = run_lc
+    for run in runs.values():
+        run(4)                    # warm-up: caches, thread pools, lazy inits, kernel choices
+    own.clear()
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for r in range(a.repeats):
+        for name, run in runs.items():
+            rates[name].append(decode_rate(run, batch, a.new_tokens))
+        log.info("batch %d, round %d/%d: %s", batch, r + 1, a.repeats,
+                 ", ".join(f"{name} {v[-1][0]:.1f} tok/s ({v[-1][1]:.1f} per CPU-s)"
+                           for name, v in rates.items()))
+    row = {"batch": batch, "parallax_own_timer_tok_s": statistics.median(own)}
+    for name, v in rates.items():
+        row[f"{name}_tok_s"] = statistics.median(w for w, _ in v)
+        row[f"{name}_cpu_tok_s"] = statistics.median(c for _, c in v)
+        row[f"{name}_rounds"] = v
+    return row
+
+
+def load_hf(path: str):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
+
+
+def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: dict,
+                 files: dict, agree: list[dict] | None, llm_tok) -> None:
+    lc = any("llama.cpp_tok_s" in r for r in rows)
+    print(f"\nSmolLM2-135M decode, ISA {isa}, {os.cpu_count()} CPUs, {a.threads} threads, "
+          f"{a.new_tokens} new tokens, median of {a.repeats} interleaved rounds; 1-minute load "
+          f"average {a.load_avg[0]:.1f} at the start, {a.load_avg[1]:.1f} at the end\n")
+    head = "| format | batch | parallax tok/s | (own timer) | transformers tok/s "
+    line = "|---|---:|---:|---:|---:"
+    if lc:
+        head += "| llama.cpp tok/s | parallax / llama.cpp "
+        line += "|---:|---:"
+    print(head + "| parallax / transformers |\n" + line + "|---:|")
+    for r in rows:
+        cells = [r["format"], r["batch"], f"{r['parallax_tok_s']:.1f}",
+                 f"{r['parallax_own_timer_tok_s']:.1f}", f"{r['transformers_tok_s']:.1f}"]
+        if lc:
+            cells += [f"{r['llama.cpp_tok_s']:.1f}",
+                      f"{r['parallax_tok_s'] / r['llama.cpp_tok_s']:.2f}x"]
+        cells.append(f"{r['parallax_tok_s'] / r['transformers_tok_s']:.2f}x")
+        print("| " + " | ".join(map(str, cells)) + " |")
+    print("\nthe same rounds per CPU-second (tokens / CPU time of the engine's process, all "
+          "threads; robust to waiting for a core on a shared machine when --threads 1):\n")
+    names = ["parallax", "transformers"] + (["llama.cpp"] if lc else [])
+    print("| format | batch | " + " | ".join(f"{n} tok/CPU-s" for n in names)
+          + " | parallax / transformers" + (" | parallax / llama.cpp |" if lc else " |"))
+    print("|---|---:|" + "---:|" * (len(names) + 1 + lc))
+    for r in rows:
+        cells = [r["format"], r["batch"]] + [f"{r[f'{n}_cpu_tok_s']:.1f}" for n in names]
+        cells.append(f"{r['parallax_cpu_tok_s'] / r['transformers_cpu_tok_s']:.2f}x")
+        if lc:
+            cells.append(f"{r['parallax_cpu_tok_s'] / r['llama.cpp_cpu_tok_s']:.2f}x")
+        print("| " + " | ".join(map(str, cells)) + " |")
+    print("\nload time (s): " + ", ".join(f"{fmt}: parallax {v['parallax']:.1f}, "
+                                         f"transformers {v['transformers']:.1f}"
+                                         for fmt, v in loads.items()))
+    if rss:
+        print(f"\nparallax peak RSS, fresh process, load + {a.rss_tokens}-token generate, "
+              f"KV cache of {a.rss_kv_tokens} tokens (MiB):\n")
+        print("| format | file | peak RSS | runtime (RSS before load) | KV cache | weights "
+              "| (peak - runtime - KV) / file |\n|---|---:|---:|---:|---:|---:|---:|")
+        for fmt, m in rss.items():
+            size = os.path.getsize(files[fmt])
+            rest = m["peak_rss_bytes"] - m["runtime_rss_bytes"] - m["kv_cache_bytes"]
+            print(f"| {fmt} | {size / 2**20:.0f} | {m['peak_rss_bytes'] / 2**20:.0f} | "
+                  f"{m['runtime_rss_bytes'] / 2**20:.0f} | {m['kv_cache_bytes'] / 2**20:.0f} | "
+                  f"{m['weight_bytes'] / 2**20:.0f} | {rest / size:.2f}x |")
+    if agree:
+        print(f"\ngreedy agreement at {a.agree_format}, {a.agree_tokens} tokens "
+              "(parallax against llama.cpp and against transformers on the same file):")
+        for g in agree:
+            def say(pos, other):
+                if pos is None:
+                    return "agree"
+                mine, theirs = (llm_tok.decode(t[pos:pos + 1]) for t in (g["parallax"], other))
+                return f"disagree at token {pos} (parallax {mine!r} vs {theirs!r})"
+            print(f"- {g['prompt']!r}: llama.cpp {say(g['llama_cpp_differs_at'], g['llama_cpp'])}; "
+                  f"transformers {say(g['hf_differs_at'], g['hf'])}")
+            print(f"    parallax: {llm_tok.decode(g['parallax'])!r}")
+    if roof:
+        b1 = next((r for r in rows if r["batch"] == 1), None)
+        gb = roof["bytes"] / 1e9
+        print(f"\nroofline (batch 1), {roof['bytes'] / 2**20:.0f} MiB of fp32 matmul weights "
+              "per step:")
+        for name, key in (("torch.mv sweep over the same shapes", "mv_ms"),
+                          ("one streaming read of as many bytes", "read_ms")):
+            ms = roof[key]
+            line = f"- {name}: {ms:.1f} ms = {1e3 / ms:.1f} tok/s ({gb / ms * 1e3:.1f} GB/s)"
+            if b1 and b1["format"] in ("file", "f32"):
+                frac = b1["parallax_tok_s"] * ms / 1e3
+                line += f"; parallax ({b1['format']}) reaches {frac:.0%} of it"
+            print(line)
+
+
+def print_matmul_choices() -> None:
+    """The kernel-or-torch choice parallax made per weight shape and row bucket."""
+    from parallax import ops
+    choices = ops.kernel_report().get("matmul") or []
+    if not choices:
+        return
+    print("\nparallax's CPU matmul choices (kernel vs torch, timed on this machine):\n")
+    print("| weight | N x K | rows <= | threads | kernel us | torch us | path |\n"
+          "|---|---|---:|---:|---:|---:|---|")
+    for c in choices:
+        print(f"| {c['weight']} | {c['n']} x {c['k']} | {c['rows'] or 'any'} | {c['threads']} | "
+              f"{c['kernel_us']:.0f} | {c['torch_us']:.0f} | {c['path']} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch threads for both")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every engine")
     ap.add_argument("--max-new-tokens", "--new-tokens", dest="new_tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median)")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--llama-cpp-python", metavar="PY",
+                    help="a Python with llama-cpp-python installed: run llama.cpp beside "
+                         "parallax and transformers")
+    ap.add_argument("--formats", default="f32,q8_0,q4_0",
+                    help="with --llama-cpp-python: GGUF formats to compare (of f32, q8_0, q4_0)")
+    ap.add_argument("--gguf-cache", default=os.path.join(
+        os.environ.get("PARALLAX_CACHE_DIR") or os.path.expanduser("~/.cache/parallax"),
+        "bench_gguf"), help="where the converted GGUF files are kept")
+    ap.add_argument("--agree-format", default="q8_0",
+                    help="format of the greedy agreement check against llama.cpp")
+    ap.add_argument("--agree-tokens", type=int, default=32)
+    ap.add_argument("--rss-tokens", type=int, default=32)
+    ap.add_argument("--rss-kv-tokens", type=int, default=1024)
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak RSS runs")
     ap.add_argument("--json", help="also write the results to this file")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
 
     import parallax
-    from transformers import AutoModelForCausalLM
     from transformers import logging as hf_logging
     hf_logging.set_verbosity_error()
 
-    t = time.perf_counter()
-    llm = parallax.LLM("smollm2-135m", dtype="float32")
-    load_px = time.perf_counter() - t
-    log.info("parallax loaded in %.1f s", load_px)
-    t = time.perf_counter()
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_FILE,
-                                              dtype=torch.float32).eval()
-    load_hf = time.perf_counter() - t
-    log.info("transformers loaded in %.1f s", load_hf)
+    isa = machine_isa()
+    load_before = os.getloadavg()[0]
+    src = os.path.join(smollm2_folder(), SMOLLM2_FILE)
+    llama = None
+    if a.llama_cpp_python:
+        unknown = set(a.formats.split(",")) - set(LLAMA_FTYPES)
+        if unknown:
+            raise SystemExit(f"--formats: unknown {sorted(unknown)}; pick of {list(LLAMA_FTYPES)}")
+        os.makedirs(a.gguf_cache, exist_ok=True)
+        llama = LlamaCpp(a.llama_cpp_python, os.path.join(a.gguf_cache, "llama_cpp.log"))
+        log.info("llama.cpp %s", llama.call("version")["version"])
+        files = gguf_files(llama, src, a.gguf_cache, a.formats.split(","))
+    else:
+        files = {"file": src}      # the shipped file, dequantised to fp32 by both
+    batches = [int(b) for b in a.batches.split(",")]
+    rows, loads, roof, agree, tok = [], {}, {}, None, None
+    for fmt, path in files.items():
+        t = time.perf_counter()
+        llm = parallax.LLM(path, dtype="float32")
+        loads[fmt] = {"parallax": time.perf_counter() - t}
+        t = time.perf_counter()
+        hf = load_hf(path)
+        loads[fmt]["transformers"] = time.perf_counter() - t
+        log.info("%s: parallax loaded in %.1f s, transformers in %.1f s", fmt,
+                 loads[fmt]["parallax"], loads[fmt]["transformers"])
+        if llama is not None:
+            llama.call("load", path=path, threads=a.threads, batches=batches, n_ctx_seq=512)
+        ids = llm.tokenizer.encode(a.prompt)
+        tok = llm.tokenizer
+        for batch in batches:
+            rows.append({"format": fmt, **bench_batch(batch, ids, llm, hf, llama, a)})
+            rows[-1]["prompt_tokens"] = len(ids)
+        if llama is not None and fmt == a.agree_format:
+            agree = agreement(llm, hf, llama, a.agree_tokens)
+        if not roof and fmt in ("file", "f32"):
+            log.info("timing the roofline sweeps")
+            roof = roofline(llm.config)
+        llm.close()
+        del hf
+        gc.collect()
+    if llama is not None:
+        llama.close()
+    rss = {}
+    if llama is not None and not a.no_rss:
+        for fmt, path in files.items():
+            log.info("peak RSS of parallax on %s", fmt)
+            rss[fmt] = peak_rss(path, a.threads, a.rss_tokens, a.rss_kv_tokens)
 
-    ids = llm.tokenizer.encode(a.prompt)
-    rows = []
-    for batch in [int(b) for b in a.batches.split(",")]:
-        prompts = [ids] * batch
-        x = torch.tensor(prompts)
-        mask = torch.ones_like(x)
-        own: list[float] = []
-
-        def run_px(n: int) -> None:
-            outs = llm.generate(prompts, max_new_tokens=n, ignore_eos=True, chat=False)
-            assert all(len(o.token_ids) == n for o in outs)
-            if n > 1:
-                own.append(sum(o.tokens_per_s for o in outs))
-
-        def run_hf(n: int) -> None:
-            with torch.inference_mode():
-                out = hf.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)
-            assert out.shape[1] == x.shape[1] + n
-
-        run_px(4)
-        run_hf(4)                     # warm-up: caches, thread pools, lazy inits
-        own.clear()
-        px, ref = [], []
-        for r in range(a.repeats):
-            px.append(decode_rate(run_px, batch, a.new_tokens))
-            ref.append(decode_rate(run_hf, batch, a.new_tokens))
-            log.info("batch %d, repeat %d/%d: parallax %.1f tok/s, transformers %.1f tok/s",
-                     batch, r + 1, a.repeats, px[-1], ref[-1])
-        p, h = statistics.median(px), statistics.median(ref)
-        rows.append({"batch": batch, "parallax_tok_s": p, "parallax_own_timer_tok_s":
-                     statistics.median(own), "transformers_tok_s": h, "ratio": p / h})
-
-    log.info("timing the roofline sweeps")
-    roof = roofline(llm.config)
-    llm.close()
-
-    print(f"\nSmolLM2-135M fp32 decode, {a.threads} threads, {len(ids)}-token prompt, "
-          f"{a.new_tokens} new tokens, median of {a.repeats} interleaved runs\n")
-    print("| batch | parallax tok/s | (parallax's own timer) | transformers tok/s "
-          "| parallax / transformers |")
-    print("|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['parallax_tok_s']:.1f} | {r['parallax_own_timer_tok_s']:.1f} | "
-              f"{r['transformers_tok_s']:.1f} | {r['ratio']:.2f}x |")
-    print(f"\nload time: parallax {load_px:.1f} s, transformers {load_hf:.1f} s")
-    b1 = next((r for r in rows if r["batch"] == 1), None)
-    gb = roof["bytes"] / 1e9
-    print(f"roofline (batch 1), {roof['bytes'] / 2**20:.0f} MiB of fp32 matmul weights per step:")
-    for name, key in (("torch.mv sweep over the same shapes", "mv_ms"),
-                      ("one streaming read of as many bytes", "read_ms")):
-        ms = roof[key]
-        line = f"- {name}: {ms:.1f} ms = {1e3 / ms:.1f} tok/s ({gb / ms * 1e3:.1f} GB/s)"
-        if b1:
-            line += f"; parallax reaches {b1['parallax_tok_s'] * ms / 1e3:.0%} of it"
-        print(line)
+    a.load_avg = (load_before, os.getloadavg()[0])
+    print_tables(a, isa, rows, loads, roof, rss, files, agree, tok)
+    print_matmul_choices()
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": "smollm2-135m", "dtype": "float32", "threads": a.threads,
-                       "prompt_tokens": len(ids), "new_tokens": a.new_tokens,
-                       "repeats": a.repeats, "rows": rows, "load_parallax_s": load_px,
-                       "load_transformers_s": load_hf, "roofline": roof,
-                       "fraction_of_mv_sweep_batch1": b1 and b1["parallax_tok_s"] * roof["mv_ms"] / 1e3,
-                       "fraction_of_read_bound_batch1":
-                           b1 and b1["parallax_tok_s"] * roof["read_ms"] / 1e3},
-                      f, indent=1)
+            json.dump({"model": "smollm2-135m", "isa": isa, "threads": a.threads,
+                       "new_tokens": a.new_tokens, "repeats": a.repeats, "files": files,
+                       "load_average": a.load_avg,
+                       "rows": rows, "loads": loads, "roofline": roof, "peak_rss": rss,
+                       "agreement": agree}, f, indent=1)
         log.info("wrote %s", a.json)
 
 

@@ -4,9 +4,13 @@ rotary and the cache write), each the twin of a reference in ops/reference.py.
 
 The C sources are built just in time, once per instruction-set variant (``VARIANTS``:
 avx512, avx2, generic; csrc/cpu/isa.h), and the variant the CPU runs best is loaded
-(``PARALLAX_CPU_ISA`` forces one). Packed fp32 weights (fp32 CPU weights whose shard rows
-are a multiple of 32) and int8 weights go through their kernel or through torch on the same
-tensors, whichever measured faster for that weight shape and row count (``choose``).
+(``PARALLAX_CPU_ISA`` forces one). torch calls them as ops of the ``parallax_cpu`` library
+(``torch.ops.parallax_cpu.*``: schemas, fake tensors, torch.compile, torch's thread count):
+a small C++ shim (csrc/cpu/torch_ops.cpp, built once by torch.utils.cpp_extension and
+cached) registers the ops and calls into whichever variant's library it was given by name.
+Packed fp32 weights (fp32 CPU weights whose shard rows are a multiple of 32) and int8
+weights go through their kernel or through torch on the same tensors, whichever measured
+faster for that weight shape and row count (``choose``).
 Other fp32 weights take the batched-gemm form below.
 
 For x with M <= 16 rows, MKL's sgemv/sgemm path behind ``F.linear`` streams the weight
@@ -17,14 +21,13 @@ goes through MKL's batched gemm, which runs the blocks in parallel and reaches ~
 """
 from __future__ import annotations
 
-import ctypes
 import glob
 import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
-import statistics
 import subprocess
 import time
 
@@ -73,22 +76,8 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor,
 
 PANEL = 32
 
-# Every C source of the library and the entry points ctypes binds: name -> (return, args).
+# Every C source of the library. The torch ops (csrc/cpu/torch_ops.cpp) call its entry points.
 _SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "q8_0_f32.c", "paged_attention_f32.c"]
-_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-_SIGNATURES = {
-    "parallax_cpu_isa": (ctypes.c_char_p, []),
-    "parallax_gemm_packed_f32": (None, [_P] * 3 + [_I] * 4),
-    "parallax_int8_linear_f32": (None, [_P] * 4 + [_I] * 4),
-    "parallax_q8_0_linear_f32": (None, [_P] * 3 + [_I] * 4),
-    "parallax_q4_0_linear_f32": (None, [_P] * 3 + [_I] * 4),
-    "parallax_add_rms_norm_f32": (None, [_P] * 5 + [_I, _I, _F]),
-    "parallax_silu_and_mul_f32": (None, [_P, _P, _I, _I]),
-    "parallax_decode_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 4
-                                         + [_L, _L, _I, _P, _P] + [_I] * 4 + [_F, _I]),
-    "parallax_paged_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 6
-                                        + [_I, _P, _P, _P] + [_I] * 7 + [_F, _I, _F, _I]),
-}
 
 # variant -> (compiler flags, /proc/cpuinfo flags the code needs); best first. The x86
 # variants are separate builds of the same sources (csrc/cpu/isa.h picks the vector width
@@ -102,8 +91,8 @@ VARIANTS = {
 # -ffp-contract=fast: fused multiply-adds also under -std=c11 (GCC's ISO modes turn them off).
 _CFLAGS = ["-O3", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared"]
 
-_libs: dict[str, ctypes.CDLL | None] = {}
-_build_errors: dict[str, str] = {}
+_libs: dict[str, str | None] = {}   # variant -> its name in the torch ops, or None
+_build_errors: dict[str, str] = {}   # variant (or "torch_ops", the shim) -> why it is off
 
 
 def cpu_flags() -> set[str]:
@@ -160,8 +149,7 @@ def build(variant: str, cc: str | None = None, extra_flags: tuple[str, ...] = ()
     for path in sorted(srcs + glob.glob(os.path.join(folder, "*.h"))):
         with open(path, "rb") as f:
             digest.update(f.read())
-    cache = os.environ.get("PARALLAX_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "parallax")
+    cache = _cache_dir()
     out = os.path.join(cache, f"cpu_kernels-{variant}-{digest.hexdigest()[:16]}.so")
     if os.path.exists(out):
         return out
@@ -183,20 +171,70 @@ def build(variant: str, cc: str | None = None, extra_flags: tuple[str, ...] = ()
     raise ParallaxError(f"could not build the CPU kernels ({variant}):\n" + errors[-1][-4000:])
 
 
-def kernels(variant: str | None = None) -> ctypes.CDLL | None:
-    """The compiled kernels of ``variant`` (default: ``best_variant()``), or None where they
-    cannot be built: the failure and the compiler's message are logged once and kept for
-    ``kernel_report``. ``PARALLAX_KERNELS=reference`` turns them off."""
+def build_torch_ops() -> str:
+    """Compile csrc/cpu/torch_ops.cpp (the ``parallax_cpu`` torch ops) with
+    torch.utils.cpp_extension into ``<cache>/torch_ops/<name>/<name>.so`` (name keyed by the
+    source and torch's version) and return its path; an existing build is reused, so each
+    machine compiles it once. Raises where it cannot be built (no C++ compiler or ninja)."""
+    src = os.path.join(os.path.dirname(__file__), "..", "csrc", "cpu", "torch_ops.cpp")
+    with open(src, "rb") as f:
+        digest = hashlib.sha256(f.read() + torch.__version__.encode()).hexdigest()[:16]
+    name = f"parallax_cpu_ops_{digest}"
+    folder = os.path.join(_cache_dir(), "torch_ops", name)
+    out = os.path.join(folder, f"{name}.so")
+    # cpp_extension holds `lock` while it builds: a library seen without it is complete.
+    if os.path.exists(out) and not os.path.exists(os.path.join(folder, "lock")):
+        return out
+    os.makedirs(folder, exist_ok=True)
+    from torch.utils.cpp_extension import load
+    logger.info("building the CPU kernels' torch ops (once per machine) in %s", folder)
+    t0 = time.perf_counter()
+    load(name=name, sources=[os.path.abspath(src)], build_directory=folder,
+         is_python_module=False, extra_cflags=["-O2"], extra_ldflags=["-ldl"])
+    logger.info("built the CPU kernels' torch ops in %.1f s", time.perf_counter() - t0)
+    return out
+
+
+_TORCH_OPS: list = []
+
+
+def torch_ops():
+    """``torch.ops.parallax_cpu`` once the shim is built and loaded in this process, or None
+    where it cannot be (logged once; the ops then fall back to torch)."""
+    if not _TORCH_OPS:
+        ns = None
+        try:
+            torch.ops.load_library(build_torch_ops())
+            from . import cpu_fakes  # noqa: F401  (fake tensor rules, for torch.compile)
+            ns = torch.ops.parallax_cpu
+        except Exception as e:   # no C++ compiler, no ninja, ...: fall back, loudly
+            _build_errors["torch_ops"] = str(e)
+            logger.warning("CPU kernels' torch ops unavailable, using torch: %s", e)
+        _TORCH_OPS.append(ns)
+    return _TORCH_OPS[0]
+
+
+def load_library(name: str, path: str) -> str:
+    """Load the kernel library at ``path`` (a ``build`` output) into the torch ops as
+    ``name``, the ``isa`` the ops then take; returns the vector ISA the library was built for
+    (its ``parallax_cpu_isa()``)."""
+    built_for = torch_ops().load_variant(name, path)
+    _libs[name] = name
+    return built_for
+
+
+@torch.compiler.assume_constant_result   # torch.compile: a constant of the process, not traced
+def kernels(variant: str | None = None) -> str | None:
+    """The name under which the torch ops call ``variant``'s kernels (default:
+    ``best_variant()``), or None where they cannot be built: the failure and the compiler's
+    message are logged once and kept for ``kernel_report``. ``PARALLAX_KERNELS=reference``
+    turns them off."""
     variant = variant or _best()
     if variant not in _libs:
         _libs[variant] = None
-        if _mode() != "reference":
+        if _mode() != "reference" and torch_ops() is not None:
             try:
-                lib = ctypes.CDLL(build(variant))
-                for name, (restype, argtypes) in _SIGNATURES.items():
-                    fn = getattr(lib, name)
-                    fn.restype, fn.argtypes = restype, argtypes
-                _libs[variant] = lib
+                load_library(variant, build(variant))
             except Exception as e:   # no compiler, sandboxed /tmp, ...: fall back, loudly
                 _build_errors[variant] = str(e)
                 logger.warning("CPU kernels (%s) unavailable, using torch: %s", variant, e)
@@ -205,7 +243,12 @@ def kernels(variant: str | None = None) -> ctypes.CDLL | None:
 
 def build_error(variant: str | None = None) -> str | None:
     """Why ``kernels(variant)`` is None (the compiler's message), or None."""
-    return _build_errors.get(variant or _best())
+    return _build_errors.get(variant or _best()) or _build_errors.get("torch_ops")
+
+
+def _cache_dir() -> str:
+    return os.environ.get("PARALLAX_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "parallax")
 
 
 def _mode() -> str:
@@ -243,15 +286,7 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
                   *, isa: str | None = None) -> torch.Tensor:
     """y = x @ W^T + bias with W given as panels (see pack), by the C kernel of variant
     ``isa`` (default: the one in use). x: (..., K) float32."""
-    p, k, _ = packed.shape
-    n = p * PANEL
-    rows = x.reshape(-1, k).contiguous()
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    kernels(isa).parallax_gemm_packed_f32(rows.data_ptr(), packed.data_ptr(), y.data_ptr(),
-                                          rows.shape[0], n, k, torch.get_num_threads())
-    if bias is not None:
-        y += bias
-    return y.view(*x.shape[:-1], n)
+    return torch.ops.parallax_cpu.gemm_packed_f32.default(x, packed, bias, kernels(isa))
 
 
 def linear_packed_auto(x: torch.Tensor, packed: torch.Tensor,
@@ -275,15 +310,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None = None, *, isa: str | None = None) -> torch.Tensor:
     """reference.int8_linear by csrc/cpu/int8_f32.c: x (..., K) float32, qweight (N, K) int8
     contiguous, scales (N,) float32. The weight is widened in registers, never in memory."""
-    n, k = qweight.shape
-    rows = x.reshape(-1, k).contiguous()
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    kernels(isa).parallax_int8_linear_f32(rows.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
-                                          y.data_ptr(), rows.shape[0], n, k,
-                                          torch.get_num_threads())
-    if bias is not None:
-        y += bias
-    return y.view(*x.shape[:-1], n)
+    return torch.ops.parallax_cpu.int8_linear_f32.default(x, qweight, scales, bias, kernels(isa))
 
 
 def int8_linear_auto(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -307,17 +334,9 @@ def int8_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> b
 def _block_linear(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                   bias: torch.Tensor | None, isa: str | None) -> torch.Tensor:
     """y = x @ W^T + bias, W in GGUF ``kind`` blocks ("q8_0", "q4_0": reference.GGUF_BLOCK_BYTES),
-    by csrc/cpu/q8_0_f32.c."""
-    n = qweight.shape[0]
-    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
-    rows = x.reshape(-1, k).contiguous()
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    fn = getattr(kernels(isa), f"parallax_{kind}_linear_f32")
-    fn(rows.data_ptr(), qweight.data_ptr(), y.data_ptr(), rows.shape[0], n, k,
-       torch.get_num_threads())
-    if bias is not None:
-        y += bias
-    return y.view(*x.shape[:-1], n)
+    by the C kernel ``parallax_<kind>_linear_f32`` (csrc/cpu/q8_0_f32.c)."""
+    return torch.ops.parallax_cpu.block_linear_f32.default(
+        x, qweight, bias, kind, _ref.GGUF_BLOCK, _ref.GGUF_BLOCK_BYTES[kind], kernels(isa))
 
 
 def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -457,22 +476,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rms_norm(x + residual) * weight, x + residual); residual None: (rms_norm(x), None).
     x, residual: (..., D) contiguous; weight: (D,)."""
-    d = x.shape[-1]
-    out = torch.empty_like(x)
-    res = None if residual is None else torch.empty_like(x)
-    kernels(isa).parallax_add_rms_norm_f32(
-        x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-        out.data_ptr(), None if res is None else res.data_ptr(), x.numel() // d, d, eps)
-    return out, res
+    out, res = torch.ops.parallax_cpu.add_rms_norm_f32.default(x, residual, weight, eps,
+                                                              kernels(isa))
+    return out, None if residual is None else res
 
 
 def silu_and_mul(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
     """x (..., 2N) contiguous -> silu(x[..., :N]) * x[..., N:], (..., N)."""
-    n = x.shape[-1] // 2
-    out = x.new_empty(*x.shape[:-1], n)
-    kernels(isa).parallax_silu_and_mul_f32(x.data_ptr(), out.data_ptr(),
-                                           x.numel() // (2 * n), n)
-    return out
+    return torch.ops.parallax_cpu.silu_and_mul_f32.default(x, kernels(isa))
 
 
 def decode_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, context_lens, scale,
@@ -481,18 +492,11 @@ def decode_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, context_l
     heads D apart in q/k/v, cache slots D apart, cos/sin contiguous (B, D/2), int32 lens.
     Raises KernelInputError (and writes nothing) when a context length is outside
     [1, cache slots]."""
-    b, hq, d = q.shape
-    out = q.new_empty(b, hq, d)
-    bad = kernels(isa).parallax_decode_attention_kv_f32(
-        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.stride(0), k_cache.stride(1), k_cache.shape[2], context_lens.data_ptr(),
-        out.data_ptr(), b, hq, k.shape[1], d, scale, torch.get_num_threads())
-    if bad:
-        raise KernelInputError(
-            f"decode attention: context_lens[{bad - 1}] = {int(context_lens[bad - 1])} is "
-            f"outside [1, {k_cache.shape[2]}] (the cache's slots); nothing was written")
-    return out
+    return _checked(
+        torch.ops.parallax_cpu.decode_attention_kv_f32.default,
+        (q, k, v, k_cache, v_cache, cos, sin, context_lens, scale, kernels(isa)),
+        lambda bad: f"decode attention: context_lens[{bad - 1}] = {int(context_lens[bad - 1])} "
+                    f"is outside [1, {k_cache.shape[2]}] (the cache's slots); nothing was written")
 
 
 def attention_layout_ok(q, k, v, k_cache, v_cache, cos, sin, context_lens) -> bool:
@@ -521,19 +525,26 @@ def paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, slot_mappi
     """reference.paged_attention_with_kvcache in one C call (csrc/cpu/paged_attention_f32.c),
     sliding ``window`` and score ``softcap`` included. Needs ``paged_layout_ok``; raises
     KernelInputError on out-of-range metadata, writing nothing."""
-    t, hq, d = q.shape
-    n, hk, bs, _ = k_cache.shape
-    out = q.new_empty(t, hq, d)
-    err = kernels(isa).parallax_paged_attention_kv_f32(
-        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
-        context_lens.data_ptr(), query_start_loc.data_ptr(), out.data_ptr(),
-        t, context_lens.shape[0], hq, hk, d, n, bs, scale, window or 0, softcap or 0.0,
-        torch.get_num_threads())
-    if err:
-        raise KernelInputError(f"paged attention: {_PAGED_ERRORS.get(err, err)}")
-    return out
+    return _checked(
+        torch.ops.parallax_cpu.paged_attention_kv_f32.default,
+        (q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens,
+         query_start_loc, scale, window or 0, softcap or 0.0, kernels(isa)),
+        lambda err: f"paged attention: {_PAGED_ERRORS.get(err, err)}")
+
+
+def _checked(op, args: tuple, explain) -> torch.Tensor:
+    """``op(*args)`` for an attention op whose C kernel refuses bad metadata with a code
+    (the op's ValueError "parallax_cpu error <code>", nothing written): that becomes
+    KernelInputError(explain(code)). Under torch.compile the op is traced as is."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    try:
+        return op(*args)
+    except ValueError as e:
+        m = re.search(r"parallax_cpu error (-?\d+)", str(e))
+        if m is None:
+            raise
+        raise KernelInputError(explain(int(m.group(1)))) from None
 
 
 def paged_layout_ok(q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables,

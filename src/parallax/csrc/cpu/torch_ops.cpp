@@ -1,0 +1,317 @@
+// The CPU kernels as torch ops (namespace parallax_cpu), built just in time by
+// torch.utils.cpp_extension (ops/cpu.py: torch_ops()).
+//
+// The kernels themselves stay plain C, one shared library per instruction-set variant
+// (csrc/cpu/*.c built with -mavx512f / -mavx2 / nothing). This shim holds no kernel code:
+// `load_variant(isa, path)` dlopens one such library under a name, and every op takes that
+// name (`str isa`) and calls the library's entry point through a function table resolved
+// once per (library, symbol). So the ISA stays a run-time choice, every variant can be
+// loaded side by side (tests run each against the torch twins), and torch sees ordinary
+// ops: schemas, fake tensors (registered in Python), torch.compile, torch's thread count.
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+namespace {
+
+struct Library {
+    void* handle = nullptr;
+    std::unordered_map<std::string, void*> symbols;
+};
+
+std::mutex g_mutex;   // guards g_libs; uncontended in the steady state (a few ns a call)
+std::unordered_map<std::string, Library> g_libs;
+
+// The entry point `name` of the library loaded as `isa` (an error naming both if absent).
+void* symbol(const std::string& isa, const std::string& name) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto lib = g_libs.find(isa);
+    TORCH_CHECK(lib != g_libs.end(), "parallax_cpu: no kernel library loaded as '", isa,
+                "' (ops/cpu.py loads one per variant before use)");
+    auto& syms = lib->second.symbols;
+    auto it = syms.find(name);
+    if (it != syms.end()) return it->second;
+    void* fn = dlsym(lib->second.handle, name.c_str());
+    TORCH_CHECK(fn != nullptr, "parallax_cpu: the '", isa, "' kernel library has no ", name);
+    syms.emplace(name, fn);
+    return fn;
+}
+
+template <typename Fn>
+Fn entry(const std::string& isa, const char* name) {
+    return reinterpret_cast<Fn>(symbol(isa, name));
+}
+
+std::string load_variant(const std::string& isa, const std::string& path) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_libs.find(isa);
+    if (it == g_libs.end()) {
+        void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+        TORCH_CHECK(h != nullptr, "parallax_cpu: cannot load ", path, ": ", dlerror());
+        it = g_libs.emplace(isa, Library{h, {}}).first;
+    }
+    auto name = reinterpret_cast<const char* (*)()>(dlsym(it->second.handle, "parallax_cpu_isa"));
+    TORCH_CHECK(name != nullptr, "parallax_cpu: ", path, " has no parallax_cpu_isa");
+    return name();
+}
+
+int threads() { return at::get_num_threads(); }
+
+void check_cpu(const at::Tensor& t, at::ScalarType dtype, const char* what) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype, "parallax_cpu: ", what,
+                " must be a CPU ", c10::toString(dtype), " tensor, got ", t.scalar_type(),
+                " on ", t.device());
+}
+
+// (..., K) -> contiguous (M, K) rows, and the output shape (..., N).
+at::Tensor rows_of(const at::Tensor& x, int64_t k, std::vector<int64_t>& out_shape, int64_t n) {
+    check_cpu(x, at::kFloat, "x");
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "parallax_cpu: x has ", x.size(-1),
+                " features, the weight ", k);
+    out_shape.assign(x.sizes().begin(), x.sizes().end() - 1);
+    out_shape.push_back(n);
+    return x.reshape({-1, k}).contiguous();
+}
+
+at::Tensor finish(at::Tensor y, const std::optional<at::Tensor>& bias,
+                  const std::vector<int64_t>& shape) {
+    if (bias.has_value()) y.add_(*bias);
+    return y.view(shape);
+}
+
+using linear_fn = void (*)(const float*, const void*, float*, int, int, int, int);
+
+at::Tensor gemm_packed_f32(const at::Tensor& x, const at::Tensor& packed,
+                           const std::optional<at::Tensor>& bias, const std::string& isa) {
+    check_cpu(packed, at::kFloat, "packed");
+    TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 32 && packed.is_contiguous(),
+                "parallax_cpu: packed must be contiguous (N/32, K, 32) panels");
+    int64_t n = packed.size(0) * 32, k = packed.size(1);
+    std::vector<int64_t> shape;
+    at::Tensor rows = rows_of(x, k, shape, n);
+    at::Tensor y = at::empty({rows.size(0), n}, rows.options());
+    entry<linear_fn>(isa, "parallax_gemm_packed_f32")(
+        rows.const_data_ptr<float>(), packed.const_data_ptr(), y.mutable_data_ptr<float>(),
+        rows.size(0), n, k, threads());
+    return finish(y, bias, shape);
+}
+
+at::Tensor int8_linear_f32(const at::Tensor& x, const at::Tensor& qweight,
+                           const at::Tensor& scales, const std::optional<at::Tensor>& bias,
+                           const std::string& isa) {
+    check_cpu(qweight, at::kChar, "qweight");
+    check_cpu(scales, at::kFloat, "scales");
+    TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && scales.is_contiguous()
+                && scales.numel() == qweight.size(0),
+                "parallax_cpu: qweight must be a contiguous (N, K) int8 tensor, scales (N,)");
+    int64_t n = qweight.size(0), k = qweight.size(1);
+    std::vector<int64_t> shape;
+    at::Tensor rows = rows_of(x, k, shape, n);
+    at::Tensor y = at::empty({rows.size(0), n}, rows.options());
+    using fn = void (*)(const float*, const int8_t*, const float*, float*, int, int, int, int);
+    entry<fn>(isa, "parallax_int8_linear_f32")(
+        rows.const_data_ptr<float>(), qweight.const_data_ptr<int8_t>(),
+        scales.const_data_ptr<float>(), y.mutable_data_ptr<float>(), rows.size(0), n, k,
+        threads());
+    return finish(y, bias, shape);
+}
+
+// Any GGUF-style block format `kind`: qweight (N, K / block * block_bytes) uint8 rows of
+// blocks; the kernel is parallax_<kind>_linear_<act>(x, w, y, M, N, K, threads), `act`
+// "f32" (x as it is; returns nothing) or "q8" (x rounded to 8-bit blocks first, integer dot
+// products; returns non-zero when it could not allocate those codes).
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight,
+                        const std::optional<at::Tensor>& bias, const std::string& kind,
+                        int64_t block, int64_t block_bytes, const std::string& isa,
+                        bool q8) {
+    check_cpu(qweight, at::kByte, "qweight");
+    TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous()
+                && qweight.size(1) % block_bytes == 0,
+                "parallax_cpu: qweight must be contiguous (N, blocks * ", block_bytes,
+                ") uint8 rows of ", kind, " blocks");
+    int64_t n = qweight.size(0), k = qweight.size(1) / block_bytes * block;
+    std::vector<int64_t> shape;
+    at::Tensor rows = rows_of(x, k, shape, n);
+    at::Tensor y = at::empty({rows.size(0), n}, rows.options());
+    const std::string name = "parallax_" + kind + (q8 ? "_linear_q8" : "_linear_f32");
+    const float* xp = rows.const_data_ptr<float>();
+    float* yp = y.mutable_data_ptr<float>();
+    int m = rows.size(0);
+    if (q8) {
+        using fn = int (*)(const float*, const void*, float*, int, int, int, int);
+        int rc = entry<fn>(isa, name.c_str())(xp, qweight.const_data_ptr(), yp, m, n, k,
+                                              threads());
+        TORCH_CHECK_WITH(OutOfMemoryError, rc == 0, "parallax_cpu: ", kind, " matmul: no ",
+                         "memory for ", m, " x ", k, " int8 activations");
+    } else {
+        entry<linear_fn>(isa, name.c_str())(xp, qweight.const_data_ptr(), yp, m, n, k,
+                                            threads());
+    }
+    return finish(y, bias, shape);
+}
+
+at::Tensor block_linear_f32(const at::Tensor& x, const at::Tensor& qweight,
+                            const std::optional<at::Tensor>& bias, const std::string& kind,
+                            int64_t block, int64_t block_bytes, const std::string& isa) {
+    return block_linear(x, qweight, bias, kind, block, block_bytes, isa, false);
+}
+
+at::Tensor block_linear_q8(const at::Tensor& x, const at::Tensor& qweight,
+                           const std::optional<at::Tensor>& bias, const std::string& kind,
+                           int64_t block, int64_t block_bytes, const std::string& isa) {
+    return block_linear(x, qweight, bias, kind, block, block_bytes, isa, true);
+}
+
+// x (M, K) -> (codes (M, K) int8, scales (M, K / block) float32): what the *_linear_q8
+// kernels do to x, by parallax_quantize_q8_f32(x, q, d, M, K).
+std::tuple<at::Tensor, at::Tensor> quantize_q8(const at::Tensor& x, int64_t block,
+                                               const std::string& isa) {
+    check_cpu(x, at::kFloat, "x");
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % block == 0,
+                "parallax_cpu: quantize_q8 needs contiguous x (M, K), K a multiple of ", block);
+    at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+    at::Tensor d = at::empty({x.size(0), x.size(1) / block}, x.options());
+    using fn = void (*)(const float*, int8_t*, float*, int, int);
+    entry<fn>(isa, "parallax_quantize_q8_f32")(x.const_data_ptr<float>(),
+                                               q.mutable_data_ptr<int8_t>(),
+                                               d.mutable_data_ptr<float>(), x.size(0), x.size(1));
+    return {q, d};
+}
+
+// residual None: (rms_norm(x) * weight, an empty tensor).
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_f32(const at::Tensor& x,
+                                                    const std::optional<at::Tensor>& residual,
+                                                    const at::Tensor& weight, double eps,
+                                                    const std::string& isa) {
+    check_cpu(x, at::kFloat, "x");
+    check_cpu(weight, at::kFloat, "weight");
+    int64_t d = x.size(-1);
+    TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.numel() == d,
+                "parallax_cpu: add_rms_norm needs contiguous x (..., D) and weight (D,)");
+    at::Tensor out = at::empty_like(x);
+    at::Tensor res = residual.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
+    if (residual.has_value()) {
+        check_cpu(*residual, at::kFloat, "residual");
+        TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(),
+                    "parallax_cpu: residual must be contiguous and shaped like x");
+    }
+    using fn = void (*)(const float*, const float*, const float*, float*, float*, int, int,
+                        float);
+    entry<fn>(isa, "parallax_add_rms_norm_f32")(
+        x.const_data_ptr<float>(),
+        residual.has_value() ? residual->const_data_ptr<float>() : nullptr,
+        weight.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+        residual.has_value() ? res.mutable_data_ptr<float>() : nullptr, x.numel() / d, d,
+        static_cast<float>(eps));
+    return {out, res};
+}
+
+at::Tensor silu_and_mul_f32(const at::Tensor& x, const std::string& isa) {
+    check_cpu(x, at::kFloat, "x");
+    TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0,
+                "parallax_cpu: silu_and_mul needs contiguous x (..., 2N)");
+    int64_t n = x.size(-1) / 2;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(n);
+    at::Tensor out = at::empty(shape, x.options());
+    using fn = void (*)(const float*, float*, int, int);
+    entry<fn>(isa, "parallax_silu_and_mul_f32")(x.const_data_ptr<float>(),
+                                                out.mutable_data_ptr<float>(),
+                                                x.numel() / (2 * n), n);
+    return out;
+}
+
+// The attention kernels refuse bad metadata with a code (writing nothing); it travels up as
+// a ValueError "parallax_cpu error <code>" that ops/cpu.py turns into KernelInputError.
+at::Tensor decode_attention_kv_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   at::Tensor& k_cache, at::Tensor& v_cache,
+                                   const at::Tensor& cos, const at::Tensor& sin,
+                                   const at::Tensor& context_lens, double scale,
+                                   const std::string& isa) {
+    int64_t b = q.size(0), hq = q.size(1), d = q.size(2);
+    at::Tensor out = at::empty({b, hq, d}, q.options());
+    using fn = int (*)(const float*, long, const float*, long, const float*, long, const float*,
+                       const float*, float*, float*, long, long, int, const int32_t*, float*,
+                       int, int, int, int, float, int);
+    int bad = entry<fn>(isa, "parallax_decode_attention_kv_f32")(
+        q.const_data_ptr<float>(), q.stride(0), k.const_data_ptr<float>(), k.stride(0),
+        v.const_data_ptr<float>(), v.stride(0), cos.const_data_ptr<float>(),
+        sin.const_data_ptr<float>(), k_cache.mutable_data_ptr<float>(),
+        v_cache.mutable_data_ptr<float>(), k_cache.stride(0), k_cache.stride(1),
+        k_cache.size(2), context_lens.const_data_ptr<int32_t>(), out.mutable_data_ptr<float>(),
+        b, hq, k.size(1), d, static_cast<float>(scale), threads());
+    TORCH_CHECK_VALUE(bad == 0, "parallax_cpu error ", bad);
+    return out;
+}
+
+at::Tensor paged_attention_kv_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cos,
+                                  const at::Tensor& sin, const at::Tensor& slot_mapping,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                  const at::Tensor& query_start_loc, double scale,
+                                  int64_t window, double softcap, const std::string& isa) {
+    int64_t t = q.size(0), hq = q.size(1), d = q.size(2);
+    at::Tensor out = at::empty({t, hq, d}, q.options());
+    using fn = int (*)(const float*, long, const float*, long, const float*, long, const float*,
+                       const float*, float*, float*, const int64_t*, const int32_t*, int,
+                       const int32_t*, const int32_t*, float*, int, int, int, int, int, int,
+                       int, float, int, float, int);
+    int err = entry<fn>(isa, "parallax_paged_attention_kv_f32")(
+        q.const_data_ptr<float>(), q.stride(0), k.const_data_ptr<float>(), k.stride(0),
+        v.const_data_ptr<float>(), v.stride(0), cos.const_data_ptr<float>(),
+        sin.const_data_ptr<float>(), k_cache.mutable_data_ptr<float>(),
+        v_cache.mutable_data_ptr<float>(), slot_mapping.const_data_ptr<int64_t>(),
+        block_tables.const_data_ptr<int32_t>(), block_tables.size(1),
+        context_lens.const_data_ptr<int32_t>(), query_start_loc.const_data_ptr<int32_t>(),
+        out.mutable_data_ptr<float>(), t, context_lens.size(0), hq, k.size(1), d,
+        k_cache.size(0), k_cache.size(2), static_cast<float>(scale), static_cast<int>(window),
+        static_cast<float>(softcap), threads());
+    TORCH_CHECK_VALUE(err == 0, "parallax_cpu error ", err);
+    return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(parallax_cpu, m) {
+    m.def("load_variant(str isa, str path) -> str", &load_variant);
+    m.def("gemm_packed_f32(Tensor x, Tensor packed, Tensor? bias, str isa) -> Tensor");
+    m.def("int8_linear_f32(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, str isa)"
+          " -> Tensor");
+    m.def("block_linear_f32(Tensor x, Tensor qweight, Tensor? bias, str kind, int block, "
+          "int block_bytes, str isa) -> Tensor");
+    m.def("block_linear_q8(Tensor x, Tensor qweight, Tensor? bias, str kind, int block, "
+          "int block_bytes, str isa) -> Tensor");
+    m.def("quantize_q8(Tensor x, int block, str isa) -> (Tensor, Tensor)");
+    m.def("add_rms_norm_f32(Tensor x, Tensor? residual, Tensor weight, float eps, str isa)"
+          " -> (Tensor, Tensor)");
+    m.def("silu_and_mul_f32(Tensor x, str isa) -> Tensor");
+    m.def("decode_attention_kv_f32(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
+          "Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor context_lens, float scale, "
+          "str isa) -> Tensor");
+    m.def("paged_attention_kv_f32(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
+          "Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor slot_mapping, "
+          "Tensor block_tables, Tensor context_lens, Tensor query_start_loc, float scale, "
+          "int window, float softcap, str isa) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(parallax_cpu, CPU, m) {
+    m.impl("gemm_packed_f32", &gemm_packed_f32);
+    m.impl("int8_linear_f32", &int8_linear_f32);
+    m.impl("block_linear_f32", &block_linear_f32);
+    m.impl("block_linear_q8", &block_linear_q8);
+    m.impl("quantize_q8", &quantize_q8);
+    m.impl("add_rms_norm_f32", &add_rms_norm_f32);
+    m.impl("silu_and_mul_f32", &silu_and_mul_f32);
+    m.impl("decode_attention_kv_f32", &decode_attention_kv_f32);
+    m.impl("paged_attention_kv_f32", &paged_attention_kv_f32);
+}

@@ -1,0 +1,60 @@
+"""Fake-tensor rules of the ``parallax_cpu`` torch ops (csrc/cpu/torch_ops.cpp): output
+shapes and dtypes without running a kernel, so the ops trace under torch.compile and
+FakeTensorMode. Imported by ``ops.cpu.torch_ops`` once the shim's library is loaded."""
+from __future__ import annotations
+
+import torch
+
+PANEL = 32
+
+
+def _linear_out(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], n)                                    # (..., N)
+
+
+@torch.library.register_fake("parallax_cpu::gemm_packed_f32")
+def _gemm_packed(x, packed, bias, isa):
+    return _linear_out(x, packed.shape[0] * PANEL)
+
+
+@torch.library.register_fake("parallax_cpu::int8_linear_f32")
+def _int8_linear(x, qweight, scales, bias, isa):
+    return _linear_out(x, qweight.shape[0])
+
+
+@torch.library.register_fake("parallax_cpu::block_linear_f32")
+def _block_linear(x, qweight, bias, kind, block, block_bytes, isa):
+    return _linear_out(x, qweight.shape[0])
+
+
+@torch.library.register_fake("parallax_cpu::block_linear_q8")
+def _block_linear_q8(x, qweight, bias, kind, block, block_bytes, isa):
+    return _linear_out(x, qweight.shape[0])
+
+
+@torch.library.register_fake("parallax_cpu::quantize_q8")
+def _quantize_q8(x, block, isa):
+    return (x.new_empty(x.shape, dtype=torch.int8),                        # (M, K) codes
+            x.new_empty(x.shape[0], x.shape[1] // block))                  # (M, K/32) scales
+
+
+@torch.library.register_fake("parallax_cpu::add_rms_norm_f32")
+def _add_rms_norm(x, residual, weight, eps, isa):
+    return torch.empty_like(x), (torch.empty_like(x) if residual is not None
+                                 else x.new_empty(0))
+
+
+@torch.library.register_fake("parallax_cpu::silu_and_mul_f32")
+def _silu_and_mul(x, isa):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@torch.library.register_fake("parallax_cpu::decode_attention_kv_f32")
+def _decode_attention(q, k, v, k_cache, v_cache, cos, sin, context_lens, scale, isa):
+    return q.new_empty(q.shape)                                             # (B, Hq, D)
+
+
+@torch.library.register_fake("parallax_cpu::paged_attention_kv_f32")
+def _paged_attention(q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables,
+                     context_lens, query_start_loc, scale, window, softcap, isa):
+    return q.new_empty(q.shape)                                             # (T, Hq, D)
