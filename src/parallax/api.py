@@ -63,7 +63,9 @@ class LLM:
         layer_split: per-stage layer counts (default: balanced by decode cost, parallel/sharding.py).
         quantize: None or "int8" (weight-only, per-channel scales).
         micro_batches: under pp, each step's batch is cut into this many micro-batches (by
-            tokens) that flow through the stages one behind the other (default: pp).
+            tokens) that flow through the stages one behind the other (default: 1 with the
+            worker pool, which keeps ``pp`` steps in flight over disjoint requests instead;
+            pp under torchrun and Ray).
         timeout_s: how long a collective or a worker may stall before it is an error.
         threads_per_rank: torch threads per worker process (default: cores / world).
         max_num_seqs: requests decoded together at most (default 64).
@@ -145,19 +147,22 @@ class LLM:
                 factory = ModelRunner if ep == 1 else functools.partial(_runner_with_ep, ep)
                 self._pool = Ranks(factory, args, tp_size=tp, pp_size=pp, device=device,
                                    timeout_s=timeout_s, threads_per_rank=threads_per_rank)
-                steps = PoolExecutor(self._pool)
+                steps = PoolExecutor(self._pool, depth=pp)
         finally:
             ckpt.close()
         self._executor = steps
         bm = BlockManager(num_blocks, block_size, prefix_caching)
-        scheduler = Scheduler(bm, max_num_seqs, max_num_batched_tokens)
+        scheduler = Scheduler(bm, max_num_seqs, max_num_batched_tokens, steps.depth)
         make_decoder = None
         if self.tokenizer is not None:
             from .loading.tokenizer import IncrementalDecoder
             tok = self.tokenizer
             make_decoder = lambda: IncrementalDecoder(tok)   # noqa: E731
+        # Steps in flight already keep the stages busy; without them (torchrun, Ray) each
+        # step is cut into micro-batches that flow through the stages one behind the other.
+        default_mb = pp if steps.depth == 1 else 1
         self._core = EngineCore(steps, bm, scheduler, make_decoder,
-                                micro_batches=(micro_batches or pp) if pp > 1 else 1)
+                                micro_batches=(micro_batches or default_mb) if pp > 1 else 1)
         if not self._spmd:
             self._core.start()
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,
@@ -367,7 +372,7 @@ class LLM:
             try:
                 core.run_until(lambda: all(h.finished for h in handles))
             finally:
-                self._executor.execute(None)            # release the followers
+                self._executor.submit(None)             # release the followers
             outs = [h.result() for h in handles]
         else:
             follow(self._runner)

@@ -11,6 +11,7 @@ in the caller's thread, on every rank in step.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -56,15 +57,30 @@ def in_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 class LocalExecutor:
     """The runner in this process (one rank); side calls run in a short-lived thread
-    (``in_own_thread``), steps in the engine thread."""
+    (``in_own_thread``), steps in the engine thread.
+
+    The executor interface the core uses: ``depth`` (steps that may be in flight),
+    ``accepting()`` (whether a new step may start now), ``submit(plan)`` -> a ticket,
+    ``collect(ticket)`` -> the sampled tokens (tickets collected oldest first), and
+    ``call(method, *args)`` for side calls on every rank. Here a step runs inside
+    ``submit``: depth 1.
+    """
+
+    depth = 1
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         self._lock = threading.Lock()        # steps and side calls never overlap
 
-    def execute(self, plan: StepPlan) -> list[int]:
+    def accepting(self) -> bool:
+        return True
+
+    def submit(self, plan: StepPlan) -> list[int]:
         with self._lock:
             return self.runner.execute(plan)
+
+    def collect(self, ticket: list[int]) -> list[int]:
+        return ticket
 
     def call(self, method: str, *args: Any) -> Any:
         with self._lock:
@@ -79,7 +95,7 @@ class SpmdExecutor(LocalExecutor):
         with self._lock:
             return getattr(self.runner, method)(*args)
 
-    def execute(self, plan: StepPlan | None) -> list[int]:
+    def submit(self, plan: StepPlan | None) -> list[int]:
         ctx = self.runner.ctx
         with self._lock:
             C.broadcast_object(plan, ctx, ctx.driver_rank)
@@ -94,16 +110,61 @@ def follow(runner: ModelRunner) -> None:
 
 
 class PoolExecutor:
-    """Spawned workers: each step and side call goes to every rank through the pool."""
+    """Worker processes (WorkerPool or RayExecutor): each step and side call goes to every
+    rank. With a pool that can ``submit`` without waiting, up to ``depth`` steps are in
+    flight (pp: stage k runs step i while stage k+1 runs step i-1); a side call waits until
+    none is, and no new step starts while one waits."""
 
-    def __init__(self, pool):
+    def __init__(self, pool, depth: int = 1):
         self.pool = pool
+        self.depth = depth if hasattr(pool, "submit") else 1
+        self._cv = threading.Condition()
+        self._in_flight = 0
+        self._side_waiting = 0
+        self._side_running = False
 
-    def execute(self, plan: StepPlan) -> list[int]:
-        return self.pool.call("execute", plan)
+    def accepting(self) -> bool:
+        return self._side_waiting == 0
+
+    def submit(self, plan: StepPlan) -> Any:
+        if self.depth == 1:
+            return self.call("execute", plan)
+        with self._cv:
+            while self._side_running:
+                self._cv.wait()
+            self._in_flight += 1
+        try:
+            self.pool.submit("execute", plan)
+        except BaseException:
+            self._done()
+            raise
+
+    def collect(self, ticket: Any) -> list[int]:
+        if self.depth == 1:
+            return ticket
+        try:
+            return self.pool.collect()
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._cv:
+            self._in_flight -= 1
+            self._cv.notify_all()
 
     def call(self, method: str, *args: Any) -> Any:
-        return self.pool.call(method, *args)
+        with self._cv:
+            self._side_waiting += 1
+            while self._in_flight or self._side_running:
+                self._cv.wait()
+            self._side_waiting -= 1
+            self._side_running = True
+        try:
+            return self.pool.call(method, *args)
+        finally:
+            with self._cv:
+                self._side_running = False
+                self._cv.notify_all()
 
 
 def split_by_tokens(sizes: list[int], parts: int) -> list[int]:
@@ -133,6 +194,10 @@ class EngineCore:
         make_decoder: returns a fresh incremental detokenizer per request, or None.
         micro_batches: split each step's sequences into this many micro-batches (by tokens)
             so pipeline stages work at the same time (1 without pp).
+
+    Under pp the executor takes up to ``depth`` steps before the first one's tokens are
+    back; each is scheduled over requests not in any step in flight (the scheduler's
+    ``in_flight``), so the stages work on different steps at once.
     """
 
     def __init__(self, executor, block_manager: BlockManager, scheduler: Scheduler,
@@ -147,6 +212,7 @@ class EngineCore:
         self._live: dict[int, tuple[Request, RequestHandle]] = {}
         self._new: list[NewRequest] = []          # for the runner's sampler, next plan
         self._finished: list[int] = []
+        self._in_flight: collections.deque = collections.deque()   # (SchedulerOutput, ticket)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
@@ -205,7 +271,7 @@ class EngineCore:
         while True:
             with self._cv:
                 while not (self._stopping or self._inbox or self._cancels
-                           or self.scheduler.has_work):
+                           or self.scheduler.has_work or self._in_flight):
                     self._cv.wait()
                 if self._stopping:
                     return
@@ -228,7 +294,9 @@ class EngineCore:
                 raise
 
     def step(self) -> bool:
-        """One engine step; False when there was nothing to do."""
+        """One engine step: start a new model step if one may start and has work, else
+        (or when the executor's pipeline is full) finish the oldest one in flight. False
+        when there was nothing to do."""
         with self._cv:
             inbox, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, set()
@@ -243,16 +311,24 @@ class EngineCore:
             if rid in self._live:
                 req, handle = self._live[rid]
                 self._end(req, handle, req.abort())
-        if not self.scheduler.has_work:
-            if self._new or self._finished:         # let the sampler forget cancelled ones
-                self.executor.execute(self._plan(SchedulerOutput()))
+        ex = self.executor
+        if len(self._in_flight) < ex.depth and ex.accepting():
+            out = self.scheduler.schedule()
+            # An empty plan still goes out when idle: the sampler forgets cancelled requests.
+            if out.scheduled or (not self._in_flight and (self._new or self._finished)):
+                self._in_flight.append((out, ex.submit(self._plan(out))))
+                if out.scheduled and len(self._in_flight) < ex.depth:
+                    return True             # room for another step over other requests
+        if not self._in_flight:
             return False
-        out = self.scheduler.schedule()
-        tokens = self.executor.execute(self._plan(out))
+        out, ticket = self._in_flight.popleft()
+        tokens = ex.collect(ticket)
         self.scheduler.update(out)
         sampled = [s for s in out.scheduled if s.samples]
         for s, tok in zip(sampled, tokens):
             req = s.request
+            if req.request_id not in self._live:    # cancelled while its step was in flight
+                continue
             _, handle = self._live[req.request_id]
             delta = req.append_token(tok)
             self.generation_tokens += 1
@@ -260,7 +336,7 @@ class EngineCore:
                 self._end(req, handle, delta)
             else:
                 handle._push(delta)
-        return True
+        return bool(out.scheduled)
 
     def _plan(self, out: SchedulerOutput) -> StepPlan:
         token_ids, seqs, rows, ids = [], [], [], []
