@@ -3,9 +3,14 @@
     python benchmarks/bench_serving.py                       # short default run (~2-3 min)
     python benchmarks/bench_serving.py --num-requests 64 --rates 1,2,4,8,inf --hf
 
-Workload: ``--num-requests`` requests with random prompt lengths (``--prompt-len``, default
-32-256 tokens) and output lengths (``--output-len``, default 16-128), fixed seed, arriving as
-a Poisson process at each rate of ``--rates`` (requests/s; ``inf`` = a burst, all at t=0).
+Workload: ``--num-requests`` requests (default 32) with random prompt lengths
+(``--prompt-len``, default 32-512 tokens) and output lengths (``--output-len``, default
+16-256), fixed seed, arriving as a Poisson process at each rate of ``--rates`` (requests/s;
+``inf`` = a burst, all at t=0). ``--lengths lognormal`` (default) draws each length from a
+log-normal with sigma 0.8 and median lo * (hi/lo)**0.4 (97 prompt / 49 output tokens with the
+defaults; means ~134 / ~67), clipped to [lo, hi]: chat traffic is long-tailed like that, most
+requests short and a few long (e.g. ShareGPT, LMSYS-Chat). ``--lengths uniform`` draws
+uniformly in [lo, hi] (the mean is then half the maximum, which flatters a static cache).
 Systems, on the same weights (SmolLM2-135M, fp32, one process):
 
 - ``parallax``: every request ``submit``ted at its arrival time, deltas timed as they stream.
@@ -46,11 +51,19 @@ class Req:
     start: float = 0.0                                  # when it was actually sent
 
 
+def draw_length(rng: random.Random, lo: int, hi: int, kind: str) -> int:
+    """A length in [lo, hi]: uniform, or log-normal (sigma 0.8, median lo*(hi/lo)**0.4)."""
+    if kind == "uniform":
+        return rng.randint(lo, hi)
+    median = lo * (hi / lo) ** 0.4
+    return max(lo, min(hi, round(rng.lognormvariate(math.log(median), 0.8))))
+
+
 def workload(n: int, prompt_len: tuple[int, int], output_len: tuple[int, int], vocab: int,
-             seed: int) -> list[Req]:
+             seed: int, lengths: str = "lognormal") -> list[Req]:
     rng = random.Random(seed)
-    return [Req([rng.randrange(100, vocab) for _ in range(rng.randint(*prompt_len))],
-                rng.randint(*output_len)) for _ in range(n)]
+    return [Req([rng.randrange(100, vocab) for _ in range(draw_length(rng, *prompt_len, lengths))],
+                draw_length(rng, *output_len, lengths)) for _ in range(n)]
 
 
 def arrivals(reqs: list[Req], rate: float, seed: int) -> None:
@@ -205,9 +218,11 @@ def _fmt(name: str, rate: float, s: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--num-requests", type=int, default=24)
-    ap.add_argument("--prompt-len", type=int, nargs=2, default=(32, 256))
-    ap.add_argument("--output-len", type=int, nargs=2, default=(16, 128))
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(32, 512))
+    ap.add_argument("--output-len", type=int, nargs=2, default=(16, 256))
+    ap.add_argument("--lengths", choices=("lognormal", "uniform"), default="lognormal",
+                    help="length distribution in the --prompt-len / --output-len ranges")
     ap.add_argument("--rates", default="2,inf", help="requests/s, comma-separated; inf = burst")
     ap.add_argument("--batch", type=int, default=8, help="static/HF batch size")
     ap.add_argument("--systems", default="parallax,static")
@@ -219,7 +234,7 @@ def main(argv=None) -> None:
     systems = a.systems.split(",") + (["hf"] if a.hf else [])
     llm = parallax.LLM(a.model)
     reqs0 = workload(a.num_requests, tuple(a.prompt_len), tuple(a.output_len),
-                     llm.config.vocab_size, a.seed)
+                     llm.config.vocab_size, a.seed, a.lengths)
     llm.generate([reqs0[0].prompt], max_new_tokens=4)      # warm-up (kernel build, caches)
     hf = None
     if "hf" in systems:
@@ -233,8 +248,11 @@ def main(argv=None) -> None:
         else:
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         hf.eval()
-    print(f"{a.num_requests} requests, prompts {a.prompt_len[0]}-{a.prompt_len[1]} tokens, "
-          f"outputs {a.output_len[0]}-{a.output_len[1]}, static/HF batch {a.batch}, "
+    mean = lambda xs: sum(xs) / len(xs)   # noqa: E731
+    print(f"{a.num_requests} requests, {a.lengths} lengths: prompts {a.prompt_len[0]}-"
+          f"{a.prompt_len[1]} tokens (mean {mean([len(r.prompt) for r in reqs0]):.0f}), outputs "
+          f"{a.output_len[0]}-{a.output_len[1]} (mean {mean([r.out_len for r in reqs0]):.0f}), "
+          f"static/HF batch {a.batch}, "
           f"threads {torch.get_num_threads()}")
     print("| system   |  rate |  req/s |   tok/s | TTFT ms mean/p50/p99 | TPOT ms | ITL ms | E2E ms |")
     print("|---|---|---|---|---|---|---|---|")

@@ -3,10 +3,10 @@
 
 The core lives in the process that owns the ``LLM``. It reaches the ranks through an
 executor: ``LocalExecutor`` (one process), ``PoolExecutor`` (spawned workers: each step is
-one ``WorkerPool.call("execute", plan)``) or ``SpmdExecutor`` (torchrun: the scheduling
-rank broadcasts each plan, the other ranks ``follow``). Steps run in a background thread
-(``start``) fed by ``submit`` from any thread; under torchrun ``run_until`` drives steps
-in the caller's thread, on every rank in step.
+one ``"execute"`` command on every rank; under pp up to pp of them in flight) or
+``SpmdExecutor`` (torchrun: the driver rank broadcasts each plan, the other ranks run them
+in a ``Follower`` thread). Steps run in a background thread (``start``) fed by ``submit``
+from any thread, in every case.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import pickle
+import queue
 import threading
 from typing import Any, Callable
 
@@ -88,25 +90,94 @@ class LocalExecutor:
 
 
 class SpmdExecutor(LocalExecutor):
-    """torchrun: this rank schedules; every plan is broadcast so all ranks run it. Steps
-    and side calls run in the caller's thread (collectives stay on one thread)."""
+    """torchrun, on the scheduling (driver) rank: every step, side call and SPMD result is
+    broadcast as a message, and the other ranks act on it in their ``Follower`` thread.
+    One lock holds each message together with the collectives it starts, so every rank
+    sees the same order whichever thread of the driver sends.
+
+    Messages: ``("step", plan)``, ``("call", method, args)`` (the driver's result is then
+    broadcast too), ``("result", ok, value)`` (what an SPMD call returns or raises on every
+    rank), ``("ping",)`` (keeps idle followers inside their collective timeout), None (stop).
+    """
+
+    def __init__(self, runner: ModelRunner):
+        super().__init__(runner)
+        self.idle_ping_s = max(1.0, runner.ctx.timeout_s / 4)
+
+    def _send(self, msg: Any) -> None:
+        C.broadcast_object(msg, self.runner.ctx, self.runner.ctx.driver_rank)
+
+    def submit(self, plan: StepPlan) -> list[int]:
+        with self._lock:
+            self._send(("step", plan))
+            return self.runner.execute(plan)
 
     def call(self, method: str, *args: Any) -> Any:
-        with self._lock:
-            return getattr(self.runner, method)(*args)
-
-    def submit(self, plan: StepPlan | None) -> list[int]:
         ctx = self.runner.ctx
         with self._lock:
-            C.broadcast_object(plan, ctx, ctx.driver_rank)
-            return self.runner.execute(plan) if plan is not None else []
+            self._send(("call", method, args))
+            out = in_own_thread(getattr(self.runner, method), *args)
+            return C.broadcast_object(out, ctx, ctx.driver_rank)
+
+    def publish(self, ok: bool, value: Any) -> None:
+        """Hand every follower the result (ok) or the error of an SPMD call."""
+        if not ok:
+            try:
+                pickle.dumps(value)
+            except Exception:
+                value = EngineDeadError(f"{type(value).__name__}: {value}")
+        with self._lock:
+            self._send(("result", ok, value))
+
+    def ping(self) -> None:
+        with self._lock:
+            self._send(("ping",))
+
+    def stop(self) -> None:
+        with self._lock:
+            self._send(None)
 
 
-def follow(runner: ModelRunner) -> None:
-    """torchrun, on every rank but the scheduling one: run broadcast plans until None."""
-    ctx = runner.ctx
-    while (plan := C.broadcast_object(None, ctx, ctx.driver_rank)) is not None:
-        runner.execute(plan)
+class Follower:
+    """torchrun, on every rank but the driver: a thread that runs the driver's messages
+    (``SpmdExecutor``) until it stops, and hands SPMD results to this rank's calls in order.
+    """
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self._results: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="parallax-follower", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        ctx = self.runner.ctx
+        end: BaseException = EngineDeadError("the driver rank closed the LLM")
+        try:
+            while (msg := C.broadcast_object(None, ctx, ctx.driver_rank)) is not None:
+                if msg[0] == "step":
+                    self.runner.execute(msg[1])
+                elif msg[0] == "call":
+                    out = getattr(self.runner, msg[1])(*msg[2])
+                    self._results.put((True, C.broadcast_object(out, ctx, ctx.driver_rank)))
+                elif msg[0] == "result":
+                    self._results.put(msg[1:])
+        except BaseException as exc:   # noqa: BLE001  handed to this rank's waiting calls
+            logger.error("rank %d: following the driver failed: %s", ctx.rank, exc)
+            end = exc
+        self._results.put((None, end))                  # None: no more results, ever
+
+    def result(self) -> Any:
+        """The next SPMD result from the driver (blocks); its error raised here."""
+        ok, value = self._results.get()
+        if ok is None:
+            self._results.put((ok, value))              # later calls fail the same way
+        if not ok:
+            raise value
+        return value
+
+    def join(self) -> None:
+        """Wait until the driver stops (its LLM closed) or the link fails."""
+        self._thread.join()
 
 
 class PoolExecutor:
@@ -268,30 +339,21 @@ class EngineCore:
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._stopping or self._inbox or self._cancels
-                           or self.scheduler.has_work or self._in_flight):
-                    self._cv.wait()
-                if self._stopping:
-                    return
-            try:
+        ping = getattr(self.executor, "idle_ping_s", None)
+        try:
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._inbox or self._cancels
+                               or self.scheduler.has_work or self._in_flight):
+                        if not self._cv.wait(ping) and ping is not None:
+                            self.executor.ping()   # torchrun followers wait in a collective
+                    if self._stopping:
+                        return
                 self.step()
-            except BaseException as exc:   # noqa: BLE001  every waiting caller gets it
-                logger.error("engine step failed: %s", exc)
-                self.error = exc
-                self._fail_all(exc)
-                return
-
-    def run_until(self, done: Callable[[], bool]) -> None:
-        """Step in this thread until ``done()`` (torchrun's driver; no background thread)."""
-        while not done():
-            try:
-                self.step()
-            except BaseException as exc:
-                self.error = exc
-                self._fail_all(exc)
-                raise
+        except BaseException as exc:   # noqa: BLE001  every waiting caller gets it
+            logger.error("engine step failed: %s", exc)
+            self.error = exc
+            self._fail_all(exc)
 
     def step(self) -> bool:
         """One engine step: start a new model step if one may start and has work, else
