@@ -374,7 +374,9 @@ class EngineCore:
                 req, handle = self._live[rid]
                 self._end(req, handle, req.abort())
         ex = self.executor
-        if len(self._in_flight) < ex.depth and ex.accepting():
+        # A side call waiting (not accepting) first lets the steps in flight finish; with
+        # none left, submit blocks until the side call is done.
+        if len(self._in_flight) < ex.depth and (ex.accepting() or not self._in_flight):
             out = self.scheduler.schedule()
             # An empty plan still goes out when idle: the sampler forgets cancelled requests.
             if out.scheduled or (not self._in_flight and (self._new or self._finished)):
