@@ -23,7 +23,8 @@ Systems, on the same weights (SmolLM2-135M, fp32, one process):
 Reported per system and rate: requests/s, output tokens/s, TTFT, TPOT (time per output token
 after the first), ITL (inter-token latency) and E2E latency: mean, p50, p99. Then the KV
 memory the engine actually held (peak blocks in use) against a static ``(batch, S_max)``
-cache, and (``--decode-overhead``) decode-only throughput of the engine with 32 running
+cache, the same for the first 32 requests in a burst stepped by the scheduler alone
+(deterministic: no timing involved), and (``--decode-overhead``) decode-only throughput of the engine with 32 running
 requests against a plain batch-32 decode loop over the same runner (scheduling overhead).
 """
 
@@ -209,6 +210,31 @@ def decode_overhead(llm, n_seqs: int = 32, steps: int = 32, repeats: int = 3) ->
 
 
 # ---------------------------------------------------------------------- main
+def burst_kv_tokens(reqs: list[Req], block_size: int, max_num_seqs: int,
+                    max_num_batched_tokens: int) -> int:
+    """Peak KV token slots the engine's scheduler and block manager hold for ``reqs`` all
+    arriving at once, stepped without the model (with ignore_eos the schedule does not
+    depend on the sampled tokens, nor on timing in a burst)."""
+    from parallax.engine.block_manager import BlockManager
+    from parallax.engine.request import Request, StopConditions
+    from parallax.engine.scheduler import Scheduler
+    from parallax.sampling import SamplingParams
+    need = sum(len(r.prompt) + r.out_len for r in reqs)
+    bm = BlockManager(-(-need // block_size) + len(reqs), block_size)
+    sched = Scheduler(bm, max_num_seqs, max_num_batched_tokens)
+    for i, r in enumerate(reqs):
+        sched.add(Request(i, r.prompt, SamplingParams(), StopConditions(r.out_len)))
+    peak = 0
+    while sched.has_work:
+        out = sched.schedule()
+        peak = max(peak, (bm.num_blocks - bm.num_free_blocks) * block_size)
+        sched.update(out)
+        for s in out.scheduled:
+            if s.samples and s.request.append_token(0).finish_reason:
+                sched.finish(s.request)
+    return peak
+
+
 def _fmt(name: str, rate: float, s: dict) -> str:
     ms = lambda t: "/".join(f"{1e3 * x:.0f}" for x in t)   # noqa: E731
     return (f"| {name:8s} | {rate:>5g} | {s['req_s']:6.2f} | {s['tok_s']:7.1f} | {ms(s['ttft'])} | "
@@ -277,6 +303,13 @@ def main(argv=None) -> None:
     print(f"\nKV memory: the engine held at most {peak_tokens} token slots (blocks in use); a "
           f"static ({min(32, a.num_requests)}, S_max={s_max}) cache needs {static_tokens}: "
           f"{peak_tokens / static_tokens:.2f}x")
+    burst = reqs0[:32]
+    s_max32 = max(len(r.prompt) + r.out_len for r in burst)
+    held = burst_kv_tokens(burst, llm._core.bm.block_size, llm._core.scheduler.max_num_seqs,
+                           llm._core.scheduler.max_num_batched_tokens)
+    print(f"KV memory, {len(burst)} requests in a burst (scheduler and block manager stepped "
+          f"without the model): {held} token slots at peak vs {len(burst) * s_max32} for a "
+          f"static ({len(burst)}, S_max={s_max32}) cache: {held / (len(burst) * s_max32):.2f}x")
     if a.decode_overhead:
         eng, plain = decode_overhead(llm)
         print(f"decode-only, 32 running requests: engine {eng:.1f} tok/s, plain batch-32 "
