@@ -3,9 +3,14 @@
     python benchmarks/bench_serving.py                       # short default run (~2-3 min)
     python benchmarks/bench_serving.py --num-requests 64 --rates 1,2,4,8,inf --hf
 
-Workload: ``--num-requests`` requests with random prompt lengths (``--prompt-len``, default
-32-256 tokens) and output lengths (``--output-len``, default 16-128), fixed seed, arriving as
-a Poisson process at each rate of ``--rates`` (requests/s; ``inf`` = a burst, all at t=0).
+Workload: ``--num-requests`` requests (default 32) with random prompt lengths
+(``--prompt-len``, default 32-512 tokens) and output lengths (``--output-len``, default
+16-256), fixed seed, arriving as a Poisson process at each rate of ``--rates`` (requests/s;
+``inf`` = a burst, all at t=0). ``--lengths lognormal`` (default) draws each length from a
+log-normal with sigma 0.8 and median lo * (hi/lo)**0.4 (97 prompt / 49 output tokens with the
+defaults; means ~134 / ~67), clipped to [lo, hi]: chat traffic is long-tailed like that, most
+requests short and a few long (e.g. ShareGPT, LMSYS-Chat). ``--lengths uniform`` draws
+uniformly in [lo, hi] (the mean is then half the maximum, which flatters a static cache).
 Systems, on the same weights (SmolLM2-135M, fp32, one process):
 
 - ``parallax``: every request ``submit``ted at its arrival time, deltas timed as they stream.
@@ -18,7 +23,8 @@ Systems, on the same weights (SmolLM2-135M, fp32, one process):
 Reported per system and rate: requests/s, output tokens/s, TTFT, TPOT (time per output token
 after the first), ITL (inter-token latency) and E2E latency: mean, p50, p99. Then the KV
 memory the engine actually held (peak blocks in use) against a static ``(batch, S_max)``
-cache, and (``--decode-overhead``) decode-only throughput of the engine with 32 running
+cache, the same for the first 32 requests in a burst stepped by the scheduler alone
+(deterministic: no timing involved), and (``--decode-overhead``) decode-only throughput of the engine with 32 running
 requests against a plain batch-32 decode loop over the same runner (scheduling overhead).
 """
 
@@ -46,11 +52,19 @@ class Req:
     start: float = 0.0                                  # when it was actually sent
 
 
+def draw_length(rng: random.Random, lo: int, hi: int, kind: str) -> int:
+    """A length in [lo, hi]: uniform, or log-normal (sigma 0.8, median lo*(hi/lo)**0.4)."""
+    if kind == "uniform":
+        return rng.randint(lo, hi)
+    median = lo * (hi / lo) ** 0.4
+    return max(lo, min(hi, round(rng.lognormvariate(math.log(median), 0.8))))
+
+
 def workload(n: int, prompt_len: tuple[int, int], output_len: tuple[int, int], vocab: int,
-             seed: int) -> list[Req]:
+             seed: int, lengths: str = "lognormal") -> list[Req]:
     rng = random.Random(seed)
-    return [Req([rng.randrange(100, vocab) for _ in range(rng.randint(*prompt_len))],
-                rng.randint(*output_len)) for _ in range(n)]
+    return [Req([rng.randrange(100, vocab) for _ in range(draw_length(rng, *prompt_len, lengths))],
+                draw_length(rng, *output_len, lengths)) for _ in range(n)]
 
 
 def arrivals(reqs: list[Req], rate: float, seed: int) -> None:
@@ -196,6 +210,31 @@ def decode_overhead(llm, n_seqs: int = 32, steps: int = 32, repeats: int = 3) ->
 
 
 # ---------------------------------------------------------------------- main
+def burst_kv_tokens(reqs: list[Req], block_size: int, max_num_seqs: int,
+                    max_num_batched_tokens: int) -> int:
+    """Peak KV token slots the engine's scheduler and block manager hold for ``reqs`` all
+    arriving at once, stepped without the model (with ignore_eos the schedule does not
+    depend on the sampled tokens, nor on timing in a burst)."""
+    from parallax.engine.block_manager import BlockManager
+    from parallax.engine.request import Request, StopConditions
+    from parallax.engine.scheduler import Scheduler
+    from parallax.sampling import SamplingParams
+    need = sum(len(r.prompt) + r.out_len for r in reqs)
+    bm = BlockManager(-(-need // block_size) + len(reqs), block_size)
+    sched = Scheduler(bm, max_num_seqs, max_num_batched_tokens)
+    for i, r in enumerate(reqs):
+        sched.add(Request(i, r.prompt, SamplingParams(), StopConditions(r.out_len)))
+    peak = 0
+    while sched.has_work:
+        out = sched.schedule()
+        peak = max(peak, (bm.num_blocks - bm.num_free_blocks) * block_size)
+        sched.update(out)
+        for s in out.scheduled:
+            if s.samples and s.request.append_token(0).finish_reason:
+                sched.finish(s.request)
+    return peak
+
+
 def _fmt(name: str, rate: float, s: dict) -> str:
     ms = lambda t: "/".join(f"{1e3 * x:.0f}" for x in t)   # noqa: E731
     return (f"| {name:8s} | {rate:>5g} | {s['req_s']:6.2f} | {s['tok_s']:7.1f} | {ms(s['ttft'])} | "
@@ -205,9 +244,11 @@ def _fmt(name: str, rate: float, s: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--num-requests", type=int, default=24)
-    ap.add_argument("--prompt-len", type=int, nargs=2, default=(32, 256))
-    ap.add_argument("--output-len", type=int, nargs=2, default=(16, 128))
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(32, 512))
+    ap.add_argument("--output-len", type=int, nargs=2, default=(16, 256))
+    ap.add_argument("--lengths", choices=("lognormal", "uniform"), default="lognormal",
+                    help="length distribution in the --prompt-len / --output-len ranges")
     ap.add_argument("--rates", default="2,inf", help="requests/s, comma-separated; inf = burst")
     ap.add_argument("--batch", type=int, default=8, help="static/HF batch size")
     ap.add_argument("--systems", default="parallax,static")
@@ -219,7 +260,7 @@ def main(argv=None) -> None:
     systems = a.systems.split(",") + (["hf"] if a.hf else [])
     llm = parallax.LLM(a.model)
     reqs0 = workload(a.num_requests, tuple(a.prompt_len), tuple(a.output_len),
-                     llm.config.vocab_size, a.seed)
+                     llm.config.vocab_size, a.seed, a.lengths)
     llm.generate([reqs0[0].prompt], max_new_tokens=4)      # warm-up (kernel build, caches)
     hf = None
     if "hf" in systems:
@@ -233,8 +274,11 @@ def main(argv=None) -> None:
         else:
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         hf.eval()
-    print(f"{a.num_requests} requests, prompts {a.prompt_len[0]}-{a.prompt_len[1]} tokens, "
-          f"outputs {a.output_len[0]}-{a.output_len[1]}, static/HF batch {a.batch}, "
+    mean = lambda xs: sum(xs) / len(xs)   # noqa: E731
+    print(f"{a.num_requests} requests, {a.lengths} lengths: prompts {a.prompt_len[0]}-"
+          f"{a.prompt_len[1]} tokens (mean {mean([len(r.prompt) for r in reqs0]):.0f}), outputs "
+          f"{a.output_len[0]}-{a.output_len[1]} (mean {mean([r.out_len for r in reqs0]):.0f}), "
+          f"static/HF batch {a.batch}, "
           f"threads {torch.get_num_threads()}")
     print("| system   |  rate |  req/s |   tok/s | TTFT ms mean/p50/p99 | TPOT ms | ITL ms | E2E ms |")
     print("|---|---|---|---|---|---|---|---|")
@@ -259,6 +303,13 @@ def main(argv=None) -> None:
     print(f"\nKV memory: the engine held at most {peak_tokens} token slots (blocks in use); a "
           f"static ({min(32, a.num_requests)}, S_max={s_max}) cache needs {static_tokens}: "
           f"{peak_tokens / static_tokens:.2f}x")
+    burst = reqs0[:32]
+    s_max32 = max(len(r.prompt) + r.out_len for r in burst)
+    held = burst_kv_tokens(burst, llm._core.bm.block_size, llm._core.scheduler.max_num_seqs,
+                           llm._core.scheduler.max_num_batched_tokens)
+    print(f"KV memory, {len(burst)} requests in a burst (scheduler and block manager stepped "
+          f"without the model): {held} token slots at peak vs {len(burst) * s_max32} for a "
+          f"static ({len(burst)}, S_max={s_max32}) cache: {held / (len(burst) * s_max32):.2f}x")
     if a.decode_overhead:
         eng, plain = decode_overhead(llm)
         print(f"decode-only, 32 running requests: engine {eng:.1f} tok/s, plain batch-32 "

@@ -1,7 +1,8 @@
 """Where one decode step's time goes, and decode tokens/s, for SmolLM2-135M fp32.
 
     python benchmarks/bench_step.py [--threads 2] [--max-new-tokens 64] [--repeats 3]
-                                    [--batches 1,8] [--no-breakdown] [--json out.json]
+                                    [--batches 1,8] [--tp 1] [--pp 1] [--no-breakdown]
+                                    [--json out.json]
 
 Decode rate: (time of 1 + N tokens - time of 1 token) / N steps, times the batch (as
 bench_generate.py), median over repeats. It uses only ``LLM.generate``, so the same script
@@ -139,14 +140,20 @@ def main(argv=None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (worker processes of "
+                   "threads/(tp*pp) threads each; no breakdown)")
     p.add_argument("--no-breakdown", action="store_true")
     p.add_argument("--json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     import parallax
-    llm = parallax.LLM("smollm2-135m", dtype="float32")
-    result = {"isa": isa(), "threads": a.threads, "parallax": parallax.__file__, "batches": {}}
-    print(f"ISA {result['isa']}, {a.threads} threads, {parallax.__file__}")
+    world = a.tp * a.pp
+    llm = parallax.LLM("smollm2-135m", dtype="float32", tp=a.tp, pp=a.pp,
+                       **({} if world == 1 else {"threads_per_rank": max(1, a.threads // world)}))
+    result = {"isa": isa(), "threads": a.threads, "tp": a.tp, "pp": a.pp,
+              "parallax": parallax.__file__, "batches": {}}
+    print(f"ISA {result['isa']}, {a.threads} threads, tp={a.tp} pp={a.pp}, {parallax.__file__}")
     for b in map(int, a.batches.split(",")):
         decode_rate(llm, b, 4)   # warm
         runs = [decode_rate(llm, b, a.max_new_tokens) for _ in range(a.repeats)]
@@ -156,7 +163,7 @@ def main(argv=None) -> dict:
         print(f"batch {b}: decode {entry['tok_s']:.1f} tok/s (runs "
               f"{', '.join(f'{r:.1f}' for r in rates)}), process CPU "
               f"{entry['cpu_ms_per_step']:.1f} ms/step")
-        if not a.no_breakdown and getattr(llm, "_core", None) is not None:
+        if not a.no_breakdown and world == 1 and getattr(llm, "_core", None) is not None:
             entry["breakdown"] = breakdown(llm, b, a.max_new_tokens)
             print(f"  per decode step ({entry['breakdown']['steps']} steps):   wall ms   cpu ms")
             for name, r in entry["breakdown"]["parts"].items():

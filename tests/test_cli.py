@@ -220,14 +220,15 @@ def test_info_table_equals_allocated_bytes(tiny_llama):
 
 @pytest.mark.slow
 def test_info_measure_tp_pp_tied_bias(tiny_qwen2):
-    """--measure builds tp=2 x pp=2 (qwen2: q/k/v biases, tied embedding on the last stage)
-    and its measured column equals the computed one."""
+    """--measure builds tp=2 x pp=2 (qwen2: q/k/v biases, a tied embedding matrix read by the
+    first stage's embedding and the last stage's head) and its measured column equals the
+    computed one."""
     r = _run("info", tiny_qwen2, "--tp", "2", "--pp", "2", "--measure")
     assert r.returncode == 0, r.stderr
     rows = _table(r.stdout)
     assert len(rows) == 4 and "warning" not in r.stderr
     assert all(_bytes(row["weight bytes"]) == _bytes(row["measured bytes"]) for row in rows)
-    assert [row["embed / head"] for row in rows] == ["-", "-", "tied", "tied"]
+    assert [row["embed / head"] for row in rows] == ["embed", "embed", "head", "head"]
 
 
 def test_info_smollm2_printout():

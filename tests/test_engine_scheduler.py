@@ -160,3 +160,42 @@ def test_cancel_frees_blocks_before_the_next_step():
 def test_micro_batches_split_by_tokens(sizes, parts, want):
     """Pipeline micro-batches: contiguous groups of about equal tokens, never empty."""
     assert split_by_tokens(sizes, parts) == want
+
+
+def test_steps_in_flight_take_disjoint_balanced_requests():
+    """pp=2: two steps in flight at once over disjoint halves of the running requests; a
+    request in flight is neither scheduled again nor preempted until its step is done."""
+    bm = BlockManager(num_blocks=64, block_size=BS)
+    sched = Scheduler(bm, max_num_seqs=16, max_num_batched_tokens=64, steps_in_flight=2)
+    reqs = [_req(i, range(10 * i, 10 * i + 3)) for i in range(5)]
+    for r in reqs:
+        sched.add(r)
+    a = sched.schedule()
+    b = sched.schedule()
+    ids = lambda out: [s.request.request_id for s in out.scheduled]   # noqa: E731
+    assert ids(a) == [0, 1, 2] and ids(b) == [3, 4]          # ceil(5 / 2) = 3 per step
+    assert sched.schedule().scheduled == []                  # everyone is in flight
+    sched.update(a)
+    for s in a.scheduled:
+        s.request.append_token(7)
+    assert ids(sched.schedule()) == [0, 1, 2]                # a's requests, b still in flight
+    assert sched.in_flight == {0, 1, 2, 3, 4}
+
+
+def test_a_request_in_flight_is_never_preempted():
+    """When blocks run out, the victim is the most recent request not in flight (possibly
+    the one asking); a request whose step is still running keeps its blocks."""
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, steps_in_flight=2)
+    first, second = _req(0, range(4)), _req(1, range(10, 14))
+    for r in (first, second):
+        sched.add(r)
+    a = sched.schedule()                          # first: 1 block
+    b = sched.schedule()                          # second (admitted later): 1 block
+    assert len(a.scheduled) == len(b.scheduled) == 1
+    sched.update(a)
+    first.append_token(7)
+    bm.allocate(_req(9, range(8)), 8)             # someone else takes the last 2 blocks
+    out = sched.schedule()                        # first needs a 2nd block: none free
+    assert out.scheduled == [] and out.preempted == [first]   # not second, in flight
+    assert bm.block_table(1) == b.scheduled[0].block_table and 1 in sched.in_flight

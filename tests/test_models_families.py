@@ -94,7 +94,7 @@ MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_layouts_match_one_process(checkpoints, family):
     """tp=2 (each rank reads its rows of Phi-3's fused qkv_proj / gate_up_proj; MoE experts
-    cut like a dense MLP), pp=2 (Gemma: tied, scaled embedding on the last stage; prompt
+    cut like a dense MLP), pp=2 (Gemma: tied, scaled embedding, held by both stages; prompt
     30 > window 16) and for MoE tp=2 x ep=2 (3 + 2 whole experts per rank) equal one process."""
     path = checkpoints[family]
     prompts = [[5, 6, 7, 8, 9], [1, 2], list(range(30, 60))]

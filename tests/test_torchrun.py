@@ -63,12 +63,24 @@ def test_torchrun_ranks_agree_with_one_process(request, tmp_path, model, tp, pp)
                   str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     results = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(tp * pp)]
-    assert all(res == results[0] for res in results), "ranks disagree"
+    common = [res["common"] for res in results]
+    assert all(c == common[0] for c in common), "ranks disagree"
     with parallax.LLM(path) as one:
         prompts = [[5, 6, 7, 8], [9, 10]] if one.tokenizer is None else ["Water boils at", "Hi"]
         ref = one.generate(prompts, max_new_tokens=12, ignore_eos=True, chat=False)
-    assert results[0]["tokens"] == [o.token_ids for o in ref]
-    assert results[0]["streamed"] == ref[0].text
+    assert common[0]["tokens"] == [o.token_ids for o in ref]
+    assert common[0]["streamed"] == ref[0].text
+    assert common[0]["memory_ranks"] == common[0]["after_submit_memory_ranks"] == \
+        list(range(tp * pp))
+    # submit() on the driver rank, from threads at staggered times: each request's tokens
+    # equal it alone; the other ranks are refused, naming the driver rank.
+    driver = (pp - 1) * tp
+    own = results[driver]["own"]
+    assert own["submitted"] == [ref[i % 2].token_ids for i in range(4)]
+    assert own["kv_cache_usage"] == 0
+    for rank, res in enumerate(results):
+        if rank != driver:
+            assert f"only the driver rank (rank {driver})" in res["own"]["submit_error"]
 
 
 @pytest.mark.timeout(120)

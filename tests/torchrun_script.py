@@ -3,11 +3,17 @@ writes what it got to <out>/rank<R>.json.
 
 Usage: torchrun_script.py MODEL TP PP OUT [TIMEOUT_S]. If building the LLM raises, the rank
 records the error's type and message (and how long it took) instead of results.
+
+Every rank calls generate, stream and memory (SPMD: each gets the same result). Then the driver
+rank alone submits the prompts from threads at staggered times (its ``submitted`` tokens) while
+the other ranks try submit (``submit_error``) and go on to memory(), which waits for the
+driver's; ``with llm`` on a follower waits until the driver closes.
 """
 
 import json
 import os
 import sys
+import threading
 import time
 
 import parallax
@@ -23,11 +29,38 @@ except Exception as exc:
         json.dump({"error": type(exc).__name__, "message": str(exc),
                    "seconds": time.monotonic() - t0}, f)
     sys.exit(0)
+kw = dict(max_new_tokens=12, ignore_eos=True, chat=False)
+driver = (pp - 1) * tp
 with llm:
     prompts = [[5, 6, 7, 8], [9, 10]] if llm.tokenizer is None else ["Water boils at", "Hi"]
-    outs = llm.generate(prompts, max_new_tokens=12, ignore_eos=True, chat=False)
-    streamed = "".join(llm.stream(prompts[0], max_new_tokens=12, ignore_eos=True, chat=False))
+    outs = llm.generate(prompts, **kw)
+    streamed = "".join(llm.stream(prompts[0], **kw))
     result = {"tokens": [o.token_ids for o in outs], "texts": [o.text for o in outs],
-              "streamed": streamed, "world": int(os.environ["WORLD_SIZE"])}
+              "streamed": streamed, "world": int(os.environ["WORLD_SIZE"]),
+              "memory_ranks": sorted(m["rank"] for m in llm.memory())}
+    own = {}
+    if int(os.environ["RANK"]) == driver:
+        got: dict = {}
+
+        def submit(i: int) -> None:
+            time.sleep(0.2 * i)
+            handle = llm.submit(prompts[i % len(prompts)], **kw)
+            got[i] = [t for d in handle for t in d.token_ids]
+
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        own["submitted"] = [got.get(i) for i in range(4)]
+        own["kv_cache_usage"] = llm.stats()["kv_cache_usage"]
+    else:
+        try:
+            llm.submit(prompts[0], **kw)
+            own["submit_error"] = None
+        except parallax.ParallaxError as exc:
+            own["submit_error"] = str(exc)
+    result["after_submit_memory_ranks"] = sorted(m["rank"] for m in llm.memory())
+    result = {"common": result, "own": own}
 with open(rank_file, "w") as f:
     json.dump(result, f)

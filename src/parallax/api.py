@@ -19,7 +19,7 @@ import torch
 
 from . import defaults as D
 from .engine.block_manager import BlockManager
-from .engine.core import (EngineCore, LocalExecutor, PoolExecutor, SpmdExecutor, follow,
+from .engine.core import (EngineCore, Follower, LocalExecutor, PoolExecutor, SpmdExecutor,
                           in_own_thread)
 from .engine.handle import RequestHandle
 from .engine.request import Completion, Delta, StopConditions, Usage
@@ -63,7 +63,9 @@ class LLM:
         layer_split: per-stage layer counts (default: balanced by decode cost, parallel/sharding.py).
         quantize: None or "int8" (weight-only, per-channel scales).
         micro_batches: under pp, each step's batch is cut into this many micro-batches (by
-            tokens) that flow through the stages one behind the other (default: pp).
+            tokens) that flow through the stages one behind the other (default: 1 with the
+            worker pool, which keeps ``pp`` steps in flight over disjoint requests instead;
+            pp under torchrun and Ray).
         timeout_s: how long a collective or a worker may stall before it is an error.
         threads_per_rank: torch threads per worker process (default: cores / world).
         max_num_seqs: requests decoded together at most (default 64).
@@ -93,6 +95,7 @@ class LLM:
                  block_size: int = 16, prefix_caching: bool = True,
                  executor: str | None = None, ep: int = 1):
         self._core: EngineCore | None = None
+        self._follower: Follower | None = None
         self._runner: ModelRunner | None = None
         self._pool = None
         self._closed = False
@@ -132,10 +135,14 @@ class LLM:
                 self._runner = in_own_thread(lambda: ModelRunner(self._ctx, *args, checkpoint=ckpt))
                 steps = LocalExecutor(self._runner)
             elif launched_by_torchrun():
-                self._ctx = ParallelContext.from_torchrun_env(tp, pp, device, timeout_s)
-                self._ctx.ep_size = ep
-                self._runner = ModelRunner(self._ctx, *args, checkpoint=ckpt)
-                steps = SpmdExecutor(self._runner)
+                self._ctx = ctx = ParallelContext.from_torchrun_env(tp, pp, device, timeout_s)
+                ctx.ep_size = ep
+                # Every rank's cache must have the driver's size (free memory differs a bit).
+                num_blocks = C.broadcast_object(num_blocks, ctx, ctx.driver_rank)
+                args = (model, dtype, layer_split, quantize, num_blocks, block_size)
+                self._runner = in_own_thread(lambda: ModelRunner(ctx, *args, checkpoint=ckpt))
+                # The driver rank schedules and broadcasts; the others follow in a thread.
+                steps = SpmdExecutor(self._runner) if ctx.is_driver else LocalExecutor(self._runner)
             else:
                 from .parallel.ray_executor import inside_ray_worker
                 if executor == "ray" or (executor is None and inside_ray_worker()):
@@ -145,21 +152,26 @@ class LLM:
                 factory = ModelRunner if ep == 1 else functools.partial(_runner_with_ep, ep)
                 self._pool = Ranks(factory, args, tp_size=tp, pp_size=pp, device=device,
                                    timeout_s=timeout_s, threads_per_rank=threads_per_rank)
-                steps = PoolExecutor(self._pool)
+                steps = PoolExecutor(self._pool, depth=pp)
         finally:
             ckpt.close()
         self._executor = steps
         bm = BlockManager(num_blocks, block_size, prefix_caching,
                           window=self.config.cache_window)
-        scheduler = Scheduler(bm, max_num_seqs, max_num_batched_tokens)
+        scheduler = Scheduler(bm, max_num_seqs, max_num_batched_tokens, steps.depth)
         make_decoder = None
         if self.tokenizer is not None:
             from .loading.tokenizer import IncrementalDecoder
             tok = self.tokenizer
             make_decoder = lambda: IncrementalDecoder(tok)   # noqa: E731
+        # Steps in flight already keep the stages busy; without them (torchrun, Ray) each
+        # step is cut into micro-batches that flow through the stages one behind the other.
+        default_mb = pp if steps.depth == 1 else 1
         self._core = EngineCore(steps, bm, scheduler, make_decoder,
-                                micro_batches=(micro_batches or pp) if pp > 1 else 1)
-        if not self._spmd:
+                                micro_batches=(micro_batches or default_mb) if pp > 1 else 1)
+        if self._spmd and not self._ctx.is_driver:
+            self._follower = Follower(self._runner)
+        else:
             self._core.start()
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,
                     num_blocks * block_size)
@@ -239,8 +251,10 @@ class LLM:
         ignore_eos, chat, repetition_penalty, stop_token_ids, presence_penalty,
         frequency_penalty, logprobs) for one prompt.
         Iterate the handle (``for`` or ``async for``) for Deltas, call ``result()`` for the
-        Completion, ``cancel()`` to stop it (its KV blocks are freed within one step). Not
-        available under torchrun (use ``generate`` there).
+        Completion, ``cancel()`` to stop it (its KV blocks are freed within one step).
+        Under torchrun only the driver rank (tp rank 0 of the last stage, global rank
+        ``(pp - 1) * tp``) submits: the other ranks run its steps in a background thread
+        and wait in ``close()`` until the driver closes.
 
         Args:
             prompt: a string or a list of token ids.
@@ -249,9 +263,11 @@ class LLM:
         Raises:
             PromptError, SamplingError: as ``generate``.
         """
-        if self._spmd:
-            raise ParallaxError("submit() needs the engine's background thread, which "
-                                "torchrun ranks do not run; use generate() under torchrun")
+        if self._follower is not None:
+            raise ParallaxError(
+                f"under torchrun only the driver rank (rank {self._ctx.driver_rank}) takes "
+                f"submit(); this is rank {self._ctx.rank}, which runs the driver's steps. Call "
+                f"submit() on rank {self._ctx.driver_rank} only, or generate()/stream() on every rank")
         ids, sampling, stops = self._prepare([prompt], max_new_tokens, **kwargs)
         return self._engine().submit(ids[0], sampling[0], stops)
 
@@ -265,16 +281,22 @@ class LLM:
             prompt: a string or a list of token ids.
             max_new_tokens: tokens to generate at most (>= 1).
         """
-        if self._spmd:   # torchrun: every rank runs it; pieces arrive at the end
-            yield from [c.text for c in self.generate([prompt], max_new_tokens, **kwargs)]
+        if self._follower is not None:   # torchrun: the driver's pieces, once it is done
+            ids, _, stops = self._prepare([prompt], max_new_tokens, **kwargs)
+            self._engine().scheduler.check_fits(len(ids[0]), stops.max_new_tokens)   # as the driver
+            yield from self._follower.result()
             return
         handle = self.submit(prompt, max_new_tokens, **kwargs)
+        pieces: list[str] = []
         try:
             for d in handle:
                 if d.text:
+                    pieces.append(d.text)
                     yield d.text
         finally:
             handle.cancel()
+            if self._spmd:
+                self._executor.publish(True, pieces)
 
     def chat(self, messages: list[dict] | list[list[dict]], max_new_tokens: int = D.MAX_NEW_TOKENS,
              **kwargs: Any) -> Completion | list[Completion]:
@@ -314,7 +336,11 @@ class LLM:
     def stats(self) -> dict:
         """Serving counters: num_requests_running, num_requests_waiting, kv_cache_usage
         (0..1), kv_cache_tokens, num_preemptions, prefix_cache_queries, prefix_cache_hits
-        (both in tokens), prompt_tokens, generation_tokens (counters since start)."""
+        (both in tokens), prompt_tokens, generation_tokens (counters since start).
+        Under torchrun, on the driver rank only (it holds the scheduler)."""
+        if self._follower is not None:
+            raise ParallaxError(f"under torchrun the serving counters live on the driver rank "
+                                f"(rank {self._ctx.driver_rank}); call stats() there")
         return self._engine().stats()
 
     def generation_stats(self) -> list[dict]:
@@ -332,6 +358,10 @@ class LLM:
         self._closed = True
         if self._core is not None:
             self._core.shutdown()
+        if self._spmd and self._follower is None:
+            self._executor.stop()                   # release the followers
+        elif self._follower is not None:
+            self._follower.join()                   # until the driver closes
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -360,30 +390,27 @@ class LLM:
     def _call(self, method: str, *args):
         """A side call (logits, memory, stats) on every rank; the driver rank's result."""
         self._engine()
-        out = self._executor.call(method, *args)
-        if self._spmd:
-            return C.broadcast_object(out, self._ctx, self._ctx.driver_rank)
-        return out
+        if self._follower is not None:               # torchrun: the driver sends the call
+            return self._follower.result()
+        return self._executor.call(method, *args)
 
     def _run_all(self, ids: list[list[int]], sampling: list[SamplingParams],
                  stops: StopConditions) -> list[Completion]:
         core = self._engine()
-        for p in ids:        # refuse before anything is queued
+        for p in ids:        # refuse before anything is queued (on every rank alike)
             core.scheduler.check_fits(len(p), stops.max_new_tokens)
-        if not self._spmd:
+        if self._follower is not None:               # torchrun: the driver's completions
+            return self._follower.result()
+        try:
             handles = [core.submit(p, s, stops) for p, s in zip(ids, sampling)]
-            return [h.result() for h in handles]
-        if self._ctx.is_driver:   # torchrun: this rank schedules, the others follow
-            handles = [core.submit(p, s, stops) for p, s in zip(ids, sampling)]
-            try:
-                core.run_until(lambda: all(h.finished for h in handles))
-            finally:
-                self._executor.execute(None)            # release the followers
             outs = [h.result() for h in handles]
-        else:
-            follow(self._runner)
-            outs = None
-        return C.broadcast_object(outs, self._ctx, self._ctx.driver_rank)
+        except BaseException as exc:
+            if self._spmd:
+                self._executor.publish(False, exc)
+            raise
+        if self._spmd:
+            self._executor.publish(True, outs)
+        return outs
 
     def _prepare(self, prompts, max_new_tokens, temperature=D.TEMPERATURE, top_k=None, top_p=D.TOP_P,
                  seed=None, stop=None, ignore_eos=False, chat=None, repetition_penalty=D.REPETITION_PENALTY,

@@ -3,16 +3,19 @@
 
 The core lives in the process that owns the ``LLM``. It reaches the ranks through an
 executor: ``LocalExecutor`` (one process), ``PoolExecutor`` (spawned workers: each step is
-one ``WorkerPool.call("execute", plan)``) or ``SpmdExecutor`` (torchrun: the scheduling
-rank broadcasts each plan, the other ranks ``follow``). Steps run in a background thread
-(``start``) fed by ``submit`` from any thread; under torchrun ``run_until`` drives steps
-in the caller's thread, on every rank in step.
+one ``"execute"`` command on every rank; under pp up to pp of them in flight) or
+``SpmdExecutor`` (torchrun: the driver rank broadcasts each plan, the other ranks run them
+in a ``Follower`` thread). Steps run in a background thread (``start``) fed by ``submit``
+from any thread, in every case.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
+import pickle
+import queue
 import threading
 from typing import Any, Callable
 
@@ -56,15 +59,30 @@ def in_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 class LocalExecutor:
     """The runner in this process (one rank); side calls run in a short-lived thread
-    (``in_own_thread``), steps in the engine thread."""
+    (``in_own_thread``), steps in the engine thread.
+
+    The executor interface the core uses: ``depth`` (steps that may be in flight),
+    ``accepting()`` (whether a new step may start now), ``submit(plan)`` -> a ticket,
+    ``collect(ticket)`` -> the sampled tokens (tickets collected oldest first), and
+    ``call(method, *args)`` for side calls on every rank. Here a step runs inside
+    ``submit``: depth 1.
+    """
+
+    depth = 1
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         self._lock = threading.Lock()        # steps and side calls never overlap
 
-    def execute(self, plan: StepPlan) -> list[int]:
+    def accepting(self) -> bool:
+        return True
+
+    def submit(self, plan: StepPlan) -> list[int]:
         with self._lock:
             return self.runner.execute(plan)
+
+    def collect(self, ticket: list[int]) -> list[int]:
+        return ticket
 
     def call(self, method: str, *args: Any) -> Any:
         with self._lock:
@@ -72,38 +90,152 @@ class LocalExecutor:
 
 
 class SpmdExecutor(LocalExecutor):
-    """torchrun: this rank schedules; every plan is broadcast so all ranks run it. Steps
-    and side calls run in the caller's thread (collectives stay on one thread)."""
+    """torchrun, on the scheduling (driver) rank: every step, side call and SPMD result is
+    broadcast as a message, and the other ranks act on it in their ``Follower`` thread.
+    One lock holds each message together with the collectives it starts, so every rank
+    sees the same order whichever thread of the driver sends.
+
+    Messages: ``("step", plan)``, ``("call", method, args)`` (the driver's result is then
+    broadcast too), ``("result", ok, value)`` (what an SPMD call returns or raises on every
+    rank), ``("ping",)`` (keeps idle followers inside their collective timeout), None (stop).
+    """
+
+    def __init__(self, runner: ModelRunner):
+        super().__init__(runner)
+        self.idle_ping_s = max(1.0, runner.ctx.timeout_s / 4)
+
+    def _send(self, msg: Any) -> None:
+        C.broadcast_object(msg, self.runner.ctx, self.runner.ctx.driver_rank)
+
+    def submit(self, plan: StepPlan) -> list[int]:
+        with self._lock:
+            self._send(("step", plan))
+            return self.runner.execute(plan)
 
     def call(self, method: str, *args: Any) -> Any:
-        with self._lock:
-            return getattr(self.runner, method)(*args)
-
-    def execute(self, plan: StepPlan | None) -> list[int]:
         ctx = self.runner.ctx
         with self._lock:
-            C.broadcast_object(plan, ctx, ctx.driver_rank)
-            return self.runner.execute(plan) if plan is not None else []
+            self._send(("call", method, args))
+            out = in_own_thread(getattr(self.runner, method), *args)
+            return C.broadcast_object(out, ctx, ctx.driver_rank)
+
+    def publish(self, ok: bool, value: Any) -> None:
+        """Hand every follower the result (ok) or the error of an SPMD call."""
+        if not ok:
+            try:
+                pickle.dumps(value)
+            except Exception:
+                value = EngineDeadError(f"{type(value).__name__}: {value}")
+        with self._lock:
+            self._send(("result", ok, value))
+
+    def ping(self) -> None:
+        with self._lock:
+            self._send(("ping",))
+
+    def stop(self) -> None:
+        with self._lock:
+            self._send(None)
 
 
-def follow(runner: ModelRunner) -> None:
-    """torchrun, on every rank but the scheduling one: run broadcast plans until None."""
-    ctx = runner.ctx
-    while (plan := C.broadcast_object(None, ctx, ctx.driver_rank)) is not None:
-        runner.execute(plan)
+class Follower:
+    """torchrun, on every rank but the driver: a thread that runs the driver's messages
+    (``SpmdExecutor``) until it stops, and hands SPMD results to this rank's calls in order.
+    """
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self._results: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="parallax-follower", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        ctx = self.runner.ctx
+        end: BaseException = EngineDeadError("the driver rank closed the LLM")
+        try:
+            while (msg := C.broadcast_object(None, ctx, ctx.driver_rank)) is not None:
+                if msg[0] == "step":
+                    self.runner.execute(msg[1])
+                elif msg[0] == "call":
+                    out = getattr(self.runner, msg[1])(*msg[2])
+                    self._results.put((True, C.broadcast_object(out, ctx, ctx.driver_rank)))
+                elif msg[0] == "result":
+                    self._results.put(msg[1:])
+        except BaseException as exc:   # noqa: BLE001  handed to this rank's waiting calls
+            logger.error("rank %d: following the driver failed: %s", ctx.rank, exc)
+            end = exc
+        self._results.put((None, end))                  # None: no more results, ever
+
+    def result(self) -> Any:
+        """The next SPMD result from the driver (blocks); its error raised here."""
+        ok, value = self._results.get()
+        if ok is None:
+            self._results.put((ok, value))              # later calls fail the same way
+        if not ok:
+            raise value
+        return value
+
+    def join(self) -> None:
+        """Wait until the driver stops (its LLM closed) or the link fails."""
+        self._thread.join()
 
 
 class PoolExecutor:
-    """Spawned workers: each step and side call goes to every rank through the pool."""
+    """Worker processes (WorkerPool or RayExecutor): each step and side call goes to every
+    rank. With a pool that can ``submit`` without waiting, up to ``depth`` steps are in
+    flight (pp: stage k runs step i while stage k+1 runs step i-1); a side call waits until
+    none is, and no new step starts while one waits."""
 
-    def __init__(self, pool):
+    def __init__(self, pool, depth: int = 1):
         self.pool = pool
+        self.depth = depth if hasattr(pool, "submit") else 1
+        self._cv = threading.Condition()
+        self._in_flight = 0
+        self._side_waiting = 0
+        self._side_running = False
 
-    def execute(self, plan: StepPlan) -> list[int]:
-        return self.pool.call("execute", plan)
+    def accepting(self) -> bool:
+        return self._side_waiting == 0
+
+    def submit(self, plan: StepPlan) -> Any:
+        if self.depth == 1:
+            return self.call("execute", plan)
+        with self._cv:
+            while self._side_running:
+                self._cv.wait()
+            self._in_flight += 1
+        try:
+            self.pool.submit("execute", plan)
+        except BaseException:
+            self._done()
+            raise
+
+    def collect(self, ticket: Any) -> list[int]:
+        if self.depth == 1:
+            return ticket
+        try:
+            return self.pool.collect()
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._cv:
+            self._in_flight -= 1
+            self._cv.notify_all()
 
     def call(self, method: str, *args: Any) -> Any:
-        return self.pool.call(method, *args)
+        with self._cv:
+            self._side_waiting += 1
+            while self._in_flight or self._side_running:
+                self._cv.wait()
+            self._side_waiting -= 1
+            self._side_running = True
+        try:
+            return self.pool.call(method, *args)
+        finally:
+            with self._cv:
+                self._side_running = False
+                self._cv.notify_all()
 
 
 def split_by_tokens(sizes: list[int], parts: int) -> list[int]:
@@ -133,6 +265,10 @@ class EngineCore:
         make_decoder: returns a fresh incremental detokenizer per request, or None.
         micro_batches: split each step's sequences into this many micro-batches (by tokens)
             so pipeline stages work at the same time (1 without pp).
+
+    Under pp the executor takes up to ``depth`` steps before the first one's tokens are
+    back; each is scheduled over requests not in any step in flight (the scheduler's
+    ``in_flight``), so the stages work on different steps at once.
     """
 
     def __init__(self, executor, block_manager: BlockManager, scheduler: Scheduler,
@@ -147,6 +283,7 @@ class EngineCore:
         self._live: dict[int, tuple[Request, RequestHandle]] = {}
         self._new: list[NewRequest] = []          # for the runner's sampler, next plan
         self._finished: list[int] = []
+        self._in_flight: collections.deque = collections.deque()   # (SchedulerOutput, ticket)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
@@ -202,33 +339,26 @@ class EngineCore:
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._stopping or self._inbox or self._cancels
-                           or self.scheduler.has_work):
-                    self._cv.wait()
-                if self._stopping:
-                    return
-            try:
+        ping = getattr(self.executor, "idle_ping_s", None)
+        try:
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._inbox or self._cancels
+                               or self.scheduler.has_work or self._in_flight):
+                        if not self._cv.wait(ping) and ping is not None:
+                            self.executor.ping()   # torchrun followers wait in a collective
+                    if self._stopping:
+                        return
                 self.step()
-            except BaseException as exc:   # noqa: BLE001  every waiting caller gets it
-                logger.error("engine step failed: %s", exc)
-                self.error = exc
-                self._fail_all(exc)
-                return
-
-    def run_until(self, done: Callable[[], bool]) -> None:
-        """Step in this thread until ``done()`` (torchrun's driver; no background thread)."""
-        while not done():
-            try:
-                self.step()
-            except BaseException as exc:
-                self.error = exc
-                self._fail_all(exc)
-                raise
+        except BaseException as exc:   # noqa: BLE001  every waiting caller gets it
+            logger.error("engine step failed: %s", exc)
+            self.error = exc
+            self._fail_all(exc)
 
     def step(self) -> bool:
-        """One engine step; False when there was nothing to do."""
+        """One engine step: start a new model step if one may start and has work, else
+        (or when the executor's pipeline is full) finish the oldest one in flight. False
+        when there was nothing to do."""
         with self._cv:
             inbox, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, set()
@@ -243,17 +373,27 @@ class EngineCore:
             if rid in self._live:
                 req, handle = self._live[rid]
                 self._end(req, handle, req.abort())
-        if not self.scheduler.has_work:
-            if self._new or self._finished:         # let the sampler forget cancelled ones
-                self.executor.execute(self._plan(SchedulerOutput()))
+        ex = self.executor
+        # A side call waiting (not accepting) first lets the steps in flight finish; with
+        # none left, submit blocks until the side call is done.
+        if len(self._in_flight) < ex.depth and (ex.accepting() or not self._in_flight):
+            out = self.scheduler.schedule()
+            # An empty plan still goes out when idle: the sampler forgets cancelled requests.
+            if out.scheduled or (not self._in_flight and (self._new or self._finished)):
+                self._in_flight.append((out, ex.submit(self._plan(out))))
+                if out.scheduled and len(self._in_flight) < ex.depth:
+                    return True             # room for another step over other requests
+        if not self._in_flight:
             return False
-        out = self.scheduler.schedule()
-        tokens = self.executor.execute(self._plan(out))
+        out, ticket = self._in_flight.popleft()
+        tokens = ex.collect(ticket)
         self.scheduler.update(out)
         sampled = [s for s in out.scheduled if s.samples]
         logprobs = getattr(tokens, "logprobs", None) or [None] * len(tokens)
         for s, tok, lp in zip(sampled, tokens, logprobs):
             req = s.request
+            if req.request_id not in self._live:    # cancelled while its step was in flight
+                continue
             _, handle = self._live[req.request_id]
             delta = req.append_token(tok, logprobs=lp)
             self.generation_tokens += 1
@@ -261,7 +401,7 @@ class EngineCore:
                 self._end(req, handle, delta)
             else:
                 handle._push(delta)
-        return True
+        return bool(out.scheduled)
 
     def _plan(self, out: SchedulerOutput) -> StepPlan:
         token_ids, seqs, rows, ids = [], [], [], []

@@ -156,11 +156,9 @@ class ModelRunner:
         tokens = SampledTokens()
         pending: list = []
         with torch.inference_mode():
-            parts = plan.micro_batches()
-            embedded = self._send_embeddings(ids, [tok for _, tok in parts], pending)
-            for seq, tok in parts:
+            for seq, tok in plan.micro_batches():
                 meta = AttentionMetadata.build(plan.seqs[seq], self.block_size, self.ctx.device)
-                h = self._forward(ids[tok], meta, self.kv_caches, pending, embedded)
+                h = self._forward(ids[tok], meta, self.kv_caches, pending)
                 rows = [r - tok.start for r in plan.sample_rows if tok.start <= r < tok.stop]
                 if h is not None and rows:
                     logits = self.model.compute_logits(h[rows])              # (R, V) fp32
@@ -173,31 +171,14 @@ class ModelRunner:
         self.busy_s += time.perf_counter() - t0
         return tokens if self.ctx.is_driver else None
 
-    def _send_embeddings(self, ids: torch.Tensor, parts: list[slice], pending: list) -> bool:
-        """Tied embeddings under pp live on the last stage: it embeds every micro-batch up
-        front and sends them to stage 0, which can then start at once. Returns whether
-        stage 0 gets its inputs that way."""
-        ctx, model = self.ctx, self.model
-        if not model.embeds_on_last_stage:
-            return False
-        if ctx.is_last_stage:
-            for tok in parts:
-                emb = model.embed(ids[tok])
-                pending.append((C.send_to(emb, ctx.stage_rank(0), ctx), emb))
-        return True
-
-    def _forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv_caches, pending: list,
-                 embedded: bool) -> torch.Tensor | None:
+    def _forward(self, ids: torch.Tensor, meta: AttentionMetadata, kv_caches,
+                 pending: list) -> torch.Tensor | None:
         """This stage's part of the forward of one (micro-)batch; the last stage returns the
         normed hidden states (T, d), other stages None (their output went on, its send
-        appended to ``pending``). ``embedded``: stage 0 receives its inputs from the last
-        stage (``_send_embeddings``)."""
+        appended to ``pending``)."""
         ctx, model = self.ctx, self.model
         t, hidden = ids.shape[0], model.cfg.hidden_size
-        if ctx.is_first_stage and embedded:
-            x = C.recv_from(torch.empty(t, hidden, dtype=self.dtype, device=ctx.device),
-                            ctx.stage_rank(ctx.pp_size - 1), ctx)
-        elif ctx.is_first_stage:
+        if ctx.is_first_stage:
             x = ids
         else:
             x = C.recv_prev_stage(torch.empty(t, hidden, dtype=self.dtype, device=ctx.device), ctx)
@@ -223,8 +204,7 @@ class ModelRunner:
         ids = torch.tensor([t for p in prompts for t in p], device=self.ctx.device)
         with torch.inference_mode():
             pending: list = []
-            embedded = self._send_embeddings(ids, [slice(0, ids.shape[0])], pending)
-            h = self._forward(ids, meta, caches, pending, embedded)
+            h = self._forward(ids, meta, caches, pending)
             for work, _ in pending:
                 if work is not None:
                     work.wait()

@@ -16,6 +16,10 @@ Rules, in order (docs/engine.md):
    A request that cannot be admitted stops admission (FCFS: no overtaking).
 4. Cancelled requests leave before anything is scheduled, so their blocks are free for the
    same step.
+5. Pipeline parallel keeps up to ``steps_in_flight`` steps running at once (engine/core.py).
+   A request is in at most one of them (its next token is not known before its step ends):
+   requests in flight are skipped and never preempted, and each step takes at most
+   1/``steps_in_flight`` of the requests (rounded up) so the steps in flight stay balanced.
 """
 
 from __future__ import annotations
@@ -63,10 +67,11 @@ class Scheduler:
         block_manager: the KV block allocator.
         max_num_seqs: running requests at most.
         max_num_batched_tokens: tokens computed per step at most.
+        steps_in_flight: steps the executor runs at once (pp; rule 5).
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512):
+                 max_num_batched_tokens: int = 512, steps_in_flight: int = 1):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ParallaxError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got "
                                 f"{max_num_seqs} and {max_num_batched_tokens}")
@@ -74,6 +79,8 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.in_flight: set[int] = set()          # ids of requests in a step not yet done
+        self.steps_in_flight = steps_in_flight
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ requests
@@ -99,6 +106,7 @@ class Scheduler:
         elif req.status == RequestStatus.WAITING:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
+        self.in_flight.discard(req.request_id)
         self.bm.free_request(req.request_id)
 
     @property
@@ -109,13 +117,19 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        seqs = -(-(len(self.running) + len(self.waiting)) // self.steps_in_flight)
         scheduled: dict[int, ScheduledRequest] = {}
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(scheduled) < seqs:
             req = self.running[i]
+            if req.request_id in self.in_flight:
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.bm.allocate(req, n):
-                victim = self.running[-1]
+                victim = self._victim()
+                if victim is None:                  # all others are in flight: wait for them
+                    break
                 budget += self._preempt(victim, scheduled, out)
                 if victim is req:
                     break
@@ -125,9 +139,10 @@ class Scheduler:
                 budget -= n
                 i += 1
                 continue
-            break                                   # req itself was preempted: it was last
+            break                                   # req was preempted (it was last) or waits
         if not out.preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+                   and len(scheduled) < seqs):
                 req = self.waiting[0]
                 hits = self.bm.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
                 cached = len(hits) * self.bm.block_size
@@ -149,7 +164,15 @@ class Scheduler:
                     req, n, cached, self.bm.block_table(req.request_id))
                 budget -= n
         out.scheduled = list(scheduled.values())
+        self.in_flight.update(scheduled)
         return out
+
+    def _victim(self) -> Request | None:
+        """The most recently admitted running request not in a step in flight."""
+        for req in reversed(self.running):
+            if req.request_id not in self.in_flight:
+                return req
+        return None
 
     def _preempt(self, victim: Request, scheduled: dict, out: SchedulerOutput) -> int:
         """Free victim's blocks; it goes back to the front of the queue, to be recomputed.
@@ -170,3 +193,4 @@ class Scheduler:
         """After the step ran: the scheduled tokens are in the cache."""
         for s in out.scheduled:
             s.request.num_computed_tokens = s.start + s.num_tokens
+            self.in_flight.discard(s.request.request_id)

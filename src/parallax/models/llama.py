@@ -217,13 +217,12 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layers: range, dtype: torch.dtype):
         super().__init__()
         self.cfg, self.ctx, self.layer_ids = cfg, ctx, layers
-        # Tied embeddings under pp live with the LM head on the last stage (one copy of the
-        # vocabulary matrix instead of two); that stage embeds tokens and sends the hidden
-        # states to the first stage (generation.py). Otherwise the first stage embeds.
-        self.embeds_on_last_stage = cfg.tie_word_embeddings and ctx.pp_size > 1
-        owns_embedding = ctx.is_last_stage if self.embeds_on_last_stage else ctx.is_first_stage
+        # The first stage embeds. Tied embeddings under pp are read twice: by the first
+        # stage's embedding and the last stage's LM head (vLLM does the same). One copy would
+        # make the first stage wait for the last one to embed each step, so steps in flight
+        # could not overlap across stages (engine/core.py).
         self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, ctx)
-                             if owns_embedding else None)
+                             if ctx.is_first_stage else None)
         self.layers = nn.ModuleList(self.layer_cls(cfg, ctx, i, dtype) for i in layers)
         self.norm = self.lm_head = None
         if ctx.is_last_stage:
@@ -244,8 +243,7 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One step over a flat batch of T new tokens from any number of sequences.
 
-        x: token ids (T,) long, or hidden states (T, d) from the previous stage (or from the
-        last stage's embedding, see ``embeds_on_last_stage``); meta: the step's attention
+        x: token ids (T,) long, or hidden states (T, d) from the previous stage; meta: the step's attention
         metadata; kv_caches: (k_cache, v_cache) per layer of this stage, each
         (num_blocks, Hk_local, block_size, D), written in place.
 

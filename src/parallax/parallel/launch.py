@@ -37,6 +37,7 @@ scripts, notebooks). Design choices:
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import dataclasses
 import io
@@ -384,7 +385,8 @@ class WorkerPool:
 
     Errors: ``WorkerError`` when a worker dies or raises; ``ParallaxError`` subclasses raised
     by a worker (start-up included) keep their type. See the module docstring for when the
-    pool survives an error. Not re-entrant: one command at a time (other threads wait).
+    pool survives an error. Not re-entrant: one command at a time (other threads wait),
+    except that ``submit`` / ``collect`` keep several ``execute``-style commands in flight.
     ``run_id`` names the pool's shared-memory segments (``/dev/shm/parallax-<run_id>-*``),
     ``rendezvous_dir`` is the owner-only folder of its ``FileStore``.
     """
@@ -409,6 +411,7 @@ class WorkerPool:
         self._state = state = _PoolState(store_path, spec.run_id)
         self._lock = threading.Lock()
         self._owner: int | None = None               # thread id running a command
+        self._uncollected: collections.deque[str] = collections.deque()   # submit()ted
         _LIVE.add(state)
         self._finalizer = weakref.finalize(self, state.shutdown,
                                            "the WorkerPool was garbage-collected")
@@ -444,6 +447,33 @@ class WorkerPool:
                 next(gen)
         except StopIteration as stop:
             return stop.value
+
+    def submit(self, method: str, *args: Any) -> None:
+        """Send ``engine.method(*args)`` to every rank without waiting for it. Each rank runs
+        its commands in the order sent, so several can be in flight (pipeline stages work on
+        different ones at once); ``collect`` returns their results, oldest first. ``call``
+        refuses while any is uncollected."""
+        what = f"{method}()"
+        payload = self._payload(what, method, args, {}, False)
+        with self._lock:
+            self._check_open()
+            for conn in self._state.conns:
+                with contextlib.suppress(OSError):       # a dead rank shows up in collect
+                    conn.send_bytes(payload)
+            self._uncollected.append(what)
+
+    def collect(self) -> Any:
+        """The driver rank's result of the oldest ``submit``ted command (errors as ``call``)."""
+        with self._lock:
+            if not self._uncollected:
+                raise RuntimeError("WorkerPool.collect: no submitted command to collect")
+            what = self._uncollected.popleft()
+            gen = self._replies(what)
+            try:
+                while True:
+                    next(gen)
+            except StopIteration as stop:
+                return stop.value
 
     def call_stream(self, method: str, *args: Any, **kwargs: Any) -> Generator[Any, None, Any]:
         """Like ``call``; yields what the driver rank passes to ``emit``, returns the result.
@@ -490,15 +520,14 @@ class WorkerPool:
             raise RuntimeError("WorkerPool: a command is already in flight from this thread "
                                "(an unfinished call_stream?); finish or close it first")
         what = f"{method}()"
-        try:    # pickle once, send the same bytes to every rank
-            payload = ForkingPickler.dumps(("call", method, args, kwargs, stream))
-        except Exception as exc:
-            raise TypeError(f"WorkerPool: the arguments of {what} must be picklable: "
-                            f"{exc}") from exc
+        payload = self._payload(what, method, args, kwargs, stream)
         with self._lock:
             self._owner = threading.get_ident()
             try:
                 self._check_open()
+                if self._uncollected:
+                    raise RuntimeError(f"WorkerPool: {what} while submitted commands "
+                                       f"({', '.join(self._uncollected)}) are uncollected")
                 for conn in self._state.conns:
                     with contextlib.suppress(OSError):   # a dead rank shows up in _replies
                         conn.send_bytes(payload)
@@ -511,6 +540,14 @@ class WorkerPool:
                 raise
             finally:
                 self._owner = None
+
+    @staticmethod
+    def _payload(what: str, method: str, args: tuple, kwargs: dict, stream: bool) -> bytes:
+        try:    # pickle once, send the same bytes to every rank
+            return ForkingPickler.dumps(("call", method, args, kwargs, stream))
+        except Exception as exc:
+            raise TypeError(f"WorkerPool: the arguments of {what} must be picklable: "
+                            f"{exc}") from exc
 
     def _replies(self, what: str) -> Generator[Any, None, Any]:
         """Collect one reply per rank, yielding the driver rank's items on the way.

@@ -32,11 +32,6 @@ def stage_params(cfg: ModelConfig, tp: int, pp: int, rank: int, layers: range,
     return sum(p.numel() for p in model.parameters())
 
 
-def embeds_on_last_stage(cfg: ModelConfig, pp_size: int) -> bool:
-    """Tied embeddings under pp live with the LM head (models/llama.py does the same)."""
-    return cfg.tie_word_embeddings and pp_size > 1
-
-
 def rank_plan(cfg: ModelConfig, tp: int, pp: int, layer_split: list[int] | None = None,
               dtype: str | torch.dtype = "float32", ep: int = 1) -> list[dict]:
     """One dict per rank (pp outer, tp inner, as the launcher numbers them):
@@ -44,20 +39,20 @@ def rank_plan(cfg: ModelConfig, tp: int, pp: int, layer_split: list[int] | None 
     ``rank, stage, tp_rank``; ``layers`` (a range); ``q_heads`` / ``kv_heads`` held (KV heads
     replicated past tp = num_kv_heads count on every rank holding them); ``vocab_rows`` of
     the embedding / LM head shard; ``embedding`` / ``lm_head`` (whether the rank holds them;
-    "tied" when one tensor serves both); ``experts`` (a range of expert ids held, empty for a
+    "tied" when one tensor serves both; under pp a tied
+    matrix is held twice, by the first stage's embedding and the last stage's head); ``experts`` (a range of expert ids held, empty for a
     dense model); ``params`` and ``weight_bytes`` allocated.
 
     The layout must be valid (see ``sharding.check_layout``).
     """
     itemsize = _bytes_per_element(dtype)
     stages = split_layers(cfg, pp, layer_split)
-    embed_stage = pp - 1 if embeds_on_last_stage(cfg, pp) else 0
     rows = []
     for stage, layers in enumerate(stages):
         for t in range(tp):
             part = head_partition(cfg, tp, t)
             vocab = split_evenly(cfg.vocab_size, tp, t)[1]
-            has_embed, has_head = stage == embed_stage, stage == pp - 1
+            has_embed, has_head = stage == 0, stage == pp - 1
             shared = cfg.tie_word_embeddings and has_embed and has_head
             params = stage_params(cfg, tp, pp, stage * tp + t, layers, ep)
             experts = (expert_partition(cfg.num_experts, cfg.moe_intermediate_size, tp, t, ep).experts
