@@ -1,7 +1,7 @@
-"""GGUF Q8_0 / Q4_0 weights kept quantized: the C kernels against their torch twins (every
-CPU variant this machine runs) and against gguf's own dequantisation; LLM(gguf) with quantized
-weights against the same file dequantised to fp32 (the old path), in one process and under
-tp=2 / pp=2."""
+"""GGUF Q8_0 / Q4_0 / Q4_1 weights kept quantized: the C kernels against their torch twins
+(every CPU variant this machine runs) and against gguf's own dequantisation, the 8-bit
+activation path against its analytic error bound; LLM(gguf) with quantized weights against
+the same file dequantised to fp32 (the old path), in one process and under tp=2 / pp=2."""
 from __future__ import annotations
 
 import gguf
@@ -13,7 +13,9 @@ from parallax.ops import cpu, reference
 
 VARIANTS = cpu.supported_variants()
 Q = gguf.GGMLQuantizationType
-FORMATS = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
+FORMATS = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
+F32_KERNELS = ("q8_0", "q4_0")        # formats with an fp32-activation kernel (q8_0_f32.c)
+SHAPES = [(1, 7, 32), (3, 33, 96), (5, 64, 256), (9, 17, 160), (17, 40, 64), (1, 1, 32)]
 
 
 def block_bytes(w: np.ndarray, qtype=Q.Q8_0) -> torch.Tensor:
@@ -22,10 +24,9 @@ def block_bytes(w: np.ndarray, qtype=Q.Q8_0) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(q))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", F32_KERNELS)
 @pytest.mark.parametrize("isa", VARIANTS)
-@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (3, 33, 96), (5, 64, 256), (9, 17, 160),
-                                   (17, 40, 64), (1, 1, 32)])
+@pytest.mark.parametrize("m,n,k", SHAPES)
 def test_block_kernel_matches_twin(isa, m, n, k, fmt):
     if cpu.kernels(isa) is None:
         pytest.fail(f"CPU kernels ({isa}) did not build: {cpu.build_error(isa)}")
@@ -41,6 +42,69 @@ def test_block_kernel_matches_twin(isa, m, n, k, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("m,n,k", SHAPES + [(4, 9, 1536)])
+def test_q8_kernel_matches_twin(isa, m, n, k, fmt):
+    """csrc/cpu/q8_act.c (x rounded to 8-bit blocks, integer dot products) against
+    reference.{fmt}_linear_q8 (the same rounded x, dequantised, times the dequantised
+    weight): both multiply exactly the same values, so only fp32 summation order differs."""
+    if cpu.kernels(isa) is None:
+        pytest.fail(f"CPU kernels ({isa}) did not build: {cpu.build_error(isa)}")
+    g = torch.Generator().manual_seed(m * 1000 + n + k + 7)
+    qw = block_bytes(torch.randn(n, k, generator=g).numpy(), FORMATS[fmt])
+    x = torch.randn(m, k, generator=g) * 4
+    bias = torch.randn(n, generator=g)
+    y = torch.full((m, n), float("nan"))        # poisoned: every output must be written
+    y.copy_(cpu.block_linear_q8(fmt, x, qw, bias, isa=isa))
+    want = getattr(reference, f"{fmt}_linear_q8")(x, qw, bias)
+    scale = float((x.abs() @ getattr(reference, f"{fmt}_dequantize")(qw).abs().T).max())
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_quantize_q8_matches_twin(isa):
+    """The kernels' activation rounding is the twin's bit for bit: codes and scales equal,
+    including an all-zero block, exact .5 ties (half to even) and tiny values."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 160, generator=g) * 10
+    x[0, :32] = 0.0
+    x[1, :32] = torch.arange(32) - 15.5           # amax 16.5: codes at 127/16.5 steps
+    x[1, 32:64] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5] + [0.0] * 26)  # id 1: ties
+    x[2, 64:96] = 1e-30
+    q, d = cpu.quantize_q8(x, isa=isa)
+    want_q, want_d = reference.quantize_q8(x)
+    assert torch.equal(q, want_q) and torch.equal(d, want_d)
+    assert q[1, 33:38].tolist() == [0, 2, 2, 0, -2]
+    # The rounding bound the kernels' error bound rests on: |x - q * d| <= amax / 254.
+    amax = x.reshape(5, -1, 32).abs().amax(-1, keepdim=True)
+    err = (x - reference.dequantize_q8(q, d)).reshape(5, -1, 32).abs()
+    assert bool((err <= amax / 254 * (1 + 1e-6)).all())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_q8_activation_error_bound(fmt):
+    """Rounding x to 8-bit blocks moves each x_i by at most amax_b / 254 (amax_b the largest
+    |x| of its block of 32), so each output moves by at most
+        sum_b amax_b / 254 * sum_{i in b} |w_ni|
+    from the exact product with the dequantised weight: the kernel (default variant) is
+    checked against that analytic bound (plus fp32 rounding), and the bound must be tight
+    enough to mean something (the observed error is a sizeable share of it)."""
+    g = torch.Generator().manual_seed(11)
+    n, k = 96, 576
+    qw = block_bytes(torch.randn(n, k, generator=g).numpy(), FORMATS[fmt])
+    w = getattr(reference, f"{fmt}_dequantize")(qw)                        # (N, K)
+    x = torch.randn(8, k, generator=g) * torch.rand(1, k, generator=g) * 3  # uneven blocks
+    exact = (x.double() @ w.double().T)
+    got = cpu.block_linear_q8(fmt, x, qw).double()
+    amax = x.reshape(8, -1, 32).abs().amax(-1).double()                   # (M, K/32)
+    wsum = w.abs().reshape(n, -1, 32).sum(-1).double()                     # (N, K/32)
+    bound = amax / 254 @ wsum.T + 1e-6 * (x.abs().double() @ w.abs().double().T)
+    err = (got - exact).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+    assert float((err / bound).max()) > 0.05
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_dequantize_matches_gguf(fmt):
     """The twin's dequantisation is bit-equal to gguf's; every kernel variant multiplies by
     those values (zero and subnormal-scale blocks included)."""
@@ -52,8 +116,12 @@ def test_dequantize_matches_gguf(fmt):
     want = torch.from_numpy(gguf.quants.dequantize(qw.numpy(), FORMATS[fmt])).reshape(13, 128)
     assert torch.equal(getattr(reference, f"{fmt}_dequantize")(qw), want)
     x = torch.randn(2, 128, generator=g)
+    x8 = reference.dequantize_q8(*reference.quantize_q8(x))
     for isa in VARIANTS:
-        torch.testing.assert_close(getattr(cpu, f"{fmt}_linear")(x, qw, isa=isa), x @ want.T,
+        if fmt in F32_KERNELS:
+            torch.testing.assert_close(getattr(cpu, f"{fmt}_linear")(x, qw, isa=isa),
+                                       x @ want.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu.block_linear_q8(fmt, x, qw, isa=isa), x8 @ want.T,
                                    rtol=1e-5, atol=1e-5)
 
 

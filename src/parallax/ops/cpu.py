@@ -18,6 +18,7 @@ goes through MKL's batched gemm, which runs the blocks in parallel and reaches ~
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import hashlib
 import logging
@@ -74,7 +75,8 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor,
 PANEL = 32
 
 # Every C source of the library and the entry points ctypes binds: name -> (return, args).
-_SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "q8_0_f32.c", "paged_attention_f32.c"]
+_SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "q8_0_f32.c", "q8_act.c",
+            "paged_attention_f32.c"]
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGNATURES = {
     "parallax_cpu_isa": (ctypes.c_char_p, []),
@@ -82,6 +84,10 @@ _SIGNATURES = {
     "parallax_int8_linear_f32": (None, [_P] * 4 + [_I] * 4),
     "parallax_q8_0_linear_f32": (None, [_P] * 3 + [_I] * 4),
     "parallax_q4_0_linear_f32": (None, [_P] * 3 + [_I] * 4),
+    "parallax_quantize_q8_f32": (None, [_P] * 3 + [_I] * 2),
+    "parallax_q8_0_linear_q8": (_I, [_P] * 3 + [_I] * 4),
+    "parallax_q4_0_linear_q8": (_I, [_P] * 3 + [_I] * 4),
+    "parallax_q4_1_linear_q8": (_I, [_P] * 3 + [_I] * 4),
     "parallax_add_rms_norm_f32": (None, [_P] * 5 + [_I, _I, _F]),
     "parallax_silu_and_mul_f32": (None, [_P, _P, _I, _I]),
     "parallax_decode_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 4
@@ -333,18 +339,49 @@ def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | Non
     return _block_linear("q4_0", x, qweight, bias, isa)
 
 
+def quantize_q8(x: torch.Tensor, *, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_q8 by csrc/cpu/q8_act.c (what the *_linear_q8 kernels do to x):
+    x (M, K) float32 contiguous -> (codes (M, K) int8, scales (M, K/32) float32)."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8)
+    d = torch.empty(m, k // _ref.GGUF_BLOCK, dtype=torch.float32)
+    kernels(isa).parallax_quantize_q8_f32(x.data_ptr(), q.data_ptr(), d.data_ptr(), m, k)
+    return q, d
+
+
+def block_linear_q8(kind: str, x: torch.Tensor, qweight: torch.Tensor,
+                    bias: torch.Tensor | None = None, *, isa: str | None = None) -> torch.Tensor:
+    """reference.{kind}_linear_q8 by csrc/cpu/q8_act.c: x (..., K) float32 rounded to 8-bit
+    blocks, then integer dot products with the ``kind`` ("q8_0", "q4_0", "q4_1") blocks of
+    qweight (N, K/32 * block bytes) uint8, as llama.cpp does."""
+    n = qweight.shape[0]
+    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    fn = getattr(kernels(isa), f"parallax_{kind}_linear_q8")
+    if fn(rows.data_ptr(), qweight.data_ptr(), y.data_ptr(), rows.shape[0], n, k,
+          torch.get_num_threads()):
+        raise MemoryError(f"{kind} matmul: no memory for {rows.shape[0]} x {k} int8 activations")
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], n)
+
+
 DEQUANT_CHUNK_BYTES = 8 << 20   # fp32 bytes of weight rows dequantised at a time
 
 
 def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, *, q8: bool = False) -> torch.Tensor:
     """The torch path of a ``kind`` block matmul: dequantise a few MiB of weight rows at a
     time and F.linear them into their output columns, so no full fp32 copy of the weight
-    is ever made (reference.{kind}_linear's result, column block by column block)."""
+    is ever made (reference.{kind}_linear's result, column block by column block; with
+    ``q8``, x is first rounded to 8-bit blocks: reference.{kind}_linear_q8's)."""
     deq = getattr(_ref, f"{kind}_dequantize")
     n = qweight.shape[0]
     k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
     rows = x.reshape(-1, k)
+    if q8:
+        rows = _ref.dequantize_q8(*_ref.quantize_q8(rows))
     step = max(1, DEQUANT_CHUNK_BYTES // (4 * k))
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     for r0 in range(0, n, step):
@@ -354,18 +391,40 @@ def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     return y.view(*x.shape[:-1], n)
 
 
+ACTIVATIONS = ("q8", "f32")
+
+
+def block_activations() -> str:
+    """How block-weight matmuls take x on the CPU: ``PARALLAX_GGUF_ACTIVATIONS``, "q8"
+    (default: rounded to 8-bit blocks, integer dot products, as llama.cpp) or "f32" (x as it
+    is, the weights dequantised in registers: exact, slower at few rows)."""
+    mode = os.environ.get("PARALLAX_GGUF_ACTIVATIONS", "q8").strip().lower() or "q8"
+    if mode not in ACTIVATIONS:
+        raise ParallaxError(f"PARALLAX_GGUF_ACTIVATIONS={mode!r}: use q8 (default) or f32")
+    return mode
+
+
 def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``kind`` ("q8_0", "q4_0") matmul by the C kernel or by block_linear_dequant,
-    whichever measured faster for this shape and row count (``choose``)."""
-    kernel = q8_0_linear if kind == "q8_0" else q4_0_linear
+    """The ``kind`` ("q8_0", "q4_0", "q4_1") matmul with x taken as ``block_activations()``
+    says, by the C kernel or by block_linear_dequant on the same values, whichever measured
+    faster for this shape and row count (``choose``; Q4_1 with f32 activations has no
+    kernel: always torch)."""
     n = qweight.shape[0]
     k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
-    path = choose(kind, n, k, x.numel() // k, lambda a: kernel(a, qweight),
-                  lambda a: block_linear_dequant(kind, a, qweight))
-    if path == "kernel":
-        return kernel(x, qweight, bias)
-    return block_linear_dequant(kind, x, qweight, bias)
+    if block_activations() == "q8":
+        kernel = functools.partial(block_linear_q8, kind, qweight=qweight)
+        dequant = functools.partial(block_linear_dequant, kind, qweight=qweight, q8=True)
+        name = f"{kind}*q8"
+    elif kind in ("q8_0", "q4_0"):
+        kernel = functools.partial(_block_linear, kind, qweight=qweight, isa=None)
+        dequant = functools.partial(block_linear_dequant, kind, qweight=qweight)
+        name = kind
+    else:
+        return block_linear_dequant(kind, x, qweight, bias)
+    if choose(name, n, k, x.numel() // k, kernel, dequant) == "kernel":
+        return kernel(x, bias=bias)
+    return dequant(x, bias=bias)
 
 
 def block_fits(kind: str, x: torch.Tensor, qweight: torch.Tensor) -> bool:
@@ -387,7 +446,8 @@ def row_bucket(rows: int) -> tuple[int | None, int]:
 
 
 def choose(kind: str, n: int, k: int, rows: int, kernel, torch_path) -> str:
-    """"kernel" or "torch" for a ``kind`` ("f32", "int8", "q8_0", "q4_0") matmul of ``rows`` rows by an
+    """"kernel" or "torch" for a ``kind`` ("f32", "int8", "q8_0", "q4_0", "q8_0*q8": Q8_0
+    weights by 8-bit activations, ...) matmul of ``rows`` rows by an
     (n, k) weight: both are timed once per (kind, n, k, row bucket, threads) on this machine
     (``kernel(x)``, ``torch_path(x)`` on random x), the choice cached, logged and listed by
     ``matmul_choices``. ``PARALLAX_CPU_MATMUL=kernel|torch`` fixes it instead."""

@@ -253,7 +253,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # llama.cpp block formats kept quantized on the CPU: bytes per block of 32 weights.
 GGUF_BLOCK = 32
-GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 
 
 def q8_0_dequantize(qweight: torch.Tensor) -> torch.Tensor:
@@ -278,6 +278,18 @@ def q4_0_dequantize(qweight: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(n, -1)
 
 
+def q4_1_dequantize(qweight: torch.Tensor) -> torch.Tensor:
+    """Q4_1 rows -> fp32. qweight: (N, K/32*20) uint8, each row K/32 blocks of (fp16 d,
+    fp16 m, 16 bytes of nibbles as in Q4_0) -> (N, K) float32 = q * d + m."""
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, -1, 20)                                    # (N, K/32, 20)
+    d = blocks[..., :2].contiguous().view(torch.float16).float()           # (N, K/32, 1)
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float()          # (N, K/32, 1)
+    qs = blocks[..., 4:].to(torch.int16)                                   # (N, K/32, 16)
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).float()                      # (N, K/32, 32)
+    return (q * d + m).reshape(n, -1)
+
+
 def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias with W in Q8_0 rows (see q8_0_dequantize), dequantised by torch.
@@ -291,6 +303,54 @@ def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor,
     return F.linear(x, q4_0_dequantize(qweight).to(x.dtype), bias)
 
 
+def q4_1_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q8_0_linear for Q4_1 rows (see q4_1_dequantize): K = qweight.shape[1] / 20 * 32."""
+    return F.linear(x, q4_1_dequantize(qweight).to(x.dtype), bias)
+
+
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations as llama.cpp's 8-bit blocks: x (..., K) float32, K a multiple of 32 ->
+    (codes (..., K) int8, scales (..., K/32) float32) with, per block of 32, amax = max |x|,
+    scale = amax / 127, code = round-half-even(x * (127 / amax)) (0 where amax is 0).
+    |x - code * scale| <= scale / 2 = amax / 254 for every element."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, GGUF_BLOCK)               # (..., K/32, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)                         # (..., K/32, 1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv).to(torch.int8)
+    return q.reshape(x.shape), (amax / 127.0).squeeze(-1)
+
+
+def dequantize_q8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_q8's codes and scales back to float32 values, (..., K)."""
+    blocks = q.float().reshape(*q.shape[:-1], -1, GGUF_BLOCK)
+    return (blocks * scales.unsqueeze(-1)).reshape(q.shape)
+
+
+def _linear_q8(dequantize, x: torch.Tensor, qweight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(dequantize_q8(*quantize_q8(x)), dequantize(qweight), bias)
+
+
+def q8_0_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q8_0_linear with x first rounded to 8-bit blocks (quantize_q8), as llama.cpp's CPU
+    matmuls compute: x (..., K) float32 -> (..., N) float32."""
+    return _linear_q8(q8_0_dequantize, x, qweight, bias)
+
+
+def q4_0_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q4_0_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
+    return _linear_q8(q4_0_dequantize, x, qweight, bias)
+
+
+def q4_1_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q4_1_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
+    return _linear_q8(q4_1_dequantize, x, qweight, bias)
+
+
 def q8_0_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of a Q8_0 matrix, dequantised: ids (...) long -> (..., K) float32."""
     return q8_0_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)
@@ -299,3 +359,8 @@ def q8_0_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 def q4_0_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of a Q4_0 matrix, dequantised: ids (...) long -> (..., K) float32."""
     return q4_0_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)
+
+
+def q4_1_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a Q4_1 matrix, dequantised: ids (...) long -> (..., K) float32."""
+    return q4_1_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)

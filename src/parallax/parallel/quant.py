@@ -7,7 +7,7 @@
 - ``apply(layer, x, bias)`` is y = x W^T + b; ``embedding(layer, ids)`` reads rows of W.
 
 ``UNQUANTIZED`` (float weights, packed or not) is every layer's default. ``Q8_0Method``
-(and ``Q4_0Method``, 18-byte blocks of 4-bit weights, the same way)
+(and ``Q4_0Method`` / ``Q4_1Method``, 18- / 20-byte blocks of 4-bit weights, the same way)
 keeps a GGUF Q8_0 tensor as its raw blocks (a uint8 (N, K/32*34) buffer: fp16 scale + 32 int8 per
 32 weights), sliced by whole rows (column-parallel, vocabulary) or whole blocks along K
 (row-parallel). The int8 path of ``quantize="int8"`` still uses ``_Linear.qweight``/
@@ -96,6 +96,23 @@ class Q4_0Method(Q8_0Method):
         return ops.q4_0_embedding(ids, layer.weight)
 
 
+class Q4_1Method(Q8_0Method):
+    """GGUF Q4_1 blocks (fp16 scale, fp16 minimum, 16 bytes of 4-bit weights per 32), as
+    Q8_0Method."""
+
+    name = "q4_1"
+    ggml_type = "Q4_1"
+    block_bytes = 20
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.q4_1_linear(x, layer.weight, bias)
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return ops.q4_1_embedding(ids, layer.weight)
+
+
 UNQUANTIZED = QuantMethod()
 # GGUF block type -> the method that keeps it quantized.
-GGUF_METHODS: dict[str, QuantMethod] = {"Q8_0": Q8_0Method(), "Q4_0": Q4_0Method()}
+GGUF_METHODS: dict[str, QuantMethod] = {"Q8_0": Q8_0Method(), "Q4_0": Q4_0Method(),
+                                        "Q4_1": Q4_1Method()}

@@ -1,0 +1,279 @@
+/* GGUF block-weight matmuls with 8-bit activations, as llama.cpp computes them on the CPU:
+ * y (M, N) = x (M, K) @ W^T, x and y fp32, W in its GGUF blocks of 32 (q8_0_f32.c has the
+ * layouts; Q4_1: 20 bytes, fp16 d, fp16 m, 16 bytes of nibbles; weight = q * d + m).
+ *
+ * Each row of x is first quantized once per call, block by block (32 values):
+ *   dx = amax / 127, qx = rint(x * (127 / amax)) in [-127, 127] (0 where amax is 0),
+ * the torch twin ops/reference.py:quantize_q8 bit for bit. A block's product is then an
+ * integer dot product of 32 weight codes with 32 activation codes, scaled once by both
+ * scales in fp32:
+ *   Q8_0: d * dx * sum(q * qx)
+ *   Q4_0: d * dx * (sum(q * qx) - 8 * sum(qx))      q: the 4-bit code, 0..15
+ *   Q4_1: d * dx * sum(q * qx) + m * dx * sum(qx)
+ * so the result equals the twin (dequantised W times the dequantised codes of x) up to fp32
+ * summation order. x86 (avx2 and avx512 builds): 256-bit integer dots, one block a vector,
+ * vpmaddubsw (unsigned x signed bytes) + vpmaddwd; Q8_0's signed weights go through the
+ * sign trick (|q| times qx with q's sign), which keeps every pair sum within int16. The
+ * generic build: plain C loops the compiler vectorizes.
+ *
+ * Tiles: NN weight rows x MM rows of x, each weight block unpacked once per tile; blocks of
+ * weight rows are split over OpenMP threads. K must be a multiple of 32.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "isa.h"
+
+#define QK 32
+
+/* One row of x as 8-bit blocks: codes, scale and code sum per block. */
+typedef struct {
+    const int8_t* q;      /* K codes */
+    const float* d;       /* K / 32 scales */
+    const int32_t* s;     /* K / 32 sums of the codes */
+} qrow;
+
+static void quantize_row(const float* x, int K, int8_t* q, float* d, int32_t* s) {
+    for (int b = 0; b < K / QK; b++) {
+        const float* xb = x + (size_t)b * QK;
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        for (int i = 0; i < QK; i++) {
+            int v = (int)rintf(xb[i] * id);
+            q[(size_t)b * QK + i] = (int8_t)v;
+            sum += v;
+        }
+        d[b] = amax / 127.0f;
+        s[b] = sum;
+    }
+}
+
+/* fp16 -> fp32 (F16C where built with it; IEEE half otherwise). */
+static inline float half_to_float(const uint8_t* p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {          /* zero or subnormal: man * 2^-24, exact in fp32 */
+        float f = (float)man * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+enum { FMT_Q8_0, FMT_Q4_0, FMT_Q4_1 };
+static const int BLOCK_BYTES[] = {34, 18, 20};
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+typedef __m256i wcodes;   /* a block's 32 weight codes, unsigned for Q4 (|q| for Q8_0) */
+
+static inline wcodes load_codes(int fmt, const uint8_t* blk) {
+    if (fmt == FMT_Q8_0) return _mm256_loadu_si256((const __m256i*)(blk + 2));
+    __m128i lo = _mm_loadu_si128((const __m128i*)(blk + (fmt == FMT_Q4_1 ? 4 : 2)));
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo);
+    return _mm256_and_si256(both, _mm256_set1_epi8(15));
+}
+
+/* 8 int32 partial sums of w . qx over one block. */
+static inline __m256i block_dot(int fmt, wcodes w, __m256i qx) {
+    __m256i u = w, s = qx;
+    if (fmt == FMT_Q8_0) {      /* signed x signed: |w| (unsigned) times qx with w's sign */
+        u = _mm256_sign_epi8(w, w);
+        s = _mm256_sign_epi8(qx, w);
+    }
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
+}
+
+typedef __m256 facc;
+static inline facc facc_zero(void) { return _mm256_setzero_ps(); }
+
+/* acc += (w . qx) * scale, with Q4_0's -8 * sum(qx) spread over the 8 lanes (sx each). */
+static inline facc block_fma(int fmt, facc acc, wcodes w, __m256i qx, int32_t sx, float scale) {
+    __m256i p = block_dot(fmt, w, qx);
+    if (fmt == FMT_Q4_0) p = _mm256_sub_epi32(p, _mm256_set1_epi32(sx));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc);
+}
+
+static inline __m256i load_qx(const int8_t* q) { return _mm256_loadu_si256((const __m256i*)q); }
+
+#else   /* generic */
+
+typedef struct { uint8_t v[QK]; int8_t sgn[QK]; } wcodes;
+typedef float facc;
+typedef const int8_t* qxvec;
+
+static inline wcodes load_codes(int fmt, const uint8_t* blk) {
+    wcodes w;
+    if (fmt == FMT_Q8_0) {
+        memcpy(w.sgn, blk + 2, QK);
+    } else {
+        const uint8_t* p = blk + (fmt == FMT_Q4_1 ? 4 : 2);
+        for (int i = 0; i < QK / 2; i++) {
+            w.v[i] = p[i] & 15;
+            w.v[i + QK / 2] = p[i] >> 4;
+        }
+    }
+    return w;
+}
+
+static inline facc facc_zero(void) { return 0.0f; }
+static inline float hsum(facc v) { return v; }
+static inline qxvec load_qx(const int8_t* q) { return q; }
+
+static inline facc block_fma(int fmt, facc acc, wcodes w, qxvec qx, int32_t sx, float scale) {
+    int32_t p = 0;
+    if (fmt == FMT_Q8_0)
+        for (int i = 0; i < QK; i++) p += (int32_t)w.sgn[i] * qx[i];
+    else
+        for (int i = 0; i < QK; i++) p += (int32_t)w.v[i] * qx[i];
+    if (fmt == FMT_Q4_0) p -= 8 * sx;
+    return acc + (float)p * scale;
+}
+#endif
+
+/* NN weight rows (row_bytes apart) times MM quantized rows of x -> y[m * N + r]. */
+static inline __attribute__((always_inline)) void tile(int fmt, int NN, int MM, const qrow* xr, int nb, const uint8_t* w,
+                        size_t row_bytes, float* y, int N) {
+    facc acc[4][4];
+    float mterm[4][4];
+    int bb = BLOCK_BYTES[fmt];
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < NN; r++) {
+            acc[m][r] = facc_zero();
+            mterm[m][r] = 0.0f;
+        }
+    for (int b = 0; b < nb; b++) {
+        wcodes wc[4];
+        float d[4], mw[4];
+        for (int r = 0; r < NN; r++) {
+            const uint8_t* blk = w + (size_t)r * row_bytes + (size_t)b * bb;
+            wc[r] = load_codes(fmt, blk);
+            d[r] = half_to_float(blk);
+            mw[r] = fmt == FMT_Q4_1 ? half_to_float(blk + 2) : 0.0f;
+        }
+        for (int m = 0; m < MM; m++) {
+            float dx = xr[m].d[b];
+            int32_t sx = xr[m].s[b];
+            __typeof__(load_qx(xr[m].q)) qx = load_qx(xr[m].q + (size_t)b * QK);
+            for (int r = 0; r < NN; r++) {
+                acc[m][r] = block_fma(fmt, acc[m][r], wc[r], qx, sx, d[r] * dx);
+                if (fmt == FMT_Q4_1) mterm[m][r] += mw[r] * (dx * (float)sx);
+            }
+        }
+    }
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < NN; r++) y[(size_t)m * N + r] = hsum(acc[m][r]) + mterm[m][r];
+}
+
+/* One instantiation per (format, tile): constant NN, MM let the compiler keep the
+ * accumulators in registers. */
+#define TILE_FN(F, NN, MM)                                                                   \
+static void tile_##F##_##NN##x##MM(const qrow* xr, int nb, const uint8_t* w,                \
+                                   size_t row_bytes, float* y, int N) {                     \
+    tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);                                      \
+}
+typedef void (*tile_fn)(const qrow*, int, const uint8_t*, size_t, float*, int);
+/* [rows of weight: 0 -> 4, 1 -> 1][rows of x - 1] */
+#define TILES(F)                                                                             \
+TILE_FN(F, 4, 1) TILE_FN(F, 4, 2) TILE_FN(F, 4, 3) TILE_FN(F, 4, 4)                          \
+TILE_FN(F, 1, 1) TILE_FN(F, 1, 2) TILE_FN(F, 1, 3) TILE_FN(F, 1, 4)                          \
+static const tile_fn TILES_##F[2][4] = {                                                     \
+    {tile_##F##_4x1, tile_##F##_4x2, tile_##F##_4x3, tile_##F##_4x4},                        \
+    {tile_##F##_1x1, tile_##F##_1x2, tile_##F##_1x3, tile_##F##_1x4}};
+TILES(Q8_0)
+TILES(Q4_0)
+TILES(Q4_1)
+
+/* Rows of x per tile: 4 where 16 accumulators fit the registers (avx512: 32), else 2. */
+#if PARALLAX_VW == 16
+#define RM 4
+#else
+#define RM 2
+#endif
+
+static int q8_linear(int fmt, const tile_fn (*tiles)[4], const float* x, const uint8_t* w,
+                     float* y, int M, int N, int K, int num_threads) {
+    (void)num_threads;   /* unused when built without OpenMP */
+    int nb = K / QK;
+    size_t row_bytes = (size_t)nb * BLOCK_BYTES[fmt];
+    int8_t* q = malloc((size_t)M * K + (size_t)M * nb * (sizeof(float) + sizeof(int32_t)));
+    if (q == NULL) return 1;
+    float* d = (float*)(q + (size_t)M * K);   /* M * K is a multiple of 32: aligned */
+    int32_t* s = (int32_t*)(d + (size_t)M * nb);
+    #pragma omp parallel for schedule(static) num_threads(num_threads) if (M > 1)
+    for (int m = 0; m < M; m++)
+        quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, d + (size_t)m * nb,
+                     s + (size_t)m * nb);
+    int blocks = (N + 3) / 4;
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int blk = 0; blk < blocks; blk++) {
+        int n0 = blk * 4;
+        for (int m0 = 0; m0 < M; m0 += RM) {
+            int rows = M - m0 < RM ? M - m0 : RM;
+            qrow xr[4];
+            for (int i = 0; i < rows; i++) {
+                xr[i].q = q + (size_t)(m0 + i) * K;
+                xr[i].d = d + (size_t)(m0 + i) * nb;
+                xr[i].s = s + (size_t)(m0 + i) * nb;
+            }
+            if (n0 + 4 <= N)
+                tiles[0][rows - 1](xr, nb, w + (size_t)n0 * row_bytes, row_bytes,
+                                   y + (size_t)m0 * N + n0, N);
+            else
+                for (int n = n0; n < N; n++)
+                    tiles[1][rows - 1](xr, nb, w + (size_t)n * row_bytes, row_bytes,
+                                       y + (size_t)m0 * N + n, N);
+        }
+    }
+    free(q);
+    return 0;
+}
+
+/* x (M, K) fp32 -> codes q (M, K) int8, scales d (M, K/32) fp32: quantize_row per row.
+ * Exposed for the tests (the twin must agree bit for bit). */
+void parallax_quantize_q8_f32(const float* x, int8_t* q, float* d, int M, int K) {
+    int nb = K / QK;
+    int32_t* s = malloc(sizeof(int32_t) * (size_t)(nb > 0 ? nb : 1));
+    if (s == NULL) return;
+    for (int m = 0; m < M; m++)
+        quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, d + (size_t)m * nb, s);
+    free(s);
+}
+
+/* w: N rows of K / 32 blocks of the format. Return 0, or 1 when out of memory. */
+int parallax_q8_0_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K,
+                            int num_threads) {
+    return q8_linear(FMT_Q8_0, TILES_Q8_0, x, w, y, M, N, K, num_threads);
+}
+
+int parallax_q4_0_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K,
+                            int num_threads) {
+    return q8_linear(FMT_Q4_0, TILES_Q4_0, x, w, y, M, N, K, num_threads);
+}
+
+int parallax_q4_1_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K,
+                            int num_threads) {
+    return q8_linear(FMT_Q4_1, TILES_Q4_1, x, w, y, M, N, K, num_threads);
+}
