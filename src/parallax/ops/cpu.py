@@ -311,7 +311,7 @@ def int8_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> b
 
 
 def _block_linear(kind: str, x: torch.Tensor, qweight: torch.Tensor,
-                  bias: torch.Tensor | None, isa: str | None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
     """y = x @ W^T + bias, W in GGUF ``kind`` blocks ("q8_0", "q4_0": reference.GGUF_BLOCK_BYTES),
     by csrc/cpu/q8_0_f32.c."""
     n = qweight.shape[0]
