@@ -353,18 +353,24 @@ def block_linear_q8(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                     bias: torch.Tensor | None = None, *, isa: str | None = None) -> torch.Tensor:
     """reference.{kind}_linear_q8 by csrc/cpu/q8_act.c: x (..., K) float32 rounded to 8-bit
     blocks, then integer dot products with the ``kind`` ("q8_0", "q4_0", "q4_1") blocks of
-    qweight (N, K/32 * block bytes) uint8, as llama.cpp does."""
-    n = qweight.shape[0]
-    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
-    rows = x.reshape(-1, k).contiguous()
-    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    fn = getattr(kernels(isa), f"parallax_{kind}_linear_q8")
-    if fn(rows.data_ptr(), qweight.data_ptr(), y.data_ptr(), rows.shape[0], n, k,
-          torch.get_num_threads()):
-        raise MemoryError(f"{kind} matmul: no memory for {rows.shape[0]} x {k} int8 activations")
+    qweight (N, K/32 * block bytes) uint8, as llama.cpp does. Called once per matmul of a
+    decode step: 2-D contiguous x skips the reshapes (each costs ~1 us of the ~5 here)."""
+    k = x.shape[-1]
+    flat = x.dim() == 2 and x.is_contiguous()
+    rows = x if flat else x.reshape(-1, k).contiguous()
+    m, n = rows.shape[0], qweight.shape[0]
+    y = torch.empty(m, n)
+    fn = _ENTRIES.get((isa, kind))
+    if fn is None:
+        fn = _ENTRIES[(isa, kind)] = getattr(kernels(isa), f"parallax_{kind}_linear_q8")
+    if fn(rows.data_ptr(), qweight.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads()):
+        raise MemoryError(f"{kind} matmul: no memory for {m} x {k} int8 activations")
     if bias is not None:
         y += bias
-    return y.view(*x.shape[:-1], n)
+    return y if flat else y.view(*x.shape[:-1], n)
+
+
+_ENTRIES: dict[tuple[str | None, str], object] = {}   # (isa, kind) -> bound C entry point
 
 
 DEQUANT_CHUNK_BYTES = 8 << 20   # fp32 bytes of weight rows dequantised at a time
@@ -392,13 +398,16 @@ def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
 
 
 ACTIVATIONS = ("q8", "f32")
+_Q8_NAMES = {kind: f"{kind}*q8" for kind in _ref.GGUF_BLOCK_BYTES}   # choose()'s weight kinds
 
 
 def block_activations() -> str:
     """How block-weight matmuls take x on the CPU: ``PARALLAX_GGUF_ACTIVATIONS``, "q8"
     (default: rounded to 8-bit blocks, integer dot products, as llama.cpp) or "f32" (x as it
     is, the weights dequantised in registers: exact, slower at few rows)."""
-    mode = os.environ.get("PARALLAX_GGUF_ACTIVATIONS", "q8").strip().lower() or "q8"
+    mode = os.environ.get("PARALLAX_GGUF_ACTIVATIONS") or "q8"
+    if mode not in ACTIVATIONS:
+        mode = mode.strip().lower() or "q8"
     if mode not in ACTIVATIONS:
         raise ParallaxError(f"PARALLAX_GGUF_ACTIVATIONS={mode!r}: use q8 (default) or f32")
     return mode
@@ -410,28 +419,30 @@ def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     says, by the C kernel or by block_linear_dequant on the same values, whichever measured
     faster for this shape and row count (``choose``; Q4_1 with f32 activations has no
     kernel: always torch)."""
-    n = qweight.shape[0]
-    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
+    n, k = qweight.shape[0], x.shape[-1]
     if block_activations() == "q8":
-        kernel = functools.partial(block_linear_q8, kind, qweight=qweight)
-        dequant = functools.partial(block_linear_dequant, kind, qweight=qweight, q8=True)
-        name = f"{kind}*q8"
-    elif kind in ("q8_0", "q4_0"):
+        path = choose(_Q8_NAMES[kind], n, k, x.numel() // k,
+                      lambda a: block_linear_q8(kind, a, qweight),
+                      lambda a: block_linear_dequant(kind, a, qweight, q8=True))
+        if path == "kernel":
+            return block_linear_q8(kind, x, qweight, bias)
+        return block_linear_dequant(kind, x, qweight, bias, q8=True)
+    if kind in ("q8_0", "q4_0"):
         kernel = functools.partial(_block_linear, kind, qweight=qweight, isa=None)
         dequant = functools.partial(block_linear_dequant, kind, qweight=qweight)
-        name = kind
-    else:
-        return block_linear_dequant(kind, x, qweight, bias)
-    if choose(name, n, k, x.numel() // k, kernel, dequant) == "kernel":
-        return kernel(x, bias=bias)
-    return dequant(x, bias=bias)
+        if choose(kind, n, k, x.numel() // k, kernel, dequant) == "kernel":
+            return kernel(x, bias=bias)
+        return dequant(x, bias=bias)
+    return block_linear_dequant(kind, x, qweight, bias)
 
 
 def block_fits(kind: str, x: torch.Tensor, qweight: torch.Tensor) -> bool:
-    """Whether the ``kind`` block kernel takes these tensors."""
-    return (fits(x) and qweight.dtype == torch.uint8 and qweight.device.type == "cpu"
-            and qweight.dim() == 2 and qweight.is_contiguous()
-            and qweight.shape[1] % _ref.GGUF_BLOCK_BYTES[kind] == 0)
+    """Whether the ``kind`` block kernel takes these tensors (x fp32 on the CPU, qweight
+    uint8 (N, K/32 * block bytes) contiguous, the kernels built)."""
+    return (x.dtype == torch.float32 and not x.is_cuda and qweight.dtype == torch.uint8
+            and not qweight.is_cuda and qweight.dim() == 2 and qweight.is_contiguous()
+            and qweight.shape[1] * _ref.GGUF_BLOCK == x.shape[-1] * _ref.GGUF_BLOCK_BYTES[kind]
+            and kernels() is not None)
 
 
 # Row-count buckets (inclusive upper bound, rows timed): decode batches, then prefill chunks.
@@ -445,16 +456,19 @@ def row_bucket(rows: int) -> tuple[int | None, int]:
     return next(b for b in ROW_BUCKETS if b[0] is None or rows <= b[0])
 
 
+_BUCKET_OF = {r: row_bucket(r) for r in range(1, 257)}   # the per-call lookup, precomputed
+
+
 def choose(kind: str, n: int, k: int, rows: int, kernel, torch_path) -> str:
     """"kernel" or "torch" for a ``kind`` ("f32", "int8", "q8_0", "q4_0", "q8_0*q8": Q8_0
     weights by 8-bit activations, ...) matmul of ``rows`` rows by an
     (n, k) weight: both are timed once per (kind, n, k, row bucket, threads) on this machine
     (``kernel(x)``, ``torch_path(x)`` on random x), the choice cached, logged and listed by
     ``matmul_choices``. ``PARALLAX_CPU_MATMUL=kernel|torch`` fixes it instead."""
-    forced = os.environ.get("PARALLAX_CPU_MATMUL", "auto").strip().lower()
-    if forced in ("kernel", "torch"):
-        return forced
-    hi, timed = row_bucket(rows)
+    forced = os.environ.get("PARALLAX_CPU_MATMUL")
+    if forced and forced.strip().lower() in ("kernel", "torch"):
+        return forced.strip().lower()
+    hi, timed = _BUCKET_OF.get(rows) or row_bucket(rows)
     key = (kind, n, k, hi, torch.get_num_threads())
     choice = _choices.get(key)
     if choice is None:

@@ -154,8 +154,9 @@ static inline facc block_fma(int fmt, facc acc, wcodes w, qxvec qx, int32_t sx, 
 #endif
 
 /* NN weight rows (row_bytes apart) times MM quantized rows of x -> y[m * N + r]. */
-static inline __attribute__((always_inline)) void tile(int fmt, int NN, int MM, const qrow* xr, int nb, const uint8_t* w,
-                        size_t row_bytes, float* y, int N) {
+static inline __attribute__((always_inline)) void tile(int fmt, int NN, int MM, const qrow* xr,
+                                                       int nb, const uint8_t* w,
+                                                       size_t row_bytes, float* y, int N) {
     facc acc[4][4];
     float mterm[4][4];
     int bb = BLOCK_BYTES[fmt];
@@ -187,12 +188,66 @@ static inline __attribute__((always_inline)) void tile(int fmt, int NN, int MM, 
         for (int r = 0; r < NN; r++) y[(size_t)m * N + r] = hsum(acc[m][r]) + mterm[m][r];
 }
 
+#if defined(__AVX2__)
+/* The 4-weight-row tile on x86: the 4 rows' int32 partial sums of a block are folded into
+ * one vector by two vphaddd (lanes: rows 0-3 of the low half, rows 0-3 of the high half), so
+ * one conversion and one fma (by the 4 rows' scales times dx) serve 4 rows, and only MM
+ * accumulators are live. Same values as tile(); the two halves are added at the end. */
+static inline __attribute__((always_inline)) void tile4(int fmt, int MM, const qrow* xr, int nb,
+                                                        const uint8_t* w, size_t row_bytes,
+                                                        float* y, int N) {
+    __m256 acc[4];
+    int bb = BLOCK_BYTES[fmt];
+    for (int m = 0; m < MM; m++) acc[m] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t* blk = w + (size_t)b * bb;
+        wcodes wc[4];
+        uint16_t h[4], hm[4];
+        for (int r = 0; r < 4; r++) {
+            wc[r] = load_codes(fmt, blk + (size_t)r * row_bytes);
+            memcpy(&h[r], blk + (size_t)r * row_bytes, 2);
+            if (fmt == FMT_Q4_1) memcpy(&hm[r], blk + (size_t)r * row_bytes + 2, 2);
+        }
+        __m128 d4 = _mm_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2],
+                                                (short)h[3], 0, 0, 0, 0));
+        __m256 d8 = _mm256_set_m128(d4, d4);
+        __m256 m8 = _mm256_setzero_ps();
+        if (fmt == FMT_Q4_1) {
+            __m128 m4 = _mm_cvtph_ps(_mm_setr_epi16((short)hm[0], (short)hm[1], (short)hm[2],
+                                                    (short)hm[3], 0, 0, 0, 0));
+            m8 = _mm256_set_m128(m4, m4);
+        }
+        for (int m = 0; m < MM; m++) {
+            __m256i qx = load_qx(xr[m].q + (size_t)b * QK);
+            __m256i p01 = _mm256_hadd_epi32(block_dot(fmt, wc[0], qx), block_dot(fmt, wc[1], qx));
+            __m256i p23 = _mm256_hadd_epi32(block_dot(fmt, wc[2], qx), block_dot(fmt, wc[3], qx));
+            __m256i p = _mm256_hadd_epi32(p01, p23);
+            if (fmt == FMT_Q4_0) p = _mm256_sub_epi32(p, _mm256_set1_epi32(4 * xr[m].s[b]));
+            float dx = xr[m].d[b];
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                     _mm256_mul_ps(d8, _mm256_set1_ps(dx)), acc[m]);
+            if (fmt == FMT_Q4_1)   /* m * dx * sum(qx), half in each half of the vector */
+                acc[m] = _mm256_fmadd_ps(m8, _mm256_set1_ps(0.5f * dx * (float)xr[m].s[b]),
+                                         acc[m]);
+        }
+    }
+    for (int m = 0; m < MM; m++)
+        _mm_storeu_ps(y + (size_t)m * N, _mm_add_ps(_mm256_castps256_ps128(acc[m]),
+                                                    _mm256_extractf128_ps(acc[m], 1)));
+}
+#define TILE_BODY(F, NN, MM)                                                                 \
+    if (NN == 4) tile4(FMT_##F, MM, xr, nb, w, row_bytes, y, N);                            \
+    else tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);
+#else
+#define TILE_BODY(F, NN, MM) tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);
+#endif
+
 /* One instantiation per (format, tile): constant NN, MM let the compiler keep the
  * accumulators in registers. */
 #define TILE_FN(F, NN, MM)                                                                   \
 static void tile_##F##_##NN##x##MM(const qrow* xr, int nb, const uint8_t* w,                \
                                    size_t row_bytes, float* y, int N) {                     \
-    tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);                                      \
+    TILE_BODY(F, NN, MM)                                                                     \
 }
 typedef void (*tile_fn)(const qrow*, int, const uint8_t*, size_t, float*, int);
 /* [rows of weight: 0 -> 4, 1 -> 1][rows of x - 1] */
@@ -206,12 +261,8 @@ TILES(Q8_0)
 TILES(Q4_0)
 TILES(Q4_1)
 
-/* Rows of x per tile: 4 where 16 accumulators fit the registers (avx512: 32), else 2. */
-#if PARALLAX_VW == 16
+/* Rows of x per tile (x86: MM accumulators; generic: 4 x MM scalars). */
 #define RM 4
-#else
-#define RM 2
-#endif
 
 static int q8_linear(int fmt, const tile_fn (*tiles)[4], const float* x, const uint8_t* w,
                      float* y, int M, int N, int K, int num_threads) {
