@@ -15,6 +15,21 @@ VARIANTS = cpu.supported_variants()
 Q = gguf.GGMLQuantizationType
 FORMATS = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 F32_KERNELS = ("q8_0", "q4_0")        # formats with an fp32-activation kernel (q8_0_f32.c)
+K_QUANTS = {"q4_k": Q.Q4_K, "q6_k": Q.Q6_K}   # super-blocks of 256; gguf-py cannot quantise
+
+
+def random_k_blocks(n: int, k: int, qtype, g: torch.Generator) -> torch.Tensor:
+    """(N, K/256 * bytes) uint8 of ``qtype`` super-blocks: random codes, scales and mins
+    (every bit pattern is a valid block) with the fp16 factors set to sane magnitudes."""
+    nbytes = {Q.Q4_K: 144, Q.Q6_K: 210}[qtype]
+    b = torch.randint(0, 256, (n, k // 256, nbytes), generator=g, dtype=torch.uint8)
+    halves = (torch.rand(n, k // 256, 2, generator=g) * 0.02 + 1e-3).half()
+    halves = halves.view(torch.uint8).reshape(n, k // 256, 4)  # two fp16, little-endian bytes
+    if qtype == Q.Q4_K:
+        b[..., 0:4] = halves                                  # d, dmin
+    else:
+        b[..., 208:210] = halves[..., :2]                     # d
+    return b.reshape(n, -1).contiguous()
 SHAPES = [(1, 7, 32), (3, 33, 96), (5, 64, 256), (9, 17, 160), (17, 40, 64), (1, 1, 32)]
 
 
@@ -59,6 +74,32 @@ def test_q8_kernel_matches_twin(isa, m, n, k, fmt):
     want = getattr(reference, f"{fmt}_linear_q8")(x, qw, bias)
     scale = float((x.abs() @ getattr(reference, f"{fmt}_dequantize")(qw).abs().T).max())
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("fmt", K_QUANTS)
+def test_k_quant_dequantize_matches_gguf(fmt):
+    """The twins' Q4_K / Q6_K dequantisation is bit-equal to gguf-py's on random blocks."""
+    g = torch.Generator().manual_seed(5)
+    qw = random_k_blocks(7, 512, K_QUANTS[fmt], g)
+    want = torch.from_numpy(gguf.quants.dequantize(qw.numpy(), K_QUANTS[fmt])).reshape(7, 512)
+    assert torch.equal(getattr(reference, f"{fmt}_dequantize")(qw), want)
+
+
+@pytest.mark.parametrize("fmt", K_QUANTS)
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("m,n,k", [(1, 7, 256), (3, 9, 512), (5, 4, 768), (1, 1, 256),
+                                   (6, 13, 256)])
+def test_k_quant_kernel_matches_twin(isa, m, n, k, fmt):
+    """csrc/cpu/q8_act.c's Q4_K / Q6_K tiles against reference.{fmt}_linear_q8 (same rounded
+    x, same dequantised weights): fp32 summation order only."""
+    g = torch.Generator().manual_seed(m * 100 + n + k)
+    qw = random_k_blocks(n, k, K_QUANTS[fmt], g)
+    x = torch.randn(m, k, generator=g) * 3
+    bias = torch.randn(n, generator=g)
+    got = cpu.block_linear_q8(fmt, x, qw, bias, isa=isa)
+    want = getattr(reference, f"{fmt}_linear_q8")(x, qw, bias)
+    scale = float((x.abs() @ getattr(reference, f"{fmt}_dequantize")(qw).abs().T).max())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("isa", VARIANTS)

@@ -88,6 +88,8 @@ _SIGNATURES = {
     "parallax_q8_0_linear_q8": (_I, [_P] * 3 + [_I] * 4),
     "parallax_q4_0_linear_q8": (_I, [_P] * 3 + [_I] * 4),
     "parallax_q4_1_linear_q8": (_I, [_P] * 3 + [_I] * 4),
+    "parallax_q4_k_linear_q8": (_I, [_P] * 3 + [_I] * 4),
+    "parallax_q6_k_linear_q8": (_I, [_P] * 3 + [_I] * 4),
     "parallax_add_rms_norm_f32": (None, [_P] * 5 + [_I, _I, _F]),
     "parallax_silu_and_mul_f32": (None, [_P, _P, _I, _I]),
     "parallax_decode_attention_kv_f32": (_I, [_P, _L, _P, _L, _P, _L] + [_P] * 4
@@ -315,7 +317,7 @@ def _block_linear(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     """y = x @ W^T + bias, W in GGUF ``kind`` blocks ("q8_0", "q4_0": reference.GGUF_BLOCK_BYTES),
     by csrc/cpu/q8_0_f32.c."""
     n = qweight.shape[0]
-    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
+    k = _ref.gguf_k(kind, qweight)
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     fn = getattr(kernels(isa), f"parallax_{kind}_linear_f32")
@@ -352,8 +354,9 @@ def quantize_q8(x: torch.Tensor, *, isa: str | None = None) -> tuple[torch.Tenso
 def block_linear_q8(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                     bias: torch.Tensor | None = None, *, isa: str | None = None) -> torch.Tensor:
     """reference.{kind}_linear_q8 by csrc/cpu/q8_act.c: x (..., K) float32 rounded to 8-bit
-    blocks, then integer dot products with the ``kind`` ("q8_0", "q4_0", "q4_1") blocks of
-    qweight (N, K/32 * block bytes) uint8, as llama.cpp does. Called once per matmul of a
+    blocks, then integer dot products with the ``kind`` ("q8_0", "q4_0", "q4_1", "q4_k",
+    "q6_k") blocks of qweight (N, K/32 * block bytes; K-quants K/256 * super-block bytes)
+    uint8, as llama.cpp does. Called once per matmul of a
     decode step: 2-D contiguous x skips the reshapes (each costs ~1 us of the ~5 here)."""
     k = x.shape[-1]
     flat = x.dim() == 2 and x.is_contiguous()
@@ -384,7 +387,7 @@ def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     ``q8``, x is first rounded to 8-bit blocks: reference.{kind}_linear_q8's)."""
     deq = getattr(_ref, f"{kind}_dequantize")
     n = qweight.shape[0]
-    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
+    k = _ref.gguf_k(kind, qweight)
     rows = x.reshape(-1, k)
     if q8:
         rows = _ref.dequantize_q8(*_ref.quantize_q8(rows))
@@ -398,7 +401,7 @@ def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
 
 
 ACTIVATIONS = ("q8", "f32")
-_Q8_NAMES = {kind: f"{kind}*q8" for kind in _ref.GGUF_BLOCK_BYTES}   # choose()'s weight kinds
+_Q8_NAMES = {kind: f"{kind}*q8" for kind in _ref.GGUF_BLOCKS}   # choose()'s weight kinds
 
 
 def block_activations() -> str:
@@ -441,7 +444,8 @@ def block_fits(kind: str, x: torch.Tensor, qweight: torch.Tensor) -> bool:
     uint8 (N, K/32 * block bytes) contiguous, the kernels built)."""
     return (x.dtype == torch.float32 and not x.is_cuda and qweight.dtype == torch.uint8
             and not qweight.is_cuda and qweight.dim() == 2 and qweight.is_contiguous()
-            and qweight.shape[1] * _ref.GGUF_BLOCK == x.shape[-1] * _ref.GGUF_BLOCK_BYTES[kind]
+            and qweight.shape[1] * _ref.GGUF_BLOCKS[kind][0]
+            == x.shape[-1] * _ref.GGUF_BLOCKS[kind][1]
             and kernels() is not None)
 
 

@@ -75,8 +75,10 @@ static inline float half_to_float(const uint8_t* p) {
 #endif
 }
 
-enum { FMT_Q8_0, FMT_Q4_0, FMT_Q4_1 };
-static const int BLOCK_BYTES[] = {34, 18, 20};
+enum { FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_Q4_K, FMT_Q6_K };
+/* Bytes per block of 32 (Q8_0, Q4_0, Q4_1) or per super-block of 256 (Q4_K, Q6_K). */
+static const int BLOCK_BYTES[] = {34, 18, 20, 144, 210};
+static const int BLOCK_ELEMS[] = {32, 32, 32, 256, 256};
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -261,6 +263,161 @@ TILES(Q8_0)
 TILES(Q4_0)
 TILES(Q4_1)
 
+/* ---- K-quants: super-blocks of 256 = 8 sub-blocks of 32, one activation block each.
+ * Q4_K (144 bytes): fp16 d, fp16 dmin, 12 bytes of 6-bit scales sc[8] and mins m[8], 128
+ *   bytes of nibbles (sub-block j: bytes 32 * (j / 2).., low nibble for even j, high for
+ *   odd); weight = d * sc[j] * q - dmin * m[j].
+ * Q6_K (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16] (one per
+ *   16 weights), fp16 d; weight = d * scales[i / 16] * (q - 32), q in 0..63.
+ * Layouts as gguf-py's gguf.quants (the twins' oracle). */
+
+/* Q4_K's 6-bit scale and min of sub-block j (llama.cpp's get_scale_min_k4). */
+static inline void q4_k_scale_min(const uint8_t* s, int j, int* sc, int* m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* Sub-block b of a row: its codes, the scale of each half (16 weights) and the min factor
+ * (Q4_K: weight = scale * q - mcoef; Q6_K: signed codes, mcoef 0). */
+typedef struct { float s0, s1, mcoef; } kscale;
+
+#if defined(__AVX2__)
+static inline __m256i k_codes(int fmt, const uint8_t* row, int b, kscale* ks) {
+    int j = b & 7;
+    if (fmt == FMT_Q4_K) {
+        const uint8_t* sb = row + (size_t)(b >> 3) * 144;
+        int sc, m;
+        q4_k_scale_min(sb + 4, j, &sc, &m);
+        float d = half_to_float(sb);
+        ks->s0 = ks->s1 = d * (float)sc;
+        ks->mcoef = half_to_float(sb + 2) * (float)m;
+        __m256i q = _mm256_loadu_si256((const __m256i*)(sb + 16 + 32 * (j >> 1)));
+        if (j & 1) q = _mm256_srli_epi16(q, 4);
+        return _mm256_and_si256(q, _mm256_set1_epi8(15));
+    }
+    const uint8_t* sb = row + (size_t)(b >> 3) * 210;
+    int h = j >> 2, t = j & 3;
+    const int8_t* sc = (const int8_t*)(sb + 192) + h * 8 + t * 2;
+    float d = half_to_float(sb + 208);
+    ks->s0 = d * (float)sc[0];
+    ks->s1 = d * (float)sc[1];
+    ks->mcoef = 0.0f;
+    __m256i lo = _mm256_loadu_si256((const __m256i*)(sb + h * 64 + (t & 1) * 32));
+    if (t >= 2) lo = _mm256_srli_epi16(lo, 4);
+    __m256i hi = _mm256_loadu_si256((const __m256i*)(sb + 128 + h * 32));
+    hi = _mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * t));
+    __m256i q = _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(15)),
+                                _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4));
+    return _mm256_sub_epi8(q, _mm256_set1_epi8(32));
+}
+
+static inline __attribute__((always_inline)) void tile_k(int fmt, int NN, int MM, const qrow* xr,
+                                                         int nb, const uint8_t* w,
+                                                         size_t row_bytes, float* y, int N) {
+    __m256 acc[4][4];
+    float mterm[4][4];
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < NN; r++) {
+            acc[m][r] = _mm256_setzero_ps();
+            mterm[m][r] = 0.0f;
+        }
+    for (int b = 0; b < nb; b++) {
+        __m256i wc[4];
+        __m256 sv[4];
+        float mc[4];
+        for (int r = 0; r < NN; r++) {
+            kscale ks;
+            wc[r] = k_codes(fmt, w + (size_t)r * row_bytes, b, &ks);
+            sv[r] = _mm256_set_m128(_mm_set1_ps(ks.s1), _mm_set1_ps(ks.s0));
+            mc[r] = ks.mcoef;
+        }
+        for (int m = 0; m < MM; m++) {
+            __m256i qx = load_qx(xr[m].q + (size_t)b * QK);
+            __m256 dx = _mm256_set1_ps(xr[m].d[b]);
+            float dsx = xr[m].d[b] * (float)xr[m].s[b];
+            for (int r = 0; r < NN; r++) {
+                /* signed Q6_K codes: Q8_0's sign trick; Q4_K nibbles: unsigned as Q4_1 */
+                __m256i p = block_dot(fmt == FMT_Q6_K ? FMT_Q8_0 : FMT_Q4_1, wc[r], qx);
+                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv[r], dx),
+                                            acc[m][r]);
+                if (fmt == FMT_Q4_K) mterm[m][r] -= mc[r] * dsx;
+            }
+        }
+    }
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < NN; r++) y[(size_t)m * N + r] = hsum(acc[m][r]) + mterm[m][r];
+}
+#else
+static inline void k_codes(int fmt, const uint8_t* row, int b, int8_t* q, kscale* ks) {
+    int j = b & 7;
+    if (fmt == FMT_Q4_K) {
+        const uint8_t* sb = row + (size_t)(b >> 3) * 144;
+        int sc, m;
+        q4_k_scale_min(sb + 4, j, &sc, &m);
+        float d = half_to_float(sb);
+        ks->s0 = ks->s1 = d * (float)sc;
+        ks->mcoef = half_to_float(sb + 2) * (float)m;
+        const uint8_t* p = sb + 16 + 32 * (j >> 1);
+        for (int i = 0; i < QK; i++) q[i] = (int8_t)((j & 1) ? p[i] >> 4 : p[i] & 15);
+        return;
+    }
+    const uint8_t* sb = row + (size_t)(b >> 3) * 210;
+    int h = j >> 2, t = j & 3;
+    const int8_t* sc = (const int8_t*)(sb + 192) + h * 8 + t * 2;
+    float d = half_to_float(sb + 208);
+    ks->s0 = d * (float)sc[0];
+    ks->s1 = d * (float)sc[1];
+    ks->mcoef = 0.0f;
+    const uint8_t* lo = sb + h * 64 + (t & 1) * 32;
+    const uint8_t* hi = sb + 128 + h * 32;
+    for (int i = 0; i < QK; i++)
+        q[i] = (int8_t)((((t >= 2 ? lo[i] >> 4 : lo[i]) & 15) | (((hi[i] >> (2 * t)) & 3) << 4))
+                        - 32);
+}
+
+static inline void tile_k(int fmt, int NN, int MM, const qrow* xr, int nb, const uint8_t* w,
+                          size_t row_bytes, float* y, int N) {
+    float acc[4][4] = {{0}};
+    for (int b = 0; b < nb; b++) {
+        for (int r = 0; r < NN; r++) {
+            int8_t q[QK];
+            kscale ks;
+            k_codes(fmt, w + (size_t)r * row_bytes, b, q, &ks);
+            for (int m = 0; m < MM; m++) {
+                const int8_t* qx = xr[m].q + (size_t)b * QK;
+                int32_t p0 = 0, p1 = 0;
+                for (int i = 0; i < QK / 2; i++) p0 += (int32_t)q[i] * qx[i];
+                for (int i = QK / 2; i < QK; i++) p1 += (int32_t)q[i] * qx[i];
+                float dx = xr[m].d[b];
+                acc[m][r] += dx * (ks.s0 * (float)p0 + ks.s1 * (float)p1
+                                   - ks.mcoef * (float)xr[m].s[b]);
+            }
+        }
+    }
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < NN; r++) y[(size_t)m * N + r] = acc[m][r];
+}
+#endif
+
+#define TILE_K_FN(F, NN, MM)                                                                 \
+static void tile_##F##_##NN##x##MM(const qrow* xr, int nb, const uint8_t* w,                \
+                                   size_t row_bytes, float* y, int N) {                     \
+    tile_k(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);                                    \
+}
+#define TILES_K(F)                                                                           \
+TILE_K_FN(F, 4, 1) TILE_K_FN(F, 4, 2) TILE_K_FN(F, 4, 3) TILE_K_FN(F, 4, 4)                  \
+TILE_K_FN(F, 1, 1) TILE_K_FN(F, 1, 2) TILE_K_FN(F, 1, 3) TILE_K_FN(F, 1, 4)                  \
+static const tile_fn TILES_##F[2][4] = {                                                     \
+    {tile_##F##_4x1, tile_##F##_4x2, tile_##F##_4x3, tile_##F##_4x4},                        \
+    {tile_##F##_1x1, tile_##F##_1x2, tile_##F##_1x3, tile_##F##_1x4}};
+TILES_K(Q4_K)
+TILES_K(Q6_K)
+
 /* Rows of x per tile (x86: MM accumulators; generic: 4 x MM scalars). */
 #define RM 4
 
@@ -268,7 +425,7 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const float* x, const u
                      float* y, int M, int N, int K, int num_threads) {
     (void)num_threads;   /* unused when built without OpenMP */
     int nb = K / QK;
-    size_t row_bytes = (size_t)nb * BLOCK_BYTES[fmt];
+    size_t row_bytes = (size_t)(K / BLOCK_ELEMS[fmt]) * BLOCK_BYTES[fmt];
     int8_t* q = malloc((size_t)M * K + (size_t)M * nb * (sizeof(float) + sizeof(int32_t)));
     if (q == NULL) return 1;
     float* d = (float*)(q + (size_t)M * K);   /* M * K is a multiple of 32: aligned */
@@ -327,4 +484,15 @@ int parallax_q4_0_linear_q8(const float* x, const uint8_t* w, float* y, int M, i
 int parallax_q4_1_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K,
                             int num_threads) {
     return q8_linear(FMT_Q4_1, TILES_Q4_1, x, w, y, M, N, K, num_threads);
+}
+
+/* K a multiple of 256. */
+int parallax_q4_k_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K,
+                            int num_threads) {
+    return q8_linear(FMT_Q4_K, TILES_Q4_K, x, w, y, M, N, K, num_threads);
+}
+
+int parallax_q6_k_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K,
+                            int num_threads) {
+    return q8_linear(FMT_Q6_K, TILES_Q6_K, x, w, y, M, N, K, num_threads);
 }
