@@ -126,7 +126,8 @@ def dequantize_gguf() -> bool:
 
 def keep_gguf_blocks_(model: nn.Module, ckpt: Checkpoint) -> None:
     """Give each matmul / embedding layer whose checkpoint tensors are all of one GGUF block
-    type parallax computes on (``parallel.quant.GGUF_METHODS``: Q8_0, Q4_0, Q4_1) that type's
+    type parallax computes on (``parallel.quant.GGUF_METHODS``: Q8_0, Q4_0, Q4_1, Q4_K,
+    Q6_K) that type's
     quant_method, so its weight is read and kept as raw blocks. A row-parallel shard whose
     K range cuts a block stays float, with a warning. No-op for other checkpoints or with
     ``PARALLAX_GGUF_DEQUANTIZE=1``. Tied layers share one parameter and one method."""

@@ -8,7 +8,7 @@
 - ``reference``: always the torch references.
 
 fp32 CPU tensors take the C kernels of csrc/cpu (ops/cpu.py: packed matmul, int8 and GGUF
-Q8_0 / Q4_0 / Q4_1 block matmuls (x rounded to 8-bit blocks first, as llama.cpp does, unless
+Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K block matmuls (x rounded to 8-bit blocks first, as llama.cpp does, unless
 ``PARALLAX_GGUF_ACTIVATIONS=f32``), norms,
 ``silu_and_mul``, decode attention with the cache write, paged attention over a flat mixed
 prefill/decode batch) where they build, in the variant
@@ -39,12 +39,14 @@ from . import cpu as _cpu
 from . import cuda as _cuda
 from . import reference as _ref
 from .reference import (paged_attention, prefill_attention, q4_0_embedding, q4_1_embedding,
-                        q8_0_embedding, quantize_int8, write_paged_kv)
+                        q4_k_embedding, q6_k_embedding, q8_0_embedding, quantize_int8,
+                        write_paged_kv)
 
 __all__ = ["add_rms_norm", "decode_attention", "decode_attention_with_kvcache",
            "paged_attention", "paged_attention_with_kvcache", "write_paged_kv",
            "embedding_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "q4_1_linear",
-           "q8_0_embedding", "q4_0_embedding", "q4_1_embedding", "linear", "linear_packed", "prefill_attention",
+           "q4_k_linear", "q6_k_linear", "q8_0_embedding", "q4_0_embedding", "q4_1_embedding",
+           "q4_k_embedding", "q6_k_embedding", "linear", "linear_packed", "prefill_attention",
            "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "active_backend",
            "kernel_report", "check_context_lens"]
 
@@ -87,7 +89,7 @@ def active_backend() -> str:
 
 # Which ops have a C kernel (fp32 CPU tensors) and which a CUDA one (fp16/bf16 GPU tensors).
 _CPU_OPS = ("linear_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "q4_1_linear",
-            "rms_norm", "add_rms_norm", "silu_and_mul",
+            "q4_k_linear", "q6_k_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
             "decode_attention_with_kvcache")
 _CUDA_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "decode_attention",
              "decode_attention_with_kvcache", "int8_linear")
@@ -279,3 +281,15 @@ def q4_1_linear(x: torch.Tensor, qweight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T + bias, W in GGUF Q4_1 rows (uint8 (N, K/32*20)); see _block_linear."""
     return _block_linear("q4_1", x, qweight, bias)
+
+
+def q4_k_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias, W in GGUF Q4_K rows (uint8 (N, K/256*144)); see _block_linear."""
+    return _block_linear("q4_k", x, qweight, bias)
+
+
+def q6_k_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias, W in GGUF Q6_K rows (uint8 (N, K/256*210)); see _block_linear."""
+    return _block_linear("q6_k", x, qweight, bias)

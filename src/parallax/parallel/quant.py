@@ -7,7 +7,8 @@
 - ``apply(layer, x, bias)`` is y = x W^T + b; ``embedding(layer, ids)`` reads rows of W.
 
 ``UNQUANTIZED`` (float weights, packed or not) is every layer's default. ``Q8_0Method``
-(and ``Q4_0Method`` / ``Q4_1Method``, 18- / 20-byte blocks of 4-bit weights, the same way)
+(and ``Q4_0Method`` / ``Q4_1Method``, 18- / 20-byte blocks of 4-bit weights, and the
+K-quants ``Q4_KMethod`` / ``Q6_KMethod``, super-blocks of 256, the same way)
 keeps a GGUF Q8_0 tensor as its raw blocks (a uint8 (N, K/32*34) buffer: fp16 scale + 32 int8 per
 32 weights), sliced by whole rows (column-parallel, vocabulary) or whole blocks along K
 (row-parallel). The int8 path of ``quantize="int8"`` still uses ``_Linear.qweight``/
@@ -112,7 +113,40 @@ class Q4_1Method(Q8_0Method):
         return ops.q4_1_embedding(ids, layer.weight)
 
 
+class Q4_KMethod(Q8_0Method):
+    """GGUF Q4_K super-blocks (256 weights in 144 bytes: fp16 d and dmin, 6-bit sub-block
+    scales and mins, 4-bit weights), as Q8_0Method; K shards must be whole super-blocks."""
+
+    name = "q4_k"
+    ggml_type = "Q4_K"
+    block, block_bytes = 256, 144
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.q4_k_linear(x, layer.weight, bias)
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return ops.q4_k_embedding(ids, layer.weight)
+
+
+class Q6_KMethod(Q4_KMethod):
+    """GGUF Q6_K super-blocks (256 weights in 210 bytes: 6-bit weights, int8 scales per 16,
+    fp16 d), as Q4_KMethod."""
+
+    name = "q6_k"
+    ggml_type = "Q6_K"
+    block_bytes = 210
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.q6_k_linear(x, layer.weight, bias)
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return ops.q6_k_embedding(ids, layer.weight)
+
+
 UNQUANTIZED = QuantMethod()
 # GGUF block type -> the method that keeps it quantized.
 GGUF_METHODS: dict[str, QuantMethod] = {"Q8_0": Q8_0Method(), "Q4_0": Q4_0Method(),
-                                        "Q4_1": Q4_1Method()}
+                                        "Q4_1": Q4_1Method(), "Q4_K": Q4_KMethod(),
+                                        "Q6_K": Q6_KMethod()}
