@@ -4,9 +4,12 @@ rotary and the cache write), each the twin of a reference in ops/reference.py.
 
 The C sources are built just in time, once per instruction-set variant (``VARIANTS``:
 avx512, avx2, generic; csrc/cpu/isa.h), and the variant the CPU runs best is loaded
-(``PARALLAX_CPU_ISA`` forces one). Packed fp32 weights (fp32 CPU weights whose shard rows
-are a multiple of 32) and int8 weights go through their kernel or through torch on the same
-tensors, whichever measured faster for that weight shape and row count (``choose``).
+(``PARALLAX_CPU_ISA`` forces one). GGUF block weights (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) go
+through csrc/cpu/q8_act.c: x rounded to 8-bit blocks once per matmul, integer dot products
+(``PARALLAX_GGUF_ACTIVATIONS=f32``: q8_0_f32.c's exact kernels / torch). Packed fp32
+weights (fp32 CPU weights whose shard rows are a multiple of 32), int8 and block weights go
+through their kernel or through torch on the same values, whichever measured faster for that
+weight shape and row count (``choose``).
 Other fp32 weights take the batched-gemm form below.
 
 For x with M <= 16 rows, MKL's sgemv/sgemm path behind ``F.linear`` streams the weight
@@ -314,8 +317,8 @@ def int8_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> b
 
 def _block_linear(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                   bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias, W in GGUF ``kind`` blocks ("q8_0", "q4_0": reference.GGUF_BLOCK_BYTES),
-    by csrc/cpu/q8_0_f32.c."""
+    """y = x @ W^T + bias, W in GGUF ``kind`` blocks ("q8_0", "q4_0": reference.GGUF_BLOCKS),
+    x as it is (fp32), by csrc/cpu/q8_0_f32.c."""
     n = qweight.shape[0]
     k = _ref.gguf_k(kind, qweight)
     rows = x.reshape(-1, k).contiguous()
@@ -418,10 +421,10 @@ def block_activations() -> str:
 
 def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``kind`` ("q8_0", "q4_0", "q4_1") matmul with x taken as ``block_activations()``
-    says, by the C kernel or by block_linear_dequant on the same values, whichever measured
-    faster for this shape and row count (``choose``; Q4_1 with f32 activations has no
-    kernel: always torch)."""
+    """The ``kind`` ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k") matmul with x taken as
+    ``block_activations()`` says, by the C kernel or by block_linear_dequant on the same
+    values, whichever measured faster for this shape and row count (``choose``; with f32
+    activations only Q8_0 and Q4_0 have a kernel: the others always take torch)."""
     n, k = qweight.shape[0], x.shape[-1]
     if block_activations() == "q8":
         path = choose(_Q8_NAMES[kind], n, k, x.numel() // k,

@@ -1,6 +1,7 @@
 /* GGUF block-weight matmuls with 8-bit activations, as llama.cpp computes them on the CPU:
  * y (M, N) = x (M, K) @ W^T, x and y fp32, W in its GGUF blocks of 32 (q8_0_f32.c has the
- * layouts; Q4_1: 20 bytes, fp16 d, fp16 m, 16 bytes of nibbles; weight = q * d + m).
+ * layouts; Q4_1: 20 bytes, fp16 d, fp16 m, 16 bytes of nibbles; weight = q * d + m) or
+ * K-quant super-blocks of 256 (Q4_K, Q6_K: layouts below, 8 sub-blocks of 32 each).
  *
  * Each row of x is first quantized once per call, block by block (32 values):
  *   dx = amax / 127, qx = rint(x * (127 / amax)) in [-127, 127] (0 where amax is 0),
@@ -16,8 +17,10 @@
  * sign trick (|q| times qx with q's sign), which keeps every pair sum within int16. The
  * generic build: plain C loops the compiler vectorizes.
  *
+ * K-quant sub-blocks are products of the same kind with the sub-block's scale (and min).
+ *
  * Tiles: NN weight rows x MM rows of x, each weight block unpacked once per tile; blocks of
- * weight rows are split over OpenMP threads. K must be a multiple of 32.
+ * weight rows are split over OpenMP threads. K must be a multiple of 32 (K-quants: 256).
  */
 #include <math.h>
 #include <stddef.h>
