@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "half.h"
 #include "isa.h"
 
 #define QK 32
@@ -54,28 +55,6 @@ static void quantize_row(const float* x, int K, int8_t* q, float* d, int32_t* s)
         d[b] = amax / 127.0f;
         s[b] = sum;
     }
-}
-
-/* fp16 -> fp32 (F16C where built with it; IEEE half otherwise). */
-static inline float half_to_float(const uint8_t* p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp == 0) {          /* zero or subnormal: man * 2^-24, exact in fp32 */
-        float f = (float)man * 5.9604644775390625e-8f;
-        return sign ? -f : f;
-    } else {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
 }
 
 enum { FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_Q4_K, FMT_Q6_K };
@@ -240,31 +219,7 @@ static inline __attribute__((always_inline)) void tile4(int fmt, int MM, const q
         _mm_storeu_ps(y + (size_t)m * N, _mm_add_ps(_mm256_castps256_ps128(acc[m]),
                                                     _mm256_extractf128_ps(acc[m], 1)));
 }
-#define TILE_BODY(F, NN, MM)                                                                 \
-    if (NN == 4) tile4(FMT_##F, MM, xr, nb, w, row_bytes, y, N);                            \
-    else tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);
-#else
-#define TILE_BODY(F, NN, MM) tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);
 #endif
-
-/* One instantiation per (format, tile): constant NN, MM let the compiler keep the
- * accumulators in registers. */
-#define TILE_FN(F, NN, MM)                                                                   \
-static void tile_##F##_##NN##x##MM(const qrow* xr, int nb, const uint8_t* w,                \
-                                   size_t row_bytes, float* y, int N) {                     \
-    TILE_BODY(F, NN, MM)                                                                     \
-}
-typedef void (*tile_fn)(const qrow*, int, const uint8_t*, size_t, float*, int);
-/* [rows of weight: 0 -> 4, 1 -> 1][rows of x - 1] */
-#define TILES(F)                                                                             \
-TILE_FN(F, 4, 1) TILE_FN(F, 4, 2) TILE_FN(F, 4, 3) TILE_FN(F, 4, 4)                          \
-TILE_FN(F, 1, 1) TILE_FN(F, 1, 2) TILE_FN(F, 1, 3) TILE_FN(F, 1, 4)                          \
-static const tile_fn TILES_##F[2][4] = {                                                     \
-    {tile_##F##_4x1, tile_##F##_4x2, tile_##F##_4x3, tile_##F##_4x4},                        \
-    {tile_##F##_1x1, tile_##F##_1x2, tile_##F##_1x3, tile_##F##_1x4}};
-TILES(Q8_0)
-TILES(Q4_0)
-TILES(Q4_1)
 
 /* ---- K-quants: super-blocks of 256 = 8 sub-blocks of 32, one activation block each.
  * Q4_K (144 bytes): fp16 d, fp16 dmin, 12 bytes of 6-bit scales sc[8] and mins m[8], 128
@@ -289,27 +244,36 @@ static inline void q4_k_scale_min(const uint8_t* s, int j, int* sc, int* m) {
  * (Q4_K: weight = scale * q - mcoef; Q6_K: signed codes, mcoef 0). */
 typedef struct { float s0, s1, mcoef; } kscale;
 
-#if defined(__AVX2__)
-static inline __m256i k_codes(int fmt, const uint8_t* row, int b, kscale* ks) {
+/* The super-block holding sub-block b of a row, with the sub-block's factors in *ks. */
+static inline const uint8_t* k_super(int fmt, const uint8_t* row, int b, kscale* ks) {
     int j = b & 7;
     if (fmt == FMT_Q4_K) {
         const uint8_t* sb = row + (size_t)(b >> 3) * 144;
         int sc, m;
         q4_k_scale_min(sb + 4, j, &sc, &m);
-        float d = half_to_float(sb);
-        ks->s0 = ks->s1 = d * (float)sc;
+        ks->s0 = ks->s1 = half_to_float(sb) * (float)sc;
         ks->mcoef = half_to_float(sb + 2) * (float)m;
-        __m256i q = _mm256_loadu_si256((const __m256i*)(sb + 16 + 32 * (j >> 1)));
-        if (j & 1) q = _mm256_srli_epi16(q, 4);
-        return _mm256_and_si256(q, _mm256_set1_epi8(15));
+        return sb;
     }
     const uint8_t* sb = row + (size_t)(b >> 3) * 210;
-    int h = j >> 2, t = j & 3;
-    const int8_t* sc = (const int8_t*)(sb + 192) + h * 8 + t * 2;
+    const int8_t* sc = (const int8_t*)(sb + 192) + (j >> 2) * 8 + (j & 3) * 2;
     float d = half_to_float(sb + 208);
     ks->s0 = d * (float)sc[0];
     ks->s1 = d * (float)sc[1];
     ks->mcoef = 0.0f;
+    return sb;
+}
+
+#if defined(__AVX2__)
+static inline __m256i k_codes(int fmt, const uint8_t* row, int b, kscale* ks) {
+    int j = b & 7;
+    const uint8_t* sb = k_super(fmt, row, b, ks);
+    if (fmt == FMT_Q4_K) {
+        __m256i q = _mm256_loadu_si256((const __m256i*)(sb + 16 + 32 * (j >> 1)));
+        if (j & 1) q = _mm256_srli_epi16(q, 4);
+        return _mm256_and_si256(q, _mm256_set1_epi8(15));
+    }
+    int h = j >> 2, t = j & 3;
     __m256i lo = _mm256_loadu_si256((const __m256i*)(sb + h * 64 + (t & 1) * 32));
     if (t >= 2) lo = _mm256_srli_epi16(lo, 4);
     __m256i hi = _mm256_loadu_si256((const __m256i*)(sb + 128 + h * 32));
@@ -358,24 +322,13 @@ static inline __attribute__((always_inline)) void tile_k(int fmt, int NN, int MM
 #else
 static inline void k_codes(int fmt, const uint8_t* row, int b, int8_t* q, kscale* ks) {
     int j = b & 7;
+    const uint8_t* sb = k_super(fmt, row, b, ks);
     if (fmt == FMT_Q4_K) {
-        const uint8_t* sb = row + (size_t)(b >> 3) * 144;
-        int sc, m;
-        q4_k_scale_min(sb + 4, j, &sc, &m);
-        float d = half_to_float(sb);
-        ks->s0 = ks->s1 = d * (float)sc;
-        ks->mcoef = half_to_float(sb + 2) * (float)m;
         const uint8_t* p = sb + 16 + 32 * (j >> 1);
         for (int i = 0; i < QK; i++) q[i] = (int8_t)((j & 1) ? p[i] >> 4 : p[i] & 15);
         return;
     }
-    const uint8_t* sb = row + (size_t)(b >> 3) * 210;
     int h = j >> 2, t = j & 3;
-    const int8_t* sc = (const int8_t*)(sb + 192) + h * 8 + t * 2;
-    float d = half_to_float(sb + 208);
-    ks->s0 = d * (float)sc[0];
-    ks->s1 = d * (float)sc[1];
-    ks->mcoef = 0.0f;
     const uint8_t* lo = sb + h * 64 + (t & 1) * 32;
     const uint8_t* hi = sb + 128 + h * 32;
     for (int i = 0; i < QK; i++)
@@ -407,19 +360,37 @@ static inline void tile_k(int fmt, int NN, int MM, const qrow* xr, int nb, const
 }
 #endif
 
-#define TILE_K_FN(F, NN, MM)                                                                 \
+#if defined(__AVX2__)
+#define TILE_BODY(F, NN, MM)                                                                 \
+    if (FMT_##F >= FMT_Q4_K) tile_k(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);          \
+    else if (NN == 4) tile4(FMT_##F, MM, xr, nb, w, row_bytes, y, N);                       \
+    else tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);
+#else
+#define TILE_BODY(F, NN, MM)                                                                 \
+    if (FMT_##F >= FMT_Q4_K) tile_k(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);          \
+    else tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);
+#endif
+
+/* One instantiation per (format, tile): constant NN, MM let the compiler keep the
+ * accumulators in registers. */
+#define TILE_FN(F, NN, MM)                                                                   \
 static void tile_##F##_##NN##x##MM(const qrow* xr, int nb, const uint8_t* w,                \
                                    size_t row_bytes, float* y, int N) {                     \
-    tile_k(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);                                    \
+    TILE_BODY(F, NN, MM)                                                                     \
 }
-#define TILES_K(F)                                                                           \
-TILE_K_FN(F, 4, 1) TILE_K_FN(F, 4, 2) TILE_K_FN(F, 4, 3) TILE_K_FN(F, 4, 4)                  \
-TILE_K_FN(F, 1, 1) TILE_K_FN(F, 1, 2) TILE_K_FN(F, 1, 3) TILE_K_FN(F, 1, 4)                  \
+typedef void (*tile_fn)(const qrow*, int, const uint8_t*, size_t, float*, int);
+/* [rows of weight: 0 -> 4, 1 -> 1][rows of x - 1] */
+#define TILES(F)                                                                             \
+TILE_FN(F, 4, 1) TILE_FN(F, 4, 2) TILE_FN(F, 4, 3) TILE_FN(F, 4, 4)                          \
+TILE_FN(F, 1, 1) TILE_FN(F, 1, 2) TILE_FN(F, 1, 3) TILE_FN(F, 1, 4)                          \
 static const tile_fn TILES_##F[2][4] = {                                                     \
     {tile_##F##_4x1, tile_##F##_4x2, tile_##F##_4x3, tile_##F##_4x4},                        \
     {tile_##F##_1x1, tile_##F##_1x2, tile_##F##_1x3, tile_##F##_1x4}};
-TILES_K(Q4_K)
-TILES_K(Q6_K)
+TILES(Q8_0)
+TILES(Q4_0)
+TILES(Q4_1)
+TILES(Q4_K)
+TILES(Q6_K)
 
 /* Rows of x per tile (x86: MM accumulators; generic: 4 x MM scalars). */
 #define RM 4
@@ -473,29 +444,15 @@ void parallax_quantize_q8_f32(const float* x, int8_t* q, float* d, int M, int K)
     free(s);
 }
 
-/* w: N rows of K / 32 blocks of the format. Return 0, or 1 when out of memory. */
-int parallax_q8_0_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K,
-                            int num_threads) {
-    return q8_linear(FMT_Q8_0, TILES_Q8_0, x, w, y, M, N, K, num_threads);
+/* parallax_<fmt>_linear_q8(x, w, y, M, N, K, num_threads): w holds N rows of K / 32 blocks
+ * (K-quants: K / 256 super-blocks) of the format. Returns 0, or 1 when out of memory. */
+#define ENTRY(f, F)                                                                          \
+int parallax_##f##_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K, \
+                             int num_threads) {                                              \
+    return q8_linear(FMT_##F, TILES_##F, x, w, y, M, N, K, num_threads);                    \
 }
-
-int parallax_q4_0_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K,
-                            int num_threads) {
-    return q8_linear(FMT_Q4_0, TILES_Q4_0, x, w, y, M, N, K, num_threads);
-}
-
-int parallax_q4_1_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K,
-                            int num_threads) {
-    return q8_linear(FMT_Q4_1, TILES_Q4_1, x, w, y, M, N, K, num_threads);
-}
-
-/* K a multiple of 256. */
-int parallax_q4_k_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K,
-                            int num_threads) {
-    return q8_linear(FMT_Q4_K, TILES_Q4_K, x, w, y, M, N, K, num_threads);
-}
-
-int parallax_q6_k_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K,
-                            int num_threads) {
-    return q8_linear(FMT_Q6_K, TILES_Q6_K, x, w, y, M, N, K, num_threads);
-}
+ENTRY(q8_0, Q8_0)
+ENTRY(q4_0, Q4_0)
+ENTRY(q4_1, Q4_1)
+ENTRY(q4_k, Q4_K)
+ENTRY(q6_k, Q6_K)
