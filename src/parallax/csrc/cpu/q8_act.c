@@ -189,6 +189,8 @@ static inline __attribute__((always_inline)) void tile4(int fmt, int MM, const q
         uint16_t h[4], hm[4];
         for (int r = 0; r < 4; r++) {
             wc[r] = load_codes(fmt, blk + (size_t)r * row_bytes);
+            /* the next tile's rows: without, Q8_0 streams ~5 GB/s from DRAM, with ~9 */
+            _mm_prefetch((const char*)(blk + (size_t)(r + 4) * row_bytes), _MM_HINT_T0);
             memcpy(&h[r], blk + (size_t)r * row_bytes, 2);
             if (fmt == FMT_Q4_1) memcpy(&hm[r], blk + (size_t)r * row_bytes + 2, 2);
         }
