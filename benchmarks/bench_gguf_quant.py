@@ -1,6 +1,6 @@
 """A GGUF model (default SmolLM2-135M: Q4_1 layers, Q8_0 embedding / tied LM head): batch-1
-decode speed and peak RSS with its block weights kept (default: 8-bit activations, integer
-dot products; and PARALLAX_GGUF_ACTIVATIONS=f32) against dequantised to fp32 on load
+decode speed and peak RSS with its block weights kept (PARALLAX_GGUF_ACTIVATIONS=q8: 8-bit
+activations, integer dot products; and the default f32) against dequantised to fp32 on load
 (PARALLAX_GGUF_DEQUANTIZE=1, the old path). Each run is a fresh process (peak RSS is per
 process); runs alternate A, B, C, A, B, C...; medians. Prints the file size beside the RSS.
 Q8_0 / Q4_0 files of SmolLM2: benchmarks/requant_gguf.py.
@@ -37,9 +37,9 @@ with parallax.LLM(sys.argv[3], threads_per_rank=int(sys.argv[2])) as llm:
 
 
 MODES = {   # name -> environment of the run
-    "q8": ("blocks kept, 8-bit activations (default)", {"PARALLAX_GGUF_DEQUANTIZE": "0",
+    "q8": ("blocks kept, 8-bit activations", {"PARALLAX_GGUF_DEQUANTIZE": "0",
                                                         "PARALLAX_GGUF_ACTIVATIONS": "q8"}),
-    "f32": ("blocks kept, fp32 activations", {"PARALLAX_GGUF_DEQUANTIZE": "0",
+    "f32": ("fp32 activations (default; Q8_0 / Q4_0 kept)", {"PARALLAX_GGUF_DEQUANTIZE": "0",
                                              "PARALLAX_GGUF_ACTIVATIONS": "f32"}),
     "fp32": ("dequantised to fp32 on load", {"PARALLAX_GGUF_DEQUANTIZE": "1"}),
 }

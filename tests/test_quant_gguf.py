@@ -190,14 +190,15 @@ GREEDY = dict(max_new_tokens=32, ignore_eos=True)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", F32_KERNELS)
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_model_matches_dequantised_fp32(tmp_path, monkeypatch, tied, fmt):
     """Quantized weights with fp32 activations (PARALLAX_GGUF_ACTIVATIONS=f32) vs the same
     file dequantised to fp32 on load (the old path): both multiply by exactly the same
     dequantised values, so the only difference is fp32 summation order: logits agree to 1e-5
     relative to their scale (measured 6e-7), greedy tokens are equal for 32 tokens, and the
-    weights take the block bytes (34, 18 or 20 per 32)."""
+    weights take the block bytes (34 or 18 per 32). Q4_1 has no exact kernel: with fp32
+    activations it is dequantised on load (test_exact_activations_dequantise_q4_1)."""
     import parallax
     path = tiny_gguf(tmp_path, tied, fmt)
     monkeypatch.setenv("PARALLAX_GGUF_ACTIVATIONS", "f32")
@@ -225,9 +226,23 @@ def test_model_matches_dequantised_fp32(tmp_path, monkeypatch, tied, fmt):
 
 
 @pytest.mark.timeout(300)
+def test_exact_activations_dequantise_q4_1(tmp_path, monkeypatch):
+    """The default (PARALLAX_GGUF_ACTIVATIONS unset: exact activations) keeps only the types
+    with an exact kernel; a Q4_1 file loads as fp32, the old path; with q8 it stays Q4_1."""
+    import parallax
+    path = tiny_gguf(tmp_path, True, "q4_1")
+    monkeypatch.delenv("PARALLAX_GGUF_ACTIVATIONS", raising=False)
+    with parallax.LLM(path) as llm:
+        assert set(_weight_formats(llm).values()) == {"float"}
+    monkeypatch.setenv("PARALLAX_GGUF_ACTIVATIONS", "q8")
+    with parallax.LLM(path) as llm:
+        assert set(_weight_formats(llm).values()) == {"q4_1"}
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_model_q8_activations(tmp_path, monkeypatch, fmt):
-    """The default 8-bit activations, end to end, by the C kernels (PARALLAX_CPU_MATMUL=
+    """8-bit activations (PARALLAX_GGUF_ACTIVATIONS=q8), end to end, by the C kernels (PARALLAX_CPU_MATMUL=
     kernel) and by the torch twin path (=torch): against the file dequantised to fp32 with
     exact activations, both keep the logits within 5e-2 of their scale (an empirical bound
     for this 2-layer model, ~3x the largest error measured over the three formats, 1.6e-2; the
@@ -240,6 +255,7 @@ def test_model_q8_activations(tmp_path, monkeypatch, fmt):
     with parallax.LLM(path) as ref:
         exact = ref.logits(PROMPTS)
     monkeypatch.delenv("PARALLAX_GGUF_DEQUANTIZE")
+    monkeypatch.setenv("PARALLAX_GGUF_ACTIVATIONS", "q8")
     scale = float(exact.nan_to_num().abs().max())
     errors = {}
     for path_name in ("kernel", "torch"):
@@ -257,10 +273,11 @@ def test_model_q8_activations(tmp_path, monkeypatch, fmt):
 @pytest.mark.parametrize("fmt", K_QUANTS)
 def test_model_k_quants_match_dequantised(tmp_path, monkeypatch, fmt):
     """A tiny llama (hidden 256, so every K is whole super-blocks) whose 2-D weights are
-    random Q4_K / Q6_K super-blocks (gguf-py cannot quantise to K-quants): kept in blocks
-    with fp32 activations it equals the file dequantised to fp32 on load up to summation
-    order (logits 1e-4 of their scale: the structureless random weights cancel more than
-    trained ones, measured 2.4e-5; same greedy tokens). With the default 8-bit activations
+    random Q4_K / Q6_K super-blocks (gguf-py cannot quantise to K-quants): with fp32
+    activations (the default; no exact K-quant kernel) it is dequantised on load and equals
+    PARALLAX_GGUF_DEQUANTIZE=1 up to summation order (logits 1e-4 of their scale: the
+    structureless random weights cancel more than trained ones; same greedy tokens). With
+    8-bit activations (kept in blocks)
     the C kernels agree with the torch twin path (PARALLAX_CPU_MATMUL=torch) within 3e-2 of
     the logits' scale (measured 0.9% for Q6_K: the twins differ only by summation order per
     matmul, but a code one step off in the next layer's input is an error of the
@@ -289,12 +306,13 @@ def test_model_k_quants_match_dequantised(tmp_path, monkeypatch, fmt):
     for act, path_name in (("f32", "auto"), ("q8", "kernel"), ("q8", "torch")):
         monkeypatch.setenv("PARALLAX_GGUF_ACTIVATIONS", act)
         monkeypatch.setenv("PARALLAX_CPU_MATMUL", path_name)
-        with parallax.LLM(path) as llm:
-            assert set(_weight_formats(llm).values()) == {fmt}
+        with parallax.LLM(path) as llm:   # exact activations: no kernel, dequantised
+            assert set(_weight_formats(llm).values()) == {fmt if act == "q8" else "float"}
             logits[act, path_name] = llm.logits(PROMPTS)
             if act == "f32":
                 assert [o.token_ids for o in llm.generate(PROMPTS, **GREEDY)] == ref_tokens
-            q_bytes = llm.memory()[0]["weight_bytes"]
+            if act == "q8":
+                q_bytes = llm.memory()[0]["weight_bytes"]
     torch.testing.assert_close(logits["f32", "auto"], ref_logits, atol=1e-4 * scale, rtol=0,
                                equal_nan=True)
     torch.testing.assert_close(logits["q8", "kernel"], logits["q8", "torch"], atol=3e-2 * scale,

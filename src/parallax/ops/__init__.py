@@ -8,8 +8,8 @@
 - ``reference``: always the torch references.
 
 fp32 CPU tensors take the C kernels of csrc/cpu (ops/cpu.py: packed matmul, int8 and GGUF
-Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K block matmuls (x rounded to 8-bit blocks first, as llama.cpp does, unless
-``PARALLAX_GGUF_ACTIVATIONS=f32``), norms,
+Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K block matmuls (x exact, or with
+``PARALLAX_GGUF_ACTIVATIONS=q8`` rounded to 8-bit blocks first, as llama.cpp does), norms,
 ``silu_and_mul``, decode attention with the cache write, paged attention over a flat mixed
 prefill/decode batch) where they build, in the variant
 for the CPU's instruction set (``PARALLAX_CPU_ISA`` forces one); the packed matmul goes to
@@ -254,9 +254,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 def _block_linear(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W^T + bias, W in GGUF ``kind`` rows (uint8 (N, K/32 * block bytes)). On the CPU
-    x is taken as ``cpu.block_activations()`` says (default: rounded to 8-bit blocks, as
-    llama.cpp; reference.{kind}_linear_q8), by the C kernel or torch, as measured; on a GPU
-    the dequantising reference."""
+    x is taken as ``cpu.block_activations()`` says (default exact; "q8": rounded to 8-bit
+    blocks, as llama.cpp, reference.{kind}_linear_q8), by the C kernel or torch, as
+    measured; on a GPU the dequantising reference."""
     if x.is_cuda:
         return getattr(_ref, f"{kind}_linear")(x, qweight, bias)
     if _cpu.block_fits(kind, x, qweight):

@@ -4,9 +4,9 @@ rotary and the cache write), each the twin of a reference in ops/reference.py.
 
 The C sources are built just in time, once per instruction-set variant (``VARIANTS``:
 avx512, avx2, generic; csrc/cpu/isa.h), and the variant the CPU runs best is loaded
-(``PARALLAX_CPU_ISA`` forces one). GGUF block weights (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) go
-through csrc/cpu/q8_act.c: x rounded to 8-bit blocks once per matmul, integer dot products
-(``PARALLAX_GGUF_ACTIVATIONS=f32``: q8_0_f32.c's exact kernels / torch). Packed fp32
+(``PARALLAX_CPU_ISA`` forces one). GGUF block weights go through q8_0_f32.c's exact kernels
+(Q8_0, Q4_0) or, with ``PARALLAX_GGUF_ACTIVATIONS=q8``, csrc/cpu/q8_act.c (Q8_0, Q4_0,
+Q4_1, Q4_K, Q6_K: x rounded to 8-bit blocks once per matmul, integer dot products). Packed fp32
 weights (fp32 CPU weights whose shard rows are a multiple of 32), int8 and block weights go
 through their kernel or through torch on the same values, whichever measured faster for that
 weight shape and row count (``choose``).
@@ -403,20 +403,24 @@ def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     return y.view(*x.shape[:-1], n)
 
 
-ACTIVATIONS = ("q8", "f32")
+ACTIVATIONS = ("f32", "q8")
 _Q8_NAMES = {kind: f"{kind}*q8" for kind in _ref.GGUF_BLOCKS}   # choose()'s weight kinds
 
 
 def block_activations() -> str:
-    """How block-weight matmuls take x on the CPU: ``PARALLAX_GGUF_ACTIVATIONS``, "q8"
-    (default: rounded to 8-bit blocks, integer dot products, as llama.cpp) or "f32" (x as it
-    is, the weights dequantised in registers: exact, slower at few rows)."""
-    mode = os.environ.get("PARALLAX_GGUF_ACTIVATIONS") or "q8"
+    """How block-weight matmuls take x on the CPU: ``PARALLAX_GGUF_ACTIVATIONS``, "f32"
+    (default: x as it is, the weights dequantised in registers: exact up to fp32 rounding)
+    or "q8" (rounded to 8-bit blocks, integer dot products, as llama.cpp: faster, but on
+    SmolLM2-135M it turns a chat answer to garbage, see docs/kernels.md)."""
+    mode = os.environ.get("PARALLAX_GGUF_ACTIVATIONS") or "f32"
     if mode not in ACTIVATIONS:
-        mode = mode.strip().lower() or "q8"
+        mode = mode.strip().lower() or "f32"
     if mode not in ACTIVATIONS:
-        raise ParallaxError(f"PARALLAX_GGUF_ACTIVATIONS={mode!r}: use q8 (default) or f32")
+        raise ParallaxError(f"PARALLAX_GGUF_ACTIVATIONS={mode!r}: use f32 (default) or q8")
     return mode
+
+
+F32_KERNELS = ("q8_0", "q4_0")   # block kinds with an fp32-activation kernel (q8_0_f32.c)
 
 
 def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
@@ -433,7 +437,7 @@ def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
         if path == "kernel":
             return block_linear_q8(kind, x, qweight, bias)
         return block_linear_dequant(kind, x, qweight, bias, q8=True)
-    if kind in ("q8_0", "q4_0"):
+    if kind in F32_KERNELS:
         kernel = functools.partial(_block_linear, kind, qweight=qweight, isa=None)
         dequant = functools.partial(block_linear_dequant, kind, qweight=qweight)
         if choose(kind, n, k, x.numel() // k, kernel, dequant) == "kernel":
