@@ -1,15 +1,15 @@
 """Times parallax's kernels against their torch counterparts.
 
     PYTHONPATH=src python benchmarks/bench_kernels.py --cpu [--rows 1,8,16,128] [--reps 15]
-        [--tables f32,int8,q8_0,q4_0]
+        [--tables f32,int8,q8_0,q4_0,q4_1]
     PYTHONPATH=src python benchmarks/bench_kernels.py [--quick] [--skip-e2e]      (GPU)
 
 --cpu (the default without a GPU): the packed fp32 matmul of csrc/cpu in every variant this
 CPU runs against torch on the same panels (reference.linear_packed, what the dispatcher falls
 back to) and F.linear on the plain weight, for SmolLM2-135M's weight shapes; interleaved,
 medians; prints the ISA, ratios and the path ops.linear_packed chooses. Then the same for
-int8 weights and GGUF Q8_0 / Q4_0 weights: each variant's kernel against dequantise +
-F.linear.
+int8 weights and GGUF Q8_0 / Q4_0 / Q4_1 weights: each variant's kernel against dequantise +
+F.linear (GGUF: with x rounded to 8-bit blocks, the default; the fp32-activation kernel beside).
 
 GPU: the CUDA kernels against their torch counterparts (the paged attention kernel against
 its torch reference, the fallback the model takes without the extension), then a decode step
@@ -363,43 +363,54 @@ def cpu_matmul_table(rows: list[int], reps: int) -> None:
 
 
 def _quantized(kind: str, w: torch.Tensor):
-    """(kernel(x, isa), torch path(x)) for weight ``w`` stored as ``kind`` ("int8": per-channel
-    scales; "q8_0" / "q4_0": GGUF blocks, quantised by the gguf package, whose torch path is
-    the dispatcher's: dequantise a few MiB of rows at a time, F.linear)."""
+    """(kernel(x, isa), torch path(x), extra columns) for weight ``w`` stored as ``kind``
+    ("int8": per-channel scales; "q8_0" / "q4_0" / "q4_1": GGUF blocks, quantised by the gguf
+    package, multiplied the default way: x rounded to 8-bit blocks, csrc/cpu/q8_act.c, whose
+    torch path is the dispatcher's: the same rounded x, dequantise a few MiB of rows at a
+    time, F.linear; extra: the fp32-activation kernel, PARALLAX_GGUF_ACTIVATIONS=f32)."""
     from parallax.ops import cpu
     if kind == "int8":
         qw, sc = ref.quantize_int8(w)
         return (lambda x, isa=None: cpu.int8_linear(x, qw, sc, isa=isa),
-                lambda x: ref.int8_linear(x, qw, sc))
+                lambda x: ref.int8_linear(x, qw, sc), {})
     import gguf
     qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
     qb = torch.from_numpy(gguf.quants.quantize(w.numpy(), qtype))
-    kernel = getattr(cpu, f"{kind}_linear")
-    return (lambda x, isa=None: kernel(x, qb, isa=isa),
-            lambda x: cpu.block_linear_dequant(kind, x, qb))
+    extra = {}
+    if hasattr(cpu, f"{kind}_linear"):
+        extra[f"{kind} x f32 us"] = lambda x, f=getattr(cpu, f"{kind}_linear"): f(x, qb)
+    return (lambda x, isa=None: cpu.block_linear_q8(kind, x, qb, isa=isa),
+            lambda x: cpu.block_linear_dequant(kind, x, qb, q8=True), extra)
 
 
 def cpu_quant_table(kind: str, rows: list[int], reps: int) -> None:
     """Per shape and row count: the ``kind`` weight kernel in each variant, the reference
-    (dequantise the weight, then F.linear) and the fp32 packed kernel for scale."""
+    (dequantise the weight, then F.linear), the fp32-activation block kernel where there is
+    one, and the fp32 packed kernel for scale."""
     from parallax.ops import cpu
     variants = [v for v in cpu.supported_variants() if cpu.kernels(v) is not None]
-    cols = [f"{kind} {v} us" for v in variants] + [f"{kind} torch us", "f32 kernel us"]
     print(f"\n# {kind} weights, {torch.get_num_threads()} threads")
-    print(f"{'weight':<8} {'N x K':>11} {'rows':>4} " + " ".join(f"{c:>15}" for c in cols)
-          + f" {'ratio':>6} {'chosen':>7}")
+    head = True
     for name, (n, k) in SMOLLM2_SHAPES.items():
         w = torch.randn(n, k) * 0.02
-        kernel, torch_path = _quantized(kind, w)
+        kernel, torch_path, extra = _quantized(kind, w)
+        cols = ([f"{kind} {v} us" for v in variants] + [f"{kind} torch us", *extra]
+                + ["f32 kernel us"])
+        if head:
+            print(f"{'weight':<8} {'N x K':>11} {'rows':>4} " + " ".join(f"{c:>15}" for c in cols)
+                  + f" {'ratio':>6} {'chosen':>7}")
+            head = False
         packed = cpu.pack(w)
         for m in rows:
             x = torch.randn(m, k)
             fns = {f"{kind} {v} us": (lambda v=v: kernel(x, v)) for v in variants}
             fns[f"{kind} torch us"] = lambda: torch_path(x)
+            fns.update({c: (lambda f=f: f(x)) for c, f in extra.items()})
             fns["f32 kernel us"] = lambda: cpu.linear_packed(x, packed)
             times = interleaved(fns, reps if m * n * k < 2e9 else max(3, reps // 3))
             med = {c: statistics.median(t) for c, t in times.items()}
-            chosen = cpu.choose(kind, n, k, m, kernel, torch_path)
+            chosen = cpu.choose(kind if kind == "int8" else f"{kind}*q8", n, k, m, kernel,
+                                torch_path)
             print(f"{name:<8} {f'{n} x {k}':>11} {m:>4} "
                   + " ".join(f"{med[c]:15.0f}" for c in cols)
                   + f" {med[cols[0]] / med[f'{kind} torch us']:6.2f} {chosen:>7}", flush=True)
@@ -411,7 +422,8 @@ def main():
     ap.add_argument("--rows", default="1,4,8,16,128", help="--cpu: row counts")
     ap.add_argument("--reps", type=int, default=15, help="--cpu: interleaved rounds")
     ap.add_argument("--threads", type=int, default=None, help="--cpu: torch threads")
-    ap.add_argument("--tables", default="f32,int8,q8_0,q4_0", help="--cpu: which weight tables")
+    ap.add_argument("--tables", default="f32,int8,q8_0,q4_0,q4_1",
+                    help="--cpu: which weight tables")
     ap.add_argument("--quick", action="store_true", help="one case per kernel")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--sanitize-case", action="store_true",
@@ -423,7 +435,7 @@ def main():
         rows, tables = [int(r) for r in args.rows.split(",")], args.tables.split(",")
         if "f32" in tables:
             cpu_matmul_table(rows, args.reps)
-        for kind in ("int8", "q8_0", "q4_0"):
+        for kind in ("int8", "q8_0", "q4_0", "q4_1"):
             if kind in tables:
                 cpu_quant_table(kind, rows, args.reps)
         return

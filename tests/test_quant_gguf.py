@@ -1,7 +1,7 @@
-"""GGUF Q8_0 / Q4_0 weights kept quantized: the C kernels against their torch twins (every
-CPU variant this machine runs) and against gguf's own dequantisation; LLM(gguf) with quantized
-weights against the same file dequantised to fp32 (the old path), in one process and under
-tp=2 / pp=2."""
+"""GGUF Q8_0 / Q4_0 / Q4_1 weights kept quantized: the C kernels against their torch twins
+(every CPU variant this machine runs) and against gguf's own dequantisation, the 8-bit
+activation path against its analytic error bound; LLM(gguf) with quantized weights against
+the same file dequantised to fp32 (the old path), in one process and under tp=2 / pp=2."""
 from __future__ import annotations
 
 import gguf
@@ -13,7 +13,25 @@ from parallax.ops import cpu, reference
 
 VARIANTS = cpu.supported_variants()
 Q = gguf.GGMLQuantizationType
-FORMATS = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
+FORMATS = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
+F32_KERNELS = ("q8_0", "q4_0")        # formats with an fp32-activation kernel (q8_0_f32.c)
+K_QUANTS = {"q4_k": Q.Q4_K, "q6_k": Q.Q6_K}   # super-blocks of 256; gguf-py cannot quantise
+
+
+def random_k_blocks(n: int, k: int, qtype, g: torch.Generator,
+                    dmax: float = 0.02) -> torch.Tensor:
+    """(N, K/256 * bytes) uint8 of ``qtype`` super-blocks: random codes, scales and mins
+    (every bit pattern is a valid block) with the fp16 factors set to sane magnitudes."""
+    nbytes = {Q.Q4_K: 144, Q.Q6_K: 210}[qtype]
+    b = torch.randint(0, 256, (n, k // 256, nbytes), generator=g, dtype=torch.uint8)
+    halves = (torch.rand(n, k // 256, 2, generator=g) * dmax + dmax / 20).half()
+    halves = halves.view(torch.uint8).reshape(n, k // 256, 4)  # two fp16, little-endian bytes
+    if qtype == Q.Q4_K:
+        b[..., 0:4] = halves                                  # d, dmin
+    else:
+        b[..., 208:210] = halves[..., :2]                     # d
+    return b.reshape(n, -1).contiguous()
+SHAPES = [(1, 7, 32), (3, 33, 96), (5, 64, 256), (9, 17, 160), (17, 40, 64), (1, 1, 32)]
 
 
 def block_bytes(w: np.ndarray, qtype=Q.Q8_0) -> torch.Tensor:
@@ -22,10 +40,9 @@ def block_bytes(w: np.ndarray, qtype=Q.Q8_0) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(q))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", F32_KERNELS)
 @pytest.mark.parametrize("isa", VARIANTS)
-@pytest.mark.parametrize("m,n,k", [(1, 7, 32), (3, 33, 96), (5, 64, 256), (9, 17, 160),
-                                   (17, 40, 64), (1, 1, 32)])
+@pytest.mark.parametrize("m,n,k", SHAPES)
 def test_block_kernel_matches_twin(isa, m, n, k, fmt):
     if cpu.kernels(isa) is None:
         pytest.fail(f"CPU kernels ({isa}) did not build: {cpu.build_error(isa)}")
@@ -41,6 +58,95 @@ def test_block_kernel_matches_twin(isa, m, n, k, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("m,n,k", SHAPES + [(4, 9, 1536)])
+def test_q8_kernel_matches_twin(isa, m, n, k, fmt):
+    """csrc/cpu/q8_act.c (x rounded to 8-bit blocks, integer dot products) against
+    reference.{fmt}_linear_q8 (the same rounded x, dequantised, times the dequantised
+    weight): both multiply exactly the same values, so only fp32 summation order differs."""
+    if cpu.kernels(isa) is None:
+        pytest.fail(f"CPU kernels ({isa}) did not build: {cpu.build_error(isa)}")
+    g = torch.Generator().manual_seed(m * 1000 + n + k + 7)
+    qw = block_bytes(torch.randn(n, k, generator=g).numpy(), FORMATS[fmt])
+    x = torch.randn(m, k, generator=g) * 4
+    bias = torch.randn(n, generator=g)
+    y = torch.full((m, n), float("nan"))        # poisoned: every output must be written
+    y.copy_(cpu.block_linear_q8(fmt, x, qw, bias, isa=isa))
+    want = getattr(reference, f"{fmt}_linear_q8")(x, qw, bias)
+    scale = float((x.abs() @ getattr(reference, f"{fmt}_dequantize")(qw).abs().T).max())
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("fmt", K_QUANTS)
+def test_k_quant_dequantize_matches_gguf(fmt):
+    """The twins' Q4_K / Q6_K dequantisation is bit-equal to gguf-py's on random blocks."""
+    g = torch.Generator().manual_seed(5)
+    qw = random_k_blocks(7, 512, K_QUANTS[fmt], g)
+    want = torch.from_numpy(gguf.quants.dequantize(qw.numpy(), K_QUANTS[fmt])).reshape(7, 512)
+    assert torch.equal(getattr(reference, f"{fmt}_dequantize")(qw), want)
+
+
+@pytest.mark.parametrize("fmt", K_QUANTS)
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("m,n,k", [(1, 7, 256), (3, 9, 512), (5, 4, 768), (1, 1, 256),
+                                   (6, 13, 256)])
+def test_k_quant_kernel_matches_twin(isa, m, n, k, fmt):
+    """csrc/cpu/q8_act.c's Q4_K / Q6_K tiles against reference.{fmt}_linear_q8 (same rounded
+    x, same dequantised weights): fp32 summation order only."""
+    g = torch.Generator().manual_seed(m * 100 + n + k)
+    qw = random_k_blocks(n, k, K_QUANTS[fmt], g)
+    x = torch.randn(m, k, generator=g) * 3
+    bias = torch.randn(n, generator=g)
+    got = cpu.block_linear_q8(fmt, x, qw, bias, isa=isa)
+    want = getattr(reference, f"{fmt}_linear_q8")(x, qw, bias)
+    scale = float((x.abs() @ getattr(reference, f"{fmt}_dequantize")(qw).abs().T).max())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_quantize_q8_matches_twin(isa):
+    """The kernels' activation rounding is the twin's bit for bit: codes and scales equal,
+    including an all-zero block, exact .5 ties (half to even) and tiny values."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 160, generator=g) * 10
+    x[0, :32] = 0.0
+    x[1, :32] = torch.arange(32) - 15.5           # amax 16.5: codes at 127/16.5 steps
+    x[1, 32:64] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5] + [0.0] * 26)  # id 1: ties
+    x[2, 64:96] = 1e-30
+    q, d = cpu.quantize_q8(x, isa=isa)
+    want_q, want_d = reference.quantize_q8(x)
+    assert torch.equal(q, want_q) and torch.equal(d, want_d)
+    assert q[1, 33:38].tolist() == [0, 2, 2, 0, -2]
+    # The rounding bound the kernels' error bound rests on: |x - q * d| <= amax / 254.
+    amax = x.reshape(5, -1, 32).abs().amax(-1, keepdim=True)
+    err = (x - reference.dequantize_q8(q, d)).reshape(5, -1, 32).abs()
+    assert bool((err <= amax / 254 * (1 + 1e-6)).all())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_q8_activation_error_bound(fmt):
+    """Rounding x to 8-bit blocks moves each x_i by at most amax_b / 254 (amax_b the largest
+    |x| of its block of 32), so each output moves by at most
+        sum_b amax_b / 254 * sum_{i in b} |w_ni|
+    from the exact product with the dequantised weight: the kernel (default variant) is
+    checked against that analytic bound (plus fp32 rounding), and the bound must be tight
+    enough to mean something (the observed error is a sizeable share of it)."""
+    g = torch.Generator().manual_seed(11)
+    n, k = 96, 576
+    qw = block_bytes(torch.randn(n, k, generator=g).numpy(), FORMATS[fmt])
+    w = getattr(reference, f"{fmt}_dequantize")(qw)                        # (N, K)
+    x = torch.randn(8, k, generator=g) * torch.rand(1, k, generator=g) * 3  # uneven blocks
+    exact = (x.double() @ w.double().T)
+    got = cpu.block_linear_q8(fmt, x, qw).double()
+    amax = x.reshape(8, -1, 32).abs().amax(-1).double()                   # (M, K/32)
+    wsum = w.abs().reshape(n, -1, 32).sum(-1).double()                     # (N, K/32)
+    bound = amax / 254 @ wsum.T + 1e-6 * (x.abs().double() @ w.abs().double().T)
+    err = (got - exact).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+    assert float((err / bound).max()) > 0.05
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_dequantize_matches_gguf(fmt):
     """The twin's dequantisation is bit-equal to gguf's; every kernel variant multiplies by
     those values (zero and subnormal-scale blocks included)."""
@@ -52,8 +158,12 @@ def test_dequantize_matches_gguf(fmt):
     want = torch.from_numpy(gguf.quants.dequantize(qw.numpy(), FORMATS[fmt])).reshape(13, 128)
     assert torch.equal(getattr(reference, f"{fmt}_dequantize")(qw), want)
     x = torch.randn(2, 128, generator=g)
+    x8 = reference.dequantize_q8(*reference.quantize_q8(x))
     for isa in VARIANTS:
-        torch.testing.assert_close(getattr(cpu, f"{fmt}_linear")(x, qw, isa=isa), x @ want.T,
+        if fmt in F32_KERNELS:
+            torch.testing.assert_close(getattr(cpu, f"{fmt}_linear")(x, qw, isa=isa),
+                                       x @ want.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu.block_linear_q8(fmt, x, qw, isa=isa), x8 @ want.T,
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -80,15 +190,18 @@ GREEDY = dict(max_new_tokens=32, ignore_eos=True)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", F32_KERNELS)
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_model_matches_dequantised_fp32(tmp_path, monkeypatch, tied, fmt):
-    """Quantized weights vs the same file dequantised to fp32 on load (the old path): both
-    multiply by exactly the same dequantised values, so the only difference is fp32
-    summation order: logits agree to 1e-5 relative to their scale (measured 6e-7), greedy
-    tokens are equal for 32 tokens, and the weights take the block bytes (34 or 18 per 32)."""
+    """Quantized weights with fp32 activations (PARALLAX_GGUF_ACTIVATIONS=f32) vs the same
+    file dequantised to fp32 on load (the old path): both multiply by exactly the same
+    dequantised values, so the only difference is fp32 summation order: logits agree to 1e-5
+    relative to their scale (measured 6e-7), greedy tokens are equal for 32 tokens, and the
+    weights take the block bytes (34 or 18 per 32). Q4_1 has no exact kernel: with fp32
+    activations it is dequantised on load (test_exact_activations_dequantise_q4_1)."""
     import parallax
     path = tiny_gguf(tmp_path, tied, fmt)
+    monkeypatch.setenv("PARALLAX_GGUF_ACTIVATIONS", "f32")
     monkeypatch.setenv("PARALLAX_GGUF_DEQUANTIZE", "1")
     with parallax.LLM(path) as ref:
         ref_logits = ref.logits(PROMPTS)
@@ -108,33 +221,139 @@ def test_model_matches_dequantised_fp32(tmp_path, monkeypatch, tied, fmt):
     # fp32 matrices (4 bytes a weight) became 34/32 or 18/32; the fp32 vectors stay.
     with parallax.loading.gguf.GGUFCheckpoint(path) as ckpt:
         mats = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names() if len(ckpt.shape(n)) == 2)
-    per_block = {"q8_0": 34, "q4_0": 18}[fmt]
+    per_block = reference.GGUF_BLOCK_BYTES[fmt]
     assert ref_bytes - q_bytes == mats * 4 - mats // 32 * per_block
+
+
+@pytest.mark.timeout(300)
+def test_exact_activations_dequantise_q4_1(tmp_path, monkeypatch):
+    """The default (PARALLAX_GGUF_ACTIVATIONS unset: exact activations) keeps only the types
+    with an exact kernel; a Q4_1 file loads as fp32, the old path; with q8 it stays Q4_1."""
+    import parallax
+    path = tiny_gguf(tmp_path, True, "q4_1")
+    monkeypatch.delenv("PARALLAX_GGUF_ACTIVATIONS", raising=False)
+    with parallax.LLM(path) as llm:
+        assert set(_weight_formats(llm).values()) == {"float"}
+    monkeypatch.setenv("PARALLAX_GGUF_ACTIVATIONS", "q8")
+    with parallax.LLM(path) as llm:
+        assert set(_weight_formats(llm).values()) == {"q4_1"}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_model_q8_activations(tmp_path, monkeypatch, fmt):
+    """8-bit activations (PARALLAX_GGUF_ACTIVATIONS=q8), end to end, by the C kernels (PARALLAX_CPU_MATMUL=
+    kernel) and by the torch twin path (=torch): against the file dequantised to fp32 with
+    exact activations, both keep the logits within 5e-2 of their scale (an empirical bound
+    for this 2-layer model, ~3x the largest error measured over the three formats, 1.6e-2; the
+    per-matmul analytic bound is test_q8_activation_error_bound's). The two paths are not
+    compared to fp32 rounding: one ulp of difference in an activation can move its 8-bit
+    code by one step in the next matmul, an error of the quantization's own size."""
+    import parallax
+    path = tiny_gguf(tmp_path, True, fmt)
+    monkeypatch.setenv("PARALLAX_GGUF_DEQUANTIZE", "1")
+    with parallax.LLM(path) as ref:
+        exact = ref.logits(PROMPTS)
+    monkeypatch.delenv("PARALLAX_GGUF_DEQUANTIZE")
+    monkeypatch.setenv("PARALLAX_GGUF_ACTIVATIONS", "q8")
+    scale = float(exact.nan_to_num().abs().max())
+    errors = {}
+    for path_name in ("kernel", "torch"):
+        monkeypatch.setenv("PARALLAX_CPU_MATMUL", path_name)
+        with parallax.LLM(path) as llm:
+            assert set(_weight_formats(llm).values()) == {fmt}
+            logits = llm.logits(PROMPTS)
+        assert torch.equal(logits.isnan(), exact.isnan())
+        errors[path_name] = float((logits - exact).nan_to_num().abs().max()) / scale
+    assert max(errors.values()) < 5e-2, errors
+    print(fmt, errors)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fmt", K_QUANTS)
+def test_model_k_quants_match_dequantised(tmp_path, monkeypatch, fmt):
+    """A tiny llama (hidden 256, so every K is whole super-blocks) whose 2-D weights are
+    random Q4_K / Q6_K super-blocks (gguf-py cannot quantise to K-quants): with fp32
+    activations (the default; no exact K-quant kernel) it is dequantised on load and equals
+    PARALLAX_GGUF_DEQUANTIZE=1 up to summation order (logits 1e-4 of their scale: the
+    structureless random weights cancel more than trained ones; same greedy tokens). With
+    8-bit activations (kept in blocks)
+    the C kernels agree with the torch twin path (PARALLAX_CPU_MATMUL=torch) within 3e-2 of
+    the logits' scale (measured 0.9% for Q6_K: the twins differ only by summation order per
+    matmul, but a code one step off in the next layer's input is an error of the
+    quantization's size). Against exact fp32 these random weights are not a fair measure of
+    8-bit activations (Q6_K's random codes and signed scales cancel: ~20% of the scale for
+    both paths alike); test_q8_activation_error_bound holds each matmul to its bound. The
+    weights take the super-block bytes."""
+    import parallax
+    from conftest import make_checkpoint
+    from test_gguf import write_from_hf
+    g = torch.Generator().manual_seed(2)
+    monkeypatch.setattr(gguf.quants, "quantize", lambda x, qt: random_k_blocks(
+        x.shape[0], x.shape[1], qt, g, dmax=5e-4).numpy())
+    hf = make_checkpoint(str(tmp_path / "hf"), "llama", hidden_size=256, intermediate_size=512,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    path = str(tmp_path / f"{fmt}.gguf")
+    write_from_hf(path, hf, {}, qtype=K_QUANTS[fmt])
+    monkeypatch.setenv("PARALLAX_GGUF_DEQUANTIZE", "1")
+    with parallax.LLM(path) as ref:
+        ref_logits = ref.logits(PROMPTS)
+        ref_tokens = [o.token_ids for o in ref.generate(PROMPTS, **GREEDY)]
+        ref_bytes = ref.memory()[0]["weight_bytes"]
+    monkeypatch.delenv("PARALLAX_GGUF_DEQUANTIZE")
+    scale = float(ref_logits.nan_to_num().abs().max())
+    logits = {}
+    for act, path_name in (("f32", "auto"), ("q8", "kernel"), ("q8", "torch")):
+        monkeypatch.setenv("PARALLAX_GGUF_ACTIVATIONS", act)
+        monkeypatch.setenv("PARALLAX_CPU_MATMUL", path_name)
+        with parallax.LLM(path) as llm:   # exact activations: no kernel, dequantised
+            assert set(_weight_formats(llm).values()) == {fmt if act == "q8" else "float"}
+            logits[act, path_name] = llm.logits(PROMPTS)
+            if act == "f32":
+                assert [o.token_ids for o in llm.generate(PROMPTS, **GREEDY)] == ref_tokens
+            if act == "q8":
+                q_bytes = llm.memory()[0]["weight_bytes"]
+    torch.testing.assert_close(logits["f32", "auto"], ref_logits, atol=1e-4 * scale, rtol=0,
+                               equal_nan=True)
+    torch.testing.assert_close(logits["q8", "kernel"], logits["q8", "torch"], atol=3e-2 * scale,
+                               rtol=0, equal_nan=True)
+    with parallax.loading.gguf.GGUFCheckpoint(path) as ckpt:
+        mats = sum(int(np.prod(ckpt.shape(n))) for n in ckpt.names() if len(ckpt.shape(n)) == 2)
+    assert ref_bytes - q_bytes == mats * 4 - mats // 256 * reference.GGUF_BLOCKS[fmt][1]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("act", ["q8", "f32"])
 @pytest.mark.parametrize("kw", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
-def test_layouts_match_one_process(tmp_path, kw, fmt):
-    """tp=2 / pp=2 with block weights equal one process with block weights: greedy tokens
-    equal, logits within 1e-5 of their scale (tp reorders the o_proj/down_proj sums), and
-    every rank holds its share in blocks (intermediate 128: tp=2 splits K at block edges)."""
+def test_layouts_match_one_process(tmp_path, monkeypatch, kw, fmt, act):
+    """tp=2 / pp=2 with block weights equal one process with block weights, with either kind
+    of activations (PARALLAX_GGUF_ACTIVATIONS): greedy tokens equal and logits within 1e-5
+    of their scale, except tp=2 with 8-bit activations; every rank holds its share in blocks
+    (intermediate 128: tp=2 splits K at block edges). tp reorders the o_proj/down_proj sums;
+    with 8-bit activations an ulp of difference can move a code of the next matmul's input
+    by one step, so there the logits are held to the quantization's own error (5e-2 of their
+    scale, test_model_q8_activations' bound) and tokens are not compared. pp moves whole
+    layers, sums unchanged: exact in both modes."""
     import parallax
+    monkeypatch.setenv("PARALLAX_GGUF_ACTIVATIONS", act)
+    strict = act == "f32" or "pp" in kw
     path = tiny_gguf(tmp_path, True, fmt, intermediate_size=128)
     with parallax.LLM(path) as one:
         ref_tokens = [o.token_ids for o in one.generate(PROMPTS, **GREEDY)]
         ref_logits = one.logits(PROMPTS)
         one_bytes = one.memory()[0]["weight_bytes"]
     with parallax.LLM(path, threads_per_rank=1, **kw) as llm:
-        assert [o.token_ids for o in llm.generate(PROMPTS, **GREEDY)] == ref_tokens
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, **GREEDY)]
+        assert tokens == ref_tokens or not strict
         scale = float(ref_logits.nan_to_num().abs().max())
-        torch.testing.assert_close(llm.logits(PROMPTS), ref_logits, atol=1e-5 * scale, rtol=0,
-                                   equal_nan=True)
+        torch.testing.assert_close(llm.logits(PROMPTS), ref_logits, rtol=0, equal_nan=True,
+                                   atol=(1e-5 if strict else 5e-2) * scale)
         per_rank = [m["weight_bytes"] for m in llm.memory()]
     # Quantized shards: every rank holds well under the one-process Q8_0 total.
     assert all(b < 0.8 * one_bytes for b in per_rank), (per_rank, one_bytes)
-    if "tp" in kw:     # Q8_0 rows and whole blocks split exactly; the fp32 norms (2 per
+    if "tp" in kw:     # block rows and whole blocks split exactly; the fp32 norms (2 per
         norms = (2 * 4 + 1) * 64 * 4       # layer + the final one, hidden 64) are replicated
         assert sum(per_rank) == one_bytes + norms, (per_rank, one_bytes)
 

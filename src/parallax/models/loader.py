@@ -126,12 +126,16 @@ def dequantize_gguf() -> bool:
 
 def keep_gguf_blocks_(model: nn.Module, ckpt: Checkpoint) -> None:
     """Give each matmul / embedding layer whose checkpoint tensors are all of one GGUF block
-    type parallax computes on (``parallel.quant.GGUF_METHODS``: Q8_0) that type's
+    type parallax computes on (``parallel.quant.GGUF_METHODS``: Q8_0, Q4_0, Q4_1, Q4_K,
+    Q6_K) that type's
     quant_method, so its weight is read and kept as raw blocks. A row-parallel shard whose
     K range cuts a block stays float, with a warning. No-op for other checkpoints or with
-    ``PARALLAX_GGUF_DEQUANTIZE=1``. Tied layers share one parameter and one method."""
+    ``PARALLAX_GGUF_DEQUANTIZE=1``. With exact activations (``PARALLAX_GGUF_ACTIVATIONS=f32``,
+    the default) only Q8_0 and Q4_0 have a kernel: the other types are dequantised on load.
+    Tied layers share one parameter and one method."""
     if not hasattr(ckpt, "read_quantized") or dequantize_gguf():
         return
+    from ..ops import cpu
     done: dict[int, tuple] = {}          # id(meta weight) -> (method, new parameter)
     for module in model.modules():
         if getattr(module, "quant_method", None) is None:   # not a matmul / embedding layer
@@ -145,8 +149,9 @@ def keep_gguf_blocks_(model: nn.Module, ckpt: Checkpoint) -> None:
             continue
         types = {ckpt.ggml_type(c.name) for c in w.chunks}
         method = GGUF_METHODS.get(types.pop()) if len(types) == 1 else None
-        if method is None:
-            continue
+        if method is None or (method.name not in cpu.F32_KERNELS
+                              and cpu.block_activations() == "f32"):
+            continue      # exact activations and no exact kernel for it: dequantise on load
         block = method.block
         cut = [c for c in w.chunks if c.dim == 1 and (c.start % block or (c.length or 0) % block)]
         if cut or w.shape[1] % block:

@@ -8,7 +8,8 @@
 - ``reference``: always the torch references.
 
 fp32 CPU tensors take the C kernels of csrc/cpu (ops/cpu.py: packed matmul, int8 and GGUF
-Q8_0 / Q4_0 block matmuls, norms,
+Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K block matmuls (x exact, or with
+``PARALLAX_GGUF_ACTIVATIONS=q8`` rounded to 8-bit blocks first, as llama.cpp does), norms,
 ``silu_and_mul``, decode attention with the cache write, paged attention over a flat mixed
 prefill/decode batch) where they build, in the variant
 for the CPU's instruction set (``PARALLAX_CPU_ISA`` forces one); the packed matmul goes to
@@ -39,13 +40,15 @@ from ..errors import KernelInputError
 from . import cpu as _cpu
 from . import cuda as _cuda
 from . import reference as _ref
-from .reference import (paged_attention, prefill_attention, q4_0_embedding, q8_0_embedding,
-                        quantize_int8, write_paged_kv)
+from .reference import (paged_attention, prefill_attention, q4_0_embedding, q4_1_embedding,
+                        q4_k_embedding, q6_k_embedding, q8_0_embedding, quantize_int8,
+                        write_paged_kv)
 
 __all__ = ["add_rms_norm", "decode_attention", "decode_attention_with_kvcache",
            "paged_attention", "paged_attention_with_kvcache", "write_paged_kv",
-           "embedding_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "q8_0_embedding", "q4_0_linear",
-           "q4_0_embedding", "linear", "linear_packed", "prefill_attention",
+           "embedding_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "q4_1_linear",
+           "q4_k_linear", "q6_k_linear", "q8_0_embedding", "q4_0_embedding", "q4_1_embedding",
+           "q4_k_embedding", "q6_k_embedding", "linear", "linear_packed", "prefill_attention",
            "quantize_int8", "rms_norm", "rotary_embedding", "silu_and_mul", "active_backend",
            "kernel_report", "check_context_lens"]
 
@@ -87,7 +90,8 @@ def active_backend() -> str:
 
 
 # Which ops have a C kernel (fp32 CPU tensors) and which a CUDA one (fp16/bf16 GPU tensors).
-_CPU_OPS = ("linear_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
+_CPU_OPS = ("linear_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "q4_1_linear",
+            "q4_k_linear", "q6_k_linear", "rms_norm", "add_rms_norm", "silu_and_mul",
             "decode_attention_with_kvcache", "paged_attention_with_kvcache")
 _CUDA_OPS = ("rms_norm", "add_rms_norm", "rotary_embedding", "decode_attention",
              "decode_attention_with_kvcache", "int8_linear", "paged_attention_with_kvcache")
@@ -257,18 +261,45 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return _ref.int8_linear(x, qweight, scales, bias)
 
 
+def _block_linear(kind: str, x: torch.Tensor, qweight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + bias, W in GGUF ``kind`` rows (uint8 (N, K/32 * block bytes)). On the CPU
+    x is taken as ``cpu.block_activations()`` says (default exact; "q8": rounded to 8-bit
+    blocks, as llama.cpp, reference.{kind}_linear_q8), by the C kernel or torch, as
+    measured; on a GPU the dequantising reference."""
+    if x.is_cuda:
+        return getattr(_ref, f"{kind}_linear")(x, qweight, bias)
+    if _cpu.block_fits(kind, x, qweight):
+        return _cpu.block_linear_auto(kind, x, qweight, bias)
+    q8 = _cpu.block_activations() == "q8"
+    return getattr(_ref, f"{kind}_linear_q8" if q8 else f"{kind}_linear")(x, qweight, bias)
+
+
 def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T + bias, W in GGUF Q8_0 rows (uint8 (N, K/32*34)); see reference.q8_0_linear.
-    fp32 CPU: the C kernel or torch, as measured; elsewhere the reference."""
-    if _cpu.block_fits("q8_0", x, qweight):
-        return _cpu.block_linear_auto("q8_0", x, qweight, bias)
-    return _ref.q8_0_linear(x, qweight, bias)
+    """x @ W^T + bias, W in GGUF Q8_0 rows (uint8 (N, K/32*34)); see _block_linear."""
+    return _block_linear("q8_0", x, qweight, bias)
 
 
 def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T + bias, W in GGUF Q4_0 rows (uint8 (N, K/32*18)); see reference.q4_0_linear."""
-    if _cpu.block_fits("q4_0", x, qweight):
-        return _cpu.block_linear_auto("q4_0", x, qweight, bias)
-    return _ref.q4_0_linear(x, qweight, bias)
+    """x @ W^T + bias, W in GGUF Q4_0 rows (uint8 (N, K/32*18)); see _block_linear."""
+    return _block_linear("q4_0", x, qweight, bias)
+
+
+def q4_1_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias, W in GGUF Q4_1 rows (uint8 (N, K/32*20)); see _block_linear."""
+    return _block_linear("q4_1", x, qweight, bias)
+
+
+def q4_k_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias, W in GGUF Q4_K rows (uint8 (N, K/256*144)); see _block_linear."""
+    return _block_linear("q4_k", x, qweight, bias)
+
+
+def q6_k_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias, W in GGUF Q6_K rows (uint8 (N, K/256*210)); see _block_linear."""
+    return _block_linear("q6_k", x, qweight, bias)

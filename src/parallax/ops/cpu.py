@@ -8,9 +8,12 @@ avx512, avx2, generic; csrc/cpu/isa.h), and the variant the CPU runs best is loa
 (``torch.ops.parallax_cpu.*``: schemas, fake tensors, torch.compile, torch's thread count):
 a small C++ shim (csrc/cpu/torch_ops.cpp, built once by torch.utils.cpp_extension and
 cached) registers the ops and calls into whichever variant's library it was given by name.
-Packed fp32 weights (fp32 CPU weights whose shard rows are a multiple of 32) and int8
-weights go through their kernel or through torch on the same tensors, whichever measured
-faster for that weight shape and row count (``choose``).
+GGUF block weights go through q8_0_f32.c's exact kernels (Q8_0, Q4_0) or, with
+``PARALLAX_GGUF_ACTIVATIONS=q8``, csrc/cpu/q8_act.c (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K: x rounded
+to 8-bit blocks once per matmul, integer dot products). Packed fp32 weights (fp32 CPU
+weights whose shard rows are a multiple of 32), int8 and block weights go through their
+kernel or through torch on the same values, whichever measured faster for that weight shape
+and row count (``choose``).
 Other fp32 weights take the batched-gemm form below.
 
 For x with M <= 16 rows, MKL's sgemv/sgemm path behind ``F.linear`` streams the weight
@@ -21,6 +24,7 @@ goes through MKL's batched gemm, which runs the blocks in parallel and reaches ~
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import logging
@@ -77,7 +81,8 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor,
 PANEL = 32
 
 # Every C source of the library. The torch ops (csrc/cpu/torch_ops.cpp) call its entry points.
-_SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "q8_0_f32.c", "paged_attention_f32.c"]
+_SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "q8_0_f32.c", "q8_act.c",
+            "paged_attention_f32.c"]
 
 # variant -> (compiler flags, /proc/cpuinfo flags the code needs); best first. The x86
 # variants are separate builds of the same sources (csrc/cpu/isa.h picks the vector width
@@ -332,11 +337,12 @@ def int8_fits(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> b
 
 
 def _block_linear(kind: str, x: torch.Tensor, qweight: torch.Tensor,
-                  bias: torch.Tensor | None, isa: str | None) -> torch.Tensor:
-    """y = x @ W^T + bias, W in GGUF ``kind`` blocks ("q8_0", "q4_0": reference.GGUF_BLOCK_BYTES),
-    by the C kernel ``parallax_<kind>_linear_f32`` (csrc/cpu/q8_0_f32.c)."""
-    return torch.ops.parallax_cpu.block_linear_f32.default(
-        x, qweight, bias, kind, _ref.GGUF_BLOCK, _ref.GGUF_BLOCK_BYTES[kind], kernels(isa))
+                  bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias, W in GGUF ``kind`` blocks ("q8_0", "q4_0": reference.GGUF_BLOCKS),
+    x as it is (fp32), by the C kernel ``parallax_<kind>_linear_f32`` (csrc/cpu/q8_0_f32.c)."""
+    n_el, nbytes = _ref.GGUF_BLOCKS[kind]
+    return torch.ops.parallax_cpu.block_linear_f32.default(x, qweight, bias, kind, n_el, nbytes,
+                                                           kernels(isa))
 
 
 def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -352,18 +358,39 @@ def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | Non
     return _block_linear("q4_0", x, qweight, bias, isa)
 
 
+def quantize_q8(x: torch.Tensor, *, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_q8 by csrc/cpu/q8_act.c (what the *_linear_q8 kernels do to x):
+    x (M, K) float32 contiguous -> (codes (M, K) int8, scales (M, K/32) float32)."""
+    return torch.ops.parallax_cpu.quantize_q8.default(x, _ref.GGUF_BLOCK, kernels(isa))
+
+
+def block_linear_q8(kind: str, x: torch.Tensor, qweight: torch.Tensor,
+                    bias: torch.Tensor | None = None, *, isa: str | None = None) -> torch.Tensor:
+    """reference.{kind}_linear_q8 by csrc/cpu/q8_act.c: x (..., K) float32 rounded to 8-bit
+    blocks, then integer dot products with the ``kind`` ("q8_0", "q4_0", "q4_1", "q4_k",
+    "q6_k") blocks of qweight (N, K/32 * block bytes; K-quants K/256 * super-block bytes)
+    uint8, as llama.cpp does. Raises torch.OutOfMemoryError when the int8 codes of x
+    cannot be allocated."""
+    n_el, nbytes = _ref.GGUF_BLOCKS[kind]
+    return torch.ops.parallax_cpu.block_linear_q8.default(x, qweight, bias, kind, n_el, nbytes,
+                                                          kernels(isa))
+
+
 DEQUANT_CHUNK_BYTES = 8 << 20   # fp32 bytes of weight rows dequantised at a time
 
 
 def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, *, q8: bool = False) -> torch.Tensor:
     """The torch path of a ``kind`` block matmul: dequantise a few MiB of weight rows at a
     time and F.linear them into their output columns, so no full fp32 copy of the weight
-    is ever made (reference.{kind}_linear's result, column block by column block)."""
+    is ever made (reference.{kind}_linear's result, column block by column block; with
+    ``q8``, x is first rounded to 8-bit blocks: reference.{kind}_linear_q8's)."""
     deq = getattr(_ref, f"{kind}_dequantize")
     n = qweight.shape[0]
-    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
+    k = _ref.gguf_k(kind, qweight)
     rows = x.reshape(-1, k)
+    if q8:
+        rows = _ref.dequantize_q8(*_ref.quantize_q8(rows))
     step = max(1, DEQUANT_CHUNK_BYTES // (4 * k))
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     for r0 in range(0, n, step):
@@ -373,25 +400,57 @@ def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     return y.view(*x.shape[:-1], n)
 
 
+ACTIVATIONS = ("f32", "q8")
+_Q8_NAMES = {kind: f"{kind}*q8" for kind in _ref.GGUF_BLOCKS}   # choose()'s weight kinds
+
+
+def block_activations() -> str:
+    """How block-weight matmuls take x on the CPU: ``PARALLAX_GGUF_ACTIVATIONS``, "f32"
+    (default: x as it is, the weights dequantised in registers: exact up to fp32 rounding)
+    or "q8" (rounded to 8-bit blocks, integer dot products, as llama.cpp: faster, but on
+    SmolLM2-135M it turns a chat answer to garbage, see docs/kernels.md)."""
+    mode = os.environ.get("PARALLAX_GGUF_ACTIVATIONS") or "f32"
+    if mode not in ACTIVATIONS:
+        mode = mode.strip().lower() or "f32"
+    if mode not in ACTIVATIONS:
+        raise ParallaxError(f"PARALLAX_GGUF_ACTIVATIONS={mode!r}: use f32 (default) or q8")
+    return mode
+
+
+F32_KERNELS = ("q8_0", "q4_0")   # block kinds with an fp32-activation kernel (q8_0_f32.c)
+
+
 def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``kind`` ("q8_0", "q4_0") matmul by the C kernel or by block_linear_dequant,
-    whichever measured faster for this shape and row count (``choose``)."""
-    kernel = q8_0_linear if kind == "q8_0" else q4_0_linear
-    n = qweight.shape[0]
-    k = qweight.shape[1] // _ref.GGUF_BLOCK_BYTES[kind] * _ref.GGUF_BLOCK
-    path = choose(kind, n, k, x.numel() // k, lambda a: kernel(a, qweight),
-                  lambda a: block_linear_dequant(kind, a, qweight))
-    if path == "kernel":
-        return kernel(x, qweight, bias)
+    """The ``kind`` ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k") matmul with x taken as
+    ``block_activations()`` says, by the C kernel or by block_linear_dequant on the same
+    values, whichever measured faster for this shape and row count (``choose``; with f32
+    activations only Q8_0 and Q4_0 have a kernel: the others always take torch)."""
+    n, k = qweight.shape[0], x.shape[-1]
+    if block_activations() == "q8":
+        path = choose(_Q8_NAMES[kind], n, k, x.numel() // k,
+                      lambda a: block_linear_q8(kind, a, qweight),
+                      lambda a: block_linear_dequant(kind, a, qweight, q8=True))
+        if path == "kernel":
+            return block_linear_q8(kind, x, qweight, bias)
+        return block_linear_dequant(kind, x, qweight, bias, q8=True)
+    if kind in F32_KERNELS:
+        kernel = functools.partial(_block_linear, kind, qweight=qweight, isa=None)
+        dequant = functools.partial(block_linear_dequant, kind, qweight=qweight)
+        if choose(kind, n, k, x.numel() // k, kernel, dequant) == "kernel":
+            return kernel(x, bias=bias)
+        return dequant(x, bias=bias)
     return block_linear_dequant(kind, x, qweight, bias)
 
 
 def block_fits(kind: str, x: torch.Tensor, qweight: torch.Tensor) -> bool:
-    """Whether the ``kind`` block kernel takes these tensors."""
-    return (fits(x) and qweight.dtype == torch.uint8 and qweight.device.type == "cpu"
-            and qweight.dim() == 2 and qweight.is_contiguous()
-            and qweight.shape[1] % _ref.GGUF_BLOCK_BYTES[kind] == 0)
+    """Whether the ``kind`` block kernel takes these tensors (x fp32 on the CPU, qweight
+    uint8 (N, K/32 * block bytes) contiguous, the kernels built)."""
+    return (x.dtype == torch.float32 and not x.is_cuda and qweight.dtype == torch.uint8
+            and not qweight.is_cuda and qweight.dim() == 2 and qweight.is_contiguous()
+            and qweight.shape[1] * _ref.GGUF_BLOCKS[kind][0]
+            == x.shape[-1] * _ref.GGUF_BLOCKS[kind][1]
+            and kernels() is not None)
 
 
 # Row-count buckets (inclusive upper bound, rows timed): decode batches, then prefill chunks.
@@ -405,15 +464,19 @@ def row_bucket(rows: int) -> tuple[int | None, int]:
     return next(b for b in ROW_BUCKETS if b[0] is None or rows <= b[0])
 
 
+_BUCKET_OF = {r: row_bucket(r) for r in range(1, 257)}   # the per-call lookup, precomputed
+
+
 def choose(kind: str, n: int, k: int, rows: int, kernel, torch_path) -> str:
-    """"kernel" or "torch" for a ``kind`` ("f32", "int8", "q8_0", "q4_0") matmul of ``rows`` rows by an
+    """"kernel" or "torch" for a ``kind`` ("f32", "int8", "q8_0", "q4_0", "q8_0*q8": Q8_0
+    weights by 8-bit activations, ...) matmul of ``rows`` rows by an
     (n, k) weight: both are timed once per (kind, n, k, row bucket, threads) on this machine
     (``kernel(x)``, ``torch_path(x)`` on random x), the choice cached, logged and listed by
     ``matmul_choices``. ``PARALLAX_CPU_MATMUL=kernel|torch`` fixes it instead."""
-    forced = os.environ.get("PARALLAX_CPU_MATMUL", "auto").strip().lower()
-    if forced in ("kernel", "torch"):
-        return forced
-    hi, timed = row_bucket(rows)
+    forced = os.environ.get("PARALLAX_CPU_MATMUL")
+    if forced and forced.strip().lower() in ("kernel", "torch"):
+        return forced.strip().lower()
+    hi, timed = _BUCKET_OF.get(rows) or row_bucket(rows)
     key = (kind, n, k, hi, torch.get_num_threads())
     choice = _choices.get(key)
     if choice is None:

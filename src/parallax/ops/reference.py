@@ -266,7 +266,16 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # llama.cpp block formats kept quantized on the CPU: bytes per block of 32 weights.
 GGUF_BLOCK = 32
-GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+# kind -> (weights, bytes) of one block (K-quants: one super-block of 8 sub-blocks of 32).
+GGUF_BLOCKS = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q4_k": (256, 144),
+               "q6_k": (256, 210)}
+GGUF_BLOCK_BYTES = {kind: nbytes for kind, (n, nbytes) in GGUF_BLOCKS.items() if n == 32}
+
+
+def gguf_k(kind: str, qweight: torch.Tensor) -> int:
+    """K (weights per row) of a (N, bytes per row) uint8 matrix of ``kind`` blocks."""
+    n, nbytes = GGUF_BLOCKS[kind]
+    return qweight.shape[1] // nbytes * n
 
 
 def q8_0_dequantize(qweight: torch.Tensor) -> torch.Tensor:
@@ -291,6 +300,57 @@ def q4_0_dequantize(qweight: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(n, -1)
 
 
+def q4_1_dequantize(qweight: torch.Tensor) -> torch.Tensor:
+    """Q4_1 rows -> fp32. qweight: (N, K/32*20) uint8, each row K/32 blocks of (fp16 d,
+    fp16 m, 16 bytes of nibbles as in Q4_0) -> (N, K) float32 = q * d + m."""
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, -1, 20)                                    # (N, K/32, 20)
+    d = blocks[..., :2].contiguous().view(torch.float16).float()           # (N, K/32, 1)
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float()          # (N, K/32, 1)
+    qs = blocks[..., 4:].to(torch.int16)                                   # (N, K/32, 16)
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).float()                      # (N, K/32, 32)
+    return (q * d + m).reshape(n, -1)
+
+
+def _half(b: torch.Tensor) -> torch.Tensor:
+    """(..., 2) uint8 little-endian fp16 bytes -> (..., 1) float32."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def q4_k_dequantize(qweight: torch.Tensor) -> torch.Tensor:
+    """Q4_K rows -> fp32 (gguf.quants.Q4_K's layout). qweight: (N, K/256*144) uint8, each
+    super-block (fp16 d, fp16 dmin, 12 bytes of 6-bit scales sc[8] / mins m[8], 128 bytes of
+    nibbles: sub-block j in bytes 32*(j//2).., low nibble for even j) -> (N, K) float32 =
+    d * sc[j] * q - dmin * m[j]."""
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, -1, 144)                                   # (N, K/256, 144)
+    d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])             # (N, K/256, 1)
+    s = blocks[..., 4:16].to(torch.int32)
+    lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]                   # (N, K/256, 4)
+    sc = torch.cat([lo & 63, (hi & 15) | ((lo >> 2) & 48)], dim=-1).float()    # (N, K/256, 8)
+    mn = torch.cat([mid & 63, (hi >> 4) | ((mid >> 2) & 48)], dim=-1).float()
+    qs = blocks[..., 16:].to(torch.int32).reshape(n, -1, 4, 1, 32)         # 4 pairs of subs
+    q = torch.cat([qs & 15, qs >> 4], dim=-2).reshape(n, -1, 8, 32).float()
+    w = (d * sc).unsqueeze(-1) * q - (dmin * mn).unsqueeze(-1)
+    return w.reshape(n, -1)
+
+
+def q6_k_dequantize(qweight: torch.Tensor) -> torch.Tensor:
+    """Q6_K rows -> fp32 (gguf.quants.Q6_K's layout). qweight: (N, K/256*210) uint8, each
+    super-block (ql[128] low 4 bits, qh[64] high 2 bits, int8 scales[16], fp16 d) ->
+    (N, K) float32 = d * scales[i // 16] * (q - 32)."""
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, -1, 210)                                   # (N, K/256, 210)
+    ql = blocks[..., :128].to(torch.int32).reshape(n, -1, 2, 1, 64)
+    ql = torch.cat([ql & 15, ql >> 4], dim=-2).reshape(n, -1, 2, 4, 32)    # (.., half, t, 32)
+    qh = blocks[..., 128:192].to(torch.int32).reshape(n, -1, 2, 1, 32)
+    qh = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=-2)          # (.., half, t, 32)
+    q = ((ql | (qh << 4)) - 32).reshape(n, -1, 16, 16).float()
+    scales = blocks[..., 192:208].contiguous().view(torch.int8).float()    # (N, K/256, 16)
+    d = _half(blocks[..., 208:210])                                        # (N, K/256, 1)
+    return ((d * scales).unsqueeze(-1) * q).reshape(n, -1)
+
+
 def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T + bias with W in Q8_0 rows (see q8_0_dequantize), dequantised by torch.
@@ -304,6 +364,88 @@ def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor,
     return F.linear(x, q4_0_dequantize(qweight).to(x.dtype), bias)
 
 
+def q4_1_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q8_0_linear for Q4_1 rows (see q4_1_dequantize): K = qweight.shape[1] / 20 * 32."""
+    return F.linear(x, q4_1_dequantize(qweight).to(x.dtype), bias)
+
+
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations as llama.cpp's 8-bit blocks: x (..., K) float32, K a multiple of 32 ->
+    (codes (..., K) int8, scales (..., K/32) float32) with, per block of 32, amax = max |x|,
+    scale = amax / 127, code = round-half-even(x * (127 / amax)) (0 where amax is 0).
+    |x - code * scale| <= scale / 2 = amax / 254 for every element."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, GGUF_BLOCK)               # (..., K/32, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)                         # (..., K/32, 1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv).to(torch.int8)
+    return q.reshape(x.shape), (amax / 127.0).squeeze(-1)
+
+
+def dequantize_q8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_q8's codes and scales back to float32 values, (..., K)."""
+    blocks = q.float().reshape(*q.shape[:-1], -1, GGUF_BLOCK)
+    return (blocks * scales.unsqueeze(-1)).reshape(q.shape)
+
+
+def _linear_q8(dequantize, x: torch.Tensor, qweight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(dequantize_q8(*quantize_q8(x)), dequantize(qweight), bias)
+
+
+def q8_0_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q8_0_linear with x first rounded to 8-bit blocks (quantize_q8), as llama.cpp's CPU
+    matmuls compute: x (..., K) float32 -> (..., N) float32."""
+    return _linear_q8(q8_0_dequantize, x, qweight, bias)
+
+
+def q4_0_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q4_0_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
+    return _linear_q8(q4_0_dequantize, x, qweight, bias)
+
+
+def q4_1_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q4_1_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
+    return _linear_q8(q4_1_dequantize, x, qweight, bias)
+
+
+def q4_k_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q8_0_linear for Q4_K rows (see q4_k_dequantize): K = qweight.shape[1] / 144 * 256."""
+    return F.linear(x, q4_k_dequantize(qweight).to(x.dtype), bias)
+
+
+def q6_k_linear(x: torch.Tensor, qweight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q8_0_linear for Q6_K rows (see q6_k_dequantize): K = qweight.shape[1] / 210 * 256."""
+    return F.linear(x, q6_k_dequantize(qweight).to(x.dtype), bias)
+
+
+def q4_k_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q4_k_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
+    return _linear_q8(q4_k_dequantize, x, qweight, bias)
+
+
+def q6_k_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q6_k_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
+    return _linear_q8(q6_k_dequantize, x, qweight, bias)
+
+
+def q4_k_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a Q4_K matrix, dequantised: ids (...) long -> (..., K) float32."""
+    return q4_k_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)
+
+
+def q6_k_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a Q6_K matrix, dequantised: ids (...) long -> (..., K) float32."""
+    return q6_k_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)
+
+
 def q8_0_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of a Q8_0 matrix, dequantised: ids (...) long -> (..., K) float32."""
     return q8_0_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)
@@ -312,3 +454,8 @@ def q8_0_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 def q4_0_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of a Q4_0 matrix, dequantised: ids (...) long -> (..., K) float32."""
     return q4_0_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)
+
+
+def q4_1_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of a Q4_1 matrix, dequantised: ids (...) long -> (..., K) float32."""
+    return q4_1_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)

@@ -7,7 +7,8 @@
 - ``apply(layer, x, bias)`` is y = x W^T + b; ``embedding(layer, ids)`` reads rows of W.
 
 ``UNQUANTIZED`` (float weights, packed or not) is every layer's default. ``Q8_0Method``
-(and ``Q4_0Method``, 18-byte blocks of 4-bit weights, the same way)
+(and ``Q4_0Method`` / ``Q4_1Method``, 18- / 20-byte blocks of 4-bit weights, and the
+K-quants ``Q4_KMethod`` / ``Q6_KMethod``, super-blocks of 256, the same way)
 keeps a GGUF Q8_0 tensor as its raw blocks (a uint8 (N, K/32*34) buffer: fp16 scale + 32 int8 per
 32 weights), sliced by whole rows (column-parallel, vocabulary) or whole blocks along K
 (row-parallel). The int8 path of ``quantize="int8"`` still uses ``_Linear.qweight``/
@@ -48,12 +49,14 @@ class QuantMethod:
 
 
 class Q8_0Method(QuantMethod):
-    """GGUF Q8_0 blocks kept as they are in the file; matmuls dequantise in registers
-    (ops.q8_0_linear), lookups dequantise only the rows asked for."""
+    """GGUF Q8_0 blocks kept as they are in the file; matmuls go through
+    ops.<name>_linear (csrc/cpu/q8_act.c: x rounded to 8-bit blocks, integer dot products),
+    lookups dequantise only the rows asked for (ops.<name>_embedding). The other block
+    formats below differ only in their names and block sizes."""
 
     name = "q8_0"
     ggml_type = "Q8_0"
-    block, block_bytes = 32, 34
+    block, block_bytes = 32, 34       # weights and bytes per block (K-quants: super-block)
 
     def create_weights(self, layer: nn.Module) -> None:
         old = layer.weight
@@ -67,10 +70,10 @@ class Q8_0Method(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        return ops.q8_0_linear(x, layer.weight, bias)
+        return getattr(ops, f"{self.name}_linear")(x, layer.weight, bias)
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return ops.q8_0_embedding(ids, layer.weight)
+        return getattr(ops, f"{self.name}_embedding")(ids, layer.weight)
 
 
 def set_weight(layer: nn.Module, weight: torch.Tensor) -> None:
@@ -84,18 +87,31 @@ def set_weight(layer: nn.Module, weight: torch.Tensor) -> None:
 class Q4_0Method(Q8_0Method):
     """GGUF Q4_0 blocks (fp16 scale + 16 bytes of 4-bit weights per 32), as Q8_0Method."""
 
-    name = "q4_0"
-    ggml_type = "Q4_0"
-    block_bytes = 18
+    name, ggml_type, block_bytes = "q4_0", "Q4_0", 18
 
-    def apply(self, layer: nn.Module, x: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
-        return ops.q4_0_linear(x, layer.weight, bias)
 
-    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        return ops.q4_0_embedding(ids, layer.weight)
+class Q4_1Method(Q8_0Method):
+    """GGUF Q4_1 blocks (fp16 scale, fp16 minimum, 16 bytes of 4-bit weights per 32)."""
+
+    name, ggml_type, block_bytes = "q4_1", "Q4_1", 20
+
+
+class Q4_KMethod(Q8_0Method):
+    """GGUF Q4_K super-blocks (256 weights in 144 bytes: fp16 d and dmin, 6-bit sub-block
+    scales and mins, 4-bit weights); K shards must be whole super-blocks."""
+
+    name, ggml_type, block, block_bytes = "q4_k", "Q4_K", 256, 144
+
+
+class Q6_KMethod(Q8_0Method):
+    """GGUF Q6_K super-blocks (256 weights in 210 bytes: 6-bit weights, int8 scales per 16,
+    fp16 d)."""
+
+    name, ggml_type, block, block_bytes = "q6_k", "Q6_K", 256, 210
 
 
 UNQUANTIZED = QuantMethod()
 # GGUF block type -> the method that keeps it quantized.
-GGUF_METHODS: dict[str, QuantMethod] = {"Q8_0": Q8_0Method(), "Q4_0": Q4_0Method()}
+GGUF_METHODS: dict[str, QuantMethod] = {"Q8_0": Q8_0Method(), "Q4_0": Q4_0Method(),
+                                        "Q4_1": Q4_1Method(), "Q4_K": Q4_KMethod(),
+                                        "Q6_K": Q6_KMethod()}

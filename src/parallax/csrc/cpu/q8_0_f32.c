@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "half.h"
 #include "isa.h"
 #include "widen.h"
 
@@ -49,27 +50,8 @@ static inline vf q4_0_load(const uint8_t* blk, int j) {
 }
 #endif
 
-/* The block's fp16 scale as fp32 (F16C where built with it; IEEE half otherwise). */
-static inline float block_scale(const uint8_t* blk) {
-    uint16_t h;
-    memcpy(&h, blk, 2);
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp == 0) {          /* zero or subnormal: man * 2^-24, exact in fp32 */
-        float f = (float)man * 5.9604644775390625e-8f;
-        return sign ? -f : f;
-    } else {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
+/* The block's fp16 scale as fp32. */
+static inline float block_scale(const uint8_t* blk) { return half_to_float(blk); }
 
 typedef void (*q_tile_fn)(const float* x, int K, const uint8_t* w, size_t row_bytes, float* y,
                           int N);

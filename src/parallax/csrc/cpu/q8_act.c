@@ -1,0 +1,460 @@
+/* GGUF block-weight matmuls with 8-bit activations, as llama.cpp computes them on the CPU:
+ * y (M, N) = x (M, K) @ W^T, x and y fp32, W in its GGUF blocks of 32 (q8_0_f32.c has the
+ * layouts; Q4_1: 20 bytes, fp16 d, fp16 m, 16 bytes of nibbles; weight = q * d + m) or
+ * K-quant super-blocks of 256 (Q4_K, Q6_K: layouts below, 8 sub-blocks of 32 each).
+ *
+ * Each row of x is first quantized once per call, block by block (32 values):
+ *   dx = amax / 127, qx = rint(x * (127 / amax)) in [-127, 127] (0 where amax is 0),
+ * the torch twin ops/reference.py:quantize_q8 bit for bit. A block's product is then an
+ * integer dot product of 32 weight codes with 32 activation codes, scaled once by both
+ * scales in fp32:
+ *   Q8_0: d * dx * sum(q * qx)
+ *   Q4_0: d * dx * (sum(q * qx) - 8 * sum(qx))      q: the 4-bit code, 0..15
+ *   Q4_1: d * dx * sum(q * qx) + m * dx * sum(qx)
+ * so the result equals the twin (dequantised W times the dequantised codes of x) up to fp32
+ * summation order. x86 (avx2 and avx512 builds): 256-bit integer dots, one block a vector,
+ * vpmaddubsw (unsigned x signed bytes) + vpmaddwd; Q8_0's signed weights go through the
+ * sign trick (|q| times qx with q's sign), which keeps every pair sum within int16. The
+ * generic build: plain C loops the compiler vectorizes.
+ *
+ * K-quant sub-blocks are products of the same kind with the sub-block's scale (and min).
+ *
+ * Tiles: NN weight rows x MM rows of x, each weight block unpacked once per tile; blocks of
+ * weight rows are split over OpenMP threads. K must be a multiple of 32 (K-quants: 256).
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "half.h"
+#include "isa.h"
+
+#define QK 32
+
+/* One row of x as 8-bit blocks: codes, scale and code sum per block. */
+typedef struct {
+    const int8_t* q;      /* K codes */
+    const float* d;       /* K / 32 scales */
+    const int32_t* s;     /* K / 32 sums of the codes */
+} qrow;
+
+static void quantize_row(const float* x, int K, int8_t* q, float* d, int32_t* s) {
+    for (int b = 0; b < K / QK; b++) {
+        const float* xb = x + (size_t)b * QK;
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        for (int i = 0; i < QK; i++) {
+            int v = (int)rintf(xb[i] * id);
+            q[(size_t)b * QK + i] = (int8_t)v;
+            sum += v;
+        }
+        d[b] = amax / 127.0f;
+        s[b] = sum;
+    }
+}
+
+enum { FMT_Q8_0, FMT_Q4_0, FMT_Q4_1, FMT_Q4_K, FMT_Q6_K };
+/* Bytes per block of 32 (Q8_0, Q4_0, Q4_1) or per super-block of 256 (Q4_K, Q6_K). */
+static const int BLOCK_BYTES[] = {34, 18, 20, 144, 210};
+static const int BLOCK_ELEMS[] = {32, 32, 32, 256, 256};
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+typedef __m256i wcodes;   /* a block's 32 weight codes, unsigned for Q4 (|q| for Q8_0) */
+
+static inline wcodes load_codes(int fmt, const uint8_t* blk) {
+    if (fmt == FMT_Q8_0) return _mm256_loadu_si256((const __m256i*)(blk + 2));
+    __m128i lo = _mm_loadu_si128((const __m128i*)(blk + (fmt == FMT_Q4_1 ? 4 : 2)));
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo);
+    return _mm256_and_si256(both, _mm256_set1_epi8(15));
+}
+
+/* 8 int32 partial sums of w . qx over one block. */
+static inline __m256i block_dot(int fmt, wcodes w, __m256i qx) {
+    __m256i u = w, s = qx;
+    if (fmt == FMT_Q8_0) {      /* signed x signed: |w| (unsigned) times qx with w's sign */
+        u = _mm256_sign_epi8(w, w);
+        s = _mm256_sign_epi8(qx, w);
+    }
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
+}
+
+typedef __m256 facc;
+static inline facc facc_zero(void) { return _mm256_setzero_ps(); }
+
+/* acc += (w . qx) * scale, with Q4_0's -8 * sum(qx) spread over the 8 lanes (sx each). */
+static inline facc block_fma(int fmt, facc acc, wcodes w, __m256i qx, int32_t sx, float scale) {
+    __m256i p = block_dot(fmt, w, qx);
+    if (fmt == FMT_Q4_0) p = _mm256_sub_epi32(p, _mm256_set1_epi32(sx));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(scale), acc);
+}
+
+static inline __m256i load_qx(const int8_t* q) { return _mm256_loadu_si256((const __m256i*)q); }
+
+#else   /* generic */
+
+typedef struct { uint8_t v[QK]; int8_t sgn[QK]; } wcodes;
+typedef float facc;
+typedef const int8_t* qxvec;
+
+static inline wcodes load_codes(int fmt, const uint8_t* blk) {
+    wcodes w;
+    if (fmt == FMT_Q8_0) {
+        memcpy(w.sgn, blk + 2, QK);
+    } else {
+        const uint8_t* p = blk + (fmt == FMT_Q4_1 ? 4 : 2);
+        for (int i = 0; i < QK / 2; i++) {
+            w.v[i] = p[i] & 15;
+            w.v[i + QK / 2] = p[i] >> 4;
+        }
+    }
+    return w;
+}
+
+static inline facc facc_zero(void) { return 0.0f; }
+static inline float hsum(facc v) { return v; }
+static inline qxvec load_qx(const int8_t* q) { return q; }
+
+static inline facc block_fma(int fmt, facc acc, wcodes w, qxvec qx, int32_t sx, float scale) {
+    int32_t p = 0;
+    if (fmt == FMT_Q8_0)
+        for (int i = 0; i < QK; i++) p += (int32_t)w.sgn[i] * qx[i];
+    else
+        for (int i = 0; i < QK; i++) p += (int32_t)w.v[i] * qx[i];
+    if (fmt == FMT_Q4_0) p -= 8 * sx;
+    return acc + (float)p * scale;
+}
+#endif
+
+/* NN weight rows (row_bytes apart) times MM quantized rows of x -> y[m * N + r]. */
+static inline __attribute__((always_inline)) void tile(int fmt, int NN, int MM, const qrow* xr,
+                                                       int nb, const uint8_t* w,
+                                                       size_t row_bytes, float* y, int N) {
+    facc acc[4][4];
+    float mterm[4][4];
+    int bb = BLOCK_BYTES[fmt];
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < NN; r++) {
+            acc[m][r] = facc_zero();
+            mterm[m][r] = 0.0f;
+        }
+    for (int b = 0; b < nb; b++) {
+        wcodes wc[4];
+        float d[4], mw[4];
+        for (int r = 0; r < NN; r++) {
+            const uint8_t* blk = w + (size_t)r * row_bytes + (size_t)b * bb;
+            wc[r] = load_codes(fmt, blk);
+            d[r] = half_to_float(blk);
+            mw[r] = fmt == FMT_Q4_1 ? half_to_float(blk + 2) : 0.0f;
+        }
+        for (int m = 0; m < MM; m++) {
+            float dx = xr[m].d[b];
+            int32_t sx = xr[m].s[b];
+            __typeof__(load_qx(xr[m].q)) qx = load_qx(xr[m].q + (size_t)b * QK);
+            for (int r = 0; r < NN; r++) {
+                acc[m][r] = block_fma(fmt, acc[m][r], wc[r], qx, sx, d[r] * dx);
+                if (fmt == FMT_Q4_1) mterm[m][r] += mw[r] * (dx * (float)sx);
+            }
+        }
+    }
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < NN; r++) y[(size_t)m * N + r] = hsum(acc[m][r]) + mterm[m][r];
+}
+
+#if defined(__AVX2__)
+/* The 4-weight-row tile on x86: the 4 rows' int32 partial sums of a block are folded into
+ * one vector by two vphaddd (lanes: rows 0-3 of the low half, rows 0-3 of the high half), so
+ * one conversion and one fma (by the 4 rows' scales times dx) serve 4 rows, and only MM
+ * accumulators are live. Same values as tile(); the two halves are added at the end. */
+static inline __attribute__((always_inline)) void tile4(int fmt, int MM, const qrow* xr, int nb,
+                                                        const uint8_t* w, size_t row_bytes,
+                                                        float* y, int N) {
+    __m256 acc[4];
+    int bb = BLOCK_BYTES[fmt];
+    for (int m = 0; m < MM; m++) acc[m] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t* blk = w + (size_t)b * bb;
+        wcodes wc[4];
+        uint16_t h[4], hm[4];
+        for (int r = 0; r < 4; r++) {
+            wc[r] = load_codes(fmt, blk + (size_t)r * row_bytes);
+            /* the next tile's rows: without, Q8_0 streams ~5 GB/s from DRAM, with ~9 */
+            _mm_prefetch((const char*)(blk + (size_t)(r + 4) * row_bytes), _MM_HINT_T0);
+            memcpy(&h[r], blk + (size_t)r * row_bytes, 2);
+            if (fmt == FMT_Q4_1) memcpy(&hm[r], blk + (size_t)r * row_bytes + 2, 2);
+        }
+        __m128 d4 = _mm_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2],
+                                                (short)h[3], 0, 0, 0, 0));
+        __m256 d8 = _mm256_set_m128(d4, d4);
+        __m256 m8 = _mm256_setzero_ps();
+        if (fmt == FMT_Q4_1) {
+            __m128 m4 = _mm_cvtph_ps(_mm_setr_epi16((short)hm[0], (short)hm[1], (short)hm[2],
+                                                    (short)hm[3], 0, 0, 0, 0));
+            m8 = _mm256_set_m128(m4, m4);
+        }
+        for (int m = 0; m < MM; m++) {
+            __m256i qx = load_qx(xr[m].q + (size_t)b * QK);
+            __m256i p01 = _mm256_hadd_epi32(block_dot(fmt, wc[0], qx), block_dot(fmt, wc[1], qx));
+            __m256i p23 = _mm256_hadd_epi32(block_dot(fmt, wc[2], qx), block_dot(fmt, wc[3], qx));
+            __m256i p = _mm256_hadd_epi32(p01, p23);
+            if (fmt == FMT_Q4_0) p = _mm256_sub_epi32(p, _mm256_set1_epi32(4 * xr[m].s[b]));
+            float dx = xr[m].d[b];
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                     _mm256_mul_ps(d8, _mm256_set1_ps(dx)), acc[m]);
+            if (fmt == FMT_Q4_1)   /* m * dx * sum(qx), half in each half of the vector */
+                acc[m] = _mm256_fmadd_ps(m8, _mm256_set1_ps(0.5f * dx * (float)xr[m].s[b]),
+                                         acc[m]);
+        }
+    }
+    for (int m = 0; m < MM; m++)
+        _mm_storeu_ps(y + (size_t)m * N, _mm_add_ps(_mm256_castps256_ps128(acc[m]),
+                                                    _mm256_extractf128_ps(acc[m], 1)));
+}
+#endif
+
+/* ---- K-quants: super-blocks of 256 = 8 sub-blocks of 32, one activation block each.
+ * Q4_K (144 bytes): fp16 d, fp16 dmin, 12 bytes of 6-bit scales sc[8] and mins m[8], 128
+ *   bytes of nibbles (sub-block j: bytes 32 * (j / 2).., low nibble for even j, high for
+ *   odd); weight = d * sc[j] * q - dmin * m[j].
+ * Q6_K (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16] (one per
+ *   16 weights), fp16 d; weight = d * scales[i / 16] * (q - 32), q in 0..63.
+ * Layouts as gguf-py's gguf.quants (the twins' oracle). */
+
+/* Q4_K's 6-bit scale and min of sub-block j (llama.cpp's get_scale_min_k4). */
+static inline void q4_k_scale_min(const uint8_t* s, int j, int* sc, int* m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* Sub-block b of a row: its codes, the scale of each half (16 weights) and the min factor
+ * (Q4_K: weight = scale * q - mcoef; Q6_K: signed codes, mcoef 0). */
+typedef struct { float s0, s1, mcoef; } kscale;
+
+/* The super-block holding sub-block b of a row, with the sub-block's factors in *ks. */
+static inline const uint8_t* k_super(int fmt, const uint8_t* row, int b, kscale* ks) {
+    int j = b & 7;
+    if (fmt == FMT_Q4_K) {
+        const uint8_t* sb = row + (size_t)(b >> 3) * 144;
+        int sc, m;
+        q4_k_scale_min(sb + 4, j, &sc, &m);
+        ks->s0 = ks->s1 = half_to_float(sb) * (float)sc;
+        ks->mcoef = half_to_float(sb + 2) * (float)m;
+        return sb;
+    }
+    const uint8_t* sb = row + (size_t)(b >> 3) * 210;
+    const int8_t* sc = (const int8_t*)(sb + 192) + (j >> 2) * 8 + (j & 3) * 2;
+    float d = half_to_float(sb + 208);
+    ks->s0 = d * (float)sc[0];
+    ks->s1 = d * (float)sc[1];
+    ks->mcoef = 0.0f;
+    return sb;
+}
+
+#if defined(__AVX2__)
+static inline __m256i k_codes(int fmt, const uint8_t* row, int b, kscale* ks) {
+    int j = b & 7;
+    const uint8_t* sb = k_super(fmt, row, b, ks);
+    if (fmt == FMT_Q4_K) {
+        __m256i q = _mm256_loadu_si256((const __m256i*)(sb + 16 + 32 * (j >> 1)));
+        if (j & 1) q = _mm256_srli_epi16(q, 4);
+        return _mm256_and_si256(q, _mm256_set1_epi8(15));
+    }
+    int h = j >> 2, t = j & 3;
+    __m256i lo = _mm256_loadu_si256((const __m256i*)(sb + h * 64 + (t & 1) * 32));
+    if (t >= 2) lo = _mm256_srli_epi16(lo, 4);
+    __m256i hi = _mm256_loadu_si256((const __m256i*)(sb + 128 + h * 32));
+    hi = _mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * t));
+    __m256i q = _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(15)),
+                                _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4));
+    return _mm256_sub_epi8(q, _mm256_set1_epi8(32));
+}
+
+static inline __attribute__((always_inline)) void tile_k(int fmt, int NN, int MM, const qrow* xr,
+                                                         int nb, const uint8_t* w,
+                                                         size_t row_bytes, float* y, int N) {
+    __m256 acc[4][4];
+    float mterm[4][4];
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < NN; r++) {
+            acc[m][r] = _mm256_setzero_ps();
+            mterm[m][r] = 0.0f;
+        }
+    for (int b = 0; b < nb; b++) {
+        __m256i wc[4];
+        __m256 sv[4];
+        float mc[4];
+        for (int r = 0; r < NN; r++) {
+            kscale ks;
+            wc[r] = k_codes(fmt, w + (size_t)r * row_bytes, b, &ks);
+            sv[r] = _mm256_set_m128(_mm_set1_ps(ks.s1), _mm_set1_ps(ks.s0));
+            mc[r] = ks.mcoef;
+        }
+        for (int m = 0; m < MM; m++) {
+            __m256i qx = load_qx(xr[m].q + (size_t)b * QK);
+            __m256 dx = _mm256_set1_ps(xr[m].d[b]);
+            float dsx = xr[m].d[b] * (float)xr[m].s[b];
+            for (int r = 0; r < NN; r++) {
+                /* signed Q6_K codes: Q8_0's sign trick; Q4_K nibbles: unsigned as Q4_1 */
+                __m256i p = block_dot(fmt == FMT_Q6_K ? FMT_Q8_0 : FMT_Q4_1, wc[r], qx);
+                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv[r], dx),
+                                            acc[m][r]);
+                if (fmt == FMT_Q4_K) mterm[m][r] -= mc[r] * dsx;
+            }
+        }
+    }
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < NN; r++) y[(size_t)m * N + r] = hsum(acc[m][r]) + mterm[m][r];
+}
+#else
+static inline void k_codes(int fmt, const uint8_t* row, int b, int8_t* q, kscale* ks) {
+    int j = b & 7;
+    const uint8_t* sb = k_super(fmt, row, b, ks);
+    if (fmt == FMT_Q4_K) {
+        const uint8_t* p = sb + 16 + 32 * (j >> 1);
+        for (int i = 0; i < QK; i++) q[i] = (int8_t)((j & 1) ? p[i] >> 4 : p[i] & 15);
+        return;
+    }
+    int h = j >> 2, t = j & 3;
+    const uint8_t* lo = sb + h * 64 + (t & 1) * 32;
+    const uint8_t* hi = sb + 128 + h * 32;
+    for (int i = 0; i < QK; i++)
+        q[i] = (int8_t)((((t >= 2 ? lo[i] >> 4 : lo[i]) & 15) | (((hi[i] >> (2 * t)) & 3) << 4))
+                        - 32);
+}
+
+static inline void tile_k(int fmt, int NN, int MM, const qrow* xr, int nb, const uint8_t* w,
+                          size_t row_bytes, float* y, int N) {
+    float acc[4][4] = {{0}};
+    for (int b = 0; b < nb; b++) {
+        for (int r = 0; r < NN; r++) {
+            int8_t q[QK];
+            kscale ks;
+            k_codes(fmt, w + (size_t)r * row_bytes, b, q, &ks);
+            for (int m = 0; m < MM; m++) {
+                const int8_t* qx = xr[m].q + (size_t)b * QK;
+                int32_t p0 = 0, p1 = 0;
+                for (int i = 0; i < QK / 2; i++) p0 += (int32_t)q[i] * qx[i];
+                for (int i = QK / 2; i < QK; i++) p1 += (int32_t)q[i] * qx[i];
+                float dx = xr[m].d[b];
+                acc[m][r] += dx * (ks.s0 * (float)p0 + ks.s1 * (float)p1
+                                   - ks.mcoef * (float)xr[m].s[b]);
+            }
+        }
+    }
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < NN; r++) y[(size_t)m * N + r] = acc[m][r];
+}
+#endif
+
+#if defined(__AVX2__)
+#define TILE_BODY(F, NN, MM)                                                                 \
+    if (FMT_##F >= FMT_Q4_K) tile_k(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);          \
+    else if (NN == 4) tile4(FMT_##F, MM, xr, nb, w, row_bytes, y, N);                       \
+    else tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);
+#else
+#define TILE_BODY(F, NN, MM)                                                                 \
+    if (FMT_##F >= FMT_Q4_K) tile_k(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);          \
+    else tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);
+#endif
+
+/* One instantiation per (format, tile): constant NN, MM let the compiler keep the
+ * accumulators in registers. */
+#define TILE_FN(F, NN, MM)                                                                   \
+static void tile_##F##_##NN##x##MM(const qrow* xr, int nb, const uint8_t* w,                \
+                                   size_t row_bytes, float* y, int N) {                     \
+    TILE_BODY(F, NN, MM)                                                                     \
+}
+typedef void (*tile_fn)(const qrow*, int, const uint8_t*, size_t, float*, int);
+/* [rows of weight: 0 -> 4, 1 -> 1][rows of x - 1] */
+#define TILES(F)                                                                             \
+TILE_FN(F, 4, 1) TILE_FN(F, 4, 2) TILE_FN(F, 4, 3) TILE_FN(F, 4, 4)                          \
+TILE_FN(F, 1, 1) TILE_FN(F, 1, 2) TILE_FN(F, 1, 3) TILE_FN(F, 1, 4)                          \
+static const tile_fn TILES_##F[2][4] = {                                                     \
+    {tile_##F##_4x1, tile_##F##_4x2, tile_##F##_4x3, tile_##F##_4x4},                        \
+    {tile_##F##_1x1, tile_##F##_1x2, tile_##F##_1x3, tile_##F##_1x4}};
+TILES(Q8_0)
+TILES(Q4_0)
+TILES(Q4_1)
+TILES(Q4_K)
+TILES(Q6_K)
+
+/* Rows of x per tile (x86: MM accumulators; generic: 4 x MM scalars). */
+#define RM 4
+
+static int q8_linear(int fmt, const tile_fn (*tiles)[4], const float* x, const uint8_t* w,
+                     float* y, int M, int N, int K, int num_threads) {
+    (void)num_threads;   /* unused when built without OpenMP */
+    int nb = K / QK;
+    size_t row_bytes = (size_t)(K / BLOCK_ELEMS[fmt]) * BLOCK_BYTES[fmt];
+    int8_t* q = malloc((size_t)M * K + (size_t)M * nb * (sizeof(float) + sizeof(int32_t)));
+    if (q == NULL) return 1;
+    float* d = (float*)(q + (size_t)M * K);   /* M * K is a multiple of 32: aligned */
+    int32_t* s = (int32_t*)(d + (size_t)M * nb);
+    #pragma omp parallel for schedule(static) num_threads(num_threads) if (M > 1)
+    for (int m = 0; m < M; m++)
+        quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, d + (size_t)m * nb,
+                     s + (size_t)m * nb);
+    int blocks = (N + 3) / 4;
+    #pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int blk = 0; blk < blocks; blk++) {
+        int n0 = blk * 4;
+        for (int m0 = 0; m0 < M; m0 += RM) {
+            int rows = M - m0 < RM ? M - m0 : RM;
+            qrow xr[4];
+            for (int i = 0; i < rows; i++) {
+                xr[i].q = q + (size_t)(m0 + i) * K;
+                xr[i].d = d + (size_t)(m0 + i) * nb;
+                xr[i].s = s + (size_t)(m0 + i) * nb;
+            }
+            if (n0 + 4 <= N)
+                tiles[0][rows - 1](xr, nb, w + (size_t)n0 * row_bytes, row_bytes,
+                                   y + (size_t)m0 * N + n0, N);
+            else
+                for (int n = n0; n < N; n++)
+                    tiles[1][rows - 1](xr, nb, w + (size_t)n * row_bytes, row_bytes,
+                                       y + (size_t)m0 * N + n, N);
+        }
+    }
+    free(q);
+    return 0;
+}
+
+/* x (M, K) fp32 -> codes q (M, K) int8, scales d (M, K/32) fp32: quantize_row per row.
+ * Exposed for the tests (the twin must agree bit for bit). */
+void parallax_quantize_q8_f32(const float* x, int8_t* q, float* d, int M, int K) {
+    int nb = K / QK;
+    int32_t* s = malloc(sizeof(int32_t) * (size_t)(nb > 0 ? nb : 1));
+    if (s == NULL) return;
+    for (int m = 0; m < M; m++)
+        quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, d + (size_t)m * nb, s);
+    free(s);
+}
+
+/* parallax_<fmt>_linear_q8(x, w, y, M, N, K, num_threads): w holds N rows of K / 32 blocks
+ * (K-quants: K / 256 super-blocks) of the format. Returns 0, or 1 when out of memory. */
+#define ENTRY(f, F)                                                                          \
+int parallax_##f##_linear_q8(const float* x, const uint8_t* w, float* y, int M, int N, int K, \
+                             int num_threads) {                                              \
+    return q8_linear(FMT_##F, TILES_##F, x, w, y, M, N, K, num_threads);                    \
+}
+ENTRY(q8_0, Q8_0)
+ENTRY(q4_0, Q4_0)
+ENTRY(q4_1, Q4_1)
+ENTRY(q4_k, Q4_K)
+ENTRY(q6_k, Q6_K)
