@@ -408,7 +408,7 @@ def block_activations() -> str:
     """How block-weight matmuls take x on the CPU: ``PARALLAX_GGUF_ACTIVATIONS``, "f32"
     (default: x as it is, the weights dequantised in registers: exact up to fp32 rounding)
     or "q8" (rounded to 8-bit blocks, integer dot products, as llama.cpp: faster, but on
-    SmolLM2-135M it turns a chat answer to garbage, see docs/kernels.md)."""
+    SmolLM2-135M it changes a chat answer, as it does in llama.cpp: docs/kernels.md)."""
     mode = os.environ.get("PARALLAX_GGUF_ACTIVATIONS") or "f32"
     if mode not in ACTIVATIONS:
         mode = mode.strip().lower() or "f32"
