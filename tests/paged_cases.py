@@ -57,6 +57,31 @@ def make_case(seed: int, seqs: list[tuple[int, int]], hq: int = 8, hk: int = 2, 
     return {n: x.to(device) for n, x in c.items()}
 
 
+
+def corrupt(c: dict, bad: str) -> None:
+    """Break sequence 1 of ``c`` in place the way ``bad`` names (every case but
+    "broken-partition", which breaks every sequence's query rows). Cases made with
+    make_case(5, [(20, 1), (9, 4), (30, 2)], bs=8), as the bad-metadata tests use."""
+    n_blocks, bs = c["k_cache"].shape[0], c["k_cache"].shape[2]
+    if bad == "negative-slot":
+        c["slot_mapping"][2] = -1
+    elif bad == "slot-beyond-capacity":
+        c["slot_mapping"][3] = n_blocks * bs
+    elif bad == "zero-length":
+        c["context_lens"][1] = 0
+    elif bad == "length-below-new-tokens":
+        c["context_lens"][1] = 3
+    elif bad == "length-beyond-table":
+        c["context_lens"][1] = bs * c["block_tables"].shape[1] + 1
+    elif bad == "block-beyond-cache":
+        c["block_tables"][1, 0] = n_blocks
+    elif bad == "negative-block":
+        c["block_tables"][1, 1] = -3
+    elif bad == "broken-partition":
+        c["query_start_loc"][2] = 0      # 5 -> 0: decreasing
+    else:
+        raise ValueError(f"unknown corruption {bad!r}")
+
 def args(c: dict) -> list:
     """The op's positional tensors, caches cloned (the op writes them)."""
     return [c[n].clone() if n in ("k_cache", "v_cache") else c[n] for n in NAMES]

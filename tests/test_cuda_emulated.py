@@ -104,19 +104,7 @@ BAD = {  # what breaks sequence 1 of three -> the status code the kernel reports
 @pytest.mark.parametrize("bad", BAD)
 def test_bad_sequence_gets_nan_and_writes_nothing(lib, bad, splits):
     c = pc.make_case(5, [(20, 1), (9, 4), (30, 2)], hq=4, hk=2, d=64, bs=8)
-    n_blocks = c["k_cache"].shape[0]
-    if bad == "negative-slot":
-        c["slot_mapping"][2] = -1
-    elif bad == "slot-beyond-capacity":
-        c["slot_mapping"][3] = n_blocks * 8
-    elif bad == "length-below-new-tokens":
-        c["context_lens"][1] = 3
-    elif bad == "length-beyond-table":
-        c["context_lens"][1] = 8 * c["block_tables"].shape[1] + 1
-    elif bad == "block-beyond-cache":
-        c["block_tables"][1, 0] = n_blocks
-    else:
-        c["block_tables"][1, 1] = -3
+    pc.corrupt(c, bad)
     a, outer = pc.guarded(c)
     out, status = cuda_emu.paged_attention(lib, *a, 0.125, None, None, splits)
     assert pc.guards_intact(outer), "a write landed outside the cache"

@@ -180,19 +180,7 @@ def test_paged_attention_bad_metadata(bad):
     from parallax.errors import ParallaxError
     c = pc.make_case(5, [(20, 1), (9, 4), (30, 2)], hq=8, hk=2, d=128, bs=8,
                      dtype=torch.bfloat16, device=DEV)
-    n_blocks = c["k_cache"].shape[0]
-    if bad == "negative-slot":
-        c["slot_mapping"][2] = -1
-    elif bad == "slot-beyond-capacity":
-        c["slot_mapping"][3] = n_blocks * 8
-    elif bad == "zero-length":
-        c["context_lens"][1] = 0
-    elif bad == "block-beyond-cache":
-        c["block_tables"][1, 0] = n_blocks
-    elif bad == "negative-block":
-        c["block_tables"][1, 1] = -3
-    else:
-        c["query_start_loc"][2] = 0      # 5 -> 0: decreasing
+    pc.corrupt(c, bad)
     a, outer = pc.guarded(c)
     out = C.paged_attention_with_kvcache(*a, 0.1)
     torch.cuda.synchronize()
