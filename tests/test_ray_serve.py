@@ -248,7 +248,6 @@ def test_executor_ray_from_a_driver_and_when_it_cannot_place(cluster, chat_ckpt)
     assert time.monotonic() - t0 < 30
 
 
-@pytest.mark.timeout(240)
 def openai_error(body) -> bool:
     """Whether ``body`` (parsed JSON) is OpenAI's error body."""
     return (isinstance(body, dict) and set(body) == {"error"}
@@ -256,34 +255,44 @@ def openai_error(body) -> bool:
 
 
 def complete_any(url: str, prompt: str, max_tokens: int, stream: bool,
-                 timeout: float = 60) -> dict:
+                 timeout: float = 60, out: dict | None = None) -> dict:
     """One greedy completion, streaming or not: status, text, replica, retries, and the
-    error body (parsed: the JSON body of a non-200, or an SSE error event) if any."""
+    error body (parsed: the JSON body of a non-200, or an SSE error event) if any.
+
+    ``out`` (returned) fills in as the answer arrives, for another thread to watch:
+    ``replica`` once the response starts, ``events`` (text events so far) and ``open``
+    (true until the response has ended)."""
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": stream}
-    out = {"stream": stream, "text": "", "error": None, "raw": None}
-    with httpx.Client(timeout=timeout) as c:
-        with c.stream("POST", f"{url}/v1/completions", json=body) as r:
-            out.update(status=r.status_code, replica=r.headers.get(REPLICA_HEADER),
-                       retries=int(r.headers.get(RETRY_HEADER, 0)))
-            if r.status_code != 200:
-                out["raw"] = r.read().decode(errors="replace")
-                out["error"] = json.loads(out["raw"])          # must be JSON (asserted later)
-            elif not stream:
-                out["text"] = json.loads(r.read())["choices"][0]["text"]
-            else:
-                for line in r.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        out["error"] = event
-                    else:
-                        out["text"] += "".join(ch["text"] for ch in event["choices"])
+    out = {} if out is None else out
+    out.update(stream=stream, text="", error=None, raw=None, events=0, open=True)
+    try:
+        with httpx.Client(timeout=timeout) as c:
+            with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+                out.update(status=r.status_code, replica=r.headers.get(REPLICA_HEADER),
+                           retries=int(r.headers.get(RETRY_HEADER, 0)))
+                if r.status_code != 200:
+                    out["raw"] = r.read().decode(errors="replace")
+                    out["error"] = json.loads(out["raw"])      # must be JSON (asserted later)
+                elif not stream:
+                    out["text"] = json.loads(r.read())["choices"][0]["text"]
+                else:
+                    for line in r.iter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            out["error"] = event
+                        else:
+                            out["text"] += "".join(ch["text"] for ch in event["choices"])
+                            out["events"] += 1
+    finally:
+        out["open"] = False
     out["end"] = time.monotonic()
     return out
 
 
+@pytest.mark.timeout(240)
 def test_sigkill_one_replica_under_load_recovers(two_replicas, oracle):
     """Requests the killed replica held: retried on the other replica by the front when
     nothing had been sent yet (serve/front.py), else ended with OpenAI's error body (an
@@ -293,34 +302,72 @@ def test_sigkill_one_replica_under_load_recovers(two_replicas, oracle):
     victim = handle.replica_info.remote().result(timeout_s=30)
     prompts, budgets = prompts_and_budgets(80, seed=1)
     budgets = [24 + b for b in budgets]                        # long enough to be cut
+    live = [{} for _ in prompts]          # each answer as it arrives (complete_any's out)
     kill_at = {}
-    done = []                     # requests answered so far (list.append is atomic)
-    flowing = threading.Event()
+    load_over = threading.Event()
+
+    def held_by_victim() -> list[dict]:
+        # Streams the victim answers with most of their tokens to come (<= 3 of >= 28 here).
+        return [r for r in live if r.get("open") and r.get("stream") and
+                r.get("replica") == victim["replica"] and 0 < r["events"] <= 3]
 
     def killer():
-        # Once 10 answers are back, 12 more are in flight (about half on the victim).
-        flowing.wait(60)
-        kill_at["t"] = time.monotonic()
-        os.kill(victim["pid"], signal.SIGKILL)
+        """SIGKILL the victim while it holds a request. A count of answers is no such
+        moment: the victim's batch ends within a few decode steps while the router sends
+        new requests to the emptier replica, so after N answers the victim may hold nothing
+        (seen: it had all 12 first requests, they ended within 0.4 s, the 10th answer 7 ms
+        before the kill; the requests it was handed meanwhile, not yet accepted, were
+        routed again by Serve itself, invisible to the front). So wait for a stream the
+        victim is answering, freeze the victim (SIGSTOP: it can finish nothing more), let
+        what it already sent arrive, and kill it if that stream is still open (else let
+        it go on and wait for the next one)."""
+        while not load_over.is_set():
+            held = held_by_victim()
+            if held:
+                os.kill(victim["pid"], signal.SIGSTOP)
+                try:
+                    seen = None
+                    for _ in range(10):       # until nothing arrives for 0.5 s (<= 5 s)
+                        now = [(r["events"], r["open"]) for r in held]
+                        if now == seen:
+                            break
+                        seen = now
+                        time.sleep(0.5)
+                    held = [r for r in held if r["open"]]
+                    if held:
+                        kill_at.update(t=time.monotonic(), held=held)
+                        os.kill(victim["pid"], signal.SIGKILL)
+                        return
+                finally:
+                    if not kill_at:
+                        os.kill(victim["pid"], signal.SIGCONT)
+            time.sleep(0.005)
 
     def one(i: int) -> dict:
-        r = complete_any(url, prompts[i], budgets[i], i % 2 == 1)
-        done.append(i)
-        if len(done) >= 10:
-            flowing.set()
-        return r
+        return complete_any(url, prompts[i], budgets[i], i % 2 == 1, out=live[i])
 
     with cf.ThreadPoolExecutor(1) as k, cf.ThreadPoolExecutor(12) as pool:
-        k.submit(killer)
+        killing = k.submit(killer)
         t0 = time.monotonic()
-        results = list(pool.map(one, range(len(prompts))))
+        try:
+            results = list(pool.map(one, range(len(prompts))))
+        finally:
+            load_over.set()
+        killing.result()
+    assert kill_at, (f"replica {victim['replica']} never answered a stream while "
+                     f"{len(prompts)} requests ran, 12 at a time: nothing to kill it under")
     assert time.monotonic() - t0 < 120
     bad = [r for r in results if r["error"] is not None]
     retried = [r for r in results if r["retries"]]
-    print(f"\nkilled replica {victim['replica']} (pid {victim['pid']}); of {len(results)} "
+    print(f"\nkilled replica {victim['replica']} (pid {victim['pid']}) holding "
+          f"{len(kill_at['held'])} stream(s) at {kill_at['t'] - t0:.1f} s; of {len(results)} "
           f"requests {len(retried)} were retried on the other replica and {len(bad)} ended "
           f"with an error body: {collections.Counter((r['stream'], r['status']) for r in bad)}")
     assert retried or bad, "the kill hit no request in flight: the test saw nothing"
+    # The streams the victim held when it died (frozen, still open): each cut with the
+    # error event after its first tokens, as status 200 was already on the wire.
+    assert all(r["status"] == 200 and r["error"] is not None for r in kill_at["held"]), \
+        kill_at["held"]
     for r in bad:                                  # OpenAI's error body, never a plain 500
         assert openai_error(r["error"]), r
         assert r["status"] >= 500 if not r["stream"] else r["status"] in (200, 503), r

@@ -12,7 +12,10 @@ the proxy only ever talks to the front; the front sees the replica's death as a
   before its first body chunk) is sent again, to whichever replica Serve's router picks
   (the dead one leaves the candidates), up to ``retries`` times with a short backoff.
   Generation is stateless per request, so a retry gives the answer the first try would
-  have (greedy or seeded). The answer carries ``x-parallax-retries: N``.
+  have (greedy or seeded). The answer carries ``x-parallax-retries: N``. A request the
+  dying replica had not accepted yet never reaches the front as an error: Serve's router
+  waits for a replica to accept each request and itself routes it again when the replica
+  dies first, so such an answer carries no header.
 * **Error body**: a request still failing after the retries gets 503 with
   ``{"error": {...}}`` and ``Retry-After``; a stream cut after its first chunk (status 200
   is on the wire) ends with an SSE event ``data: {"error": {...}}`` and ``data: [DONE]``,
