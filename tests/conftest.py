@@ -20,7 +20,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_lay
 
 def make_checkpoint(path: str, arch: str = "llama", seed: int = 0, shards: bool = False,
                     **overrides) -> str:
-    """Save a tiny random HF model of ``arch`` (llama | qwen2 | mistral) to ``path``.
+    """Save a tiny random HF model of ``arch`` (llama | qwen2 | mistral | mixtral) to ``path``.
 
     Every parameter (biases and norms included) is re-drawn so that no weight is a
     trivial constant that could hide a loading bug.
@@ -28,7 +28,8 @@ def make_checkpoint(path: str, arch: str = "llama", seed: int = 0, shards: bool 
     import transformers
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM)}[arch]
     torch.manual_seed(seed)
     cfg = cls[0](**{**TINY, **overrides})
     model = cls[1](cfg).eval()

@@ -111,11 +111,11 @@ def test_cli_defaults_are_the_python_defaults():
             continue
         assert default == param.default, (dest, default, param.default)
         checked.append(dest)
-    assert {"model", "tp", "pp", "dtype", "device", "max_new_tokens", "temperature", "top_k",
+    assert {"model", "tp", "pp", "ep", "dtype", "device", "max_new_tokens", "temperature", "top_k",
             "top_p", "repetition_penalty", "seed", "ignore_eos", "timeout", "quantize",
             "micro_batches", "layer_split", "stop"} <= set(checked)
     info_defaults = {a.dest: a.default for a in _parsers()["parallax info"]._actions}
-    assert all(info_defaults[k] == cli_defaults[k] for k in ("model", "tp", "pp", "dtype"))
+    assert all(info_defaults[k] == cli_defaults[k] for k in ("model", "tp", "pp", "ep", "dtype"))
 
 
 def test_version():
@@ -203,6 +203,56 @@ def test_bad_model_path_is_one_clear_line():
 def test_bad_sampling_value_exits_2(tiny_llama):
     r = _run("generate", "hi", "--model", tiny_llama, "--no-chat", "--top-p", "1.5")
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- expert parallel
+@pytest.fixture(scope="module")
+def tiny_moe_chat(tmp_path_factory) -> str:
+    """A tiny random Mixtral (5 experts: 3 + 2 per rank at ep=2) with a trained tokenizer."""
+    from conftest import make_checkpoint, make_tokenizer
+    folder = str(tmp_path_factory.mktemp("tiny_moe"))
+    return make_checkpoint(folder, "mixtral", vocab_size=make_tokenizer(folder),
+                           num_local_experts=5, num_experts_per_tok=2)
+
+
+def test_generate_runs_the_expert_parallel_layout(tiny_moe_chat):
+    """`generate --tp 2 --ep 2` runs ep=2 (the stats line reports the engine's own ep) and
+    answers what one process answers."""
+    prompt = "the capital of France"
+    r = _run("generate", prompt, "--model", tiny_moe_chat, "--tp", "2", "--ep", "2",
+             "--no-chat", "--max-new-tokens", "12", "--temperature", "0", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "(tp=2 pp=1 ep=2)" in r.stderr, r.stderr
+    with parallax.LLM(tiny_moe_chat) as llm:
+        [want] = llm.generate([prompt], max_new_tokens=12, chat=False)
+    assert want.text and r.stdout == want.text + "\n"
+
+
+def test_serve_passes_ep_to_the_engine(tiny_moe_chat):
+    """`serve --ep` reaches the LLM keywords of both the one-server and the Ray Serve path
+    (serve/server.py's cli_options feeds both)."""
+    from parallax.serve.server import cli_options
+    a = cli.build_parser().parse_args(["serve", tiny_moe_chat, "--tp", "2", "--ep", "2"])
+    cli.check_serve(a)
+    assert cli_options(a)[1]["ep"] == 2
+
+
+@pytest.mark.parametrize("model, args, words", [
+    ("dense", ["--tp", "2", "--ep", "2"], "needs a mixture-of-experts model"),
+    ("moe", ["--tp", "2", "--ep", "3"], "ep=3 must divide tp=2"),
+])
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_bad_ep_is_a_usage_error(command, model, args, words, tiny_llama, tiny_moe_chat,
+                                 monkeypatch, capsys):
+    """An --ep the model cannot take is found from the config alone: exit 2, one line, the
+    engine never built."""
+    import parallax.api
+    monkeypatch.setattr(parallax.api, "LLM", _must_not_run("LLM"))
+    path = tiny_llama if model == "dense" else tiny_moe_chat
+    argv = ["generate", "hi", "--model", path] if command == "generate" else ["serve", path]
+    assert _main([*argv, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
 
 
 # ---------------------------------------------------------------------- info

@@ -116,7 +116,7 @@ def check_model(a: argparse.Namespace) -> None:
     finally:
         ckpt.close()
     check_layout(a.config, a.tp, a.pp, a.layer_split)
-    check_expert_layout(a.config, a.tp, getattr(a, "ep", 1))
+    check_expert_layout(a.config, a.tp, a.ep)
 
 
 def check_generate(a: argparse.Namespace) -> None:
@@ -130,7 +130,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .api import LLM
     rank0 = _is_rank0()
     t_load = time.perf_counter()
-    with LLM(a.model, tp=a.tp, pp=a.pp, dtype=a.dtype, device=a.device,
+    with LLM(a.model, tp=a.tp, pp=a.pp, ep=a.ep, dtype=a.dtype, device=a.device,
              layer_split=a.layer_split, quantize=a.quantize,
              micro_batches=a.micro_batches, timeout_s=a.timeout) as llm:
         load_s = time.perf_counter() - t_load
@@ -166,7 +166,8 @@ def _report_stats(llm, text: str, load_s: float, t0: float, t_first: float | Non
     ttft = (t_first or t_end) - t0
     decode = (n - 1) / (t_end - t_first) if n > 1 and t_first and t_end > t_first else float("nan")
     line = (f"parallax: {n} tokens in {t_end - t0:.2f} s; time to first token {ttft * 1e3:.0f} ms; "
-            f"decode {decode:.1f} tok/s; load {load_s:.1f} s (tp={llm.tp} pp={llm.pp})")
+            f"decode {decode:.1f} tok/s; load {load_s:.1f} s "
+            f"(tp={llm.tp} pp={llm.pp} ep={llm.ep})")
     if verbose:
         print(line, file=sys.stderr)
     else:
@@ -334,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tensor-parallel ranks (attention heads are split by whole KV groups)")
         q.add_argument("--pp", type=_count, default=defaults.PP, metavar="N",
                        help="pipeline stages")
+        q.add_argument("--ep", type=_count, default=1, metavar="N",
+                       help="expert-parallel groups of a mixture-of-experts model (divides --tp; "
+                            "docs/models.md)")
         q.add_argument("--dtype", default=defaults.DTYPE, choices=list(DTYPES),
                        metavar="{" + ",".join(defaults.DTYPES) + "}",
                        help="dtype of the weights and activations")
@@ -383,9 +387,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default=defaults.MODEL,
                    help="HF checkpoint folder, .gguf file or 'smollm2-135m'")
     model_args(i)
-    i.add_argument("--ep", type=_count, default=1, metavar="N",
-                   help="expert-parallel groups of a mixture-of-experts model (divides --tp; "
-                        "docs/models.md)")
     i.add_argument("--measure", action="store_true",
                    help="also build the model and report measured weight bytes and peak RSS "
                         "(default: computed only)")

@@ -282,7 +282,7 @@ def main(a: argparse.Namespace) -> int:
         serve.run(app, name=APP_NAME, route_prefix="/")
         host, port = _proxy_address(a.host, a.port)
         print(f"parallax serve: {name} at http://{host}:{port} on Ray Serve "
-              f"(tp={a.tp} pp={a.pp}, replicas "
+              f"(tp={a.tp} pp={a.pp} ep={a.ep}, replicas "
               f"{a.replicas or f'{a.min_replicas}..{a.max_replicas}'})",
               file=sys.stderr, flush=True)
         done.wait()

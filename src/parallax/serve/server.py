@@ -106,7 +106,7 @@ def cli_options(a: argparse.Namespace) -> tuple[str | None, dict]:
                        a.host)
     engine_kw = {k: v for k, v in (("max_num_seqs", a.max_num_seqs),
                                    ("kv_cache_tokens", a.kv_cache_tokens)) if v is not None}
-    return api_key, dict(tp=a.tp, pp=a.pp, dtype=a.dtype, device=a.device,
+    return api_key, dict(tp=a.tp, pp=a.pp, ep=a.ep, dtype=a.dtype, device=a.device,
                          layer_split=a.layer_split,
                          **engine_kw)
 
@@ -125,7 +125,7 @@ def main(a: argparse.Namespace) -> int:
 
         def started(url: str | None) -> None:
             # One line on stderr whatever the log level: scripts read the URL from it.
-            print(f"parallax serve: {name} at {url} (tp={a.tp} pp={a.pp}, KV cache {kv} "
+            print(f"parallax serve: {name} at {url} (tp={a.tp} pp={a.pp} ep={a.ep}, KV cache {kv} "
                   f"tokens, max queue {a.max_queue})", file=sys.stderr, flush=True)
 
         run(app, a.host, a.port, a.drain_timeout, started)
