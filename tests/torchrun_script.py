@@ -5,7 +5,8 @@ Usage: torchrun_script.py MODEL TP PP OUT [TIMEOUT_S]. If building the LLM raise
 records the error's type and message (and how long it took) instead of results.
 
 Every rank calls generate, stream and memory (SPMD: each gets the same result). Then the driver
-rank alone submits the prompts from threads at staggered times (its ``submitted`` tokens) while
+rank alone submits 8 token-id prompts (``STAGGERED``) from 4 threads at staggered times (its
+``submitted`` tokens, and the most steps it had in flight at once) while
 the other ranks try submit (``submit_error``) and go on to memory(), which waits for the
 driver's; ``with llm`` on a follower waits until the driver closes.
 """
@@ -30,6 +31,7 @@ except Exception as exc:
                    "seconds": time.monotonic() - t0}, f)
     sys.exit(0)
 kw = dict(max_new_tokens=12, ignore_eos=True, chat=False)
+STAGGERED = [[(7 * i + j) % 60 + 3 for j in range(2 + 3 * i)] for i in range(8)]
 driver = (pp - 1) * tp
 with llm:
     prompts = [[5, 6, 7, 8], [9, 10]] if llm.tokenizer is None else ["Water boils at", "Hi"]
@@ -41,18 +43,37 @@ with llm:
     own = {}
     if int(os.environ["RANK"]) == driver:
         got: dict = {}
+        # Count the steps in flight at once (up to pp: stages work on different steps).
+        ranks, peak, lock = llm._executor.pool, [0, 0], threading.Lock()
+        submit_step, collect_step = ranks.submit, ranks.collect
 
-        def submit(i: int) -> None:
-            time.sleep(0.2 * i)
-            handle = llm.submit(prompts[i % len(prompts)], **kw)
-            got[i] = [t for d in handle for t in d.token_ids]
+        def counted_submit(*args):
+            submit_step(*args)
+            with lock:
+                peak[0] += 1
+                peak[1] = max(peak)
 
-        threads = [threading.Thread(target=submit, args=(i,)) for i in range(4)]
+        def counted_collect():
+            with lock:
+                peak[0] -= 1
+            return collect_step()
+
+        ranks.submit, ranks.collect = counted_submit, counted_collect
+
+        def submit(k: int) -> None:
+            for i in range(k, len(STAGGERED), 4):
+                time.sleep(0.1 * i)
+                handle = llm.submit(STAGGERED[i], **kw)
+                got[i] = [t for d in handle for t in d.token_ids]
+
+        threads = [threading.Thread(target=submit, args=(k,)) for k in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=120)
-        own["submitted"] = [got.get(i) for i in range(4)]
+        own["prompts"] = STAGGERED
+        own["submitted"] = [got.get(i) for i in range(len(STAGGERED))]
+        own["most_steps_in_flight"] = peak[1]
         own["kv_cache_usage"] = llm.stats()["kv_cache_usage"]
     else:
         try:
