@@ -72,7 +72,7 @@ def test_torchrun_ranks_agree_with_one_process(request, tmp_path, model, tp, pp)
     with parallax.LLM(path) as one:
         prompts = [[5, 6, 7, 8], [9, 10]] if one.tokenizer is None else ["Water boils at", "Hi"]
         ref = one.generate(prompts, **kw)
-        alone = [one.generate([p], **kw)[0].token_ids for p in own["prompts"]]
+        alone = [one.generate([p], **own["kw"])[0].token_ids for p in own["prompts"]]
     assert common[0]["tokens"] == [o.token_ids for o in ref]
     assert common[0]["streamed"] == ref[0].text
     assert common[0]["memory_ranks"] == common[0]["after_submit_memory_ranks"] == \

@@ -18,6 +18,7 @@ import threading
 import time
 
 import parallax
+from dist_utils import count_steps_in_flight
 
 model, tp, pp, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 timeout_s = float(sys.argv[5]) if len(sys.argv) > 5 else 60.0
@@ -32,6 +33,7 @@ except Exception as exc:
     sys.exit(0)
 kw = dict(max_new_tokens=12, ignore_eos=True, chat=False)
 STAGGERED = [[(7 * i + j) % 60 + 3 for j in range(2 + 3 * i)] for i in range(8)]
+STAGGERED_KW = dict(kw, max_new_tokens=24)
 driver = (pp - 1) * tp
 with llm:
     prompts = [[5, 6, 7, 8], [9, 10]] if llm.tokenizer is None else ["Water boils at", "Hi"]
@@ -43,27 +45,13 @@ with llm:
     own = {}
     if int(os.environ["RANK"]) == driver:
         got: dict = {}
-        # Count the steps in flight at once (up to pp: stages work on different steps).
-        ranks, peak, lock = llm._executor.pool, [0, 0], threading.Lock()
-        submit_step, collect_step = ranks.submit, ranks.collect
-
-        def counted_submit(*args):
-            submit_step(*args)
-            with lock:
-                peak[0] += 1
-                peak[1] = max(peak)
-
-        def counted_collect():
-            with lock:
-                peak[0] -= 1
-            return collect_step()
-
-        ranks.submit, ranks.collect = counted_submit, counted_collect
+        # Up to pp steps in flight at once: the stages work on different steps.
+        in_flight = count_steps_in_flight(llm._executor.pool)
 
         def submit(k: int) -> None:
             for i in range(k, len(STAGGERED), 4):
-                time.sleep(0.1 * i)
-                handle = llm.submit(STAGGERED[i], **kw)
+                time.sleep(0.03 * i)
+                handle = llm.submit(STAGGERED[i], **STAGGERED_KW)
                 got[i] = [t for d in handle for t in d.token_ids]
 
         threads = [threading.Thread(target=submit, args=(k,)) for k in range(4)]
@@ -71,9 +59,9 @@ with llm:
             t.start()
         for t in threads:
             t.join(timeout=120)
-        own["prompts"] = STAGGERED
+        own["prompts"], own["kw"] = STAGGERED, STAGGERED_KW
         own["submitted"] = [got.get(i) for i in range(len(STAGGERED))]
-        own["most_steps_in_flight"] = peak[1]
+        own["most_steps_in_flight"] = in_flight[1]
         own["kv_cache_usage"] = llm.stats()["kv_cache_usage"]
     else:
         try:
