@@ -64,9 +64,8 @@ class LLM:
         layer_split: per-stage layer counts (default: balanced by decode cost, parallel/sharding.py).
         quantize: None or "int8" (weight-only, per-channel scales).
         micro_batches: under pp, each step's batch is cut into this many micro-batches (by
-            tokens) that flow through the stages one behind the other (default: 1 with the
-            worker pool, which keeps ``pp`` steps in flight over disjoint requests instead;
-            pp under torchrun and Ray).
+            tokens) that flow through the stages one behind the other (default 1: the
+            engine keeps ``pp`` steps in flight over disjoint requests instead).
         timeout_s: how long a collective or a worker may stall before it is an error.
         threads_per_rank: torch threads per worker process (default: cores / world).
         max_num_seqs: requests decoded together at most (default 64).
