@@ -56,6 +56,7 @@ class SpmdRanks:
         self._uncollected: collections.deque = collections.deque()   # (method, args)
         self._last_sent = time.monotonic()
         self._failed = False
+        self._running = threading.Lock()         # held while this rank runs a step
         self._stopped = threading.Event()
         self._pinger = threading.Thread(target=self._ping_loop, name="parallax-ping",
                                         daemon=True)
@@ -75,11 +76,12 @@ class SpmdRanks:
     def collect(self) -> Any:
         """Run the oldest submitted command on this rank; its result."""
         method, args = self._uncollected.popleft()
-        try:
-            return getattr(self.runner, method)(*args)
-        except BaseException:
-            self._failed = True
-            raise
+        with self._running:
+            try:
+                return getattr(self.runner, method)(*args)
+            except BaseException:
+                self._failed = True
+                raise
 
     def call(self, method: str, *args: Any) -> Any:
         """``runner.method(*args)`` on every rank (none submitted may be uncollected); the
@@ -105,11 +107,14 @@ class SpmdRanks:
         followers. Idempotent."""
         if self._stopped.is_set():
             return
-        while self._uncollected and not self._failed:
-            try:
-                self.collect()
-            except Exception as exc:             # noqa: BLE001  closing anyway
-                logger.warning("a step left in flight at close failed: %s", exc)
+        # Not while the engine thread still runs one (it outlived close()'s wait).
+        if self._running.acquire(blocking=False):
+            self._running.release()
+            while self._uncollected and not self._failed:
+                try:
+                    self.collect()
+                except Exception as exc:         # noqa: BLE001  closing anyway
+                    logger.warning("a step left in flight at close failed: %s", exc)
         self._stopped.set()
         self._pinger.join()
         self._send(None)
