@@ -83,6 +83,7 @@ def test_torchrun_ranks_agree_with_one_process(request, tmp_path, model, tp, pp)
     assert own["submitted"] == alone
     assert own["most_steps_in_flight"] == pp
     assert own["kv_cache_usage"] == 0
+    assert own["after_close"] == "EngineDeadError"   # closed mid-way; every rank exited
     for rank, res in enumerate(results):
         if rank != driver:
             assert f"only the driver rank (rank {driver})" in res["own"]["submit_error"]

@@ -8,7 +8,8 @@ Every rank calls generate, stream and memory (SPMD: each gets the same result). 
 rank alone submits 8 token-id prompts (``STAGGERED``) from 4 threads at staggered times (its
 ``submitted`` tokens, and the most steps it had in flight at once) while
 the other ranks try submit (``submit_error``) and go on to memory(), which waits for the
-driver's; ``with llm`` on a follower waits until the driver closes.
+driver's; ``with llm`` on a follower waits until the driver closes. Last, the driver closes
+while 4 long requests decode (``after_close``: how the first of them ended).
 """
 
 import json
@@ -71,5 +72,14 @@ with llm:
             own["submit_error"] = str(exc)
     result["after_submit_memory_ranks"] = sorted(m["rank"] for m in llm.memory())
     result = {"common": result, "own": own}
+    if int(os.environ["RANK"]) == driver:       # close with steps in flight: nothing hangs
+        unfinished = [llm.submit(p, **dict(kw, max_new_tokens=200)) for p in STAGGERED[:4]]
+        next(iter(unfinished[0]))
+if int(os.environ["RANK"]) == driver:
+    try:
+        unfinished[0].result(timeout=10)
+        own["after_close"] = "finished"
+    except parallax.ParallaxError as exc:
+        own["after_close"] = type(exc).__name__
 with open(rank_file, "w") as f:
     json.dump(result, f)
