@@ -1,6 +1,6 @@
-"""Pipeline stages as Ray actors (parallel/ray_executor.py) with pp steps in flight: requests
-from several threads at staggered times equal each alone, and a dead stage ends the run
-with a clear error in bounded time.
+"""Ranks as Ray actors (parallel/ray_executor.py) with pp steps in flight: at pp=2 (and tp=2,
+one step in flight) requests from several threads at staggered times equal each alone, and
+a dead stage ends the run with a clear error in bounded time.
 
 The module starts its own local Ray (``ray.init`` with a few CPUs, no dashboard) and shuts
 it down after; no Ray process may be left. The oracle is one-process ``LLM.generate`` on
@@ -66,10 +66,11 @@ def alone(tiny_llama):
 
 
 @pytest.mark.timeout(240)
-def test_pp2_ray_ranks_keep_two_steps_in_flight_and_equal_each_request_alone(tiny_llama,
-                                                                             alone):
-    with parallax.LLM(tiny_llama, pp=2, executor="ray", threads_per_rank=1,
-                      timeout_s=30) as llm:
+@pytest.mark.parametrize("tp, pp", [(1, 2), (2, 1)])
+def test_ray_ranks_keep_pp_steps_in_flight_and_equal_each_request_alone(tiny_llama, alone,
+                                                                        tp, pp):
+    with parallax.LLM(tiny_llama, tp=tp, pp=pp, executor="ray", threads_per_rank=1,
+                      timeout_s=60) as llm:
         assert type(llm._pool).__name__ == "RayExecutor"
         llm.memory()                               # nothing in flight when counting starts
         in_flight = count_steps_in_flight(llm._pool)
@@ -86,7 +87,7 @@ def test_pp2_ray_ranks_keep_two_steps_in_flight_and_equal_each_request_alone(tin
         for t in threads:
             t.join(timeout=180)
         assert [got.get(i) for i in range(len(PROMPTS))] == alone
-        assert in_flight[1] == 2, in_flight                 # both stages busy at once
+        assert in_flight[1] == pp, in_flight                # pp=2: both stages busy at once
         # A side call after steps in flight: every rank answers, in order.
         assert sorted(m["rank"] for m in llm.memory()) == [0, 1]
         assert llm.stats()["kv_cache_usage"] == 0
@@ -103,7 +104,7 @@ def long_context(tmp_path_factory) -> str:
 def test_pp2_ray_dead_first_stage_raises_quickly(long_context):
     """SIGKILL of stage 0's actor while steps are in flight: WorkerError naming rank 0
     within bounded time, the other rank's actor is killed, later calls say closed."""
-    llm = parallax.LLM(long_context, pp=2, executor="ray", threads_per_rank=1, timeout_s=20)
+    llm = parallax.LLM(long_context, pp=2, executor="ray", threads_per_rank=1, timeout_s=60)
     try:
         pids = [w["pid"] for w in llm._pool.where]
         killer = threading.Timer(1.5, os.kill, (pids[0], signal.SIGKILL))
