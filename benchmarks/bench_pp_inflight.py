@@ -5,7 +5,8 @@
 
 Every rank builds ``LLM(pp=2)``; the driver rank (the last stage) submits ``--requests``
 different prompts at once, and the decode rate is (time of 1 + N tokens - time of 1 token)
-/ N steps, times the requests (as bench_step.py). Configurations, interleaved in every
+/ N steps, times the requests (as bench_step.py), with the driver process's CPU time per
+token. Configurations, interleaved in every
 round (A, B, C, A, B, C, ...), medians reported:
 
 - ``depth2``: the engine's default, up to 2 steps in flight over disjoint halves of the
@@ -49,15 +50,18 @@ def set_depth(llm, depth: int, micro_batches: int) -> None:
     core.micro_batches = micro_batches
 
 
-def decode_rate(llm, prompts: list[str], new_tokens: int) -> float:
-    def run(n: int) -> float:
-        t = time.perf_counter()
+def decode_rate(llm, prompts: list[str], new_tokens: int) -> tuple[float, float]:
+    """(tokens/s, the driver process's CPU ms per token) of the decode steps alone."""
+    def run(n: int) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         handles = [llm.submit(p, max_new_tokens=n, ignore_eos=True, chat=False)
                    for p in prompts]
         for h in handles:
             h.result(timeout=600)
-        return time.perf_counter() - t
-    return len(prompts) * new_tokens / (run(1 + new_tokens) - run(1))
+        return time.perf_counter() - t, time.process_time() - c
+    (w1, c1), (w2, c2) = run(1), run(1 + new_tokens)
+    tokens = len(prompts) * new_tokens
+    return tokens / (w2 - w1), 1e3 * (c2 - c1) / tokens
 
 
 def main() -> None:
@@ -75,10 +79,13 @@ def main() -> None:
             return                                   # follow until the driver closes
         decode_rate(llm, prompts, 4)                 # warm-up
         rates: dict[str, list[float]] = {name: [] for name in CONFIGS}
+        cpu: dict[str, list[float]] = {name: [] for name in CONFIGS}
         for r in range(a.rounds):
             for name, (depth, mb) in CONFIGS.items():
                 set_depth(llm, depth, mb)
-                rates[name].append(decode_rate(llm, prompts, a.max_new_tokens))
+                rate, ms = decode_rate(llm, prompts, a.max_new_tokens)
+                rates[name].append(rate)
+                cpu[name].append(ms)
             print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()),
                   flush=True)
         set_depth(llm, *CONFIGS["depth2"])
@@ -87,11 +94,13 @@ def main() -> None:
           f"{a.threads} thread(s) per rank, load {os.getloadavg()[0]:.1f}; median tok/s:")
     for name, v in rates.items():
         med = statistics.median(v)
-        print(f"  {name:11s} {med:7.1f}  ({med / base:.2f}x depth1-mb2; runs "
+        print(f"  {name:11s} {med:7.1f}  ({med / base:.2f}x depth1-mb2; driver CPU "
+              f"{statistics.median(cpu[name]):.2f} ms/token; runs "
               f"{', '.join(f'{x:.1f}' for x in v)})")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"rates": rates, "args": vars(a)}, f, indent=1)
+            json.dump({"rates": rates, "driver_cpu_ms_per_token": cpu, "args": vars(a)}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":
