@@ -108,3 +108,26 @@ def spawn_ranks(n: int, fn: Callable[..., Any], *args: Any, timeout: float = 120
         for c in conns:
             c.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def count_steps_in_flight(pool: Any) -> list[int]:
+    """Wrap a pool's ``submit`` / ``collect`` (WorkerPool, RayExecutor, SpmdRanks) to count
+    the commands in flight; returns ``[now, most at once]``, kept up to date. Call it while
+    none is in flight (e.g. right after a side call such as ``llm.memory()``)."""
+    import threading
+    count, lock = [0, 0], threading.Lock()
+    submit, collect = pool.submit, pool.collect
+
+    def counted_submit(*args: Any) -> None:
+        submit(*args)
+        with lock:
+            count[0] += 1
+            count[1] = max(count)
+
+    def counted_collect() -> Any:
+        with lock:
+            count[0] -= 1
+        return collect()
+
+    pool.submit, pool.collect = counted_submit, counted_collect
+    return count

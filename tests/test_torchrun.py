@@ -56,6 +56,7 @@ def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.Comple
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("model, tp, pp", [("tiny_llama", 2, 1), ("tiny_qwen2", 1, 2),
+                                           ("tiny_llama", 2, 2),
                                            pytest.param("smollm2", 2, 1, marks=pytest.mark.slow)])
 def test_torchrun_ranks_agree_with_one_process(request, tmp_path, model, tp, pp):
     path = request.getfixturevalue(model)
@@ -65,19 +66,24 @@ def test_torchrun_ranks_agree_with_one_process(request, tmp_path, model, tp, pp)
     results = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(tp * pp)]
     common = [res["common"] for res in results]
     assert all(c == common[0] for c in common), "ranks disagree"
+    driver = (pp - 1) * tp
+    own = results[driver]["own"]
+    kw = dict(max_new_tokens=12, ignore_eos=True, chat=False)
     with parallax.LLM(path) as one:
         prompts = [[5, 6, 7, 8], [9, 10]] if one.tokenizer is None else ["Water boils at", "Hi"]
-        ref = one.generate(prompts, max_new_tokens=12, ignore_eos=True, chat=False)
+        ref = one.generate(prompts, **kw)
+        alone = [one.generate([p], **own["kw"])[0].token_ids for p in own["prompts"]]
     assert common[0]["tokens"] == [o.token_ids for o in ref]
     assert common[0]["streamed"] == ref[0].text
     assert common[0]["memory_ranks"] == common[0]["after_submit_memory_ranks"] == \
         list(range(tp * pp))
     # submit() on the driver rank, from threads at staggered times: each request's tokens
-    # equal it alone; the other ranks are refused, naming the driver rank.
-    driver = (pp - 1) * tp
-    own = results[driver]["own"]
-    assert own["submitted"] == [ref[i % 2].token_ids for i in range(4)]
+    # equal it alone, with up to pp steps in flight; the other ranks are refused, naming the
+    # driver rank.
+    assert own["submitted"] == alone
+    assert own["most_steps_in_flight"] == pp
     assert own["kv_cache_usage"] == 0
+    assert own["after_close"] == "EngineDeadError"   # closed mid-way; every rank exited
     for rank, res in enumerate(results):
         if rank != driver:
             assert f"only the driver rank (rank {driver})" in res["own"]["submit_error"]

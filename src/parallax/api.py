@@ -19,17 +19,18 @@ import torch
 
 from . import defaults as D
 from .engine.block_manager import BlockManager
-from .engine.core import (EngineCore, Follower, LocalExecutor, PoolExecutor, SpmdExecutor,
-                          in_own_thread)
+from .engine.core import EngineCore, LocalExecutor, PoolExecutor, in_own_thread
 from .engine.handle import RequestHandle
 from .engine.request import Completion, Delta, StopConditions, Usage
 from .engine.runner import ModelRunner, parse_dtype
 from .engine.scheduler import Scheduler
+from .engine.spmd import Follower, SpmdExecutor
 from .errors import EngineDeadError, ParallaxError, PromptError, SamplingError
 from .loading import DEFAULT_MODEL, load_tokenizer, open_checkpoint
 from .models.loader import check_tensor_names
 from .parallel import collectives as C
-from .parallel.context import DEFAULT_TIMEOUT_S, ParallelContext, launched_by_torchrun
+from .parallel.context import (DEFAULT_TIMEOUT_S, ParallelContext, control_group,
+                               launched_by_torchrun)
 from .parallel.sharding import check_expert_layout, check_layout
 from .sampling import SamplingParams
 
@@ -63,9 +64,8 @@ class LLM:
         layer_split: per-stage layer counts (default: balanced by decode cost, parallel/sharding.py).
         quantize: None or "int8" (weight-only, per-channel scales).
         micro_batches: under pp, each step's batch is cut into this many micro-batches (by
-            tokens) that flow through the stages one behind the other (default: 1 with the
-            worker pool, which keeps ``pp`` steps in flight over disjoint requests instead;
-            pp under torchrun and Ray).
+            tokens) that flow through the stages one behind the other (default 1: the
+            engine keeps ``pp`` steps in flight over disjoint requests instead).
         timeout_s: how long a collective or a worker may stall before it is an error.
         threads_per_rank: torch threads per worker process (default: cores / world).
         max_num_seqs: requests decoded together at most (default 64).
@@ -139,10 +139,12 @@ class LLM:
                 ctx.ep_size = ep
                 # Every rank's cache must have the driver's size (free memory differs a bit).
                 num_blocks = C.broadcast_object(num_blocks, ctx, ctx.driver_rank)
+                control = control_group(ctx)          # the driver's messages (engine/spmd.py)
                 args = (model, dtype, layer_split, quantize, num_blocks, block_size)
                 self._runner = in_own_thread(lambda: ModelRunner(ctx, *args, checkpoint=ckpt))
                 # The driver rank schedules and broadcasts; the others follow in a thread.
-                steps = SpmdExecutor(self._runner) if ctx.is_driver else LocalExecutor(self._runner)
+                steps = SpmdExecutor(self._runner, control, depth=pp) if ctx.is_driver \
+                    else LocalExecutor(self._runner)
             else:
                 from .parallel.ray_executor import inside_ray_worker
                 if executor == "ray" or (executor is None and inside_ray_worker()):
@@ -164,13 +166,12 @@ class LLM:
             from .loading.tokenizer import IncrementalDecoder
             tok = self.tokenizer
             make_decoder = lambda: IncrementalDecoder(tok)   # noqa: E731
-        # Steps in flight already keep the stages busy; without them (torchrun, Ray) each
-        # step is cut into micro-batches that flow through the stages one behind the other.
-        default_mb = pp if steps.depth == 1 else 1
+        # pp steps in flight already keep the stages busy: one micro-batch per step unless
+        # asked (micro-batches flow through the stages one behind the other).
         self._core = EngineCore(steps, bm, scheduler, make_decoder,
-                                micro_batches=(micro_batches or default_mb) if pp > 1 else 1)
+                                micro_batches=(micro_batches or 1) if pp > 1 else 1)
         if self._spmd and not self._ctx.is_driver:
-            self._follower = Follower(self._runner)
+            self._follower = Follower(self._runner, control)
         else:
             self._core.start()
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, block_size,

@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", choices=["int8"],
                    help="weight-only quantization (default: none, the checkpoint's weights)")
     g.add_argument("--micro-batches", type=_count, metavar="N",
-                   help="micro-batches in flight in the pipeline (default: pp)")
+                   help="cut each step into N micro-batches under pp (default: 1; pp "
+                        "steps are in flight instead)")
     g.add_argument("--timeout", type=_seconds, default=defaults.TIMEOUT_S, metavar="S",
                    help="seconds a rank may stall before it is an error")
 

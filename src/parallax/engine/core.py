@@ -2,11 +2,11 @@
 (on the driver rank) -> update requests -> emit deltas.
 
 The core lives in the process that owns the ``LLM``. It reaches the ranks through an
-executor: ``LocalExecutor`` (one process), ``PoolExecutor`` (spawned workers: each step is
-one ``"execute"`` command on every rank; under pp up to pp of them in flight) or
-``SpmdExecutor`` (torchrun: the driver rank broadcasts each plan, the other ranks run them
-in a ``Follower`` thread). Steps run in a background thread (``start``) fed by ``submit``
-from any thread, in every case.
+executor: ``LocalExecutor`` (one process) or ``PoolExecutor`` over the ranks (spawned
+workers, Ray actors, or torchrun's ranks through ``spmd.SpmdExecutor``: the driver rank
+broadcasts each plan, the other ranks run them in a ``spmd.Follower``). Each step is one
+``"execute"`` command on every rank; under pp up to pp of them are in flight. Steps run in
+a background thread (``start``) fed by ``submit`` from any thread, in every case.
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import pickle
-import queue
 import threading
 from typing import Any, Callable
 
 from ..errors import WorkerError
-from ..parallel import collectives as C
 from .block_manager import BlockManager
 from .handle import EngineDeadError, RequestHandle
 from .request import Request, StopConditions
@@ -89,106 +86,16 @@ class LocalExecutor:
             return in_own_thread(getattr(self.runner, method), *args)
 
 
-class SpmdExecutor(LocalExecutor):
-    """torchrun, on the scheduling (driver) rank: every step, side call and SPMD result is
-    broadcast as a message, and the other ranks act on it in their ``Follower`` thread.
-    One lock holds each message together with the collectives it starts, so every rank
-    sees the same order whichever thread of the driver sends.
-
-    Messages: ``("step", plan)``, ``("call", method, args)`` (the driver's result is then
-    broadcast too), ``("result", ok, value)`` (what an SPMD call returns or raises on every
-    rank), ``("ping",)`` (keeps idle followers inside their collective timeout), None (stop).
-    """
-
-    def __init__(self, runner: ModelRunner):
-        super().__init__(runner)
-        self.idle_ping_s = max(1.0, runner.ctx.timeout_s / 4)
-
-    def _send(self, msg: Any) -> None:
-        C.broadcast_object(msg, self.runner.ctx, self.runner.ctx.driver_rank)
-
-    def submit(self, plan: StepPlan) -> list[int]:
-        with self._lock:
-            self._send(("step", plan))
-            return self.runner.execute(plan)
-
-    def call(self, method: str, *args: Any) -> Any:
-        ctx = self.runner.ctx
-        with self._lock:
-            self._send(("call", method, args))
-            out = in_own_thread(getattr(self.runner, method), *args)
-            return C.broadcast_object(out, ctx, ctx.driver_rank)
-
-    def publish(self, ok: bool, value: Any) -> None:
-        """Hand every follower the result (ok) or the error of an SPMD call."""
-        if not ok:
-            try:
-                pickle.dumps(value)
-            except Exception:
-                value = EngineDeadError(f"{type(value).__name__}: {value}")
-        with self._lock:
-            self._send(("result", ok, value))
-
-    def ping(self) -> None:
-        with self._lock:
-            self._send(("ping",))
-
-    def stop(self) -> None:
-        with self._lock:
-            self._send(None)
-
-
-class Follower:
-    """torchrun, on every rank but the driver: a thread that runs the driver's messages
-    (``SpmdExecutor``) until it stops, and hands SPMD results to this rank's calls in order.
-    """
-
-    def __init__(self, runner: ModelRunner):
-        self.runner = runner
-        self._results: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="parallax-follower", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        ctx = self.runner.ctx
-        end: BaseException = EngineDeadError("the driver rank closed the LLM")
-        try:
-            while (msg := C.broadcast_object(None, ctx, ctx.driver_rank)) is not None:
-                if msg[0] == "step":
-                    self.runner.execute(msg[1])
-                elif msg[0] == "call":
-                    out = getattr(self.runner, msg[1])(*msg[2])
-                    self._results.put((True, C.broadcast_object(out, ctx, ctx.driver_rank)))
-                elif msg[0] == "result":
-                    self._results.put(msg[1:])
-        except BaseException as exc:   # noqa: BLE001  handed to this rank's waiting calls
-            logger.error("rank %d: following the driver failed: %s", ctx.rank, exc)
-            end = exc
-        self._results.put((None, end))                  # None: no more results, ever
-
-    def result(self) -> Any:
-        """The next SPMD result from the driver (blocks); its error raised here."""
-        ok, value = self._results.get()
-        if ok is None:
-            self._results.put((ok, value))              # later calls fail the same way
-        if not ok:
-            raise value
-        return value
-
-    def join(self) -> None:
-        """Wait until the driver stops (its LLM closed) or the link fails."""
-        self._thread.join()
-
-
 class PoolExecutor:
-    """Worker processes (WorkerPool or RayExecutor): each step and side call goes to every
-    rank. With a pool that can ``submit`` without waiting, up to ``depth`` steps are in
-    flight (pp: stage k runs step i while stage k+1 runs step i-1); a side call waits until
-    none is, and no new step starts while one waits."""
+    """Ranks reached through a pool (WorkerPool, RayExecutor, or torchrun's SpmdRanks): each
+    step and side call goes to every rank. ``pool.submit`` sends a step without waiting and
+    ``pool.collect`` takes the oldest one's tokens, so up to ``depth`` steps are in flight
+    (pp: stage k runs step i while stage k+1 runs step i-1); a side call (``pool.call``)
+    waits until none is, and no new step starts while one waits."""
 
     def __init__(self, pool, depth: int = 1):
         self.pool = pool
-        self.depth = depth if hasattr(pool, "submit") else 1
+        self.depth = depth
         self._cv = threading.Condition()
         self._in_flight = 0
         self._side_waiting = 0
@@ -197,9 +104,7 @@ class PoolExecutor:
     def accepting(self) -> bool:
         return self._side_waiting == 0
 
-    def submit(self, plan: StepPlan) -> Any:
-        if self.depth == 1:
-            return self.call("execute", plan)
+    def submit(self, plan: StepPlan) -> None:
         with self._cv:
             while self._side_running:
                 self._cv.wait()
@@ -210,9 +115,7 @@ class PoolExecutor:
             self._done()
             raise
 
-    def collect(self, ticket: Any) -> list[int]:
-        if self.depth == 1:
-            return ticket
+    def collect(self, ticket: None) -> list[int]:
         try:
             return self.pool.collect()
         finally:
@@ -339,14 +242,12 @@ class EngineCore:
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
-        ping = getattr(self.executor, "idle_ping_s", None)
         try:
             while True:
                 with self._cv:
                     while not (self._stopping or self._inbox or self._cancels
                                or self.scheduler.has_work or self._in_flight):
-                        if not self._cv.wait(ping) and ping is not None:
-                            self.executor.ping()   # torchrun followers wait in a collective
+                        self._cv.wait()
                     if self._stopping:
                         return
                 self.step()

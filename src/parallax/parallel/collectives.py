@@ -55,12 +55,14 @@ def broadcast_world(x: torch.Tensor, ctx: ParallelContext, src: int) -> torch.Te
     return x
 
 
-def broadcast_object(obj: object, ctx: ParallelContext, src: int) -> object:
-    """Copy a picklable object from global rank ``src`` to every rank."""
+def broadcast_object(obj: object, ctx: ParallelContext, src: int,
+                     group: dist.ProcessGroup | None = None) -> object:
+    """Copy a picklable object from global rank ``src`` to every rank, through ``group``
+    (a world-wide group; default: ``ctx.object_group``)."""
     if ctx.world_size == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=ctx.object_group)
+    dist.broadcast_object_list(box, src=src, group=ctx.object_group if group is None else group)
     return box[0]
 
 

@@ -170,6 +170,15 @@ def _object_group(backend: str, timeout: datetime.timedelta) -> dist.ProcessGrou
     return dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
 
 
+def control_group(ctx: ParallelContext) -> dist.ProcessGroup | None:
+    """A gloo group over the world that carries only the torchrun driver's messages
+    (engine/spmd.py), so a rank can wait for the next message in one thread while another
+    runs collectives on the other groups; collective on every rank. None for one rank."""
+    if ctx.world_size == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=ctx.timeout_s))
+
+
 def _local_shm_group(ctx: ParallelContext, run_id: str | None):
     """A ShmGroup for ctx's tp group when all its ranks share this machine (else None)."""
     from .shm import ShmGroup

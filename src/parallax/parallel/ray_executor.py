@@ -2,8 +2,8 @@
 
 One actor per rank, each in its own bundle of a Ray placement group, so a replica's
 ``tp * pp`` ranks can sit on several nodes of a Ray cluster. Same surface as ``WorkerPool``
-(``call``, ``close``, ``alive``, ``driver_rank``), so the engine reaches it through the same
-``PoolExecutor``. Design choices:
+(``call``, ``submit``, ``collect``, ``close``, ``alive``, ``driver_rank``), so the engine
+reaches it through the same ``PoolExecutor``. Design choices:
 
 * **Placement**: inside a Ray Serve replica the ranks take the replica's own placement group
   (bundle 0 is the replica, bundles 1..world the ranks; Serve owns and removes it). Anywhere
@@ -13,7 +13,8 @@ One actor per rank, each in its own bundle of a Ray placement group, so a replic
   node's IP (the OS picks a free port); the other ranks join through it; then
   ``torch.distributed`` as everywhere else (gloo on CPU, NCCL on GPU) via ``ParallelContext``.
 * **SPMD commands**: ``call(method, ...)`` runs ``engine.method(...)`` on every rank as one
-  Ray actor call each; only the driver rank returns its result.
+  Ray actor call each; only the driver rank returns its result. ``submit`` / ``collect``
+  keep several in flight (each actor runs them in order), as the pool's do.
 * **Failures**: a dead actor (``RayActorError``: killed, OOM, its node gone) or any
   unexpected error kills every rank (the others may be stuck in a collective) and raises
   ``WorkerError`` naming the rank and its node; later calls raise "closed because ...".
@@ -23,6 +24,7 @@ One actor per rank, each in its own bundle of a Ray placement group, so a replic
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -127,6 +129,7 @@ class RayExecutor:
                      log_to_driver=False)
         self._closed_reason: str | None = None
         self._lock = threading.Lock()
+        self._uncollected: collections.deque = collections.deque()   # (what, refs) submitted
         self._own_pg = None
         self.actors: list = []
         pg, offset = placement_group, 0
@@ -179,9 +182,31 @@ class RayExecutor:
         """Run ``engine.method(*args, **kwargs)`` on every rank; the driver rank's result."""
         with self._lock:
             self._check_open()
+            if self._uncollected:
+                raise RuntimeError(f"RayExecutor: {method}() while submitted commands are "
+                                   f"uncollected")
             results = self._gather([a.call.remote(method, args, kwargs) for a in self.actors],
                                    f"{method}()")
         return results[self.driver_rank]
+
+    def submit(self, method: str, *args: Any) -> None:
+        """Start ``engine.method(*args)`` on every rank without waiting for it. A Ray actor
+        runs one caller's calls in the order made, so several can be in flight (pipeline
+        stages work on different ones at once); ``collect`` returns their results, oldest
+        first. ``call`` refuses while any is uncollected."""
+        with self._lock:
+            self._check_open()
+            self._uncollected.append((f"{method}()", [a.call.remote(method, args, {})
+                                                      for a in self.actors]))
+
+    def collect(self) -> Any:
+        """The driver rank's result of the oldest ``submit``ted command (errors as ``call``)."""
+        with self._lock:
+            if not self._uncollected:
+                raise RuntimeError("RayExecutor.collect: no submitted command to collect")
+            what, refs = self._uncollected.popleft()
+            self._check_open()
+            return self._gather(refs, what)[self.driver_rank]
 
     def ping(self, timeout_s: float = 10.0) -> None:
         """Raise WorkerError (and shut down) if a rank's actor is dead or does not answer
