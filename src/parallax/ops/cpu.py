@@ -87,10 +87,15 @@ _SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "q8_0_f32.c", "q8_act.c"
 # variant -> (compiler flags, /proc/cpuinfo flags the code needs); best first. The x86
 # variants are separate builds of the same sources (csrc/cpu/isa.h picks the vector width
 # from these flags), so each is compiled and tested on any x86 machine that can run it.
+_AVX512 = (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+           {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"})
+_AVX2 = (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"})
 VARIANTS = {
-    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",
-                "-mf16c"], {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"}),
-    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+    # the VNNI variants: the same code but for the 8-bit dot products (csrc/cpu/q8_act.c)
+    "avx512vnni": (_AVX512[0] + ["-mavx512vnni"], _AVX512[1] | {"avx512_vnni"}),
+    "avx512": _AVX512,
+    "avxvnni": (_AVX2[0] + ["-mavxvnni"], _AVX2[1] | {"avx_vnni"}),   # GCC 11+, clang 12+
+    "avx2": _AVX2,
     "generic": ([], set()),
 }
 # -ffp-contract=fast: fused multiply-adds also under -std=c11 (GCC's ISO modes turn them off).
@@ -234,7 +239,22 @@ def kernels(variant: str | None = None) -> str | None:
     ``best_variant()``), or None where they cannot be built: the failure and the compiler's
     message are logged once and kept for ``kernel_report``. ``PARALLAX_KERNELS=reference``
     turns them off."""
-    variant = variant or _best()
+    if variant is None:
+        variant = _best()
+        if (_load(variant) is None and variant in _build_errors and compiler() is not None
+                and not os.environ.get("PARALLAX_CPU_ISA", "").strip()):
+            # e.g. a compiler too old for -mavxvnni: the next variant this CPU runs
+            ok = supported_variants()
+            for other in ok[ok.index(variant) + 1:]:
+                if _load(other) is not None:
+                    logger.warning("CPU kernels: using %s (%s did not build)", other, variant)
+                    _BEST[:] = [other]
+                    return _libs[other]
+        return _libs[variant]
+    return _load(variant)
+
+
+def _load(variant: str) -> str | None:
     if variant not in _libs:
         _libs[variant] = None
         if _mode() != "reference" and torch_ops() is not None:
