@@ -638,8 +638,16 @@ TILES(Q6_K)
 /* Rows of x per tile (x86: MM accumulators; generic: 4 x MM scalars). */
 #define RM 4
 
-/* Rows of x up to which the row kernels (where the format has them) take the matmul. */
+/* Rows of x up to which the row kernels (where the format has them) take the matmul:
+ * past them the tiles' reuse of each x load over 4 weight rows wins (the weight is read
+ * from cache several times per byte from memory); measured on an AVX-512 EPYC, 1 thread,
+ * weights in cache: 256-bit rows 10-15% slower than tile4 at 4 and 8 rows, 512-bit VNNI
+ * rows 0-25% faster at 8. */
+#ifdef ROW_512
 #define ROW_KERNEL_M 8
+#else
+#define ROW_KERNEL_M 2
+#endif
 
 #if defined(__AVX2__)
 #define ROWS_OR_NULL(F) ROWS_##F
