@@ -508,6 +508,28 @@ def test_forcing_a_variant_the_cpu_lacks_is_an_error(monkeypatch):
     assert cpu.best_variant() == "generic"
 
 
+def test_next_variant_loads_where_the_best_does_not_build(monkeypatch, caplog):
+    """A best variant whose build fails (say, a compiler too old for -mavxvnni) gives way to
+    the next one the CPU runs, with a warning, instead of turning every kernel off."""
+    monkeypatch.delenv("PARALLAX_CPU_ISA", raising=False)
+    real_build = cpu.build
+
+    def build(variant, *a, **k):
+        if variant == "newest":
+            raise ParallaxError("cc: error: unrecognized command-line option '-mnewest'")
+        return real_build(variant, *a, **k)
+
+    monkeypatch.setattr(cpu, "build", build)
+    monkeypatch.setattr(cpu, "supported_variants", lambda: ["newest", *HERE])
+    monkeypatch.setattr(cpu, "_BEST", ["newest"])
+    monkeypatch.setattr(cpu, "_libs", dict(cpu._libs))
+    monkeypatch.setattr(cpu, "_build_errors", {})
+    with caplog.at_level("WARNING", logger=cpu.logger.name):
+        assert cpu.kernels() == HERE[0]
+    assert cpu._BEST == [HERE[0]] and "-mnewest" in cpu.build_error("newest")
+    assert f"using {HERE[0]} (newest did not build)" in caplog.text
+
+
 def test_build_failure_keeps_the_compiler_message(tmp_path, monkeypatch):
     """A compiler that fails: kernels() is None, the message is kept for kernel_report and
     logged once, and the ops fall back to torch."""
