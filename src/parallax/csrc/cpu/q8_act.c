@@ -59,7 +59,10 @@ static void quantize_row(const float* x, int K, int8_t* q, float* d, int32_t* s)
     for (int b = 0; b < K / QK; b++) {
         const float* xb = x + (size_t)b * QK;
         float amax = 0.0f;
-        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        for (int i = 0; i < QK; i++) {   /* fmaxf's NaN rule, but vectorized (not a libm call) */
+            float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;
+        }
         float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int32_t sum = 0;
         for (int i = 0; i < QK; i++) {
