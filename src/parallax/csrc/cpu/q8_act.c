@@ -19,8 +19,13 @@
  *
  * K-quant sub-blocks are products of the same kind with the sub-block's scale (and min).
  *
- * Tiles: NN weight rows x MM rows of x, each weight block unpacked once per tile; blocks of
- * weight rows are split over OpenMP threads. K must be a multiple of 32 (K-quants: 256).
+ * With VNNI (avx512vnni, avxvnni builds) the byte dot products are one vpdpbusd.
+ *
+ * Decode (Q8_0, Q4_0, Q4_1; up to ROW_KERNEL_M rows of x): row kernels stream each thread's
+ * contiguous range of weight rows front to back (row_q; 512-bit row_q512 with AVX512-VNNI).
+ * Otherwise tiles: NN weight rows x MM rows of x, each weight block unpacked once per tile;
+ * blocks of weight rows are split over OpenMP threads. K must be a multiple of 32
+ * (K-quants: 256).
  */
 #include <math.h>
 #include <stddef.h>
