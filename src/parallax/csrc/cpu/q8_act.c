@@ -261,6 +261,25 @@ static inline __m128 halves4(const uint8_t* blk, int bb, int off) {
                                        0, 0, 0, 0));
 }
 
+/* Blocks [b, nb) of a weight row one at a time (the row kernels' last nb % 4 blocks, x in
+ * natural order) into acc[m] (lanes) and, Q4_1's m * dx * sum(qx), mtail[m]. */
+static inline __attribute__((always_inline)) void tail_blocks(int fmt, int MM, const qrow* xr,
+                                                              int b, int nb, const uint8_t* w,
+                                                              __m256* acc, float* mtail) {
+    int bb = BLOCK_BYTES[fmt];
+    for (; b < nb; b++) {
+        const uint8_t* blk = w + (size_t)b * bb;
+        wcodes wc = load_codes(fmt, blk);
+        float d = half_to_float(blk), mw = fmt == FMT_Q4_1 ? half_to_float(blk + 2) : 0.0f;
+        for (int m = 0; m < MM; m++) {
+            float dx = xr[m].d[b];
+            int32_t sx = xr[m].s[b];
+            acc[m] = block_fma(fmt, acc[m], wc, load_qx(xr[m].q + (size_t)b * QK), sx, d * dx);
+            if (fmt == FMT_Q4_1) mtail[m] += mw * (dx * (float)sx);
+        }
+    }
+}
+
 /* One weight row by MM quantized rows of x, for few rows of x (decode): the row is read
  * front to back, so each thread streams one contiguous range of weight rows (what the
  * hardware prefetcher follows best: ~2x tile4's GB/s on Q8_0 from DRAM; software prefetch
@@ -306,17 +325,7 @@ static inline __attribute__((always_inline, unused)) void row_q(int fmt, int MM,
                 mt[m] = _mm_fmadd_ps(m4, _mm_mul_ps(dx, _mm_cvtepi32_ps(sx)), mt[m]);
         }
     }
-    for (; b < nb; b++) {
-        const uint8_t* blk = w + (size_t)b * bb;
-        wcodes wc = load_codes(fmt, blk);
-        float d = half_to_float(blk), mw = fmt == FMT_Q4_1 ? half_to_float(blk + 2) : 0.0f;
-        for (int m = 0; m < MM; m++) {
-            float dx = xr[m].d[b];
-            int32_t sx = xr[m].s[b];
-            acc[m] = block_fma(fmt, acc[m], wc, load_qx(xr[m].q + (size_t)b * QK), sx, d * dx);
-            if (fmt == FMT_Q4_1) mtail[m] += mw * (dx * (float)sx);
-        }
-    }
+    tail_blocks(fmt, MM, xr, b, nb, w, acc, mtail);
     for (int m = 0; m < MM; m++)   /* every lane adds to the row's sum */
         out[m] = _mm256_add_ps(acc[m], _mm256_insertf128_ps(
             _mm256_setzero_ps(), _mm_add_ss(mt[m], _mm_set_ss(mtail[m])), 0));
@@ -403,17 +412,7 @@ static inline __attribute__((always_inline)) void row_q512(int fmt, int MM, cons
     /* the last nb % 4 blocks: as row_q (x in natural order) */
     __m256 acct[4];
     for (int m = 0; m < MM; m++) acct[m] = _mm256_setzero_ps();
-    for (; b < nb; b++) {
-        const uint8_t* blk = w + (size_t)b * bb;
-        wcodes wc = load_codes(fmt, blk);
-        float d = half_to_float(blk), mw = fmt == FMT_Q4_1 ? half_to_float(blk + 2) : 0.0f;
-        for (int m = 0; m < MM; m++) {
-            float dx = xr[m].d[b];
-            int32_t sx = xr[m].s[b];
-            acct[m] = block_fma(fmt, acct[m], wc, load_qx(xr[m].q + (size_t)b * QK), sx, d * dx);
-            if (fmt == FMT_Q4_1) tail[m] += mw * (dx * (float)sx);
-        }
-    }
+    tail_blocks(fmt, MM, xr, b, nb, w, acct, tail);
     __m128 xf = _mm_set1_ps(fmt == FMT_Q8_0 ? -128.0f : fmt == FMT_Q4_0 ? -8.0f : 1.0f);
     for (int m = 0; m < MM; m++) {   /* every lane adds to the row's sum */
         __m512 a = _mm512_add_ps(acc[m], acc2[m]);
@@ -666,6 +665,20 @@ TILES(Q6_K)
 typedef void (*row_fn)(const qrow*, int, const uint8_t*, size_t, int, float*, int);
 #endif
 
+/* xr[i] = quantized row m0 + i of x (codes q and qn, K per row; scales d and sums s, K / 32
+ * per row), for up to RM rows; returns how many. */
+static inline int x_rows(qrow* xr, int m0, int M, int K, const int8_t* q, const float* d,
+                         const int32_t* s, const int8_t* qn) {
+    int rows = M - m0 < RM ? M - m0 : RM, nb = K / QK;
+    for (int i = 0; i < rows; i++) {
+        xr[i].q = q + (size_t)(m0 + i) * K;
+        xr[i].d = d + (size_t)(m0 + i) * nb;
+        xr[i].s = s + (size_t)(m0 + i) * nb;
+        xr[i].qn = qn + (size_t)(m0 + i) * K;
+    }
+    return rows;
+}
+
 static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kernels,
                      const float* x, const uint8_t* w, float* y, int M, int N, int K,
                      int num_threads) {
@@ -697,14 +710,8 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kerne
         #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (int n = 0; n < N; n += 8)
             for (int m0 = 0; m0 < M; m0 += RM) {
-                int rows = M - m0 < RM ? M - m0 : RM;
                 qrow xr[4];
-                for (int i = 0; i < rows; i++) {
-                    xr[i].q = q + (size_t)(m0 + i) * K;
-                    xr[i].d = d + (size_t)(m0 + i) * nb;
-                    xr[i].s = s + (size_t)(m0 + i) * nb;
-                    xr[i].qn = qn + (size_t)(m0 + i) * K;
-                }
+                int rows = x_rows(xr, m0, M, K, q, d, s, qn);
                 row_kernels[rows - 1](xr, nb, w + (size_t)n * row_bytes, row_bytes,
                                       N - n < 8 ? N - n : 8, y + (size_t)m0 * N + n, N);
             }
@@ -717,13 +724,8 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kerne
     for (int blk = 0; blk < blocks; blk++) {
         int n0 = blk * 4;
         for (int m0 = 0; m0 < M; m0 += RM) {
-            int rows = M - m0 < RM ? M - m0 : RM;
             qrow xr[4];
-            for (int i = 0; i < rows; i++) {
-                xr[i].q = q + (size_t)(m0 + i) * K;
-                xr[i].d = d + (size_t)(m0 + i) * nb;
-                xr[i].s = s + (size_t)(m0 + i) * nb;
-            }
+            int rows = x_rows(xr, m0, M, K, q, d, s, q);
             if (n0 + 4 <= N)
                 tiles[0][rows - 1](xr, nb, w + (size_t)n0 * row_bytes, row_bytes,
                                    y + (size_t)m0 * N + n0, N);
