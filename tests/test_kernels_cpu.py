@@ -508,6 +508,28 @@ def test_forcing_a_variant_the_cpu_lacks_is_an_error(monkeypatch):
     assert cpu.best_variant() == "generic"
 
 
+def test_next_variant_loads_where_the_best_does_not_build(monkeypatch, caplog):
+    """A best variant whose build fails (say, a compiler too old for -mavxvnni) gives way to
+    the next one the CPU runs, with a warning, instead of turning every kernel off."""
+    monkeypatch.delenv("PARALLAX_CPU_ISA", raising=False)
+    real_build = cpu.build
+
+    def build(variant, *a, **k):
+        if variant == "newest":
+            raise ParallaxError("cc: error: unrecognized command-line option '-mnewest'")
+        return real_build(variant, *a, **k)
+
+    monkeypatch.setattr(cpu, "build", build)
+    monkeypatch.setattr(cpu, "supported_variants", lambda: ["newest", *HERE])
+    monkeypatch.setattr(cpu, "_BEST", ["newest"])
+    monkeypatch.setattr(cpu, "_libs", dict(cpu._libs))
+    monkeypatch.setattr(cpu, "_build_errors", {})
+    with caplog.at_level("WARNING", logger=cpu.logger.name):
+        assert cpu.kernels() == HERE[0]
+    assert cpu._BEST == [HERE[0]] and "-mnewest" in cpu.build_error("newest")
+    assert f"using {HERE[0]} (newest did not build)" in caplog.text
+
+
 def test_build_failure_keeps_the_compiler_message(tmp_path, monkeypatch):
     """A compiler that fails: kernels() is None, the message is kept for kernel_report and
     logged once, and the ops fall back to torch."""
@@ -540,7 +562,7 @@ def test_packed_matmul_takes_the_faster_path_once_per_shape_and_bucket(monkeypat
     monkeypatch.setattr(cpu, "_choices", {})
     timed = []
 
-    def fake_time(kernel, torch_path, rows, k):
+    def fake_time(kernel, torch_path, rows, k, weights=()):
         timed.append(rows)
         return {"kernel_us": 10.0, "torch_us": 5.0 if rows == 8 else 20.0,
                 "path": "torch" if rows == 8 else "kernel"}
@@ -569,6 +591,41 @@ def test_measured_choice_times_both_paths():
     won = (c["torch_us"] < cpu.TORCH_MARGIN * c["kernel_us"]
            and c["torch_won_rounds"] > c["rounds"] / 2)
     assert c["path"] == ("torch" if won else "kernel")
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_decode_choices_are_timed_on_weights_not_in_cache(rows, monkeypatch):
+    """A decode step reads each weight from memory once, so up to COLD_ROWS rows both paths
+    are timed round-robin over copies of the weight that together overflow the last-level
+    cache 1.5 times (here made 1 MiB), each copy equal to the weight (and alive: distinct
+    addresses); prefill row counts,
+    bound by arithmetic, are timed on the weight itself."""
+    monkeypatch.setattr(cpu, "last_level_cache_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(cpu, "COLD_SWEEP_S", 60.0)      # no time cap on the copies here
+    packed = cpu.pack(torch.randn(64, 256))             # 64 KiB: 24 copies make 1.5 MiB
+    seen = {"kernel": {}, "torch": {}}
+
+    def runner(name, fn):
+        def run(x, p):
+            seen[name][p.data_ptr()] = torch.equal(p, packed)
+            return fn(x, p)
+        return run
+
+    c = cpu._time_paths(runner("kernel", cpu.linear_packed),
+                        runner("torch", ref.linear_packed), rows, 256, (packed,))
+    want = 24 if rows <= cpu.COLD_ROWS else 1
+    for name in seen:
+        assert len(seen[name]) == want and all(seen[name].values())
+        assert packed.data_ptr() in seen[name]
+    assert c["copies"] == want and c["kernel_us"] > 0 and c["torch_us"] > 0
+
+
+def test_cold_copies_stop_at_the_sweep_budget(monkeypatch):
+    """Slow calls get fewer copies, so that one round stays within COLD_SWEEP_S."""
+    monkeypatch.setattr(cpu, "last_level_cache_bytes", lambda: 1 << 30)
+    w = (torch.zeros(16),)
+    assert len(cpu._cold_copies(w, cpu.COLD_SWEEP_S / 5)) == 5
+    assert len(cpu._cold_copies(w, 1.0)) == 1
 
 
 def test_choice_needs_torch_to_win_most_rounds(monkeypatch):

@@ -59,7 +59,7 @@ def test_block_kernel_matches_twin(isa, m, n, k, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("isa", VARIANTS)
-@pytest.mark.parametrize("m,n,k", SHAPES + [(4, 9, 1536)])
+@pytest.mark.parametrize("m,n,k", SHAPES + [(4, 9, 1536), (8, 19, 576), (6, 8, 224)])
 def test_q8_kernel_matches_twin(isa, m, n, k, fmt):
     """csrc/cpu/q8_act.c (x rounded to 8-bit blocks, integer dot products) against
     reference.{fmt}_linear_q8 (the same rounded x, dequantised, times the dequantised

@@ -101,7 +101,7 @@ def kernel_report() -> dict:
     """What runs each hot-path op on this machine, for ``parallax info`` and the logs.
 
     Keys: ``device`` ("cuda" when torch sees a GPU, else "cpu"); ``backend``, the kernels
-    in use on that device ("cuda", "cpu-avx512", "cpu-avx2", "cpu-generic" or "torch");
+    in use on that device ("cuda", "cpu-<variant>": "cpu-avx512vnni", "cpu-avx2", ..., or "torch");
     ``isa``, the best CPU variant this CPU runs; ``variant``, the CPU variant loaded (None
     when none is); ``compiler``; ``build_error``, the compiler's message when the CPU
     kernels did not build; ``cuda_error``; ``ops``, op name -> implementation on ``device``

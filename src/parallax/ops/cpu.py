@@ -87,10 +87,15 @@ _SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "q8_0_f32.c", "q8_act.c"
 # variant -> (compiler flags, /proc/cpuinfo flags the code needs); best first. The x86
 # variants are separate builds of the same sources (csrc/cpu/isa.h picks the vector width
 # from these flags), so each is compiled and tested on any x86 machine that can run it.
+_AVX512 = (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+           {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"})
+_AVX2 = (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"})
 VARIANTS = {
-    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma",
-                "-mf16c"], {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"}),
-    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+    # the VNNI variants: the same code but for the 8-bit dot products (csrc/cpu/q8_act.c)
+    "avx512vnni": (_AVX512[0] + ["-mavx512vnni"], _AVX512[1] | {"avx512_vnni"}),
+    "avx512": _AVX512,
+    "avxvnni": (_AVX2[0] + ["-mavxvnni"], _AVX2[1] | {"avx_vnni"}),   # GCC 11+, clang 12+
+    "avx2": _AVX2,
     "generic": ([], set()),
 }
 # -ffp-contract=fast: fused multiply-adds also under -std=c11 (GCC's ISO modes turn them off).
@@ -234,7 +239,22 @@ def kernels(variant: str | None = None) -> str | None:
     ``best_variant()``), or None where they cannot be built: the failure and the compiler's
     message are logged once and kept for ``kernel_report``. ``PARALLAX_KERNELS=reference``
     turns them off."""
-    variant = variant or _best()
+    if variant is None:
+        variant = _best()
+        if (_load(variant) is None and variant in _build_errors and compiler() is not None
+                and not os.environ.get("PARALLAX_CPU_ISA", "").strip()):
+            # e.g. a compiler too old for -mavxvnni: the next variant this CPU runs
+            ok = supported_variants()
+            for other in ok[ok.index(variant) + 1:]:
+                if _load(other) is not None:
+                    logger.warning("CPU kernels: using %s (%s did not build)", other, variant)
+                    _BEST[:] = [other]
+                    return _libs[other]
+        return _libs[variant]
+    return _load(variant)
+
+
+def _load(variant: str) -> str | None:
     if variant not in _libs:
         _libs[variant] = None
         if _mode() != "reference" and torch_ops() is not None:
@@ -307,8 +327,7 @@ def linear_packed_auto(x: torch.Tensor, packed: torch.Tensor,
 def matmul_path(rows: int, packed: torch.Tensor) -> str:
     """``choose`` for the packed fp32 matmul of ``rows`` rows by this weight."""
     p, k, _ = packed.shape
-    return choose("f32", p * PANEL, k, rows, lambda x: linear_packed(x, packed),
-                  lambda x: _ref.linear_packed(x, packed))
+    return choose("f32", p * PANEL, k, rows, linear_packed, _ref.linear_packed, (packed,))
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -323,8 +342,8 @@ def int8_linear_auto(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     """int8_linear by the C kernel or the reference (dequantise, then F.linear), whichever
     measured faster for this shape and row count (``choose``)."""
     n, k = qweight.shape
-    path = choose("int8", n, k, x.numel() // k, lambda a: int8_linear(a, qweight, scales),
-                  lambda a: _ref.int8_linear(a, qweight, scales))
+    path = choose("int8", n, k, x.numel() // k, int8_linear, _ref.int8_linear,
+                  (qweight, scales))
     if path == "kernel":
         return int8_linear(x, qweight, scales, bias)
     return _ref.int8_linear(x, qweight, scales, bias)
@@ -429,17 +448,16 @@ def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     n, k = qweight.shape[0], x.shape[-1]
     if block_activations() == "q8":
         path = choose(_Q8_NAMES[kind], n, k, x.numel() // k,
-                      lambda a: block_linear_q8(kind, a, qweight),
-                      lambda a: block_linear_dequant(kind, a, qweight, q8=True))
+                      functools.partial(block_linear_q8, kind),
+                      functools.partial(block_linear_dequant, kind, q8=True), (qweight,))
         if path == "kernel":
             return block_linear_q8(kind, x, qweight, bias)
         return block_linear_dequant(kind, x, qweight, bias, q8=True)
     if kind in F32_KERNELS:
-        kernel = functools.partial(_block_linear, kind, qweight=qweight, isa=None)
-        dequant = functools.partial(block_linear_dequant, kind, qweight=qweight)
-        if choose(kind, n, k, x.numel() // k, kernel, dequant) == "kernel":
-            return kernel(x, bias=bias)
-        return dequant(x, bias=bias)
+        if choose(kind, n, k, x.numel() // k, functools.partial(_block_linear, kind),
+                  functools.partial(block_linear_dequant, kind), (qweight,)) == "kernel":
+            return _block_linear(kind, x, qweight, bias)
+        return block_linear_dequant(kind, x, qweight, bias)
     return block_linear_dequant(kind, x, qweight, bias)
 
 
@@ -467,12 +485,14 @@ def row_bucket(rows: int) -> tuple[int | None, int]:
 _BUCKET_OF = {r: row_bucket(r) for r in range(1, 257)}   # the per-call lookup, precomputed
 
 
-def choose(kind: str, n: int, k: int, rows: int, kernel, torch_path) -> str:
-    """"kernel" or "torch" for a ``kind`` ("f32", "int8", "q8_0", "q4_0", "q8_0*q8": Q8_0
-    weights by 8-bit activations, ...) matmul of ``rows`` rows by an
-    (n, k) weight: both are timed once per (kind, n, k, row bucket, threads) on this machine
-    (``kernel(x)``, ``torch_path(x)`` on random x), the choice cached, logged and listed by
-    ``matmul_choices``. ``PARALLAX_CPU_MATMUL=kernel|torch`` fixes it instead."""
+def choose(kind: str, n: int, k: int, rows: int, kernel, torch_path, weights: tuple = ()) -> str:
+    """"kernel" or "torch" for a ``kind`` ("f32", "int8", "q8_0", "q8_0*q8": Q8_0
+    weights by 8-bit activations, ...) matmul of ``rows`` rows by an (n, k) weight held
+    in the tensors ``weights``: both paths are timed once per (kind, n, k, row bucket,
+    threads) on this machine (``kernel(x, *weights)``, ``torch_path(x, *weights)`` on random
+    x; decode buckets on weights not in cache, as a decode step reads them: ``_time_paths``),
+    the choice cached, logged and listed by ``matmul_choices``.
+    ``PARALLAX_CPU_MATMUL=kernel|torch`` fixes it instead."""
     forced = os.environ.get("PARALLAX_CPU_MATMUL")
     if forced and forced.strip().lower() in ("kernel", "torch"):
         return forced.strip().lower()
@@ -480,37 +500,83 @@ def choose(kind: str, n: int, k: int, rows: int, kernel, torch_path) -> str:
     key = (kind, n, k, hi, torch.get_num_threads())
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _time_paths(kernel, torch_path, timed, k)
-        logger.info("CPU %s matmul %d x %d, rows <= %s: kernel %.0f us, torch %.0f us -> %s",
-                    kind, n, k, hi if hi is not None else "any", choice["kernel_us"],
-                    choice["torch_us"], choice["path"])
+        choice = _choices[key] = _time_paths(kernel, torch_path, timed, k, weights)
+        logger.info("CPU %s matmul %d x %d, rows <= %s: kernel %.0f us, torch %.0f us -> %s "
+                    "(%d weight copies)", kind, n, k, hi if hi is not None else "any",
+                    choice["kernel_us"], choice["torch_us"], choice["path"],
+                    choice.get("copies", 1))
     return choice["path"]
 
 
-def _time_paths(kernel, torch_path, rows: int, k: int) -> dict:
+COLD_ROWS = 16            # row buckets up to this are decode steps: timed with cold weights
+COLD_SWEEP_S = 0.008      # at most this long per path per round over the weight copies
+
+
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache in bytes (sysfs; 32 MiB where unknown)."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KM")) * scale)
+        except (OSError, ValueError):
+            pass
+    return max(sizes, default=32 << 20)
+
+
+def _cold_copies(weights: tuple, seconds_per_call: float) -> list[tuple]:
+    """``weights`` and enough copies of them to overflow the last-level cache 1.5 times
+    (so that each call in a round-robin reads its weight from memory, as each matmul of a
+    decode step does), fewer where one sweep would exceed COLD_SWEEP_S."""
+    nbytes = sum(t.numel() * t.element_size() for t in weights)
+    if nbytes == 0:
+        return [weights]
+    want = -(-int(1.5 * last_level_cache_bytes()) // nbytes)
+    count = max(1, min(want, int(COLD_SWEEP_S / max(seconds_per_call, 1e-7))))
+    return [weights] + [tuple(t.clone() for t in weights) for _ in range(count - 1)]
+
+
+def _time_paths(kernel, torch_path, rows: int, k: int, weights: tuple = ()) -> dict:
     """Time both paths on random (rows, k) input in interleaved rounds (5 at least, up to
-    11 within ~0.3 s). torch is chosen only when it wins both ways: its fastest run beats the
-    kernel's fastest by TORCH_MARGIN, and it wins that margin in most rounds. Load from other
-    processes only ever adds time, and on a shared machine it can hit either side of a
-    round; requiring both keeps one unlucky run from flipping the choice for good."""
+    11 within ~0.3 s; 3 to 11 within ~0.1 s for decode row counts). Up to COLD_ROWS rows
+    a matmul streams its weight from memory, so each round calls each path once per copy
+    of ``weights`` (``_cold_copies``) and takes the mean: timed on one weight, both paths
+    would read it from cache, several times faster than a decode step ever sees it. torch
+    is chosen only when it wins both ways: its fastest round beats the kernel's fastest by
+    TORCH_MARGIN, and it wins that margin in most rounds. Load from other processes only
+    ever adds time, and on a shared machine it can hit either side of a round; requiring
+    both keeps one unlucky run from flipping the choice for good."""
     x = torch.randn(rows, k)
     paths = {"kernel": kernel, "torch": torch_path}
-    times: dict[str, list[float]] = {name: [] for name in paths}
     for fn in paths.values():   # warm up: first touches, MKL's buffers
-        fn(x)
-    t_end = time.perf_counter() + 0.3
+        fn(x, *weights)
+    sets = [weights]
+    if weights and rows <= COLD_ROWS:
+        slowest = 0.0
+        for fn in paths.values():
+            t0 = time.perf_counter()
+            fn(x, *weights)
+            slowest = max(slowest, time.perf_counter() - t0)
+        sets = _cold_copies(weights, slowest)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    first, budget = (3, 0.1) if len(sets) > 1 else (5, 0.3)
+    t_end = time.perf_counter() + budget
     for rep in range(11):
         for name, fn in paths.items():
             t0 = time.perf_counter()
-            fn(x)
-            times[name].append(time.perf_counter() - t0)
-        if rep >= 4 and time.perf_counter() > t_end:
+            for w in sets:
+                fn(x, *w)
+            times[name].append((time.perf_counter() - t0) / len(sets))
+        if rep >= first - 1 and time.perf_counter() > t_end:
             break
     kernel_us, torch_us = (min(times[n]) * 1e6 for n in ("kernel", "torch"))
     wins = sum(t < TORCH_MARGIN * kt for t, kt in zip(times["torch"], times["kernel"]))
     torch_wins = torch_us < TORCH_MARGIN * kernel_us and wins > len(times["torch"]) / 2
     return {"kernel_us": kernel_us, "torch_us": torch_us, "rounds": len(times["torch"]),
-            "torch_won_rounds": wins, "path": "torch" if torch_wins else "kernel"}
+            "torch_won_rounds": wins, "copies": len(sets),
+            "path": "torch" if torch_wins else "kernel"}
 
 
 def matmul_choices() -> list[dict]:

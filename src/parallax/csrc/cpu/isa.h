@@ -1,10 +1,13 @@
 /* The vector type of one build of the CPU kernels, from the compiler's target flags.
  *
  * ops/cpu.py compiles every C file of csrc/cpu once per variant, e.g.
+ *   avx512vnni  avx512's flags and -mavx512vnni                                  (16 lanes)
  *   avx512   -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx2 -mfma -mf16c   (16 lanes)
+ *   avxvnni  avx2's flags and -mavxvnni (256-bit vpdpbusd, VEX)                  (8 lanes)
  *   avx2     -mavx2 -mfma -mf16c                                              (8 lanes)
  *   generic  no target flags: SSE2 on x86-64, NEON on arm64                   (4 lanes)
- * and loads the variant the CPU supports; tests load each one the CPU can run. Only GCC
+ * and loads the variant the CPU supports; tests load each one the CPU can run. The VNNI
+ * variants differ only in csrc/cpu/q8_act.c (the 8-bit dot products). Only GCC
  * vector extensions that GCC 9 and clang both accept are used here: element-wise arithmetic,
  * scalar-vector arithmetic (`v * s` broadcasts s; `0 + s` would cost an add, as 0 + -0 is +0),
  * subscripts, memcpy loads (no __builtin_shufflevector, GCC 12), and a few immintrin.h
@@ -17,10 +20,18 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define PARALLAX_VW 16
+#if defined(__AVX512VNNI__)
+#define PARALLAX_ISA "avx512vnni"
+#else
 #define PARALLAX_ISA "avx512"
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #define PARALLAX_VW 8
+#if defined(__AVXVNNI__)
+#define PARALLAX_ISA "avxvnni"
+#else
 #define PARALLAX_ISA "avx2"
+#endif
 #else
 #define PARALLAX_VW 4
 #define PARALLAX_ISA "generic"
