@@ -119,18 +119,45 @@ AGREE_PROMPTS = ["The three primary colors are",
                  "The capital of France is",
                  "Once upon a time, in a small village,"]
 RSS_RUN = r"""
-import json, sys, torch, parallax
-def rss():
+import json, os, sys, torch, parallax
+from parallax.models import loader
+def status(key):
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
-path, threads, n, kv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+def mapped(path):      # (resident bytes, address ranges) of this process's maps of path
+    rss, ranges, mine = 0, [], False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:
+                mine = line.rstrip().endswith(path)
+                if mine:
+                    ranges.append(tuple(int(x, 16) for x in head[0].split("-")))
+            elif mine and head[0] == "Rss:":
+                rss += int(head[1]) * 1024
+    return rss, ranges
+path, threads, n, kv = os.path.realpath(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
-base = rss()
+out = {"import_rss_bytes": status("VmRSS")}
+load_weights = loader.load_weights
+def marked(*a, **k):   # everything but the weights is there: torch, tokenizer, meta model
+    out["runtime_rss_bytes"] = status("VmRSS")
+    load_weights(*a, **k)
+    out["loaded_rss_bytes"] = status("VmRSS")
+loader.load_weights = marked
 with parallax.LLM(path, dtype="float32", kv_cache_tokens=kv) as llm:
     llm.generate(["The three primary colors are"], max_new_tokens=n, ignore_eos=True, chat=False)
     m = llm.memory()[0]
-print(json.dumps({"runtime_rss_bytes": base, "peak_rss_bytes": m["peak_rss_bytes"],
-                  "kv_cache_bytes": m["kv_cache_bytes"], "weight_bytes": m["weight_bytes"]}))
+    file_rss, ranges = mapped(path)
+    model = llm._runner.model
+    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
+    own = sum(t.numel() * t.element_size() for p, t in tensors.items()
+              if not any(lo <= p < hi for lo, hi in ranges))
+    out["end_rss_bytes"] = status("VmRSS")
+out.update(peak_rss_bytes=m["peak_rss_bytes"], kv_cache_bytes=m["kv_cache_bytes"],
+           weight_bytes=m["weight_bytes"], weights_file_rss_bytes=file_rss,
+           weights_own_bytes=own)
+print(json.dumps(out))
 """
 
 
@@ -192,9 +219,12 @@ def gguf_files(llama: LlamaCpp, src: str, cache: str, formats: list[str]) -> dic
 
 
 def peak_rss(path: str, threads: int, tokens: int, kv_tokens: int) -> dict:
-    """parallax alone in a fresh process: RSS after importing torch and parallax (the
-    runtime), peak RSS after loading ``path`` and generating ``tokens`` tokens with a
-    ``kv_tokens`` KV cache, the KV cache's and the weights' bytes."""
+    """parallax alone in a fresh process, load + generate ``tokens`` tokens with a
+    ``kv_tokens`` KV cache: RSS after importing torch and parallax, RSS when the first
+    weight is read (the runtime: also the tokenizer, the metadata and the model on the meta
+    device), peak RSS (VmHWM), the KV cache's bytes, and the weights' resident bytes: the
+    file's pages mapped in (block weights are views of the file) and the tensors in own
+    memory (fused, reordered or converted ones)."""
     r = subprocess.run([sys.executable, "-c", RSS_RUN, path, str(threads), str(tokens),
                         str(kv_tokens)], capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
@@ -317,16 +347,7 @@ def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: di
                                          f"transformers {v['transformers']:.1f}"
                                          for fmt, v in loads.items()))
     if rss:
-        print(f"\nparallax peak RSS, fresh process, load + {a.rss_tokens}-token generate, "
-              f"KV cache of {a.rss_kv_tokens} tokens (MiB):\n")
-        print("| format | file | peak RSS | runtime (RSS before load) | KV cache | weights "
-              "| (peak - runtime - KV) / file |\n|---|---:|---:|---:|---:|---:|---:|")
-        for fmt, m in rss.items():
-            size = os.path.getsize(files[fmt])
-            rest = m["peak_rss_bytes"] - m["runtime_rss_bytes"] - m["kv_cache_bytes"]
-            print(f"| {fmt} | {size / 2**20:.0f} | {m['peak_rss_bytes'] / 2**20:.0f} | "
-                  f"{m['runtime_rss_bytes'] / 2**20:.0f} | {m['kv_cache_bytes'] / 2**20:.0f} | "
-                  f"{m['weight_bytes'] / 2**20:.0f} | {rest / size:.2f}x |")
+        print_rss(a, rss, files)
     if agree:
         print(f"\ngreedy agreement at {a.agree_format}, {a.agree_tokens} tokens "
               "(parallax against llama.cpp and against transformers on the same file):")
@@ -352,6 +373,28 @@ def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: di
                 frac = b1["parallax_tok_s"] * ms / 1e3
                 line += f"; parallax ({b1['format']}) reaches {frac:.0%} of it"
             print(line)
+
+
+def print_rss(a, rss: dict, files: dict) -> None:
+    """The peak RSS table: peak against file + KV cache + runtime, and where it goes."""
+    mib = 2 ** 20
+    print(f"\nparallax peak RSS, fresh process, load + {a.rss_tokens}-token generate, "
+          f"KV cache of {a.rss_kv_tokens} tokens (MiB). Runtime: RSS when the first weight is "
+          "read (torch, parallax, tokenizer, metadata; after import alone in brackets). "
+          "Weights: the file's pages mapped in + tensors in own memory. Rest: peak - runtime "
+          "- KV - weights (activations, matmul-choice timing buffers, allocator slack).\n")
+    print("| format | file | peak RSS | runtime | KV cache | weights (file pages + own) | rest "
+          "| (peak - runtime - KV) / file | weights / file |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for fmt, m in rss.items():
+        size = os.path.getsize(files[fmt])
+        weights = m["weights_file_rss_bytes"] + m["weights_own_bytes"]
+        over = m["peak_rss_bytes"] - m["runtime_rss_bytes"] - m["kv_cache_bytes"]
+        print(f"| {fmt} | {size / mib:.0f} | {m['peak_rss_bytes'] / mib:.0f} | "
+              f"{m['runtime_rss_bytes'] / mib:.0f} ({m['import_rss_bytes'] / mib:.0f}) | "
+              f"{m['kv_cache_bytes'] / mib:.0f} | {weights / mib:.0f} "
+              f"({m['weights_file_rss_bytes'] / mib:.0f} + {m['weights_own_bytes'] / mib:.0f}) | "
+              f"{(over - weights) / mib:.0f} | {over / size:.2f}x | {weights / size:.2f}x |")
 
 
 def print_matmul_choices() -> None:
@@ -441,7 +484,7 @@ def main() -> None:
     if llama is not None:
         llama.close()
     rss = {}
-    if llama is not None and not a.no_rss:
+    if not a.no_rss:
         for fmt, path in files.items():
             log.info("peak RSS of parallax on %s", fmt)
             rss[fmt] = peak_rss(path, a.threads, a.rss_tokens, a.rss_kv_tokens)
