@@ -1,4 +1,4 @@
-"""parallax vs HF transformers generate() on SmolLM2-135M, side by side in one process.
+"""parallax vs HF transformers generate() on SmolLM2-135M, side by side in one run.
 
     python benchmarks/bench_generate.py [--threads 2] [--max-new-tokens 64] [--repeats 3]
                                         [--batches 1,8] [--json out.json]
@@ -9,7 +9,10 @@ Fairness: both load the same GGUF file (HF with ``gguf_file=``, dequantized to f
 fp32 on the same torch thread count, greedy, the same prompt, and generate exactly
 ``--max-new-tokens`` tokens (parallax ``ignore_eos=True``, HF ``min_new_tokens`` =
 ``max_new_tokens``). Runs are interleaved (parallax, HF, parallax, HF, ...) and medians are
-reported, so drift on the machine hits both alike.
+reported, so drift on the machine hits both alike. HF runs in a process of its own
+(hf_driver.py), as llama.cpp does: two engines' OpenMP teams in one process make libgomp
+sleep between parallel regions instead of spinning, which cost parallax ~25% at batch 1
+(F32 29 tok/s here against 39 in bench_step.py, where it is alone).
 
 Decode speed excludes prefill: (time of 1 + N tokens - time of 1 token) / N steps, times the
 batch. parallax's own per-sequence decode timer (``Completion.tokens_per_s``) is shown too.
@@ -171,26 +174,29 @@ def machine_isa() -> str:
         return "unknown"
 
 
-class LlamaCpp:
-    """llamacpp_driver.py under ``python`` (llama-cpp-python's own environment): one JSON
-    request and one JSON answer per line. llama.cpp's log goes to ``log_path``."""
+class Driver:
+    """An engine in a process of its own: ``script`` (llamacpp_driver.py, hf_driver.py)
+    under ``python``, one JSON request and one JSON answer per line; its stderr goes to
+    ``log_path``. Each engine's process then holds one OpenMP team, as it would alone
+    (hf_driver.py says why that matters)."""
 
-    def __init__(self, python: str, log_path: str) -> None:
-        driver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llamacpp_driver.py")
+    def __init__(self, python: str, script: str, log_path: str) -> None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.name = script
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([python, driver], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, os.path.join(here, script)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, text=True)
 
     def call(self, cmd: str, **kw) -> dict:
         self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
-        ans = json.loads(line) if line else {"error": "the llama.cpp driver exited"}
+        ans = json.loads(line) if line else {"error": f"{self.name} exited"}
         if "error" in ans:
             with open(self.log_path) as f:
                 tail = f.read()[-3000:]
-            raise SystemExit(f"llama.cpp: {cmd}: {ans['error']}\n(log {self.log_path}):\n{tail}")
+            raise SystemExit(f"{self.name}: {cmd}: {ans['error']}\n(log {self.log_path}):\n{tail}")
         return ans
 
     def close(self) -> None:
@@ -202,7 +208,7 @@ class LlamaCpp:
         self._log.close()
 
 
-def gguf_files(llama: LlamaCpp, src: str, cache: str, formats: list[str]) -> dict[str, str]:
+def gguf_files(llama: Driver, src: str, cache: str, formats: list[str]) -> dict[str, str]:
     """format -> the shipped file converted by llama.cpp's llama_model_quantize (made once,
     kept in ``cache``)."""
     os.makedirs(cache, exist_ok=True)
@@ -239,7 +245,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def agreement(llm, hf, llama: LlamaCpp, n: int) -> list[dict]:
+def agreement(llm, hf: Driver, llama: Driver, n: int) -> list[dict]:
     """Greedy ``n`` tokens of each AGREE_PROMPTS (same token ids, no chat template) by
     parallax, llama.cpp and HF; where parallax's differ, the first differing position."""
     res = []
@@ -247,23 +253,18 @@ def agreement(llm, hf, llama: LlamaCpp, n: int) -> list[dict]:
         ids = llm.tokenizer.encode(prompt)
         px = list(llm.generate([ids], max_new_tokens=n, ignore_eos=True, chat=False)[0].token_ids)
         lc = llama.call("generate", ids=ids, n=n, batch=1)["tokens"][0]
-        with torch.inference_mode():
-            x = torch.tensor([ids])
-            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                              min_new_tokens=n, do_sample=False, pad_token_id=0)
-        res.append({"prompt": prompt, "parallax": px, "llama_cpp": lc,
-                    "hf": out[0, len(ids):].tolist(),
+        ht = hf.call("generate", ids=ids, n=n, batch=1)["tokens"][0]
+        res.append({"prompt": prompt, "parallax": px, "llama_cpp": lc, "hf": ht,
                     "llama_cpp_differs_at": first_difference(px, lc),
-                    "hf_differs_at": first_difference(px, out[0, len(ids):].tolist())})
+                    "hf_differs_at": first_difference(px, ht)})
     return res
 
 
-def bench_batch(batch: int, ids: list[int], llm, hf, llama: LlamaCpp | None, a) -> dict:
+def bench_batch(batch: int, ids: list[int], llm, hf: Driver, llama: Driver | None,
+                a) -> dict:
     """Interleaved decode rates of parallax, HF (and llama.cpp) for ``batch`` copies of
     the prompt; medians over ``a.repeats`` rounds."""
     prompts = [ids] * batch
-    x = torch.tensor(prompts)
-    mask = torch.ones_like(x)
     own: list[float] = []
 
     def run_px(n: int) -> None:
@@ -272,20 +273,16 @@ def bench_batch(batch: int, ids: list[int], llm, hf, llama: LlamaCpp | None, a) 
         if n > 1:
             own.append(sum(o.tokens_per_s for o in outs))
 
-    def run_hf(n: int) -> None:
-        with torch.inference_mode():
-            out = hf.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
-        assert out.shape[1] == x.shape[1] + n
+    def in_driver(engine: Driver):
+        def run(n: int) -> float:
+            ans = engine.call("generate", ids=ids, n=n, batch=batch)
+            assert len(ans["tokens"]) == batch and all(len(t) == n for t in ans["tokens"])
+            return ans["cpu_s"]
+        return run
 
-    def run_lc(n: int) -> float:
-        ans = llama.call("generate", ids=ids, n=n, batch=batch)
-        assert len(ans["tokens"]) == batch and all(len(t) == n for t in ans["tokens"])
-        return ans["cpu_s"]
-
-    runs = {"parallax": run_px, "transformers": run_hf}
+    runs = {"parallax": run_px, "transformers": in_driver(hf)}
     if llama is not None:
-        runs["llama.cpp"] = run_lc
+        runs["llama.cpp"] = in_driver(llama)
     for run in runs.values():
         run(4)                    # warm-up: caches, thread pools, lazy inits, kernel choices
     own.clear()
@@ -302,13 +299,6 @@ def bench_batch(batch: int, ids: list[int], llm, hf, llama: LlamaCpp | None, a) 
         row[f"{name}_cpu_tok_s"] = statistics.median(c for _, c in v)
         row[f"{name}_rounds"] = v
     return row
-
-
-def load_hf(path: str):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
 
 
 def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: dict,
@@ -438,32 +428,31 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     import parallax
-    from transformers import logging as hf_logging
-    hf_logging.set_verbosity_error()
+    from parallax.engine.core import in_own_thread
 
     isa = machine_isa()
     load_before = os.getloadavg()[0]
     src = os.path.join(smollm2_folder(), SMOLLM2_FILE)
     llama = None
+    os.makedirs(a.gguf_cache, exist_ok=True)
     if a.llama_cpp_python:
         unknown = set(a.formats.split(",")) - set(LLAMA_FTYPES)
         if unknown:
             raise SystemExit(f"--formats: unknown {sorted(unknown)}; pick of {list(LLAMA_FTYPES)}")
-        os.makedirs(a.gguf_cache, exist_ok=True)
-        llama = LlamaCpp(a.llama_cpp_python, os.path.join(a.gguf_cache, "llama_cpp.log"))
+        llama = Driver(a.llama_cpp_python, "llamacpp_driver.py",
+                       os.path.join(a.gguf_cache, "llama_cpp.log"))
         log.info("llama.cpp %s", llama.call("version")["version"])
         files = gguf_files(llama, src, a.gguf_cache, a.formats.split(","))
     else:
         files = {"file": src}      # the shipped file, dequantised to fp32 by both
     batches = [int(b) for b in a.batches.split(",")]
     rows, loads, roof, agree, tok = [], {}, {}, None, None
+    hf = Driver(sys.executable, "hf_driver.py", os.path.join(a.gguf_cache, "hf.log"))
     for fmt, path in files.items():
         t = time.perf_counter()
         llm = parallax.LLM(path, dtype="float32")
-        loads[fmt] = {"parallax": time.perf_counter() - t}
-        t = time.perf_counter()
-        hf = load_hf(path)
-        loads[fmt]["transformers"] = time.perf_counter() - t
+        loads[fmt] = {"parallax": time.perf_counter() - t,
+                      "transformers": hf.call("load", path=path, threads=a.threads)["load_s"]}
         log.info("%s: parallax loaded in %.1f s, transformers in %.1f s", fmt,
                  loads[fmt]["parallax"], loads[fmt]["transformers"])
         if llama is not None:
@@ -477,10 +466,12 @@ def main() -> None:
             agree = agreement(llm, hf, llama, a.agree_tokens)
         if not roof and fmt in ("file", "f32"):
             log.info("timing the roofline sweeps")
-            roof = roofline(llm.config)
+            # In a thread that ends, so its OpenMP team ends too: a second team in this
+            # process would slow parallax's engine thread (hf_driver.py).
+            roof = in_own_thread(lambda: roofline(llm.config))
         llm.close()
-        del hf
         gc.collect()
+    hf.close()
     if llama is not None:
         llama.close()
     rss = {}
