@@ -1,4 +1,4 @@
-"""parallax vs HF transformers generate() on SmolLM2-135M, side by side in one process.
+"""parallax vs HF transformers generate() on SmolLM2-135M, side by side in one run.
 
     python benchmarks/bench_generate.py [--threads 2] [--max-new-tokens 64] [--repeats 3]
                                         [--batches 1,8] [--json out.json]
@@ -9,7 +9,10 @@ Fairness: both load the same GGUF file (HF with ``gguf_file=``, dequantized to f
 fp32 on the same torch thread count, greedy, the same prompt, and generate exactly
 ``--max-new-tokens`` tokens (parallax ``ignore_eos=True``, HF ``min_new_tokens`` =
 ``max_new_tokens``). Runs are interleaved (parallax, HF, parallax, HF, ...) and medians are
-reported, so drift on the machine hits both alike.
+reported, so drift on the machine hits both alike. HF runs in a process of its own
+(hf_driver.py), as llama.cpp does: two engines' OpenMP teams in one process make libgomp
+sleep between parallel regions instead of spinning, which cost parallax ~25% at batch 1
+(F32 29 tok/s here against 39 in bench_step.py, where it is alone).
 
 Decode speed excludes prefill: (time of 1 + N tokens - time of 1 token) / N steps, times the
 batch. parallax's own per-sequence decode timer (``Completion.tokens_per_s``) is shown too.
@@ -119,18 +122,45 @@ AGREE_PROMPTS = ["The three primary colors are",
                  "The capital of France is",
                  "Once upon a time, in a small village,"]
 RSS_RUN = r"""
-import json, sys, torch, parallax
-def rss():
+import json, os, sys, torch, parallax
+from parallax.models import loader
+def status(key):
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
-path, threads, n, kv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+def mapped(path):      # (resident bytes, address ranges) of this process's maps of path
+    rss, ranges, mine = 0, [], False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:
+                mine = line.rstrip().endswith(path)
+                if mine:
+                    ranges.append(tuple(int(x, 16) for x in head[0].split("-")))
+            elif mine and head[0] == "Rss:":
+                rss += int(head[1]) * 1024
+    return rss, ranges
+path, threads, n, kv = os.path.realpath(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
-base = rss()
+out = {"import_rss_bytes": status("VmRSS")}
+load_weights = loader.load_weights
+def marked(*a, **k):   # everything but the weights is there: torch, tokenizer, meta model
+    out["runtime_rss_bytes"] = status("VmRSS")
+    load_weights(*a, **k)
+    out["loaded_rss_bytes"] = status("VmRSS")
+loader.load_weights = marked
 with parallax.LLM(path, dtype="float32", kv_cache_tokens=kv) as llm:
     llm.generate(["The three primary colors are"], max_new_tokens=n, ignore_eos=True, chat=False)
     m = llm.memory()[0]
-print(json.dumps({"runtime_rss_bytes": base, "peak_rss_bytes": m["peak_rss_bytes"],
-                  "kv_cache_bytes": m["kv_cache_bytes"], "weight_bytes": m["weight_bytes"]}))
+    file_rss, ranges = mapped(path)
+    model = llm._runner.model
+    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
+    own = sum(t.numel() * t.element_size() for p, t in tensors.items()
+              if not any(lo <= p < hi for lo, hi in ranges))
+    out["end_rss_bytes"] = status("VmRSS")
+out.update(peak_rss_bytes=m["peak_rss_bytes"], kv_cache_bytes=m["kv_cache_bytes"],
+           weight_bytes=m["weight_bytes"], weights_file_rss_bytes=file_rss,
+           weights_own_bytes=own)
+print(json.dumps(out))
 """
 
 
@@ -144,26 +174,29 @@ def machine_isa() -> str:
         return "unknown"
 
 
-class LlamaCpp:
-    """llamacpp_driver.py under ``python`` (llama-cpp-python's own environment): one JSON
-    request and one JSON answer per line. llama.cpp's log goes to ``log_path``."""
+class Driver:
+    """An engine in a process of its own: ``script`` (llamacpp_driver.py, hf_driver.py)
+    under ``python``, one JSON request and one JSON answer per line; its stderr goes to
+    ``log_path``. Each engine's process then holds one OpenMP team, as it would alone
+    (hf_driver.py says why that matters)."""
 
-    def __init__(self, python: str, log_path: str) -> None:
-        driver = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llamacpp_driver.py")
+    def __init__(self, python: str, script: str, log_path: str) -> None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.name = script
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([python, driver], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, os.path.join(here, script)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, text=True)
 
     def call(self, cmd: str, **kw) -> dict:
         self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
-        ans = json.loads(line) if line else {"error": "the llama.cpp driver exited"}
+        ans = json.loads(line) if line else {"error": f"{self.name} exited"}
         if "error" in ans:
             with open(self.log_path) as f:
                 tail = f.read()[-3000:]
-            raise SystemExit(f"llama.cpp: {cmd}: {ans['error']}\n(log {self.log_path}):\n{tail}")
+            raise SystemExit(f"{self.name}: {cmd}: {ans['error']}\n(log {self.log_path}):\n{tail}")
         return ans
 
     def close(self) -> None:
@@ -175,7 +208,7 @@ class LlamaCpp:
         self._log.close()
 
 
-def gguf_files(llama: LlamaCpp, src: str, cache: str, formats: list[str]) -> dict[str, str]:
+def gguf_files(llama: Driver, src: str, cache: str, formats: list[str]) -> dict[str, str]:
     """format -> the shipped file converted by llama.cpp's llama_model_quantize (made once,
     kept in ``cache``)."""
     os.makedirs(cache, exist_ok=True)
@@ -192,9 +225,12 @@ def gguf_files(llama: LlamaCpp, src: str, cache: str, formats: list[str]) -> dic
 
 
 def peak_rss(path: str, threads: int, tokens: int, kv_tokens: int) -> dict:
-    """parallax alone in a fresh process: RSS after importing torch and parallax (the
-    runtime), peak RSS after loading ``path`` and generating ``tokens`` tokens with a
-    ``kv_tokens`` KV cache, the KV cache's and the weights' bytes."""
+    """parallax alone in a fresh process, load + generate ``tokens`` tokens with a
+    ``kv_tokens`` KV cache: RSS after importing torch and parallax, RSS when the first
+    weight is read (the runtime: also the tokenizer, the metadata and the model on the meta
+    device), peak RSS (VmHWM), the KV cache's bytes, and the weights' resident bytes: the
+    file's pages mapped in (block weights are views of the file) and the tensors in own
+    memory (fused, reordered or converted ones)."""
     r = subprocess.run([sys.executable, "-c", RSS_RUN, path, str(threads), str(tokens),
                         str(kv_tokens)], capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
@@ -209,7 +245,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def agreement(llm, hf, llama: LlamaCpp, n: int) -> list[dict]:
+def agreement(llm, hf: Driver, llama: Driver, n: int) -> list[dict]:
     """Greedy ``n`` tokens of each AGREE_PROMPTS (same token ids, no chat template) by
     parallax, llama.cpp and HF; where parallax's differ, the first differing position."""
     res = []
@@ -217,23 +253,18 @@ def agreement(llm, hf, llama: LlamaCpp, n: int) -> list[dict]:
         ids = llm.tokenizer.encode(prompt)
         px = list(llm.generate([ids], max_new_tokens=n, ignore_eos=True, chat=False)[0].token_ids)
         lc = llama.call("generate", ids=ids, n=n, batch=1)["tokens"][0]
-        with torch.inference_mode():
-            x = torch.tensor([ids])
-            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                              min_new_tokens=n, do_sample=False, pad_token_id=0)
-        res.append({"prompt": prompt, "parallax": px, "llama_cpp": lc,
-                    "hf": out[0, len(ids):].tolist(),
+        ht = hf.call("generate", ids=ids, n=n, batch=1)["tokens"][0]
+        res.append({"prompt": prompt, "parallax": px, "llama_cpp": lc, "hf": ht,
                     "llama_cpp_differs_at": first_difference(px, lc),
-                    "hf_differs_at": first_difference(px, out[0, len(ids):].tolist())})
+                    "hf_differs_at": first_difference(px, ht)})
     return res
 
 
-def bench_batch(batch: int, ids: list[int], llm, hf, llama: LlamaCpp | None, a) -> dict:
+def bench_batch(batch: int, ids: list[int], llm, hf: Driver, llama: Driver | None,
+                a) -> dict:
     """Interleaved decode rates of parallax, HF (and llama.cpp) for ``batch`` copies of
     the prompt; medians over ``a.repeats`` rounds."""
     prompts = [ids] * batch
-    x = torch.tensor(prompts)
-    mask = torch.ones_like(x)
     own: list[float] = []
 
     def run_px(n: int) -> None:
@@ -242,20 +273,16 @@ def bench_batch(batch: int, ids: list[int], llm, hf, llama: LlamaCpp | None, a) 
         if n > 1:
             own.append(sum(o.tokens_per_s for o in outs))
 
-    def run_hf(n: int) -> None:
-        with torch.inference_mode():
-            out = hf.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
-        assert out.shape[1] == x.shape[1] + n
+    def in_driver(engine: Driver):
+        def run(n: int) -> float:
+            ans = engine.call("generate", ids=ids, n=n, batch=batch)
+            assert len(ans["tokens"]) == batch and all(len(t) == n for t in ans["tokens"])
+            return ans["cpu_s"]
+        return run
 
-    def run_lc(n: int) -> float:
-        ans = llama.call("generate", ids=ids, n=n, batch=batch)
-        assert len(ans["tokens"]) == batch and all(len(t) == n for t in ans["tokens"])
-        return ans["cpu_s"]
-
-    runs = {"parallax": run_px, "transformers": run_hf}
+    runs = {"parallax": run_px, "transformers": in_driver(hf)}
     if llama is not None:
-        runs["llama.cpp"] = run_lc
+        runs["llama.cpp"] = in_driver(llama)
     for run in runs.values():
         run(4)                    # warm-up: caches, thread pools, lazy inits, kernel choices
     own.clear()
@@ -272,13 +299,6 @@ def bench_batch(batch: int, ids: list[int], llm, hf, llama: LlamaCpp | None, a) 
         row[f"{name}_cpu_tok_s"] = statistics.median(c for _, c in v)
         row[f"{name}_rounds"] = v
     return row
-
-
-def load_hf(path: str):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
 
 
 def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: dict,
@@ -317,16 +337,7 @@ def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: di
                                          f"transformers {v['transformers']:.1f}"
                                          for fmt, v in loads.items()))
     if rss:
-        print(f"\nparallax peak RSS, fresh process, load + {a.rss_tokens}-token generate, "
-              f"KV cache of {a.rss_kv_tokens} tokens (MiB):\n")
-        print("| format | file | peak RSS | runtime (RSS before load) | KV cache | weights "
-              "| (peak - runtime - KV) / file |\n|---|---:|---:|---:|---:|---:|---:|")
-        for fmt, m in rss.items():
-            size = os.path.getsize(files[fmt])
-            rest = m["peak_rss_bytes"] - m["runtime_rss_bytes"] - m["kv_cache_bytes"]
-            print(f"| {fmt} | {size / 2**20:.0f} | {m['peak_rss_bytes'] / 2**20:.0f} | "
-                  f"{m['runtime_rss_bytes'] / 2**20:.0f} | {m['kv_cache_bytes'] / 2**20:.0f} | "
-                  f"{m['weight_bytes'] / 2**20:.0f} | {rest / size:.2f}x |")
+        print_rss(a, rss, files)
     if agree:
         print(f"\ngreedy agreement at {a.agree_format}, {a.agree_tokens} tokens "
               "(parallax against llama.cpp and against transformers on the same file):")
@@ -352,6 +363,28 @@ def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: di
                 frac = b1["parallax_tok_s"] * ms / 1e3
                 line += f"; parallax ({b1['format']}) reaches {frac:.0%} of it"
             print(line)
+
+
+def print_rss(a, rss: dict, files: dict) -> None:
+    """The peak RSS table: peak against file + KV cache + runtime, and where it goes."""
+    mib = 2 ** 20
+    print(f"\nparallax peak RSS, fresh process, load + {a.rss_tokens}-token generate, "
+          f"KV cache of {a.rss_kv_tokens} tokens (MiB). Runtime: RSS when the first weight is "
+          "read (torch, parallax, tokenizer, metadata; after import alone in brackets). "
+          "Weights: the file's pages mapped in + tensors in own memory. Rest: peak - runtime "
+          "- KV - weights (activations, matmul-choice timing buffers, allocator slack).\n")
+    print("| format | file | peak RSS | runtime | KV cache | weights (file pages + own) | rest "
+          "| (peak - runtime - KV) / file | weights / file |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for fmt, m in rss.items():
+        size = os.path.getsize(files[fmt])
+        weights = m["weights_file_rss_bytes"] + m["weights_own_bytes"]
+        over = m["peak_rss_bytes"] - m["runtime_rss_bytes"] - m["kv_cache_bytes"]
+        print(f"| {fmt} | {size / mib:.0f} | {m['peak_rss_bytes'] / mib:.0f} | "
+              f"{m['runtime_rss_bytes'] / mib:.0f} ({m['import_rss_bytes'] / mib:.0f}) | "
+              f"{m['kv_cache_bytes'] / mib:.0f} | {weights / mib:.0f} "
+              f"({m['weights_file_rss_bytes'] / mib:.0f} + {m['weights_own_bytes'] / mib:.0f}) | "
+              f"{(over - weights) / mib:.0f} | {over / size:.2f}x | {weights / size:.2f}x |")
 
 
 def print_matmul_choices() -> None:
@@ -395,32 +428,31 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     import parallax
-    from transformers import logging as hf_logging
-    hf_logging.set_verbosity_error()
+    from parallax.engine.core import in_own_thread
 
     isa = machine_isa()
     load_before = os.getloadavg()[0]
     src = os.path.join(smollm2_folder(), SMOLLM2_FILE)
     llama = None
+    os.makedirs(a.gguf_cache, exist_ok=True)
     if a.llama_cpp_python:
         unknown = set(a.formats.split(",")) - set(LLAMA_FTYPES)
         if unknown:
             raise SystemExit(f"--formats: unknown {sorted(unknown)}; pick of {list(LLAMA_FTYPES)}")
-        os.makedirs(a.gguf_cache, exist_ok=True)
-        llama = LlamaCpp(a.llama_cpp_python, os.path.join(a.gguf_cache, "llama_cpp.log"))
+        llama = Driver(a.llama_cpp_python, "llamacpp_driver.py",
+                       os.path.join(a.gguf_cache, "llama_cpp.log"))
         log.info("llama.cpp %s", llama.call("version")["version"])
         files = gguf_files(llama, src, a.gguf_cache, a.formats.split(","))
     else:
         files = {"file": src}      # the shipped file, dequantised to fp32 by both
     batches = [int(b) for b in a.batches.split(",")]
     rows, loads, roof, agree, tok = [], {}, {}, None, None
+    hf = Driver(sys.executable, "hf_driver.py", os.path.join(a.gguf_cache, "hf.log"))
     for fmt, path in files.items():
         t = time.perf_counter()
         llm = parallax.LLM(path, dtype="float32")
-        loads[fmt] = {"parallax": time.perf_counter() - t}
-        t = time.perf_counter()
-        hf = load_hf(path)
-        loads[fmt]["transformers"] = time.perf_counter() - t
+        loads[fmt] = {"parallax": time.perf_counter() - t,
+                      "transformers": hf.call("load", path=path, threads=a.threads)["load_s"]}
         log.info("%s: parallax loaded in %.1f s, transformers in %.1f s", fmt,
                  loads[fmt]["parallax"], loads[fmt]["transformers"])
         if llama is not None:
@@ -434,14 +466,16 @@ def main() -> None:
             agree = agreement(llm, hf, llama, a.agree_tokens)
         if not roof and fmt in ("file", "f32"):
             log.info("timing the roofline sweeps")
-            roof = roofline(llm.config)
+            # In a thread that ends, so its OpenMP team ends too: a second team in this
+            # process would slow parallax's engine thread (hf_driver.py).
+            roof = in_own_thread(lambda: roofline(llm.config))
         llm.close()
-        del hf
         gc.collect()
+    hf.close()
     if llama is not None:
         llama.close()
     rss = {}
-    if llama is not None and not a.no_rss:
+    if not a.no_rss:
         for fmt, path in files.items():
             log.info("peak RSS of parallax on %s", fmt)
             rss[fmt] = peak_rss(path, a.threads, a.rss_tokens, a.rss_kv_tokens)

@@ -22,12 +22,11 @@ semantics of ``LLM.generate(max_new_tokens=N)``; ``cpu_s`` is the CPU time this 
 from __future__ import annotations
 
 import ctypes
-import json
-import sys
 import time
 
 import llama_cpp
 import numpy as np
+from driver_loop import serve   # benchmarks/, this script's folder
 
 
 PREFILL_TOKENS = 512   # n_batch: the prefill of every sequence goes in one llama_decode call
@@ -48,6 +47,11 @@ class Runner:
         self.model = None
         self.ctxs: dict[int, object] = {}
         self.batches: dict[int, object] = {}
+
+    def version(self) -> dict:
+        info = llama_cpp.llama_print_system_info()
+        return {"version": llama_cpp.__version__,
+                "system": info.decode() if isinstance(info, bytes) else str(info)}
 
     def quantize(self, src: str, dst: str, ftype: int) -> dict:
         params = llama_cpp.llama_model_quantize_default_params()
@@ -135,26 +139,9 @@ class Runner:
         return {"ok": True}
 
 
-def main() -> None:
-    r = Runner()
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        msg = json.loads(line)
-        cmd = msg.pop("cmd")
-        try:
-            if cmd == "version":
-                info = llama_cpp.llama_print_system_info()
-                ans = {"version": llama_cpp.__version__,
-                       "system": info.decode() if isinstance(info, bytes) else str(info)}
-            else:
-                ans = getattr(r, cmd)(**msg)
-        except Exception as e:   # answer instead of dying: the caller reports it
-            ans = {"error": f"{type(e).__name__}: {e}"}
-        sys.stdout.write(json.dumps(ans) + "\n")
-        sys.stdout.flush()
-    r.free()
-
-
 if __name__ == "__main__":
-    main()
+    r = Runner()
+    try:
+        serve(r)
+    finally:
+        r.free()

@@ -3,6 +3,10 @@
 Design choices:
 - The file is memory-mapped and parsed by our own strict reader (``gguf_reader.py``);
   nothing is read until ``read()`` asks. Dequantization is ``gguf.quants`` (public API).
+- Memory follows the file: ``read_quantized`` hands out a block tensor as a view of the
+  map where the slice allows (so the weights are the file's pages, held once), and every
+  read that copies (float reads, fused or reordered rows) drops the file's pages it copied
+  from, so no weight is resident twice.
 - Names and shapes are Hugging Face's. GGUF stores a 2-D weight as ggml dims
   ``[in, out]``, i.e. row-major ``(out, in)``: one GGUF row is one HF output row, so
   ``read(name, dim=0, ...)`` dequantizes only those rows' bytes. A column slice (``dim=1``)
@@ -193,17 +197,25 @@ class GGUFCheckpoint:
             arr = arr - np.float32(1)
         if dim is not None and (dim != 0 or len(t.shape) == 1):   # drop the edge blocks' rest
             arr = arr[..., start:start + length]
-        return self._to_torch(arr, dtype)
+        out = self._to_torch(arr, dtype, data)
+        self._file.release(data)        # the float copy replaces the file's bytes in RSS
+        return out
 
     def ggml_type(self, name: str) -> str:
         """The ggml type name of tensor ``name`` ("F32", "Q8_0", "Q4_1", ...)."""
         return self._tensor(name).tensor_type.name
 
     def read_quantized(self, name: str, dim: int | None = None, start: int = 0,
-                       length: int | None = None) -> torch.Tensor:
+                       length: int | None = None, copy: bool = False) -> torch.Tensor:
         """The raw blocks of a 2-D tensor's slice, as in the file: uint8 (rows, bytes per
         row), rows in HF order (q/k un-permuted). A slice along the last dim must start and
-        end on block boundaries (CheckpointError otherwise)."""
+        end on block boundaries (CheckpointError otherwise).
+
+        Zero-copy where it can be: a whole tensor or a row range that needs no reordering
+        is a view of the file's map (it keeps the map alive; its pages are the page
+        cache's, resident once touched). A column slice, permuted q/k rows, or
+        ``copy=True`` (the caller copies it on, e.g. into a fused tensor) give own memory,
+        and the file's pages behind them leave this process's RSS."""
         t = self._tensor(name)
         if len(t.shape) != 2:
             raise CheckpointError(f"{name} {t.shape}: only 2-D tensors are read as raw blocks")
@@ -217,10 +229,16 @@ class GGUFCheckpoint:
                     f"block of {block}; a quantized slice must start and end on block "
                     f"boundaries (pick a tp size that splits K into multiples of {block})")
             data = data[:, start // block * type_size:(start + length) // block * type_size]
-        arr = np.array(data, dtype=np.uint8, order="C")          # own memory, off the mmap
         if self._is_permuted(name):
-            arr = self._unpermute(name, arr)
-        return torch.from_numpy(np.ascontiguousarray(arr))
+            arr = np.ascontiguousarray(self._unpermute(name, data))
+        elif copy or not data.flags.c_contiguous:
+            arr = np.array(data, dtype=np.uint8, order="C")
+        else:
+            return torch.from_numpy(data)                        # a view of the map
+        if np.may_share_memory(arr, data):   # one head of head_dim rows: no reordering
+            arr = arr.copy()
+        self._file.release(data)
+        return torch.from_numpy(arr)
 
     def close(self) -> None:
         self._tensors.clear()
@@ -242,7 +260,7 @@ class GGUFCheckpoint:
     def _read_tensor(self, t: GGUFTensor, name: str) -> torch.Tensor:
         if t.tensor_type not in SUPPORTED_TYPES:
             raise CheckpointError(f"tensor {name!r} uses unsupported ggml type {t.tensor_type.name}")
-        return self._to_torch(self._dequantize(t.data, t, name), torch.float32)
+        return self._to_torch(self._dequantize(t.data, t, name), torch.float32, t.data)
 
     @staticmethod
     def _dequantize(data: np.ndarray, t: GGUFTensor, name: str) -> np.ndarray:
@@ -252,9 +270,12 @@ class GGUFCheckpoint:
             raise CheckpointError(f"cannot dequantize {name} ({t.tensor_type.name}): {e}") from None
 
     @staticmethod
-    def _to_torch(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        if not (arr.flags.writeable and arr.flags.c_contiguous) or arr.dtype != np.float32:
-            arr = np.array(arr, dtype=np.float32, order="C")      # own, writable memory
+    def _to_torch(arr: np.ndarray, dtype: torch.dtype, src: np.ndarray) -> torch.Tensor:
+        """``arr`` as a torch tensor of ``dtype`` in its own memory (never a view of
+        ``src``, the file's bytes it came from: F32 data dequantises to a view of them)."""
+        if (not arr.flags.c_contiguous or arr.dtype != np.float32
+                or np.may_share_memory(arr, src)):
+            arr = np.array(arr, dtype=np.float32, order="C")
         return torch.from_numpy(arr).to(dtype)
 
     def _is_permuted(self, name: str) -> bool:

@@ -1,7 +1,15 @@
 """A small, strict reader of the GGUF container (v2 and v3, little-endian), over a memory map.
 
 It parses the header, the key/value metadata and the tensor infos, and hands out each
-tensor's bytes as a read-only numpy view; dequantization is ``gguf.quants`` (public API).
+tensor's bytes as a numpy view of the map; dequantization is ``gguf.quants`` (public API).
+
+The map is private and copy-on-write (``mmap.ACCESS_COPY``): the file is opened read-only
+and never changes, yet a view is a writable buffer, so torch tensors can wrap it without
+copying (a tensor over a read-only map would fault on the first write, and torch warns on
+non-writable buffers). Until a page is written it is the page cache's page, shared with
+every process that maps the file. Pages counted in RSS are the ones touched; a caller that
+copies bytes out drops their pages with ``release`` (``madvise(MADV_DONTNEED)``), so the
+copy is not held twice.
 We own this instead of subclassing ``gguf.GGUFReader`` because its checks live in private
 methods and it trusts the file: a corrupt count or length there becomes a huge allocation,
 an IndexError or a view past the end. Here every count, length, offset and type is checked
@@ -17,6 +25,7 @@ dims in ggml order (fastest first: a row-major (out, in) matrix has dims [in, ou
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -39,7 +48,7 @@ _DEFAULT_ALIGNMENT = 32
 
 @dataclass(frozen=True)
 class GGUFTensor:
-    """One tensor's info; ``data`` is a read-only uint8 view (..., bytes per row)."""
+    """One tensor's info; ``data`` is a uint8 view of the file's map (..., bytes per row)."""
     name: str
     tensor_type: GGMLQuantizationType
     dims: tuple[int, ...]       # ggml order: dims[0] is the contiguous (row) length
@@ -49,6 +58,11 @@ class GGUFTensor:
     def shape(self) -> tuple[int, ...]:
         """Row-major shape (HF order): reversed ggml dims."""
         return tuple(reversed(self.dims))
+
+
+def _span(view: np.ndarray) -> int:
+    """Bytes from a view's first element to one past its last (non-negative strides)."""
+    return view.itemsize + sum((n - 1) * st for n, st in zip(view.shape, view.strides))
 
 
 class GGUFFile:
@@ -64,8 +78,10 @@ class GGUFFile:
             magic = f.read(4)
         if magic != b"GGUF":
             raise CheckpointError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
-        # A plain ndarray view of the map: slicing a np.memmap runs Python code per slice.
-        self._data = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+        with open(path, "rb") as f:     # the map outlives the descriptor
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        # A plain ndarray over the map (views of it keep the map alive after close()).
+        self._data = np.frombuffer(self._map, dtype=np.uint8)
         self._buf = memoryview(self._data)
         self._pos = 4
         self.size = size
@@ -175,6 +191,24 @@ class GGUFFile:
         data = self._data[begin:begin + nbytes].reshape(*reversed(dims[1:]), row_bytes)
         return GGUFTensor(name, qtype, dims, data)
 
+    def release(self, view: np.ndarray) -> None:
+        """Drop from this process's resident memory the pages lying wholly inside ``view``'s
+        bytes (a view of this file, e.g. ``GGUFTensor.data`` sliced), after its bytes were
+        copied elsewhere. Nothing is lost: an untouched page of the map comes back from the
+        file when read again. Pages it shares with neighbouring bytes stay."""
+        if self._data is None or not hasattr(mmap, "MADV_DONTNEED") or view.size == 0:
+            return
+        base = self._data.ctypes.data
+        lo = view.ctypes.data - base
+        hi = lo + _span(view)
+        if not (0 <= lo and hi <= self.size):
+            raise ValueError("release() takes a view of this file's map")
+        page = mmap.PAGESIZE
+        lo, hi = -(-lo // page) * page, hi // page * page
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def close(self) -> None:
+        """Forget the tensors; the map itself closes when the last view of it goes."""
         self.tensors = {}
-        self._buf = self._data = None   # the map closes when the last view goes
+        self._buf = self._data = self._map = None

@@ -192,17 +192,42 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device, dtype
     for module, name, meta, is_param in bar:
         new = loaded.get(id(meta))
         if new is None:
-            if getattr(meta, "ggml_type", None):      # raw GGUF blocks (keep_gguf_blocks_)
-                parts = [ckpt.read_quantized(c.name, c.dim, c.start, c.length)
-                         for c in meta.chunks]
-            else:
-                parts = [ckpt.read(c.name, c.dim, c.start, c.length, dtype=dtype)
-                         for c in meta.chunks]
-            data = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-            if data.shape != meta.shape:
-                raise CheckpointError(
-                    f"{[c.name for c in meta.chunks]} gave shape {tuple(data.shape)} but this rank "
-                    f"expects {tuple(meta.shape)}; the checkpoint does not match its config")
+            data = read_shard(ckpt, meta, dtype)
             new = nn.Parameter(data.to(device), requires_grad=False) if is_param else data.to(device)
             loaded[id(meta)] = new
         (module._parameters if is_param else module._buffers)[name] = new
+
+
+def read_shard(ckpt: Checkpoint, meta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``meta``'s shard from ``ckpt`` (its ``chunks`` stacked along dim 0): float as
+    ``dtype``, or the raw GGUF blocks of ``meta.ggml_type`` (keep_gguf_blocks_, where one
+    chunk can be a view of the file). Several chunks (a fused weight) are read one at a
+    time into the one output tensor, so no more than one chunk is held twice."""
+    raw = getattr(meta, "ggml_type", None)
+
+    def read(c, copy: bool) -> torch.Tensor:
+        if raw:
+            return ckpt.read_quantized(c.name, c.dim, c.start, c.length, copy=copy)
+        return ckpt.read(c.name, c.dim, c.start, c.length, dtype=dtype)
+
+    def mismatch(shape) -> CheckpointError:
+        return CheckpointError(
+            f"{[c.name for c in meta.chunks]} gave shape {tuple(shape)} but this rank expects "
+            f"{tuple(meta.shape)}; the checkpoint does not match its config")
+
+    if len(meta.chunks) == 1:
+        data = read(meta.chunks[0], copy=False)
+        if data.shape != meta.shape:
+            raise mismatch(data.shape)
+        return data
+    out = torch.empty(meta.shape, dtype=torch.uint8 if raw else dtype)
+    row = 0
+    for c in meta.chunks:
+        part = read(c, copy=True)
+        if part.shape[1:] != out.shape[1:] or row + part.shape[0] > out.shape[0]:
+            raise mismatch((row + part.shape[0], *part.shape[1:]))
+        out[row:row + part.shape[0]] = part
+        row += part.shape[0]
+    if row != out.shape[0]:
+        raise mismatch((row, *out.shape[1:]))
+    return out
