@@ -15,7 +15,9 @@ schedule (Scheduler.schedule), plan (EngineCore._plan), meta (AttentionMetadata.
 forward (the model's forward), logits (compute_logits), sample (the Sampler), execute (all
 of ModelRunner.execute), step (all of EngineCore.step) and, for the caller, wall per token
 (generate's time / steps; the difference to ``step`` is the thread hand-off and result
-delivery). ``attn`` is the paged attention op summed over layers (inside ``forward``).
+delivery). ``attn`` is the paged attention op summed over layers (inside ``forward``);
+where layers run fused (models/fused.py) it is inside ``attn half`` and ``mlp half``, the
+two fused ops summed over layers.
 The cpu column of the parts is the engine thread's own CPU; the OpenMP worker threads that
 help it show only in the caller's process CPU row.
 
@@ -116,6 +118,9 @@ def breakdown(llm, batch: int, new_tokens: int) -> dict:
     t.wrap(AttentionMetadata, "build", "meta")
     t.wrap(runner.model, "forward", "forward")
     t.wrap(ops, "paged_attention_with_kvcache", "attn")
+    if hasattr(ops.cpu, "attention_half"):   # trees before the fused layer have none
+        t.wrap(ops.cpu, "attention_half", "attn half")
+        t.wrap(ops.cpu, "mlp_half", "mlp half")
     t.wrap(runner.model, "compute_logits", "logits")
     t.wrap(Sampler, "__call__", "sample")
     try:

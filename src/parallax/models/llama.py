@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..parallel.context import ParallelContext
 from .attention import AttentionMetadata, PagedAttention
+from .fused import layers_plan
 from ..parallel.layers import (Chunk, ColumnParallelLinear, ParallelLMHead, RowParallelLinear,
                                VocabParallelEmbedding, _param)
 from ..parallel.sharding import head_partition, split_evenly
@@ -158,7 +159,7 @@ class MLP(nn.Module):
                  names: tuple[str, str, str] = NAMES, reduce: bool = True):
         super().__init__()
         start, n = rows or split_evenly(width or cfg.intermediate_size, ctx.tp_size, ctx.tp_rank)
-        self.names = names
+        self.names, self.inner = names, n       # inner: this rank's intermediate width
         self.gate_up_proj = ColumnParallelLinear(
             cfg.hidden_size, self.gate_up_pieces(cfg, prefix, start, n), dtype, bias=cfg.mlp_bias)
         self.down_proj = RowParallelLinear(f"{prefix}.{names[2]}", start, n, cfg.hidden_size, dtype,
@@ -254,7 +255,9 @@ class LlamaForCausalLM(nn.Module):
             x = self.embed(x)                                             # (T, d)
         ropes = self.rotary(meta.positions)
         residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        # Each layer, or where it can take it its fused CPU path (models/fused.py).
+        layers = (kv_caches and layers_plan(self, x.shape[0], kv_caches[0][0].shape[2])) or self.layers
+        for layer, (k_cache, v_cache) in zip(layers, kv_caches):
             cos, sin = ropes[layer.rope_kind]
             x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache)
         if self.norm is not None:

@@ -82,7 +82,7 @@ PANEL = 32
 
 # Every C source of the library. The torch ops (csrc/cpu/torch_ops.cpp) call its entry points.
 _SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "q8_0_f32.c", "q8_act.c",
-            "paged_attention_f32.c"]
+            "paged_attention_f32.c", "layer_f32.c"]
 
 # variant -> (compiler flags, /proc/cpuinfo flags the code needs); best first. The x86
 # variants are separate builds of the same sources (csrc/cpu/isa.h picks the vector width
@@ -443,22 +443,29 @@ def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """The ``kind`` ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k") matmul with x taken as
     ``block_activations()`` says, by the C kernel or by block_linear_dequant on the same
-    values, whichever measured faster for this shape and row count (``choose``; with f32
-    activations only Q8_0 and Q4_0 have a kernel: the others always take torch)."""
-    n, k = qweight.shape[0], x.shape[-1]
+    values, whichever measured faster for this shape and row count (``block_kernel``)."""
+    k = x.shape[-1]
+    q8 = block_activations() == "q8"
+    if block_kernel(kind, qweight, k, x.numel() // k) is not None:
+        return (block_linear_q8 if q8 else _block_linear)(kind, x, qweight, bias)
+    return block_linear_dequant(kind, x, qweight, bias, q8=q8)
+
+
+def block_kernel(kind: str, qweight: torch.Tensor, k: int, rows: int) -> str | None:
+    """The ``choose`` weight kind whose C kernel takes a ``kind`` block matmul of ``rows``
+    rows ("q8_0", or "q8_0*q8" with 8-bit activations, ...), or None when torch's
+    dequantising path does (it measured faster, or with f32 activations only Q8_0 and
+    Q4_0 have a kernel)."""
+    n = qweight.shape[0]
     if block_activations() == "q8":
-        path = choose(_Q8_NAMES[kind], n, k, x.numel() // k,
-                      functools.partial(block_linear_q8, kind),
+        path = choose(_Q8_NAMES[kind], n, k, rows, functools.partial(block_linear_q8, kind),
                       functools.partial(block_linear_dequant, kind, q8=True), (qweight,))
-        if path == "kernel":
-            return block_linear_q8(kind, x, qweight, bias)
-        return block_linear_dequant(kind, x, qweight, bias, q8=True)
-    if kind in F32_KERNELS:
-        if choose(kind, n, k, x.numel() // k, functools.partial(_block_linear, kind),
-                  functools.partial(block_linear_dequant, kind), (qweight,)) == "kernel":
-            return _block_linear(kind, x, qweight, bias)
-        return block_linear_dequant(kind, x, qweight, bias)
-    return block_linear_dequant(kind, x, qweight, bias)
+        return _Q8_NAMES[kind] if path == "kernel" else None
+    if kind not in F32_KERNELS:
+        return None
+    path = choose(kind, n, k, rows, functools.partial(_block_linear, kind),
+                  functools.partial(block_linear_dequant, kind), (qweight,))
+    return kind if path == "kernel" else None
 
 
 def block_fits(kind: str, x: torch.Tensor, qweight: torch.Tensor) -> bool:
@@ -688,3 +695,31 @@ def paged_layout_ok(q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tab
             and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
             and all(x.dtype == torch.int32 and x.is_contiguous()
                     for x in (block_tables, context_lens, query_start_loc)))
+
+
+# ---------------------------------------------------------------------------------------
+# The halves of a Llama decoder layer in one op each (csrc/cpu/layer_f32.c).
+
+def attention_half(x, residual, norm_weight, eps, w_qkv, qkv_kind, b_qkv, w_o, o_kind, k_cache,
+                   v_cache, cos, sin, slot_mapping, block_tables, context_lens,
+                   query_start_loc, num_heads, num_kv_heads, scale, window=0, softcap=0.0,
+                   *, isa: str | None = None):
+    """reference.fused_attention_half in one C call: add + RMSNorm, q|k|v matmul, paged
+    attention (needs ``paged_layout_ok``'s layouts), o_proj matmul; weight kinds "f32"
+    (packed), "q8_0" / "q4_0" (fp32 activations) or "<block>*q8". Raises KernelInputError
+    on out-of-range metadata, writing nothing into the cache."""
+    return _checked(
+        torch.ops.parallax_cpu.attention_half_f32.default,
+        (x, residual, norm_weight, eps, w_qkv, qkv_kind, b_qkv, w_o, o_kind, k_cache, v_cache,
+         cos, sin, slot_mapping, block_tables, context_lens, query_start_loc, num_heads,
+         num_kv_heads, scale, window, softcap, kernels(isa)),
+        lambda err: f"paged attention: {_PAGED_ERRORS.get(err, err)}")
+
+
+def mlp_half(x, residual, norm_weight, eps, w_gate_up, gate_up_kind, w_down, down_kind,
+             intermediate, *, isa: str | None = None):
+    """reference.fused_mlp_half in one C call: add + RMSNorm, gate|up matmul, SiLU-and-mul,
+    down matmul."""
+    return torch.ops.parallax_cpu.mlp_half_f32.default(
+        x, residual, norm_weight, eps, w_gate_up, gate_up_kind, w_down, down_kind, intermediate,
+        kernels(isa))

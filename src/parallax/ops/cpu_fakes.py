@@ -58,3 +58,16 @@ def _decode_attention(q, k, v, k_cache, v_cache, cos, sin, context_lens, scale, 
 def _paged_attention(q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables,
                      context_lens, query_start_loc, scale, window, softcap, isa):
     return q.new_empty(q.shape)                                             # (T, Hq, D)
+
+
+@torch.library.register_fake("parallax_cpu::attention_half_f32")
+def _attention_half(x, residual, norm_weight, eps, w_qkv, qkv_kind, b_qkv, w_o, o_kind,
+                    k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens,
+                    query_start_loc, num_heads, num_kv_heads, scale, window, softcap, isa):
+    return torch.empty_like(x), torch.empty_like(x)                         # (T, H) twice
+
+
+@torch.library.register_fake("parallax_cpu::mlp_half_f32")
+def _mlp_half(x, residual, norm_weight, eps, w_gate_up, gate_up_kind, w_down, down_kind,
+              intermediate, isa):
+    return torch.empty_like(x), torch.empty_like(x)                         # (T, H) twice

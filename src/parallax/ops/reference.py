@@ -459,3 +459,60 @@ def q4_0_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 def q4_1_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of a Q4_1 matrix, dequantised: ids (...) long -> (..., K) float32."""
     return q4_1_dequantize(qweight[ids.reshape(-1)]).reshape(*ids.shape, -1)
+
+
+# ---------------------------------------------------------------------------------------
+# The halves of a Llama decoder layer (the twins of csrc/cpu/layer_f32.c's fused ops).
+
+def weight_linear(kind: str, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias for W of weight kind ``kind`` as ops/cpu.py's choose() names them:
+    "f32" (packed panels, linear_packed), a GGUF block kind ("q8_0": x as it is,
+    q8_0_linear) or a block kind by 8-bit activations ("q8_0*q8": q8_0_linear_q8)."""
+    if kind == "f32":
+        return linear_packed(x, weight, bias)
+    block, _, act = kind.partition("*")
+    return globals()[f"{block}_linear_q8" if act == "q8" else f"{block}_linear"](x, weight, bias)
+
+
+def fused_attention_half(x: torch.Tensor, residual: torch.Tensor | None,
+                         norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor,
+                         qkv_kind: str, b_qkv: torch.Tensor | None, w_o: torch.Tensor,
+                         o_kind: str, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
+                         block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         query_start_loc: torch.Tensor, num_heads: int, num_kv_heads: int,
+                         scale: float, window: int = 0,
+                         softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention half of a Llama decoder layer: (o_proj output (T, H) before any tp
+    all-reduce, the residual stream x + residual (T, H); x when residual is None).
+
+    x, residual: (T, H); the norm in front (add_rms_norm), q|k|v by ``w_qkv`` (+ b_qkv),
+    paged_attention_with_kvcache over the caches (window 0 / softcap 0: none), o_proj by
+    ``w_o``; weights of the kinds ``weight_linear`` takes."""
+    if residual is None:
+        h, residual = rms_norm(x, norm_weight, eps), x
+    else:
+        h, residual = add_rms_norm(x, residual, norm_weight, eps)
+    t, d = x.shape[0], k_cache.shape[-1]
+    qkv = weight_linear(qkv_kind, h, w_qkv, b_qkv)                       # (T, (Hq+2Hk)*D)
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    a = paged_attention_with_kvcache(
+        q.reshape(t, num_heads, d), k.reshape(t, num_kv_heads, d), v.reshape(t, num_kv_heads, d),
+        k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens, query_start_loc,
+        scale, window or None, softcap or None)                           # (T, Hq, D)
+    return weight_linear(o_kind, a.reshape(t, num_heads * d), w_o), residual
+
+
+def fused_mlp_half(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                   eps: float, w_gate_up: torch.Tensor, gate_up_kind: str, w_down: torch.Tensor,
+                   down_kind: str, intermediate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SwiGLU MLP half of a Llama decoder layer: (down_proj output (T, H) before any tp
+    all-reduce, the residual stream x + residual (T, H)). ``w_gate_up`` gives gate|up
+    (2 * intermediate rows), ``w_down`` takes ``intermediate`` inputs."""
+    if residual is None:
+        h, residual = rms_norm(x, norm_weight, eps), x
+    else:
+        h, residual = add_rms_norm(x, residual, norm_weight, eps)
+    act = silu_and_mul(weight_linear(gate_up_kind, h, w_gate_up))       # (T, F)
+    return weight_linear(down_kind, act, w_down), residual

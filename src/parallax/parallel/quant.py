@@ -42,6 +42,15 @@ class QuantMethod:
             return ops.linear_packed(x, w, bias)
         return ops.linear(x, w, bias)
 
+    def kernel_kind(self, layer: nn.Module, rows: int) -> str | None:
+        """The weight kind (ops/cpu.py ``choose``'s name) whose CPU kernel runs ``apply``
+        for ``rows`` rows, or None where torch does (it measured faster, or no kernel
+        takes this weight): the fused decoder layer (models/fused.py) asks this."""
+        w = layer.weight
+        if w.dim() == 3 and ops.cpu.fits(w) and ops.cpu.matmul_path(rows, w) == "kernel":
+            return "f32"
+        return None
+
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         w = layer.weight
         lookup = ops.embedding_packed if w.dim() == 3 else nn.functional.embedding
@@ -71,6 +80,12 @@ class Q8_0Method(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         return getattr(ops, f"{self.name}_linear")(x, layer.weight, bias)
+
+    def kernel_kind(self, layer: nn.Module, rows: int) -> str | None:
+        w = layer.weight
+        if w.is_cuda or ops.cpu.kernels() is None:
+            return None
+        return ops.cpu.block_kernel(self.name, w, ops.reference.gguf_k(self.name, w), rows)
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return getattr(ops, f"{self.name}_embedding")(ids, layer.weight)

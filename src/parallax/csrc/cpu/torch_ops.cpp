@@ -10,6 +10,7 @@
 // ops: schemas, fake tensors (registered in Python), torch.compile, torch's thread count.
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -280,6 +281,159 @@ at::Tensor paged_attention_kv_f32(const at::Tensor& q, const at::Tensor& k, cons
     return out;
 }
 
+// ---- The halves of a Llama decoder layer (csrc/cpu/layer_f32.c), one op each.
+
+struct WeightKind {
+    const char* name;   // as ops/cpu.py's choose() names the weight kind
+    int code;           // layer_f32.c's LINEAR_*
+    int block, block_bytes;   // 0, 0: packed fp32 panels
+};
+const WeightKind kWeightKinds[] = {
+    {"f32", 0, 0, 0},         {"q8_0", 1, 32, 34},      {"q4_0", 2, 32, 18},
+    {"q8_0*q8", 3, 32, 34},   {"q4_0*q8", 4, 32, 18},   {"q4_1*q8", 5, 32, 20},
+    {"q4_k*q8", 6, 256, 144}, {"q6_k*q8", 7, 256, 210},
+};
+
+// The layer_f32.c code of weight kind `kind` after checking that `w` is an (n, k) weight of
+// that kind (packed panels (n/32, k, 32) float, or (n, k/block * bytes) uint8 blocks).
+int weight_code(const at::Tensor& w, const std::string& kind, int64_t n, int64_t k,
+                const char* what) {
+    for (const auto& wk : kWeightKinds) {
+        if (kind != wk.name) continue;
+        if (wk.block == 0) {
+            check_cpu(w, at::kFloat, what);
+            TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && w.size(0) * 32 == n
+                        && w.size(1) == k && w.size(2) == 32,
+                        "parallax_cpu: ", what, " must be contiguous (", n / 32, ", ", k,
+                        ", 32) panels, got ", w.sizes());
+        } else {
+            check_cpu(w, at::kByte, what);
+            TORCH_CHECK(k % wk.block == 0 && w.dim() == 2 && w.is_contiguous()
+                        && w.size(0) == n && w.size(1) == k / wk.block * wk.block_bytes,
+                        "parallax_cpu: ", what, " must be contiguous (", n, ", ",
+                        k / wk.block * wk.block_bytes, ") uint8 ", kind, " blocks, got ",
+                        w.sizes());
+        }
+        return wk.code;
+    }
+    TORCH_CHECK(false, "parallax_cpu: no fused matmul for weight kind '", kind, "'");
+}
+
+void check_rows(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                const at::Tensor& norm_weight) {
+    check_cpu(x, at::kFloat, "x");
+    check_cpu(norm_weight, at::kFloat, "norm_weight");
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && norm_weight.is_contiguous()
+                && norm_weight.numel() == x.size(1),
+                "parallax_cpu: a fused layer half needs contiguous x (T, H) and norm_weight (H,)");
+    if (residual.has_value()) {
+        check_cpu(*residual, at::kFloat, "residual");
+        TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(),
+                    "parallax_cpu: residual must be contiguous and shaped like x");
+    }
+}
+
+// Codes of layer_f32.c that are not the paged kernel's metadata codes.
+void check_layer_rc(int rc, int64_t t, int64_t k) {
+    TORCH_CHECK_WITH(OutOfMemoryError, rc != -100, "parallax_cpu: fused layer: no memory for ",
+                     t, " x ", k, " int8 activations");
+    TORCH_CHECK(rc != -101, "parallax_cpu: fused layer: unknown weight kind");
+    TORCH_CHECK_VALUE(rc == 0, "parallax_cpu error ", rc);
+}
+
+// (out (T, H), residual_out (T, H)); see layer_f32.c. Metadata errors as paged_attention_kv_f32.
+std::tuple<at::Tensor, at::Tensor> attention_half_f32(
+        const at::Tensor& x, const std::optional<at::Tensor>& residual,
+        const at::Tensor& norm_weight, double eps, const at::Tensor& w_qkv,
+        const std::string& qkv_kind, const std::optional<at::Tensor>& b_qkv,
+        const at::Tensor& w_o, const std::string& o_kind, at::Tensor& k_cache,
+        at::Tensor& v_cache, const at::Tensor& cos, const at::Tensor& sin,
+        const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+        const at::Tensor& context_lens, const at::Tensor& query_start_loc, int64_t num_heads,
+        int64_t num_kv_heads, double scale, int64_t window, double softcap,
+        const std::string& isa) {
+    check_rows(x, residual, norm_weight);
+    int64_t t = x.size(0), h = x.size(1), d = k_cache.size(-1);
+    int64_t n_qkv = (num_heads + 2 * num_kv_heads) * d;
+    int qkv_code = weight_code(w_qkv, qkv_kind, n_qkv, h, "w_qkv");
+    int o_code = weight_code(w_o, o_kind, h, num_heads * d, "w_o");
+    if (b_qkv.has_value()) {
+        check_cpu(*b_qkv, at::kFloat, "b_qkv");
+        TORCH_CHECK(b_qkv->is_contiguous() && b_qkv->numel() == n_qkv,
+                    "parallax_cpu: b_qkv must be contiguous (", n_qkv, ",)");
+    }
+    for (const at::Tensor* c : {&k_cache, &v_cache}) check_cpu(*c, at::kFloat, "the KV cache");
+    TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous()
+                && k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == num_kv_heads,
+                "parallax_cpu: k_cache, v_cache must be contiguous (blocks, ", num_kv_heads,
+                ", block_size, D)");
+    check_cpu(cos, at::kFloat, "cos");
+    check_cpu(sin, at::kFloat, "sin");
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == t * (d / 2)
+                && sin.numel() == t * (d / 2), "parallax_cpu: cos, sin must be contiguous (T, D/2)");
+    check_cpu(slot_mapping, at::kLong, "slot_mapping");
+    for (const at::Tensor* m : {&block_tables, &context_lens, &query_start_loc})
+        check_cpu(*m, at::kInt, "block_tables, context_lens and query_start_loc");
+    TORCH_CHECK(slot_mapping.is_contiguous() && slot_mapping.numel() == t
+                && block_tables.dim() == 2 && block_tables.is_contiguous()
+                && context_lens.is_contiguous() && query_start_loc.is_contiguous()
+                && context_lens.numel() == block_tables.size(0)
+                && query_start_loc.numel() == context_lens.numel() + 1,
+                "parallax_cpu: attention metadata shapes do not match (T = ", t, ")");
+    at::Tensor out = at::empty({t, h}, x.options());
+    at::Tensor res = at::empty({t, h}, x.options());
+    // One scratch allocation: h (T, H) | qkv (T, n_qkv) | attn (T, Hq D).
+    at::Tensor scratch = at::empty({t * (h + n_qkv + num_heads * d)}, x.options());
+    float* sp = scratch.mutable_data_ptr<float>();
+    using fn = int (*)(const float*, const float*, const float*, float, int, const void*,
+                       const float*, int, const void*, float*, float*, const float*,
+                       const float*, const int64_t*, const int32_t*, int, const int32_t*,
+                       const int32_t*, float*, float*, float*, float*, float*, int, int, int,
+                       int, int, int, int, int, float, int, float, int);
+    int rc = entry<fn>(isa, "parallax_attention_half_f32")(
+        x.const_data_ptr<float>(), residual.has_value() ? residual->const_data_ptr<float>() : nullptr,
+        norm_weight.const_data_ptr<float>(), static_cast<float>(eps), qkv_code,
+        w_qkv.const_data_ptr(), b_qkv.has_value() ? b_qkv->const_data_ptr<float>() : nullptr,
+        o_code, w_o.const_data_ptr(), k_cache.mutable_data_ptr<float>(),
+        v_cache.mutable_data_ptr<float>(), cos.const_data_ptr<float>(),
+        sin.const_data_ptr<float>(), slot_mapping.const_data_ptr<int64_t>(),
+        block_tables.const_data_ptr<int32_t>(), block_tables.size(1),
+        context_lens.const_data_ptr<int32_t>(), query_start_loc.const_data_ptr<int32_t>(), sp,
+        sp + t * h, sp + t * (h + n_qkv), out.mutable_data_ptr<float>(),
+        res.mutable_data_ptr<float>(), t, context_lens.size(0), h, num_heads, num_kv_heads, d,
+        k_cache.size(0), k_cache.size(2), static_cast<float>(scale), static_cast<int>(window),
+        static_cast<float>(softcap), threads());
+    check_layer_rc(rc, t, h);
+    return {out, res};
+}
+
+// (out (T, H), residual_out (T, H)); see layer_f32.c.
+std::tuple<at::Tensor, at::Tensor> mlp_half_f32(
+        const at::Tensor& x, const std::optional<at::Tensor>& residual,
+        const at::Tensor& norm_weight, double eps, const at::Tensor& w_gate_up,
+        const std::string& gate_up_kind, const at::Tensor& w_down,
+        const std::string& down_kind, int64_t intermediate, const std::string& isa) {
+    check_rows(x, residual, norm_weight);
+    int64_t t = x.size(0), h = x.size(1), f = intermediate;
+    int gu_code = weight_code(w_gate_up, gate_up_kind, 2 * f, h, "w_gate_up");
+    int down_code = weight_code(w_down, down_kind, h, f, "w_down");
+    at::Tensor out = at::empty({t, h}, x.options());
+    at::Tensor res = at::empty({t, h}, x.options());
+    // h (T, H) | gate_up (T, 2F) | act (T, F)
+    at::Tensor scratch = at::empty({t * (h + 3 * f)}, x.options());
+    float* sp = scratch.mutable_data_ptr<float>();
+    using fn = int (*)(const float*, const float*, const float*, float, int, const void*, int,
+                       const void*, float*, float*, float*, float*, float*, int, int, int, int);
+    int rc = entry<fn>(isa, "parallax_mlp_half_f32")(
+        x.const_data_ptr<float>(), residual.has_value() ? residual->const_data_ptr<float>() : nullptr,
+        norm_weight.const_data_ptr<float>(), static_cast<float>(eps), gu_code,
+        w_gate_up.const_data_ptr(), down_code, w_down.const_data_ptr(), sp, sp + t * h,
+        sp + t * (h + 2 * f), out.mutable_data_ptr<float>(), res.mutable_data_ptr<float>(), t,
+        h, f, threads());
+    check_layer_rc(rc, t, std::max(h, f));
+    return {out, res};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(parallax_cpu, m) {
@@ -302,6 +456,15 @@ TORCH_LIBRARY(parallax_cpu, m) {
           "Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor slot_mapping, "
           "Tensor block_tables, Tensor context_lens, Tensor query_start_loc, float scale, "
           "int window, float softcap, str isa) -> Tensor");
+    m.def("attention_half_f32(Tensor x, Tensor? residual, Tensor norm_weight, float eps, "
+          "Tensor w_qkv, str qkv_kind, Tensor? b_qkv, Tensor w_o, str o_kind, "
+          "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, "
+          "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, "
+          "Tensor query_start_loc, int num_heads, int num_kv_heads, float scale, int window, "
+          "float softcap, str isa) -> (Tensor, Tensor)");
+    m.def("mlp_half_f32(Tensor x, Tensor? residual, Tensor norm_weight, float eps, "
+          "Tensor w_gate_up, str gate_up_kind, Tensor w_down, str down_kind, int intermediate, "
+          "str isa) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(parallax_cpu, CPU, m) {
@@ -314,4 +477,6 @@ TORCH_LIBRARY_IMPL(parallax_cpu, CPU, m) {
     m.impl("silu_and_mul_f32", &silu_and_mul_f32);
     m.impl("decode_attention_kv_f32", &decode_attention_kv_f32);
     m.impl("paged_attention_kv_f32", &paged_attention_kv_f32);
+    m.impl("attention_half_f32", &attention_half_f32);
+    m.impl("mlp_half_f32", &mlp_half_f32);
 }
