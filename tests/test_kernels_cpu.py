@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import platform
 import shutil
 import subprocess
 
@@ -594,12 +595,55 @@ def test_measured_choice_times_both_paths():
 
 
 @pytest.mark.parametrize("rows", [1, 16, 64])
-def test_decode_choices_are_timed_on_weights_not_in_cache(rows, monkeypatch):
-    """A decode step reads each weight from memory once, so up to COLD_ROWS rows both paths
-    are timed round-robin over copies of the weight that together overflow the last-level
-    cache 1.5 times (here made 1 MiB), each copy equal to the weight (and alive: distinct
-    addresses); prefill row counts,
-    bound by arithmetic, are timed on the weight itself."""
+def test_decode_choices_are_timed_on_weights_flushed_from_cache(rows, monkeypatch):
+    """A decode step reads each weight from memory once, so up to COLD_ROWS rows each timed
+    call of either path follows a flush of the weight from the caches (no copies: choosing
+    costs no memory); prefill row counts, bound by arithmetic, are timed on the weight as
+    it is."""
+    if cpu.torch_ops() is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("cache flushing is an x86 instruction; other CPUs time on copies (below)")
+    packed = cpu.pack(torch.randn(64, 256))
+    events = []
+    flush = cpu._flush
+    monkeypatch.setattr(cpu, "_flush", lambda w: events.append("flush") or flush(w))
+
+    def runner(name, fn):
+        def run(x, p):
+            assert p.data_ptr() == packed.data_ptr()
+            events.append(name)
+            return fn(x, p)
+        return run
+
+    c = cpu._time_paths(runner("kernel", cpu.linear_packed),
+                        runner("torch", ref.linear_packed), rows, 256, (packed,))
+    if rows <= cpu.COLD_ROWS:
+        timed = events[3:]      # after a warm-up call of each path and the first flush
+        assert c["flushed"] and c["copies"] == 1
+        assert timed[1::2] == ["kernel", "torch"] * c["rounds"]      # every call ...
+        assert timed[0::2] == ["flush"] * (2 * c["rounds"])          # ... right after a flush
+    else:
+        assert not c["flushed"] and "flush" not in events
+
+
+def test_flush_cache_keeps_the_values():
+    """The flush op writes cache lines back before dropping them: the tensor is unchanged."""
+    if cpu.torch_ops() is None:
+        pytest.skip("the torch ops shim did not build here")
+    t = torch.randn(1000, 77)[:, :64].contiguous()
+    before = t.clone()
+    t.add_(1.0)                         # dirty lines in cache
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert cpu.torch_ops().flush_cache(t) is x86
+    assert torch.equal(t, before + 1.0)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_decode_choices_are_timed_on_weight_copies_where_no_flush(rows, monkeypatch):
+    """Where the caches cannot be flushed, up to COLD_ROWS rows both paths are timed
+    round-robin over copies of the weight that together overflow the last-level cache 1.5
+    times (here made 1 MiB), each copy equal to the weight (and alive: distinct addresses);
+    prefill row counts are timed on the weight itself."""
+    monkeypatch.setattr(cpu, "_flush", lambda w: False)
     monkeypatch.setattr(cpu, "last_level_cache_bytes", lambda: 1 << 20)
     monkeypatch.setattr(cpu, "COLD_SWEEP_S", 60.0)      # no time cap on the copies here
     packed = cpu.pack(torch.randn(64, 256))             # 64 KiB: 24 copies make 1.5 MiB

@@ -238,7 +238,8 @@ def kernels(variant: str | None = None) -> str | None:
     """The name under which the torch ops call ``variant``'s kernels (default:
     ``best_variant()``), or None where they cannot be built: the failure and the compiler's
     message are logged once and kept for ``kernel_report``. ``PARALLAX_KERNELS=reference``
-    turns them off."""
+    turns them off. The op wrappers below call it before they look up their op: the first
+    call loads the ops into ``torch.ops.parallax_cpu``."""
     if variant is None:
         variant = _best()
         if (_load(variant) is None and variant in _build_errors and compiler() is not None
@@ -311,7 +312,8 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
                   *, isa: str | None = None) -> torch.Tensor:
     """y = x @ W^T + bias with W given as panels (see pack), by the C kernel of variant
     ``isa`` (default: the one in use). x: (..., K) float32."""
-    return torch.ops.parallax_cpu.gemm_packed_f32.default(x, packed, bias, kernels(isa))
+    lib = kernels(isa)
+    return torch.ops.parallax_cpu.gemm_packed_f32.default(x, packed, bias, lib)
 
 
 def linear_packed_auto(x: torch.Tensor, packed: torch.Tensor,
@@ -334,7 +336,8 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None = None, *, isa: str | None = None) -> torch.Tensor:
     """reference.int8_linear by csrc/cpu/int8_f32.c: x (..., K) float32, qweight (N, K) int8
     contiguous, scales (N,) float32. The weight is widened in registers, never in memory."""
-    return torch.ops.parallax_cpu.int8_linear_f32.default(x, qweight, scales, bias, kernels(isa))
+    lib = kernels(isa)
+    return torch.ops.parallax_cpu.int8_linear_f32.default(x, qweight, scales, bias, lib)
 
 
 def int8_linear_auto(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -359,9 +362,10 @@ def _block_linear(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                   bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
     """y = x @ W^T + bias, W in GGUF ``kind`` blocks ("q8_0", "q4_0": reference.GGUF_BLOCKS),
     x as it is (fp32), by the C kernel ``parallax_<kind>_linear_f32`` (csrc/cpu/q8_0_f32.c)."""
+    lib = kernels(isa)
     n_el, nbytes = _ref.GGUF_BLOCKS[kind]
-    return torch.ops.parallax_cpu.block_linear_f32.default(x, qweight, bias, kind, n_el, nbytes,
-                                                           kernels(isa))
+    op = torch.ops.parallax_cpu.block_linear_f32.default
+    return op(x, qweight, bias, kind, n_el, nbytes, lib)
 
 
 def q8_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -380,7 +384,8 @@ def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | Non
 def quantize_q8(x: torch.Tensor, *, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.quantize_q8 by csrc/cpu/q8_act.c (what the *_linear_q8 kernels do to x):
     x (M, K) float32 contiguous -> (codes (M, K) int8, scales (M, K/32) float32)."""
-    return torch.ops.parallax_cpu.quantize_q8.default(x, _ref.GGUF_BLOCK, kernels(isa))
+    lib = kernels(isa)
+    return torch.ops.parallax_cpu.quantize_q8.default(x, _ref.GGUF_BLOCK, lib)
 
 
 def block_linear_q8(kind: str, x: torch.Tensor, qweight: torch.Tensor,
@@ -390,9 +395,9 @@ def block_linear_q8(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     "q6_k") blocks of qweight (N, K/32 * block bytes; K-quants K/256 * super-block bytes)
     uint8, as llama.cpp does. Raises torch.OutOfMemoryError when the int8 codes of x
     cannot be allocated."""
+    lib = kernels(isa)
     n_el, nbytes = _ref.GGUF_BLOCKS[kind]
-    return torch.ops.parallax_cpu.block_linear_q8.default(x, qweight, bias, kind, n_el, nbytes,
-                                                          kernels(isa))
+    return torch.ops.parallax_cpu.block_linear_q8.default(x, qweight, bias, kind, n_el, nbytes, lib)
 
 
 DEQUANT_CHUNK_BYTES = 8 << 20   # fp32 bytes of weight rows dequantised at a time
@@ -508,10 +513,12 @@ def choose(kind: str, n: int, k: int, rows: int, kernel, torch_path, weights: tu
     choice = _choices.get(key)
     if choice is None:
         choice = _choices[key] = _time_paths(kernel, torch_path, timed, k, weights)
+        copies = choice.get("copies", 1)
+        how = ("weight flushed from cache" if choice.get("flushed")
+               else f"{copies} weight copies" if copies > 1 else "in cache")
         logger.info("CPU %s matmul %d x %d, rows <= %s: kernel %.0f us, torch %.0f us -> %s "
-                    "(%d weight copies)", kind, n, k, hi if hi is not None else "any",
-                    choice["kernel_us"], choice["torch_us"], choice["path"],
-                    choice.get("copies", 1))
+                    "(%s)", kind, n, k, hi if hi is not None else "any",
+                    choice["kernel_us"], choice["torch_us"], choice["path"], how)
     return choice["path"]
 
 
@@ -536,7 +543,8 @@ def last_level_cache_bytes() -> int:
 def _cold_copies(weights: tuple, seconds_per_call: float) -> list[tuple]:
     """``weights`` and enough copies of them to overflow the last-level cache 1.5 times
     (so that each call in a round-robin reads its weight from memory, as each matmul of a
-    decode step does), fewer where one sweep would exceed COLD_SWEEP_S."""
+    decode step does), fewer where one sweep would exceed COLD_SWEEP_S. Only where the
+    cache cannot be flushed (``_flush``): the copies cost memory while they are timed."""
     nbytes = sum(t.numel() * t.element_size() for t in weights)
     if nbytes == 0:
         return [weights]
@@ -545,22 +553,33 @@ def _cold_copies(weights: tuple, seconds_per_call: float) -> list[tuple]:
     return [weights] + [tuple(t.clone() for t in weights) for _ in range(count - 1)]
 
 
+def _flush(weights: tuple) -> bool:
+    """Drop ``weights`` from every cache (x86 clflush, the ``flush_cache`` op) so the next
+    call reads them from memory; False where that cannot be done."""
+    ops = torch_ops()
+    return (ops is not None and all(t.is_contiguous() for t in weights)
+            and all(ops.flush_cache(t) for t in weights))
+
+
 def _time_paths(kernel, torch_path, rows: int, k: int, weights: tuple = ()) -> dict:
     """Time both paths on random (rows, k) input in interleaved rounds (5 at least, up to
-    11 within ~0.3 s; 3 to 11 within ~0.1 s for decode row counts). Up to COLD_ROWS rows
-    a matmul streams its weight from memory, so each round calls each path once per copy
-    of ``weights`` (``_cold_copies``) and takes the mean: timed on one weight, both paths
-    would read it from cache, several times faster than a decode step ever sees it. torch
-    is chosen only when it wins both ways: its fastest round beats the kernel's fastest by
-    TORCH_MARGIN, and it wins that margin in most rounds. Load from other processes only
-    ever adds time, and on a shared machine it can hit either side of a round; requiring
-    both keeps one unlucky run from flipping the choice for good."""
+    11 within ~0.3 s). Up to COLD_ROWS rows a matmul streams its weight from memory, so
+    each call is timed on ``weights`` just dropped from the caches (``_flush``; where that
+    cannot be done, each round calls each path once per copy of ``weights``, 3 to 11 rounds
+    within ~0.1 s: ``_cold_copies``): timed on a weight in cache, both paths would run
+    several times faster than a decode step ever sees them. torch is chosen only when it
+    wins both ways: its fastest round beats the kernel's fastest by TORCH_MARGIN, and it
+    wins that margin in most rounds. Load from other processes only ever adds time, and on
+    a shared machine it can hit either side of a round; requiring both keeps one unlucky
+    run from flipping the choice for good."""
     x = torch.randn(rows, k)
     paths = {"kernel": kernel, "torch": torch_path}
     for fn in paths.values():   # warm up: first touches, MKL's buffers
         fn(x, *weights)
+    cold = bool(weights) and rows <= COLD_ROWS
+    flushed = cold and _flush(weights)
     sets = [weights]
-    if weights and rows <= COLD_ROWS:
+    if cold and not flushed:
         slowest = 0.0
         for fn in paths.values():
             t0 = time.perf_counter()
@@ -572,6 +591,8 @@ def _time_paths(kernel, torch_path, rows: int, k: int, weights: tuple = ()) -> d
     t_end = time.perf_counter() + budget
     for rep in range(11):
         for name, fn in paths.items():
+            if flushed:
+                _flush(weights)
             t0 = time.perf_counter()
             for w in sets:
                 fn(x, *w)
@@ -582,7 +603,7 @@ def _time_paths(kernel, torch_path, rows: int, k: int, weights: tuple = ()) -> d
     wins = sum(t < TORCH_MARGIN * kt for t, kt in zip(times["torch"], times["kernel"]))
     torch_wins = torch_us < TORCH_MARGIN * kernel_us and wins > len(times["torch"]) / 2
     return {"kernel_us": kernel_us, "torch_us": torch_us, "rounds": len(times["torch"]),
-            "torch_won_rounds": wins, "copies": len(sets),
+            "torch_won_rounds": wins, "copies": len(sets), "flushed": flushed,
             "path": "torch" if torch_wins else "kernel"}
 
 
@@ -612,14 +633,15 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rms_norm(x + residual) * weight, x + residual); residual None: (rms_norm(x), None).
     x, residual: (..., D) contiguous; weight: (D,)."""
-    out, res = torch.ops.parallax_cpu.add_rms_norm_f32.default(x, residual, weight, eps,
-                                                              kernels(isa))
+    lib = kernels(isa)
+    out, res = torch.ops.parallax_cpu.add_rms_norm_f32.default(x, residual, weight, eps, lib)
     return out, None if residual is None else res
 
 
 def silu_and_mul(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
     """x (..., 2N) contiguous -> silu(x[..., :N]) * x[..., N:], (..., N)."""
-    return torch.ops.parallax_cpu.silu_and_mul_f32.default(x, kernels(isa))
+    lib = kernels(isa)
+    return torch.ops.parallax_cpu.silu_and_mul_f32.default(x, lib)
 
 
 def decode_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, context_lens, scale,
@@ -628,9 +650,10 @@ def decode_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, context_l
     heads D apart in q/k/v, cache slots D apart, cos/sin contiguous (B, D/2), int32 lens.
     Raises KernelInputError (and writes nothing) when a context length is outside
     [1, cache slots]."""
+    lib = kernels(isa)
     return _checked(
         torch.ops.parallax_cpu.decode_attention_kv_f32.default,
-        (q, k, v, k_cache, v_cache, cos, sin, context_lens, scale, kernels(isa)),
+        (q, k, v, k_cache, v_cache, cos, sin, context_lens, scale, lib),
         lambda bad: f"decode attention: context_lens[{bad - 1}] = {int(context_lens[bad - 1])} "
                     f"is outside [1, {k_cache.shape[2]}] (the cache's slots); nothing was written")
 
@@ -661,10 +684,11 @@ def paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, slot_mappi
     """reference.paged_attention_with_kvcache in one C call (csrc/cpu/paged_attention_f32.c),
     sliding ``window`` and score ``softcap`` included. Needs ``paged_layout_ok``; raises
     KernelInputError on out-of-range metadata, writing nothing."""
+    lib = kernels(isa)
     return _checked(
         torch.ops.parallax_cpu.paged_attention_kv_f32.default,
         (q, k, v, k_cache, v_cache, cos, sin, slot_mapping, block_tables, context_lens,
-         query_start_loc, scale, window or 0, softcap or 0.0, kernels(isa)),
+         query_start_loc, scale, window or 0, softcap or 0.0, lib),
         lambda err: f"paged attention: {_PAGED_ERRORS.get(err, err)}")
 
 
@@ -708,11 +732,12 @@ def attention_half(x, residual, norm_weight, eps, w_qkv, qkv_kind, b_qkv, w_o, o
     attention (needs ``paged_layout_ok``'s layouts), o_proj matmul; weight kinds "f32"
     (packed), "q8_0" / "q4_0" (fp32 activations) or "<block>*q8". Raises KernelInputError
     on out-of-range metadata, writing nothing into the cache."""
+    lib = kernels(isa)
     return _checked(
         torch.ops.parallax_cpu.attention_half_f32.default,
         (x, residual, norm_weight, eps, w_qkv, qkv_kind, b_qkv, w_o, o_kind, k_cache, v_cache,
          cos, sin, slot_mapping, block_tables, context_lens, query_start_loc, num_heads,
-         num_kv_heads, scale, window, softcap, kernels(isa)),
+         num_kv_heads, scale, window, softcap, lib),
         lambda err: f"paged attention: {_PAGED_ERRORS.get(err, err)}")
 
 
@@ -720,6 +745,7 @@ def mlp_half(x, residual, norm_weight, eps, w_gate_up, gate_up_kind, w_down, dow
              intermediate, *, isa: str | None = None):
     """reference.fused_mlp_half in one C call: add + RMSNorm, gate|up matmul, SiLU-and-mul,
     down matmul."""
+    lib = kernels(isa)
     return torch.ops.parallax_cpu.mlp_half_f32.default(
-        x, residual, norm_weight, eps, w_gate_up, gate_up_kind, w_down, down_kind, intermediate,
-        kernels(isa))
+        x, residual, norm_weight, eps, w_gate_up, gate_up_kind, w_down, down_kind,
+        intermediate, lib)

@@ -17,6 +17,10 @@
 #include <unordered_map>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#endif
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -67,6 +71,26 @@ std::string load_variant(const std::string& isa, const std::string& path) {
 }
 
 int threads() { return at::get_num_threads(); }
+
+// Write back and drop every cache line of `t` (x86 clflush, SSE2 so in every x86-64 build),
+// so that the next read comes from memory, as a decode step reads each weight: choose()
+// times the decode matmuls this way instead of on copies of the weight that would overflow
+// the cache (and the process's peak memory). false where there is no such instruction.
+bool flush_cache(const at::Tensor& t) {
+#if defined(__x86_64__) || defined(_M_X64)
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(),
+                "parallax_cpu: flush_cache takes a contiguous CPU tensor");
+    const char* p = static_cast<const char*>(t.data_ptr());
+    const size_t n = t.numel() * t.element_size();
+    for (size_t i = 0; i < n; i += 64) _mm_clflush(p + i);
+    if (n > 0) _mm_clflush(p + n - 1);
+    _mm_mfence();
+    return true;
+#else
+    (void)t;
+    return false;
+#endif
+}
 
 void check_cpu(const at::Tensor& t, at::ScalarType dtype, const char* what) {
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype, "parallax_cpu: ", what,
@@ -438,6 +462,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_half_f32(
 
 TORCH_LIBRARY(parallax_cpu, m) {
     m.def("load_variant(str isa, str path) -> str", &load_variant);
+    m.def("flush_cache(Tensor t) -> bool", &flush_cache);
     m.def("gemm_packed_f32(Tensor x, Tensor packed, Tensor? bias, str isa) -> Tensor");
     m.def("int8_linear_f32(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, str isa)"
           " -> Tensor");
