@@ -14,6 +14,8 @@ uniformly in [lo, hi] (the mean is then half the maximum, which flatters a stati
 Systems, on the same weights (SmolLM2-135M, fp32, one process):
 
 - ``parallax``: every request ``submit``ted at its arrival time, deltas timed as they stream.
+  ``parallax@N`` (in ``--systems``): the same with the engine's token budget
+  (``max_num_batched_tokens``) set to N for that run, to compare budgets in one run.
 - ``static``: the old way, emulated on the same kernels: requests in arrival order form
   batches of ``--batch``; a batch starts when its last request has arrived and the previous
   batch is done, and runs until its longest output is done (every member decodes that long).
@@ -112,9 +114,10 @@ def run_parallax(llm, reqs: list[Req], peak: dict) -> tuple[float, float]:
         t.start()
         threads.append(t)
         peak["usage"] = max(peak["usage"], llm.stats()["kv_cache_usage"])
-    while any(t.is_alive() for t in threads):
-        peak["usage"] = max(peak["usage"], llm.stats()["kv_cache_usage"])
-        time.sleep(0.02)
+    for t in threads:       # join, sampling the KV usage every 20 ms meanwhile: the end
+        while t.is_alive():  # time is taken when the last thread ends, not on a poll tick
+            peak["usage"] = max(peak["usage"], llm.stats()["kv_cache_usage"])
+            t.join(0.02)
     return t0, time.perf_counter()
 
 
@@ -251,14 +254,21 @@ def main(argv=None) -> None:
                     help="length distribution in the --prompt-len / --output-len ranges")
     ap.add_argument("--rates", default="2,inf", help="requests/s, comma-separated; inf = burst")
     ap.add_argument("--batch", type=int, default=8, help="static/HF batch size")
-    ap.add_argument("--systems", default="parallax,static")
+    ap.add_argument("--systems", default="parallax,static",
+                    help="comma-separated: parallax, parallax@BUDGET, static, hf")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="the engine's token budget per step (default: the LLM's)")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="the engine's running requests at most (default: the LLM's)")
     ap.add_argument("--hf", action="store_true", help="also HF transformers generate()")
     ap.add_argument("--decode-overhead", action="store_true",
                     help="engine vs plain batch-32 decode loop")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     systems = a.systems.split(",") + (["hf"] if a.hf else [])
-    llm = parallax.LLM(a.model)
+    engine_kw = {k: v for k, v in (("max_num_batched_tokens", a.max_num_batched_tokens),
+                                   ("max_num_seqs", a.max_num_seqs)) if v is not None}
+    llm = parallax.LLM(a.model, **engine_kw)
     reqs0 = workload(a.num_requests, tuple(a.prompt_len), tuple(a.output_len),
                      llm.config.vocab_size, a.seed, a.lengths)
     llm.generate([reqs0[0].prompt], max_new_tokens=4)      # warm-up (kernel build, caches)
@@ -278,8 +288,9 @@ def main(argv=None) -> None:
     print(f"{a.num_requests} requests, {a.lengths} lengths: prompts {a.prompt_len[0]}-"
           f"{a.prompt_len[1]} tokens (mean {mean([len(r.prompt) for r in reqs0]):.0f}), outputs "
           f"{a.output_len[0]}-{a.output_len[1]} (mean {mean([r.out_len for r in reqs0]):.0f}), "
-          f"static/HF batch {a.batch}, "
-          f"threads {torch.get_num_threads()}")
+          f"static/HF batch {a.batch}, engine max_num_batched_tokens "
+          f"{llm._core.scheduler.max_num_batched_tokens}, max_num_seqs "
+          f"{llm._core.scheduler.max_num_seqs}, threads {torch.get_num_threads()}")
     print("| system   |  rate |  req/s |   tok/s | TTFT ms mean/p50/p99 | TPOT ms | ITL ms | E2E ms |")
     print("|---|---|---|---|---|---|---|---|")
     peak_tokens = 0
@@ -289,9 +300,16 @@ def main(argv=None) -> None:
             arrivals(reqs, rate, a.seed)
             # Every system starts cold: an earlier run's prompts would be prefix-cache hits.
             llm._core.bm.reset_prefix_cache()
-            if system == "parallax":
+            if system.split("@")[0] == "parallax":
                 peak = {"usage": 0.0}
-                t0, t1 = run_parallax(llm, reqs, peak)
+                sched = llm._core.scheduler
+                default_budget = sched.max_num_batched_tokens
+                if "@" in system:      # the engine thread reads it at its next schedule()
+                    sched.max_num_batched_tokens = int(system.split("@")[1])
+                try:
+                    t0, t1 = run_parallax(llm, reqs, peak)
+                finally:
+                    sched.max_num_batched_tokens = default_budget
                 peak_tokens = max(peak_tokens, int(peak["usage"] * llm.stats()["kv_cache_tokens"]))
             elif system == "static":
                 t0, t1 = run_static(llm, reqs, a.batch)

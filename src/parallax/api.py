@@ -90,8 +90,9 @@ class LLM:
                  dtype: str | torch.dtype = D.DTYPE, device: str = D.DEVICE, *,
                  layer_split: list[int] | None = None, quantize: str | None = None,
                  micro_batches: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 threads_per_rank: int | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, kv_cache_tokens: int | None = None,
+                 threads_per_rank: int | None = None, max_num_seqs: int = D.MAX_NUM_SEQS,
+                 max_num_batched_tokens: int = D.MAX_NUM_BATCHED_TOKENS,
+                 kv_cache_tokens: int | None = None,
                  block_size: int = 16, prefix_caching: bool = True,
                  executor: str | None = None, ep: int = 1):
         self._core: EngineCore | None = None

@@ -13,6 +13,10 @@ PP = 1                      # pipeline stages
 DTYPE = "float32"           # weights and activations
 DEVICE = "cpu"
 
+# Serving engine (LLM.__init__, Scheduler; docs/engine.md "The scheduler").
+MAX_NUM_SEQS = 64               # running requests at most
+MAX_NUM_BATCHED_TOKENS = 512    # tokens computed per step at most (chunked prefill beyond)
+
 # Generation (LLM.generate / LLM.stream).
 MAX_NEW_TOKENS = 32
 TEMPERATURE = 0.0           # 0 = greedy

@@ -191,7 +191,9 @@ class Sampler:
         lps: list[TokenLogprobs | None] = [None] * len(states)
         plain = [i for i, s in enumerate(states) if s.params.greedy and not s.params.processed]
         if plain:   # the common case, one argmax for all of them
-            for i, tok in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+            # All rows plain (the usual batch): no gather, which copies the (R, V) logits.
+            picked = logits if len(plain) == len(states) else logits[plain]
+            for i, tok in zip(plain, picked.argmax(dim=-1).tolist()):
                 out[i] = tok
         for i, s in enumerate(states):
             if out[i] is None:

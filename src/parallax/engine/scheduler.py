@@ -28,6 +28,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .. import defaults as D
 from ..errors import ParallaxError
 from .block_manager import BlockManager
 from .request import Request, RequestStatus
@@ -70,8 +71,8 @@ class Scheduler:
         steps_in_flight: steps the executor runs at once (pp; rule 5).
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, steps_in_flight: int = 1):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = D.MAX_NUM_SEQS,
+                 max_num_batched_tokens: int = D.MAX_NUM_BATCHED_TOKENS, steps_in_flight: int = 1):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ParallaxError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got "
                                 f"{max_num_seqs} and {max_num_batched_tokens}")
