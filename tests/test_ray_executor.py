@@ -42,13 +42,18 @@ def _ray_processes() -> list[psutil.Process]:
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    """A local Ray of 4 CPUs for this module; afterwards none of its processes is alive."""
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             object_store_memory=100 << 20)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    """A local Ray of 4 CPUs for this module; afterwards none of its processes is alive.
+    Without token auth, as test_ray_serve.py's cluster: Ray keeps the auth mode of the
+    first ``ray.init`` for the whole process, and a later driver connection to a cluster of
+    the other mode cannot start actors."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=100 << 20)
+        try:
+            yield
+        finally:
+            ray.shutdown()
     deadline = time.monotonic() + 20
     while _ray_processes() and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -247,7 +247,7 @@ def kernels(variant: str | None = None) -> str | None:
             # e.g. a compiler too old for -mavxvnni: the next variant this CPU runs
             ok = supported_variants()
             for other in ok[ok.index(variant) + 1:]:
-                if _load(other) is not None:
+                if _load(other, quiet=True) is not None:
                     logger.warning("CPU kernels: using %s (%s did not build)", other, variant)
                     _BEST[:] = [other]
                     return _libs[other]
@@ -255,7 +255,9 @@ def kernels(variant: str | None = None) -> str | None:
     return _load(variant)
 
 
-def _load(variant: str) -> str | None:
+def _load(variant: str, quiet: bool = False) -> str | None:
+    """Build and load ``variant`` once; a failure is kept and logged (a warning, or with
+    ``quiet``, a fallback after the best variant's warning, at debug level)."""
     if variant not in _libs:
         _libs[variant] = None
         if _mode() != "reference" and torch_ops() is not None:
@@ -263,7 +265,8 @@ def _load(variant: str) -> str | None:
                 load_library(variant, build(variant))
             except Exception as e:   # no compiler, sandboxed /tmp, ...: fall back, loudly
                 _build_errors[variant] = str(e)
-                logger.warning("CPU kernels (%s) unavailable, using torch: %s", variant, e)
+                logger.log(logging.DEBUG if quiet else logging.WARNING,
+                           "CPU kernels (%s) unavailable, using torch: %s", variant, e)
     return _libs[variant]
 
 
