@@ -456,7 +456,9 @@ def main() -> None:
         log.info("%s: parallax loaded in %.1f s, transformers in %.1f s", fmt,
                  loads[fmt]["parallax"], loads[fmt]["transformers"])
         if llama is not None:
-            llama.call("load", path=path, threads=a.threads, batches=batches, n_ctx_seq=512)
+            # batch 1 too: the greedy agreement check runs one prompt at a time
+            llama.call("load", path=path, threads=a.threads, batches=sorted({1, *batches}),
+                       n_ctx_seq=512)
         ids = llm.tokenizer.encode(a.prompt)
         tok = llm.tokenizer
         for batch in batches:

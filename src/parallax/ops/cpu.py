@@ -403,7 +403,8 @@ def block_linear_q8(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     return torch.ops.parallax_cpu.block_linear_q8.default(x, qweight, bias, kind, n_el, nbytes, lib)
 
 
-DEQUANT_CHUNK_BYTES = 8 << 20   # fp32 bytes of weight rows dequantised at a time
+DEQUANT_CHUNK_BYTES = 2 << 20   # fp32 bytes of weight rows dequantised at a time (its
+# temporaries are a few times this: the peak RSS of timing the torch path, ops.cpu.choose)
 
 
 def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
