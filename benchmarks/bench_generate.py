@@ -245,18 +245,54 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+# llama.cpp's contexts of the agreement check (llamacpp_driver.py's ``kv``): its default, F16
+# K and V through flash attention, and an F32 cache attended in fp32 (parallax's precision).
+AGREE_KV = {"default": "llama.cpp default (F16 KV cache, flash attention)",
+            "f32": "llama.cpp F32 KV cache, flash attention off (fp32 attention)"}
+
+
+def _margin(row) -> float:
+    """Top-1 minus top-2 of a logits row."""
+    top = torch.topk(torch.as_tensor(row), 2).values
+    return float(top[0] - top[1])
+
+
 def agreement(llm, hf: Driver, llama: Driver, n: int) -> list[dict]:
     """Greedy ``n`` tokens of each AGREE_PROMPTS (same token ids, no chat template) by
-    parallax, llama.cpp and HF; where parallax's differ, the first differing position."""
+    parallax, transformers and llama.cpp (each AGREE_KV context); where parallax's differ,
+    the first differing position, and there both engines' top-1 minus top-2 logit margins
+    (parallax's from its own greedy run's logprobs: same prefix). Teacher-forced on
+    llama.cpp's tokens, the max |logit difference| of every step (llama.cpp decoding one
+    token a call; parallax one forward over the whole sequence, LLM.logits)."""
+    import numpy as np
+    import tempfile
     res = []
-    for prompt in AGREE_PROMPTS:
-        ids = llm.tokenizer.encode(prompt)
-        px = list(llm.generate([ids], max_new_tokens=n, ignore_eos=True, chat=False)[0].token_ids)
-        lc = llama.call("generate", ids=ids, n=n, batch=1)["tokens"][0]
-        ht = hf.call("generate", ids=ids, n=n, batch=1)["tokens"][0]
-        res.append({"prompt": prompt, "parallax": px, "llama_cpp": lc, "hf": ht,
-                    "llama_cpp_differs_at": first_difference(px, lc),
-                    "hf_differs_at": first_difference(px, ht)})
+    with tempfile.TemporaryDirectory() as tmp:
+        for prompt in AGREE_PROMPTS:
+            ids = llm.tokenizer.encode(prompt)
+            out = llm.generate([ids], max_new_tokens=n, ignore_eos=True, chat=False,
+                               logprobs=2)[0]
+            px = list(out.token_ids)
+            g = {"prompt": prompt, "parallax": px,
+                 "hf": hf.call("generate", ids=ids, n=n, batch=1)["tokens"][0]}
+            g["hf_differs_at"] = first_difference(px, g["hf"])
+            for kv in AGREE_KV:
+                lc = llama.call("generate", ids=ids, n=n, batch=1, kv=kv)["tokens"][0]
+                path = os.path.join(tmp, "logits.npy")
+                llama.call("logits", ids=ids, forced=lc, out=path, kv=kv)
+                theirs = torch.from_numpy(np.load(path))
+                mine = llm.logits([ids + lc[:-1]])[0, len(ids) - 1:]
+                pos = first_difference(px, lc)
+                r = {"tokens": lc, "differs_at": pos,
+                     "forced_max_abs_logit_diff": (mine - theirs).abs().amax(-1).tolist()}
+                if pos is not None and pos < len(out.logprobs):
+                    top = out.logprobs[pos].top
+                    r["margin_llama_cpp"] = _margin(theirs[pos])
+                    r["margin_parallax"] = top[0][1] - top[1][1]
+                g[f"llama_cpp_{kv}"] = r
+            g["llama_cpp_f32_vs_default_differs_at"] = first_difference(
+                g["llama_cpp_default"]["tokens"], g["llama_cpp_f32"]["tokens"])
+            res.append(g)
     return res
 
 
@@ -301,6 +337,35 @@ def bench_batch(batch: int, ids: list[int], llm, hf: Driver, llama: Driver | Non
     return row
 
 
+def print_agreement(a, agree: list[dict], llm_tok) -> None:
+    print(f"\ngreedy agreement at {a.agree_format}, {a.agree_tokens} tokens (parallax against "
+          "llama.cpp and transformers on the same file; margins: top-1 minus top-2 logit at "
+          "the first difference; teacher-forced: max |logit diff| per step on llama.cpp's "
+          "tokens, median / max over the steps):")
+    for g in agree:
+        def say(pos, other):
+            if pos is None:
+                return "agree"
+            mine, theirs = (llm_tok.decode(t[pos:pos + 1]) for t in (g["parallax"], other))
+            return f"disagree at token {pos} (parallax {mine!r} vs {theirs!r})"
+        print(f"- {g['prompt']!r}: transformers {say(g['hf_differs_at'], g['hf'])}")
+        for kv, label in AGREE_KV.items():
+            r = g[f"llama_cpp_{kv}"]
+            d = sorted(r["forced_max_abs_logit_diff"])
+            line = f"    {label}: {say(r['differs_at'], r['tokens'])}"
+            if "margin_parallax" in r:
+                line += (f", margins parallax {r['margin_parallax']:.3f} / llama.cpp "
+                         f"{r['margin_llama_cpp']:.3f}")
+            print(line + f"; teacher-forced {d[len(d) // 2]:.3f} / {d[-1]:.3f}")
+        print(f"    (llama.cpp default vs its F32 cache: "
+              f"{say_pos(g['llama_cpp_f32_vs_default_differs_at'])})")
+        print(f"    parallax: {llm_tok.decode(g['parallax'])!r}")
+
+
+def say_pos(pos) -> str:
+    return "agree" if pos is None else f"disagree at token {pos}"
+
+
 def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: dict,
                  files: dict, agree: list[dict] | None, llm_tok) -> None:
     lc = any("llama.cpp_tok_s" in r for r in rows)
@@ -339,17 +404,7 @@ def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: di
     if rss:
         print_rss(a, rss, files)
     if agree:
-        print(f"\ngreedy agreement at {a.agree_format}, {a.agree_tokens} tokens "
-              "(parallax against llama.cpp and against transformers on the same file):")
-        for g in agree:
-            def say(pos, other):
-                if pos is None:
-                    return "agree"
-                mine, theirs = (llm_tok.decode(t[pos:pos + 1]) for t in (g["parallax"], other))
-                return f"disagree at token {pos} (parallax {mine!r} vs {theirs!r})"
-            print(f"- {g['prompt']!r}: llama.cpp {say(g['llama_cpp_differs_at'], g['llama_cpp'])}; "
-                  f"transformers {say(g['hf_differs_at'], g['hf'])}")
-            print(f"    parallax: {llm_tok.decode(g['parallax'])!r}")
+        print_agreement(a, agree, llm_tok)
     if roof:
         b1 = next((r for r in rows if r["batch"] == 1), None)
         gb = roof["bytes"] / 1e9

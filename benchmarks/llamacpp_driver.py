@@ -8,8 +8,10 @@ object per line each way. It imports only llama_cpp, numpy and the standard libr
     {"cmd": "quantize", "src": F, "dst": G, "ftype": 7}  -> {"ok": true}   (0 F32, 7 Q8_0, 2 Q4_0)
     {"cmd": "load", "path": F, "threads": 2, "batches": [1, 8], "n_ctx_seq": 512}
                                                          -> {"ok": true, "n_vocab": V}
-    {"cmd": "generate", "ids": [...], "n": N, "batch": B}
+    {"cmd": "generate", "ids": [...], "n": N, "batch": B, "kv": "default"}
                                                          -> {"tokens": [[...] * B], "cpu_s": t}
+    {"cmd": "logits", "ids": [...], "forced": [...], "out": F, "kv": "default"}
+                                                         -> {"shape": [len(forced), V]}
     {"cmd": "free"}                                      -> {"ok": true}
 
 ``generate`` runs B copies of the prompt as B parallel sequences of one context (llama.cpp's
@@ -17,7 +19,17 @@ object per line each way. It imports only llama_cpp, numpy and the standard libr
 call per step carrying one token of every sequence) and greedy-samples each row (argmax of
 its logits) for N tokens: the first from the prefill, N - 1 decode steps after it, the
 semantics of ``LLM.generate(max_new_tokens=N)``; ``cpu_s`` is the CPU time this process
-(all its threads) spent on it. Errors answer {"error": message}.
+(all its threads) spent on it. ``logits`` is the same batch-1 path teacher-forced: the
+prompt in one call, then the tokens of ``forced`` one decode call each (all but the last);
+the logits that chose each token of ``forced`` (the prompt's last position's, then each
+step's) go to the float32 .npy file F, (len(forced), V).
+
+``kv`` picks the context: "default" is llama.cpp's own default (F16 K and V cache, flash
+attention on auto, which the CPU takes: q, K and V go into it as fp16), "f32" an F32 K and V
+cache with flash attention off (attention in fp32, the precision of parallax's fp32 cache;
+with flash attention on, llama.cpp casts an F32 cache to F16 for it, and the logits equal
+the default's bit for bit). Contexts are made on first use, one per (batch, kv).
+Errors answer {"error": message}.
 """
 from __future__ import annotations
 
@@ -30,6 +42,9 @@ from driver_loop import serve   # benchmarks/, this script's folder
 
 
 PREFILL_TOKENS = 512   # n_batch: the prefill of every sequence goes in one llama_decode call
+# kv -> (type_k = type_v, flash attention), llama_cpp names; None: llama.cpp's default
+KV_TYPES = {"default": (None, None),
+            "f32": ("GGML_TYPE_F32", "LLAMA_FLASH_ATTN_TYPE_DISABLED")}
 
 
 def _first(*names):
@@ -45,8 +60,8 @@ class Runner:
     def __init__(self) -> None:
         llama_cpp.llama_backend_init()
         self.model = None
-        self.ctxs: dict[int, object] = {}
-        self.batches: dict[int, object] = {}
+        self.ctxs: dict[tuple[int, str], object] = {}
+        self.batches: dict[tuple[int, str], object] = {}
 
     def version(self) -> dict:
         info = llama_cpp.llama_print_system_info()
@@ -71,18 +86,33 @@ class Runner:
             return {"error": f"llama.cpp could not load {path}"}
         vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self.threads, self.n_ctx_seq = threads, n_ctx_seq
         for b in batches:
-            cp = llama_cpp.llama_context_default_params()
-            cp.n_ctx = n_ctx_seq * b
-            cp.n_batch = cp.n_ubatch = PREFILL_TOKENS
-            cp.n_seq_max = b
-            cp.n_threads = cp.n_threads_batch = threads
-            ctx = _first("llama_init_from_model", "llama_new_context_with_model")(self.model, cp)
-            if not ctx:
-                return {"error": f"llama.cpp could not make a context for {b} sequences"}
-            self.ctxs[b] = ctx
-            self.batches[b] = llama_cpp.llama_batch_init(cp.n_batch, 0, b)
+            self._context(b, "default")
         return {"ok": True, "n_vocab": self.n_vocab}
+
+    def _context(self, b: int, kv: str):
+        """The context for ``b`` parallel sequences with the ``kv`` cache (made once)."""
+        if (b, kv) in self.ctxs:
+            return self.ctxs[b, kv], self.batches[b, kv]
+        if kv not in KV_TYPES:
+            raise ValueError(f"kv={kv!r}: use one of {list(KV_TYPES)}")
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = self.n_ctx_seq * b
+        cp.n_batch = cp.n_ubatch = PREFILL_TOKENS
+        cp.n_seq_max = b
+        cp.n_threads = cp.n_threads_batch = self.threads
+        kv_type, flash = KV_TYPES[kv]
+        if kv_type is not None:
+            cp.type_k = cp.type_v = getattr(llama_cpp, kv_type)
+        if flash is not None:
+            cp.flash_attn_type = getattr(llama_cpp, flash)
+        ctx = _first("llama_init_from_model", "llama_new_context_with_model")(self.model, cp)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not make a context for {b} sequences, kv={kv}")
+        self.ctxs[b, kv] = ctx
+        self.batches[b, kv] = llama_cpp.llama_batch_init(cp.n_batch, 0, b)
+        return ctx, self.batches[b, kv]
 
     def _clear(self, ctx) -> None:
         if hasattr(llama_cpp, "llama_get_memory"):
@@ -90,13 +120,43 @@ class Runner:
         else:
             _first("llama_kv_self_clear", "llama_kv_cache_clear")(ctx)
 
-    def _argmax(self, ctx, row: int) -> int:
+    def _logits(self, ctx, row: int) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(ctx, row)
-        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def generate(self, ids: list[int], n: int, batch: int) -> dict:
+    def _argmax(self, ctx, row: int) -> int:
+        return int(self._logits(ctx, row).argmax())
+
+    def _step(self, ctx, lb, tok: int, pos: int) -> None:
+        """One decode call: token ``tok`` at ``pos`` of sequence 0, its logits kept."""
+        lb.n_tokens = 1
+        lb.token[0], lb.pos[0], lb.n_seq_id[0], lb.logits[0] = tok, pos, 1, True
+        lb.seq_id[0][0] = 0
+        if llama_cpp.llama_decode(ctx, lb) != 0:
+            raise RuntimeError(f"llama_decode failed at position {pos}")
+
+    def logits(self, ids: list[int], forced: list[int], out: str, kv: str = "default") -> dict:
+        ctx, lb = self._context(1, kv)
+        self._clear(ctx)
+        p = len(ids)
+        if p > PREFILL_TOKENS:
+            return {"error": f"{p} prompt tokens: more than one llama_decode call takes here"}
+        lb.n_tokens = p
+        for j, tok in enumerate(ids):
+            lb.token[j], lb.pos[j], lb.n_seq_id[j], lb.logits[j] = tok, j, 1, j == p - 1
+            lb.seq_id[j][0] = 0
+        if llama_cpp.llama_decode(ctx, lb) != 0:
+            return {"error": "llama_decode failed on the prompt"}
+        rows = [self._logits(ctx, p - 1).copy()]
+        for step, tok in enumerate(forced[:-1]):
+            self._step(ctx, lb, tok, p + step)
+            rows.append(self._logits(ctx, 0).copy())
+        np.save(out, np.stack(rows).astype(np.float32))
+        return {"shape": [len(rows), self.n_vocab]}
+
+    def generate(self, ids: list[int], n: int, batch: int, kv: str = "default") -> dict:
         cpu0 = time.process_time()
-        ctx, lb = self.ctxs[batch], self.batches[batch]
+        ctx, lb = self._context(batch, kv)
         self._clear(ctx)
         p = len(ids)
         if batch * p > PREFILL_TOKENS:

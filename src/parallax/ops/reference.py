@@ -371,15 +371,18 @@ def q4_1_linear(x: torch.Tensor, qweight: torch.Tensor,
 
 
 def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations as llama.cpp's 8-bit blocks: x (..., K) float32, K a multiple of 32 ->
-    (codes (..., K) int8, scales (..., K/32) float32) with, per block of 32, amax = max |x|,
-    scale = amax / 127, code = round-half-even(x * (127 / amax)) (0 where amax is 0).
-    |x - code * scale| <= scale / 2 = amax / 254 for every element."""
+    """Activations as llama.cpp's 8-bit blocks (ggml's block_q8_0, by its x86 quantize_row_q8_0):
+    x (..., K) float32, K a multiple of 32 -> (codes (..., K) int8, scales (..., K/32) float32)
+    with, per block of 32, amax = max |x|, scale = fp16(amax / 127) (the block's fp16 d,
+    rounded to nearest even, as a float32), code = round-half-even(x * (127 / amax)) (0 where
+    amax is 0). gguf-py's quants.quantize (ggml's reference rule) gives the same scales; its
+    codes (x * (1 / (amax / 127)), ties away from zero) differ only where x * 127 / amax is
+    within an ulp or two of a half. |x - code * scale| <= amax / 254 (1 + 2^-10)."""
     blocks = x.float().reshape(*x.shape[:-1], -1, GGUF_BLOCK)               # (..., K/32, 32)
     amax = blocks.abs().amax(dim=-1, keepdim=True)                         # (..., K/32, 1)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inv).to(torch.int8)
-    return q.reshape(x.shape), (amax / 127.0).squeeze(-1)
+    return q.reshape(x.shape), (amax / 127.0).half().float().squeeze(-1)
 
 
 def dequantize_q8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

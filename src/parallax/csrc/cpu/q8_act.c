@@ -3,8 +3,10 @@
  * layouts; Q4_1: 20 bytes, fp16 d, fp16 m, 16 bytes of nibbles; weight = q * d + m) or
  * K-quant super-blocks of 256 (Q4_K, Q6_K: layouts below, 8 sub-blocks of 32 each).
  *
- * Each row of x is first quantized once per call, block by block (32 values):
- *   dx = amax / 127, qx = rint(x * (127 / amax)) in [-127, 127] (0 where amax is 0),
+ * Each row of x is first quantized once per call, block by block (32 values), as ggml's
+ * quantize_row_q8_0 does on x86 (its AVX/AVX2 path, what llama.cpp's CPU matmuls run):
+ *   dx = fp16(amax / 127) (the block's fp16 scale, rounded to nearest even and used as
+ *   that fp16 value), qx = rint(x * (127 / amax)) in [-127, 127] (0 where amax is 0),
  * the torch twin ops/reference.py:quantize_q8 bit for bit. A block's product is then an
  * integer dot product of 32 weight codes with 32 activation codes, scaled once by both
  * scales in fp32:
@@ -75,7 +77,7 @@ static void quantize_row(const float* x, int K, int8_t* q, float* d, int32_t* s)
             q[(size_t)b * QK + i] = (int8_t)v;
             sum += v;
         }
-        d[b] = amax / 127.0f;
+        d[b] = round_to_half(amax / 127.0f);   /* the fp16 d of ggml's block_q8_0 */
         s[b] = sum;
     }
 }
