@@ -117,17 +117,88 @@ def test_quantize_q8_matches_twin(isa):
     want_q, want_d = reference.quantize_q8(x)
     assert torch.equal(q, want_q) and torch.equal(d, want_d)
     assert q[1, 33:38].tolist() == [0, 2, 2, 0, -2]
-    # The rounding bound the kernels' error bound rests on: |x - q * d| <= amax / 254.
+    # The rounding bound the kernels' error bound rests on (q8_error_bound).
     amax = x.reshape(5, -1, 32).abs().amax(-1, keepdim=True)
     err = (x - reference.dequantize_q8(q, d)).reshape(5, -1, 32).abs()
-    assert bool((err <= amax / 254 * (1 + 1e-6)).all())
+    assert bool((err <= q8_error_bound(amax) * (1 + 1e-6)).all())
+
+
+def q8_error_bound(amax: torch.Tensor) -> torch.Tensor:
+    """The most rounding x to an 8-bit block moves an element, amax the block's largest |x|:
+    half a step, amax / 254, plus |code| <= 127 times the fp16 scale's rounding (2^-11 of
+    amax / 127, or 2^-25 where the scale is subnormal in fp16)."""
+    return amax / 254 + torch.maximum(amax / 2048, torch.full_like(amax, 127 * 2.0 ** -25))
+
+
+def gguf_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """gguf-py's Q8_0 quantisation of x (M, K) (ggml's reference quantize_row_q8_0):
+    (codes (M, K) int8, fp16 scales as float32 (M, K/32))."""
+    b = gguf.quants.quantize(x.astype(np.float32), Q.Q8_0).reshape(-1, 34)
+    codes = b[:, 2:].copy().view(np.int8).reshape(x.shape)
+    return codes, b[:, :2].copy().view(np.float16).astype(np.float32).reshape(x.shape[0], -1)
+
+
+def q8_test_rows(g: torch.Generator) -> torch.Tensor:
+    """Rows of activations for the gguf oracle tests: uneven block magnitudes (one block
+    whose fp16 scale is subnormal, one all zero, one of exact .5 ties)."""
+    x = torch.randn(7, 576, generator=g) * torch.rand(1, 576, generator=g) * 4
+    x[0, :32] = 0.0
+    x[1, :32] *= 3e-4 / float(x[1, :32].abs().max())    # scale ~2.4e-6: subnormal in fp16
+    x[2, :6] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5])
+    x[2, 6:32] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_quantize_q8_matches_gguf(isa):
+    """The activation blocks are Q8_0 blocks as ggml makes them: the scales equal gguf-py's
+    (ggml's reference quantiser) bit for bit (fp16 d = amax / 127, subnormal included). The
+    codes are those of ggml's x86 quantize_row_q8_0 (what llama.cpp runs: x * (127 / amax),
+    half to even), which differ from the reference's (x * (1 / d), half away from zero) only
+    at .5 ties or within an ulp of one: every differing code is off by one, at such a point."""
+    x = q8_test_rows(torch.Generator().manual_seed(21))
+    q, d = cpu.quantize_q8(x, isa=isa)
+    want_q, want_d = gguf_q8_0(x.numpy())
+    assert torch.equal(d, torch.from_numpy(want_d))
+    assert float(d[1, 0]) < 2.0 ** -14 and float(d[1, 0]) > 0      # fp16 subnormal scale
+    diff = q.numpy().astype(np.int32) - want_q
+    amax = x.reshape(7, -1, 32).abs().amax(-1, keepdim=True).double()
+    t = (x.reshape(7, -1, 32).double() * 127 / amax).reshape(7, -1).numpy()   # NaN: amax 0
+    near_half = np.abs(np.abs(t - np.trunc(t)) - 0.5) < 1e-5
+    assert set(np.unique(diff)) <= {-1, 0, 1}
+    assert bool(near_half[diff != 0].all())
+    assert (diff != 0).sum() == 4                                  # the four ties of row 2
+
+
+@pytest.mark.parametrize("fmt", F32_KERNELS)
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("m", [1, 3, 7])
+def test_linear_q8_is_ggml_dot(isa, fmt, m):
+    """What ggml's vec_dot_q8_0_q8_0 / vec_dot_q4_0_q8_0 compute: x as gguf-py's Q8_0 blocks,
+    per block the integer dot times fp16(d_w) * fp16(d_x) (exact in fp32), summed: equal to
+    the float64 product of the two dequantised operands, up to fp32 summation (a scale
+    kept in fp32 instead of fp16 moves each block's term by up to 2^-11: ~30x this
+    tolerance here). Row kernels (m = 1, 3) and tiles (m = 7)."""
+    g = torch.Generator().manual_seed(5 + m)
+    x = q8_test_rows(g)[:m]
+    k = x.shape[1]
+    qw = block_bytes(torch.randn(96, k, generator=g).numpy(), FORMATS[fmt])
+    w = torch.from_numpy(gguf.quants.dequantize(qw.numpy(), FORMATS[fmt])).reshape(96, k)
+    codes, scales = gguf_q8_0(x.numpy())
+    if m > 2:   # row 2's ties: use the codes this path takes (the x86 rule, checked above)
+        codes[2] = cpu.quantize_q8(x[2:3], isa=isa)[0].numpy()
+    x8 = torch.from_numpy(codes).double().reshape(m, -1, 32) * torch.from_numpy(scales).double()[..., None]
+    want = x8.reshape(m, k) @ w.double().T
+    got = cpu.block_linear_q8(fmt, x, qw, isa=isa).double()
+    tol = 2e-6 * (x8.reshape(m, k).abs() @ w.double().abs().T) + 1e-30
+    assert bool(((got - want).abs() <= tol).all()), float(((got - want).abs() / tol).max())
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_q8_activation_error_bound(fmt):
-    """Rounding x to 8-bit blocks moves each x_i by at most amax_b / 254 (amax_b the largest
-    |x| of its block of 32), so each output moves by at most
-        sum_b amax_b / 254 * sum_{i in b} |w_ni|
+    """Rounding x to 8-bit blocks moves each x_i by at most e_b = q8_error_bound(amax_b)
+    (amax_b the largest |x| of its block of 32), so each output moves by at most
+        sum_b e_b * sum_{i in b} |w_ni|
     from the exact product with the dequantised weight: the kernel (default variant) is
     checked against that analytic bound (plus fp32 rounding), and the bound must be tight
     enough to mean something (the observed error is a sizeable share of it)."""
@@ -140,7 +211,7 @@ def test_q8_activation_error_bound(fmt):
     got = cpu.block_linear_q8(fmt, x, qw).double()
     amax = x.reshape(8, -1, 32).abs().amax(-1).double()                   # (M, K/32)
     wsum = w.abs().reshape(n, -1, 32).sum(-1).double()                     # (N, K/32)
-    bound = amax / 254 @ wsum.T + 1e-6 * (x.abs().double() @ w.abs().double().T)
+    bound = q8_error_bound(amax) @ wsum.T + 1e-6 * (x.abs().double() @ w.abs().double().T)
     err = (got - exact).abs()
     assert bool((err <= bound).all()), float((err / bound).max())
     assert float((err / bound).max()) > 0.05
