@@ -67,9 +67,12 @@ def main() -> None:
             ws = [w0] + [w0.clone() for _ in range(count - 1)]
             x = torch.randn(args.rows, k)
             ref = cpu.block_linear_q8(kind, x, w0, isa=names[0])
-            for name in names:   # warm up, and the same values from every library
+            # Warm up, and the same values from every library (to the rounding of x's
+            # block scales: fp32 in libraries built before they were fp16, 2^-11 a block).
+            for name in names:
                 out = cpu.block_linear_q8(kind, x, w0, isa=name)
-                torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+                torch.testing.assert_close(out, ref, rtol=1e-3,
+                                           atol=2e-3 * float(ref.abs().max()))
             times = {name: [] for name in names}
             for _ in range(args.reps):
                 for name in names:
