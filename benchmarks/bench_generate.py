@@ -34,7 +34,10 @@ every batch size, same threads, same prompt token ids. llama.cpp's batch B is B 
 sequences of one context (``llama_batch``, one decode call per step), greedy (argmax).
 Also printed: the CPU's ISA, parallax's peak RSS per format in a fresh process against the
 file size, and whether parallax's greedy text equals llama.cpp's at ``--agree-format``
-(``--agree-tokens`` tokens on a few prompts; the first differing position otherwise).
+(``--agree-tokens`` tokens on a few prompts; the first differing position otherwise), for
+llama.cpp's default context (F16 KV cache, flash attention) and one with an F32 KV cache
+and flash attention off (fp32 attention, as parallax), with the top-2 logit margins at the
+first difference and the teacher-forced per-step logit differences (agreement()).
 """
 
 from __future__ import annotations
