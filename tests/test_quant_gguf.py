@@ -1,6 +1,7 @@
 """GGUF Q8_0 / Q4_0 / Q4_1 weights kept quantized: the C kernels against their torch twins
 (every CPU variant this machine runs) and against gguf's own dequantisation, the 8-bit
-activation path against its analytic error bound; LLM(gguf) with quantized weights against
+activation path against gguf's Q8_0 blocks, ggml's dot-product definition and its analytic
+error bound; LLM(gguf) with quantized weights against
 the same file dequantised to fp32 (the old path), in one process and under tp=2 / pp=2."""
 from __future__ import annotations
 
