@@ -171,6 +171,27 @@ def test_quantize_q8_matches_gguf(isa):
     assert (diff != 0).sum() == 4                                  # the four ties of row 2
 
 
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_q8_scales_round_to_fp16_at_every_magnitude(isa):
+    """The fp16 rounding of the block scales (F16C's, or the portable code in the generic
+    build) equals numpy's float16 cast from 1e-12 to 1e7 (subnormal, zero and inf included),
+    ties to even included: amax / 127 landing exactly halfway between two fp16 values."""
+    g = torch.Generator().manual_seed(8)
+    amax = torch.logspace(-12, 7, 4000, dtype=torch.float64).float()
+    amax = amax * (1 + torch.rand(4000, generator=g) * 0.01)
+    halfway = (torch.tensor([1.0, 1.0009765625, 3.0009765625]).double()
+               + 2.0 ** -11) * 127   # d exactly between two fp16 values (and 127 * d exact)
+    amax = torch.cat([amax, halfway.float()])
+    assert bool(((halfway / 127).float().double() == halfway / 127).all())
+    x = torch.zeros(amax.numel(), 32)
+    x[:, 0] = amax
+    x[:, 1] = -amax / 3
+    _, d = cpu.quantize_q8(x, isa=isa)
+    want = ((amax / 127).numpy().astype(np.float16).astype(np.float32))
+    assert np.array_equal(d[:, 0].numpy(), want)
+    assert np.isinf(want).any() and (want == 0).any() and (want[want > 0] < 2.0 ** -14).any()
+
+
 @pytest.mark.parametrize("fmt", F32_KERNELS)
 @pytest.mark.parametrize("isa", VARIANTS)
 @pytest.mark.parametrize("m", [1, 3, 7])
