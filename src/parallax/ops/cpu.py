@@ -299,10 +299,26 @@ def can_pack(weight: torch.Tensor) -> bool:
             and weight.shape[0] % PANEL == 0 and kernels() is not None)
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) -> (N/32, K, 32) panels of W^T, contiguous."""
+def _panels(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
-    return weight.t().reshape(k, n // PANEL, PANEL).permute(1, 0, 2).contiguous()
+    return weight.t().reshape(k, n // PANEL, PANEL).permute(1, 0, 2)
+
+
+def pack(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, K) -> (N/32, K, 32) panels of W^T, contiguous (written into ``out`` if given,
+    e.g. one of ``panel_buffers``)."""
+    if out is None:
+        return _panels(weight).contiguous()
+    return out.copy_(_panels(weight))
+
+
+def panel_buffers(shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Uninitialised fp32 buffers for ``pack(out=)`` of (N, K) weights of ``shapes``, laid
+    out one after another in one mapping on transparent huge pages (ops/hugepages.py: a
+    decode step streams the panels, and on 4 KiB pages it pays a TLB miss and a hardware
+    prefetcher restart every 4 KiB)."""
+    from .hugepages import arena
+    return arena([(n // PANEL, k, PANEL) for n, k in shapes], torch.float32)
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
