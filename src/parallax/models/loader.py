@@ -26,7 +26,7 @@ from ..loading.checkpoint import Checkpoint
 from ..parallel.context import ParallelContext
 from ..parallel.quant import GGUF_METHODS, set_weight
 from ..parallel.sharding import split_layers
-from . import MODEL_REGISTRY
+from . import MODEL_REGISTRY, fused
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
         for lin in model.linear_layers():
             lin.quantize_int8_()
     pack_weights_(model)
+    fused.settle(model)
     logger.info("rank %d: loaded layers %d..%d in %.2f s", ctx.rank, layers.start, layers.stop - 1,
                 time.perf_counter() - t0)
     return model.eval()

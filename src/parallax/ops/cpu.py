@@ -471,18 +471,21 @@ def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     values, whichever measured faster for this shape and row count (``block_kernel``)."""
     k = x.shape[-1]
     q8 = block_activations() == "q8"
-    if block_kernel(kind, qweight, k, x.numel() // k) is not None:
+    if block_kernel(kind, qweight, k, x.numel() // k, q8) is not None:
         return (block_linear_q8 if q8 else _block_linear)(kind, x, qweight, bias)
     return block_linear_dequant(kind, x, qweight, bias, q8=q8)
 
 
-def block_kernel(kind: str, qweight: torch.Tensor, k: int, rows: int) -> str | None:
+def block_kernel(kind: str, qweight: torch.Tensor, k: int, rows: int,
+                 q8: bool | None = None) -> str | None:
     """The ``choose`` weight kind whose C kernel takes a ``kind`` block matmul of ``rows``
     rows ("q8_0", or "q8_0*q8" with 8-bit activations, ...), or None when torch's
     dequantising path does (it measured faster, or with f32 activations only Q8_0 and
-    Q4_0 have a kernel)."""
+    Q4_0 have a kernel). ``q8``: 8-bit activations (default: ``block_activations()``)."""
     n = qweight.shape[0]
-    if block_activations() == "q8":
+    if q8 is None:
+        q8 = block_activations() == "q8"
+    if q8:
         path = choose(_Q8_NAMES[kind], n, k, rows, functools.partial(block_linear_q8, kind),
                       functools.partial(block_linear_dequant, kind, q8=True), (qweight,))
         return _Q8_NAMES[kind] if path == "kernel" else None
