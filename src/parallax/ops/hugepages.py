@@ -7,9 +7,12 @@ each 4 KiB boundary; on 2 MiB pages neither happens. torch's CPU allocator asks 
 pages only under ``THP_MEM_ALLOC_ENABLE=1`` (read once per process, for every allocation),
 and Linux's default THP mode ("madvise") gives them only to memory advised so. So the packed
 fp32 weights (ops/cpu.py: panel_buffers) are laid out in one anonymous mapping advised
-``MADV_HUGEPAGE`` before it is first touched. Measured on a 2-core AVX-512 EPYC (shared),
-one thread streaming SmolLM2's matmul weights through the packed kernel: fastest of 25
-sweeps 39.6 / 23.7 ms against 49.1 / 63.9 ms on ordinary pages (interleaved, two rounds).
+``MADV_HUGEPAGE`` before it is first touched. In a virtual machine a TLB miss walks the
+guest's and the host's page tables, so this matters most there. Measured on a 2-core AVX-512
+EPYC VM (shared, load 7-8), SmolLM2-135M fp32, one thread, interleaved with the tree before
+(``benchmarks/bench_step.py --threads 1``): 19.5 / 21.2 -> 29.2 / 28.0 decode tok/s, process
+CPU 33.7 / 32.2 -> 22.3 / 22.9 ms per step; the LM head alone (113 MB) 3.56 ms against
+4.17-4.36 ms for the same panels on ordinary pages (fastest of 20, three rounds).
 
 Where the kernel gives no huge pages (THP "never", not Linux), the mapping is ordinary
 memory: same values, same layout. The memory counts in RSS as any other; the last huge page
