@@ -39,7 +39,10 @@ def _round_up(n: int, to: int) -> int:
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
     """An uninitialised uint8 CPU tensor of ``nbytes`` whose memory starts on a 2 MiB
     boundary in a private anonymous mapping advised ``MADV_HUGEPAGE`` (where the platform
-    has it). The tensor keeps the mapping alive; views of it do too."""
+    has it; without POSIX mmap, torch.empty). The tensor keeps the mapping alive; views of
+    it do too."""
+    if not hasattr(mmap, "MAP_ANONYMOUS"):   # not a POSIX mmap: torch's own memory
+        return torch.empty(nbytes, dtype=torch.uint8)
     size = _round_up(max(nbytes, 1), HUGE_PAGE) + HUGE_PAGE   # room to align the start
     mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
