@@ -213,11 +213,13 @@ def fused_rank(ctx, path: str):
     import os
 
     from parallax.engine.runner import ModelRunner
+    from parallax.models import fused
     os.environ["PARALLAX_CPU_MATMUL"] = "kernel"
     runner = ModelRunner(ctx, path, num_blocks=16)
     out = {}
     for flag in ("1", "0"):
         os.environ["PARALLAX_FUSED_LAYERS"] = flag
+        fused.settle(runner.model)     # settings are read at load: re-read them
         out[flag] = runner.logits(PROMPTS)
     return out["1"], out["0"], fused_layer_count(runner.model)
 

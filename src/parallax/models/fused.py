@@ -14,7 +14,7 @@ and every one of its four matmuls runs the C kernel for this step's row count (t
 weight's ``quant_method.kernel_kind``: ops/cpu.py measured the kernel faster than torch).
 Everything that cannot change between steps is resolved once per row bucket and cached on
 the model; ``PARALLAX_FUSED_LAYERS=0`` turns the path off (the module path, the reference,
-then runs every layer).
+then runs every layer). The settings are read when the model loads (``settle``).
 """
 
 from __future__ import annotations
@@ -86,15 +86,26 @@ class FusedLayer:
 _MISSING = object()
 
 
+def settle(model) -> tuple:
+    """Read the settings that decide ``model``'s fused plans (PARALLAX_FUSED_LAYERS,
+    PARALLAX_CPU_MATMUL, PARALLAX_GGUF_ACTIVATIONS) and keep them on the model: the loader
+    calls it once (models/loader.py), so a step reads no environment. Call it again after
+    changing one of them for a loaded model."""
+    env = model.__dict__["_fused_env"] = (
+        enabled(), os.environ.get("PARALLAX_CPU_MATMUL"),
+        os.environ.get("PARALLAX_GGUF_ACTIVATIONS"))
+    return env
+
+
 def layers_plan(model, rows: int, block_size: int) -> list | None:
     """What runs each layer of ``model`` (a LlamaForCausalLM stage) in a step of ``rows``
     tokens over a cache of ``block_size``-token blocks: its FusedLayer, or the layer itself;
-    None when no layer is fused. Built once per row bucket, thread count and matmul
-    settings (PARALLAX_CPU_MATMUL, PARALLAX_GGUF_ACTIVATIONS), then a dict lookup."""
-    if not enabled() or 128 % block_size:      # the paged kernel's block sizes
+    None when no layer is fused. Built once per row bucket, thread count and the settings
+    ``settle`` kept on the model, then a dict lookup."""
+    env = model.__dict__.get("_fused_env") or settle(model)
+    if not env[0] or 128 % block_size:      # the paged kernel's block sizes
         return None
-    key = (ops.cpu.row_bucket(rows)[0], torch.get_num_threads(),
-           os.environ.get("PARALLAX_CPU_MATMUL"), os.environ.get("PARALLAX_GGUF_ACTIVATIONS"))
+    key = (ops.cpu.row_bucket(rows)[0], torch.get_num_threads(), env)
     plans = model.__dict__.setdefault("_fused_plans", {})
     plan = plans.get(key, _MISSING)
     if plan is _MISSING:

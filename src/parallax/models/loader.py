@@ -26,7 +26,7 @@ from ..loading.checkpoint import Checkpoint
 from ..parallel.context import ParallelContext
 from ..parallel.quant import GGUF_METHODS, set_weight
 from ..parallel.sharding import split_layers
-from . import MODEL_REGISTRY
+from . import MODEL_REGISTRY, fused
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
         for lin in model.linear_layers():
             lin.quantize_int8_()
     pack_weights_(model)
+    fused.settle(model)
     logger.info("rank %d: loaded layers %d..%d in %.2f s", ctx.rank, layers.start, layers.stop - 1,
                 time.perf_counter() - t0)
     return model.eval()
@@ -168,14 +169,20 @@ def pack_weights_(model: nn.Module) -> None:
     """Re-lay fp32 CPU matmul weights as the CPU kernel's panels (ops/cpu.py), in place.
 
     The parameter object is kept, so a tied embedding sees the packed tensor too. Only
-    one copy exists; the panels serve prefill, decode and (tied) embedding lookups.
+    one copy exists; the panels serve prefill, decode and (tied) embedding lookups. They
+    lie in one mapping on transparent huge pages (ops.cpu.panel_buffers).
     """
     from ..ops import cpu
     heads = [model.lm_head] if model.lm_head is not None else []
+    params, seen = [], set()
     for module in model.linear_layers() + heads:
         w = module.weight
-        if w is not None and w.dim() == 2 and cpu.can_pack(w):
-            w.data = cpu.pack(w.data)
+        if w is not None and w.dim() == 2 and id(w) not in seen and cpu.can_pack(w):
+            params.append(w)
+            seen.add(id(w))
+    # all panels in one huge-page mapping; each weight's old copy goes once it is packed
+    for w, out in zip(params, cpu.panel_buffers([tuple(w.shape) for w in params])):
+        w.data = cpu.pack(w.data, out=out)
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,

@@ -299,10 +299,26 @@ def can_pack(weight: torch.Tensor) -> bool:
             and weight.shape[0] % PANEL == 0 and kernels() is not None)
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) -> (N/32, K, 32) panels of W^T, contiguous."""
+def _panels(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
-    return weight.t().reshape(k, n // PANEL, PANEL).permute(1, 0, 2).contiguous()
+    return weight.t().reshape(k, n // PANEL, PANEL).permute(1, 0, 2)
+
+
+def pack(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, K) -> (N/32, K, 32) panels of W^T, contiguous (written into ``out`` if given,
+    e.g. one of ``panel_buffers``)."""
+    if out is None:
+        return _panels(weight).contiguous()
+    return out.copy_(_panels(weight))
+
+
+def panel_buffers(shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Uninitialised fp32 buffers for ``pack(out=)`` of (N, K) weights of ``shapes``, laid
+    out one after another in one mapping on transparent huge pages (ops/hugepages.py: a
+    decode step streams the panels, and on 4 KiB pages it pays a TLB miss and a hardware
+    prefetcher restart every 4 KiB)."""
+    from .hugepages import arena
+    return arena([(n // PANEL, k, PANEL) for n, k in shapes], torch.float32)
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -455,18 +471,21 @@ def block_linear_auto(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     values, whichever measured faster for this shape and row count (``block_kernel``)."""
     k = x.shape[-1]
     q8 = block_activations() == "q8"
-    if block_kernel(kind, qweight, k, x.numel() // k) is not None:
+    if block_kernel(kind, qweight, k, x.numel() // k, q8) is not None:
         return (block_linear_q8 if q8 else _block_linear)(kind, x, qweight, bias)
     return block_linear_dequant(kind, x, qweight, bias, q8=q8)
 
 
-def block_kernel(kind: str, qweight: torch.Tensor, k: int, rows: int) -> str | None:
+def block_kernel(kind: str, qweight: torch.Tensor, k: int, rows: int,
+                 q8: bool | None = None) -> str | None:
     """The ``choose`` weight kind whose C kernel takes a ``kind`` block matmul of ``rows``
     rows ("q8_0", or "q8_0*q8" with 8-bit activations, ...), or None when torch's
     dequantising path does (it measured faster, or with f32 activations only Q8_0 and
-    Q4_0 have a kernel)."""
+    Q4_0 have a kernel). ``q8``: 8-bit activations (default: ``block_activations()``)."""
     n = qweight.shape[0]
-    if block_activations() == "q8":
+    if q8 is None:
+        q8 = block_activations() == "q8"
+    if q8:
         path = choose(_Q8_NAMES[kind], n, k, rows, functools.partial(block_linear_q8, kind),
                       functools.partial(block_linear_dequant, kind, q8=True), (qweight,))
         return _Q8_NAMES[kind] if path == "kernel" else None
