@@ -18,6 +18,16 @@
  *   so their block-table entries may be anything, e.g. -1 once the engine freed them).
  *   softcap > 0: the scaled scores s become softcap * tanh(s / softcap) (Gemma 2).
  *
+ * Work: items of (sequence, up to QCHUNK of its new tokens, KV head), the costliest first
+ * (query-key pairs), taken in turn by the threads. The G query heads of a KV head share
+ * each K and V row read. An item with fewer (token, query head) rows than a vector has lanes
+ * (a decode token) runs token by token: rounds of KEYS keys, the lanes of 16 (8) keys'
+ * products summed at once by a tree of shuffles, one online-softmax update per round, the
+ * next block's keys prefetched (a sequence's blocks lie anywhere, where the hardware
+ * prefetchers lose the stream). Longer ones (prefill chunks) run as tiles of up to TROWS
+ * rows held in the lanes of vectors, so scores, softmax and p.V are all lane-wise, block by
+ * block with an online softmax (attend_tile).
+ *
  * Every length, slot and block id is checked before anything is written: the function
  * returns a negative code (ops/cpu.py turns it into an error) instead of writing outside
  * the cache.
@@ -77,20 +87,18 @@ static inline void prefetch(const float* p, int n) {
  * a[ORDER(i)] (a transposing tree of shuffles and adds, far fewer than one reduction each). */
 #if PARALLAX_VW == 16
 #define ORDER(i) (4 * ((i) % 4) + (i) / 4)
-INLINE __m512 half_sums(__m512 a, __m512 b, int lo, int hi) {
-    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, lo), _mm512_shuffle_f32x4(a, b, hi));
-}
-INLINE __m512 pair_sums(__m512 a, __m512 b, int lo, int hi) {
-    return _mm512_add_ps(_mm512_shuffle_ps(a, b, lo), _mm512_shuffle_ps(a, b, hi));
-}
+/* Macros, not functions: clang wants the shuffles' immediates as constants where written. */
+#define HALF_SUMS(a, b, lo, hi) \
+    _mm512_add_ps(_mm512_shuffle_f32x4(a, b, lo), _mm512_shuffle_f32x4(a, b, hi))
+#define PAIR_SUMS(a, b, lo, hi) _mm512_add_ps(_mm512_shuffle_ps(a, b, lo), _mm512_shuffle_ps(a, b, hi))
 INLINE vf sum_lanes(const vf* a) {
     __m512 q[4];
     for (int j = 0; j < 4; j++)   /* 128-bit lane L of q[j]: 4 partial sums of a[4j + L] */
-        q[j] = half_sums(half_sums((__m512)a[4 * j], (__m512)a[4 * j + 1], 0x44, 0xEE),
-                         half_sums((__m512)a[4 * j + 2], (__m512)a[4 * j + 3], 0x44, 0xEE),
+        q[j] = HALF_SUMS(HALF_SUMS((__m512)a[4 * j], (__m512)a[4 * j + 1], 0x44, 0xEE),
+                         HALF_SUMS((__m512)a[4 * j + 2], (__m512)a[4 * j + 3], 0x44, 0xEE),
                          0x88, 0xDD);
     /* lane 4L + j: the sum of a[4j + L], i.e. of the key ORDER(4L + j) put there */
-    return (vf)pair_sums(pair_sums(q[0], q[1], 0x44, 0xEE), pair_sums(q[2], q[3], 0x44, 0xEE),
+    return (vf)PAIR_SUMS(PAIR_SUMS(q[0], q[1], 0x44, 0xEE), PAIR_SUMS(q[2], q[3], 0x44, 0xEE),
                          0x88, 0xDD);
 }
 #elif PARALLAX_VW == 8
