@@ -123,6 +123,26 @@ def test_head_layouts_match_dense_oracle(impl, hq, hk, d):
     torch.testing.assert_close(out, _oracle(c, scale), atol=2e-5, rtol=1e-5)
 
 
+def test_batch_split_over_threads_matches_reference():
+    """A step large enough for the kernel to split its work items over threads (48 decode
+    rows at contexts 100-400 and a 100-token prefill chunk, SmolLM2's heads), each variant
+    against the torch twin, with 2 threads."""
+    if cpu_ops.kernels() is None:
+        pytest.fail("the CPU kernels did not build (gcc missing?)")
+    g = torch.Generator().manual_seed(7)
+    seqs = [(int(x), 1) for x in torch.randint(100, 401, (48,), generator=g)] + [(260, 100)]
+    c = _case(17, seqs, hq=9, hk=3, d=64, num_blocks=sum(-(-n // BS) for n, _ in seqs) + 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expect = ref.paged_attention_with_kvcache(*_args(c), 0.125)
+        for v in cpu_ops.supported_variants():
+            out = cpu_ops.paged_attention_with_kvcache(*_args(c), 0.125, isa=v)
+            torch.testing.assert_close(out, expect, atol=2e-5, rtol=1e-5, msg=v)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # Sliding windows that are and are not a multiple of the block size, over lengths that
 # cross the window and block boundaries, mixed prefill (longer than the window) and decode.
 WINDOW_SEQS = [(1, 1), (19, 1), (20, 1), (21, 1), (32, 1), (33, 1), (47, 2), (70, 40),
