@@ -10,6 +10,8 @@ back to) and F.linear on the plain weight, for SmolLM2-135M's weight shapes; int
 medians; prints the ISA, ratios and the path ops.linear_packed chooses. Then the same for
 int8 weights and GGUF Q8_0 / Q4_0 / Q4_1 weights: each variant's kernel against dequantise +
 F.linear (GGUF: with x rounded to 8-bit blocks, the default; the fp32-activation kernel beside).
+Then (table ``paged``) the paged attention kernel at SmolLM2's heads: decode batches of 1-64
+rows over ragged contexts and prefill chunks, every variant, with us/row, GB/s and GFLOP/s.
 
 GPU: the CUDA kernels against their torch counterparts (the paged attention kernel against
 its torch reference, the fallback the model takes without the extension), then a decode step
@@ -362,6 +364,80 @@ def cpu_matmul_table(rows: list[int], reps: int) -> None:
                   + f" {chosen:>7}", flush=True)
 
 
+def _cpu_paged_problem(seqs: list[tuple[int, int]], hq: int, hk: int, d: int, bs: int,
+                       g: torch.Generator) -> tuple:
+    """paged_attention_with_kvcache's arguments for [(context_len, new_tokens)] on shuffled
+    cache blocks, q, k, v as the views of one fused qkv projection (as the model has them)."""
+    blocks = [-(-length // bs) for length, _ in seqs]
+    n_blocks = sum(blocks) + 1
+    perm = torch.randperm(n_blocks, generator=g).to(torch.int32)
+    tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32)
+    at = 0
+    for b, nb in enumerate(blocks):
+        tables[b, :nb] = perm[at:at + nb]
+        at += nb
+    pos = torch.cat([torch.arange(length - n, length) for length, n in seqs])
+    seq = torch.cat([torch.full((n,), b) for b, (_, n) in enumerate(seqs)])
+    slots = (tables[seq, pos // bs].long() * bs + pos % bs).contiguous()
+    ang = pos[:, None].float() * (1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    qsl = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(),
+                       dtype=torch.int32)
+    lens = torch.tensor([length for length, _ in seqs], dtype=torch.int32)
+    qkv = torch.randn(pos.shape[0], (hq + 2 * hk) * d, generator=g)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=1)
+    t = pos.shape[0]
+    caches = [torch.randn(n_blocks, hk, bs, d, generator=g) for _ in range(2)]
+    return (q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d), *caches,
+            ang.cos().contiguous(), ang.sin().contiguous(), slots, tables, lens, qsl)
+
+
+def cpu_paged_table(reps: int) -> None:
+    """The paged attention kernel (csrc/cpu/paged_attention_f32.c) at SmolLM2-135M's heads
+    (9 query, 3 KV, head dim 64, block size 16): decode batches of 1-64 rows over ragged
+    contexts, and prefill chunks beside decodes. Each case rotates over copies of its cache
+    that together exceed the L3, so the KV comes from memory as in a step (whose weights
+    stream between two layers' attention). us: median per call, per variant, interleaved;
+    us/row, GB/s (K and V bytes attended) and GFLOP/s for the best variant. With one thread
+    the times are the thread's CPU time (less noisy on a shared machine), else wall."""
+    from parallax.ops import cpu
+    variants = [v for v in cpu.supported_variants() if cpu.kernels(v) is not None]
+    hq, hk, d, bs = 9, 3, 64, 16
+    g = torch.Generator().manual_seed(0)
+    cases = {}
+    for rows in (1, 8, 16, 32, 64):
+        for lo, hi in ((100, 600), (300, 300)):
+            ctx = torch.randint(lo, hi + 1, (rows,), generator=g).tolist()
+            cases[f"decode {rows} rows, context {lo}-{hi}"] = [(c, 1) for c in ctx]
+    cases["prefill 256 + 7 decodes at 300"] = [(256, 256)] + [(300, 1)] * 7
+    cases["prefill 128 of 512 + 31 decodes at 350"] = [(512, 128)] + [(350, 1)] * 31
+    one = torch.get_num_threads() == 1
+    clock = time.thread_time if one else time.perf_counter
+    print(f"# paged attention, SmolLM2 heads; {torch.get_num_threads()} threads, "
+          f"{'thread CPU' if one else 'wall'} us, median of {reps} interleaved rounds")
+    cols = [f"{v} us" for v in variants]
+    print(f"{'case':<40} " + " ".join(f"{c:>15}" for c in cols)
+          + f" {'us/row':>7} {'GB/s':>6} {'GFLOP/s':>7}")
+    for name, seqs in cases.items():
+        kv = sum(length for length, _ in seqs) * hk * d * 4 * 2
+        sets = [_cpu_paged_problem(seqs, hq, hk, d, bs, g)
+                for _ in range(max(1, min(16, (96 << 20) // kv)))]
+        times = {c: [] for c in cols}
+        for r in range(reps + 2):
+            for v, c in zip(variants, cols):
+                a = sets[(r * len(cols) + cols.index(c)) % len(sets)]
+                t0 = clock()
+                cpu.paged_attention_with_kvcache(*a, d ** -0.5, isa=v)
+                if r >= 2:
+                    times[c].append((clock() - t0) * 1e6)
+        med = {c: statistics.median(t) for c, t in times.items()}
+        best = med[cols[0]]
+        rows = sum(n for _, n in seqs)
+        flops = sum(n * (length - (n - 1) / 2) for length, n in seqs) * hq * d * 4
+        print(f"{name:<40} " + " ".join(f"{med[c]:15.1f}" for c in cols)
+              + f" {best / rows:7.1f} {kv / best / 1e3:6.1f} {flops / best / 1e3:7.1f}",
+              flush=True)
+
+
 def _quantized(kind: str, w: torch.Tensor):
     """(kernel(x, isa), torch path(x), extra columns) for weight ``w`` stored as ``kind``
     ("int8": per-channel scales; "q8_0" / "q4_0" / "q4_1": GGUF blocks, quantised by the gguf
@@ -422,8 +498,8 @@ def main():
     ap.add_argument("--rows", default="1,4,8,16,128", help="--cpu: row counts")
     ap.add_argument("--reps", type=int, default=15, help="--cpu: interleaved rounds")
     ap.add_argument("--threads", type=int, default=None, help="--cpu: torch threads")
-    ap.add_argument("--tables", default="f32,int8,q8_0,q4_0,q4_1",
-                    help="--cpu: which weight tables")
+    ap.add_argument("--tables", default="f32,int8,q8_0,q4_0,q4_1,paged",
+                    help="--cpu: which tables (weights; paged: the paged attention kernel)")
     ap.add_argument("--quick", action="store_true", help="one case per kernel")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--sanitize-case", action="store_true",
@@ -438,6 +514,8 @@ def main():
         for kind in ("int8", "q8_0", "q4_0", "q4_1"):
             if kind in tables:
                 cpu_quant_table(kind, rows, args.reps)
+        if "paged" in tables:
+            cpu_paged_table(args.reps)
         return
     assert C.load_extension(), C.load_error()
     if args.sanitize_case:

@@ -23,7 +23,9 @@ Systems, on the same weights (SmolLM2-135M, fp32, one process):
   streamed, so its TTFT is its end-to-end latency.
 
 Reported per system and rate: requests/s, output tokens/s, TTFT, TPOT (time per output token
-after the first), ITL (inter-token latency) and E2E latency: mean, p50, p99. Then the KV
+after the first), ITL (inter-token latency) and E2E latency: mean, p50, p99; and the process's
+CPU seconds over the run with output tokens per CPU second (``--threads 1``: the work itself,
+which a shared machine distorts far less than wall time). Then the KV
 memory the engine actually held (peak blocks in use) against a static ``(batch, S_max)``
 cache, the same for the first 32 requests in a burst stepped by the scheduler alone
 (deterministic: no timing involved), and (``--decode-overhead``) decode-only throughput of the engine with 32 running
@@ -238,10 +240,23 @@ def burst_kv_tokens(reqs: list[Req], block_size: int, max_num_seqs: int,
     return peak
 
 
-def _fmt(name: str, rate: float, s: dict) -> str:
+def _fmt(name: str, rate: float, s: dict, cpu_s: float, tokens: int) -> str:
     ms = lambda t: "/".join(f"{1e3 * x:.0f}" for x in t)   # noqa: E731
     return (f"| {name:8s} | {rate:>5g} | {s['req_s']:6.2f} | {s['tok_s']:7.1f} | {ms(s['ttft'])} | "
-            f"{ms(s['tpot'])} | {ms(s['itl'])} | {ms(s['e2e'])} |")
+            f"{ms(s['tpot'])} | {ms(s['itl'])} | {ms(s['e2e'])} | {cpu_s:.1f} | "
+            f"{tokens / cpu_s:.1f} |")
+
+
+def warm_up(llm, prompt: list[int]) -> None:
+    """Build the kernels and let ops/cpu.py time its matmul paths for every row bucket
+    (``choose``: once per weight shape and bucket, ~0.1-0.5 s each) before any system is
+    timed: batches of 1, 3, 8, 16 and 48 short prompts decode 1-48 rows and prefill 8-384
+    tokens a step. Without it the first system timed (the engine) paid the timing of the
+    buckets it reached first inside its run (~6% of its CPU in a burst) and the next one
+    found them done."""
+    llm.generate([prompt], max_new_tokens=4)
+    for n in (1, 3, 8, 16, 48):
+        llm.generate([prompt[:8]] * n, max_new_tokens=3, ignore_eos=True)
 
 
 def main(argv=None) -> None:
@@ -264,14 +279,18 @@ def main(argv=None) -> None:
     ap.add_argument("--decode-overhead", action="store_true",
                     help="engine vs plain batch-32 decode loop")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 makes the CPU seconds the work")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     systems = a.systems.split(",") + (["hf"] if a.hf else [])
     engine_kw = {k: v for k, v in (("max_num_batched_tokens", a.max_num_batched_tokens),
                                    ("max_num_seqs", a.max_num_seqs)) if v is not None}
     llm = parallax.LLM(a.model, **engine_kw)
     reqs0 = workload(a.num_requests, tuple(a.prompt_len), tuple(a.output_len),
                      llm.config.vocab_size, a.seed, a.lengths)
-    llm.generate([reqs0[0].prompt], max_new_tokens=4)      # warm-up (kernel build, caches)
+    warm_up(llm, reqs0[0].prompt)
     hf = None
     if "hf" in systems:
         import os
@@ -291,8 +310,9 @@ def main(argv=None) -> None:
           f"static/HF batch {a.batch}, engine max_num_batched_tokens "
           f"{llm._core.scheduler.max_num_batched_tokens}, max_num_seqs "
           f"{llm._core.scheduler.max_num_seqs}, threads {torch.get_num_threads()}")
-    print("| system   |  rate |  req/s |   tok/s | TTFT ms mean/p50/p99 | TPOT ms | ITL ms | E2E ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| system   |  rate |  req/s |   tok/s | TTFT ms mean/p50/p99 | TPOT ms | ITL ms | E2E ms "
+          "| CPU s | tok/CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     peak_tokens = 0
     for rate in [float(x) for x in a.rates.split(",")]:
         for system in systems:
@@ -300,6 +320,7 @@ def main(argv=None) -> None:
             arrivals(reqs, rate, a.seed)
             # Every system starts cold: an earlier run's prompts would be prefix-cache hits.
             llm._core.bm.reset_prefix_cache()
+            cpu0 = time.process_time()
             if system.split("@")[0] == "parallax":
                 peak = {"usage": 0.0}
                 sched = llm._core.scheduler
@@ -315,7 +336,8 @@ def main(argv=None) -> None:
                 t0, t1 = run_static(llm, reqs, a.batch)
             else:
                 t0, t1 = run_hf(hf, reqs, a.batch, llm.config.pad_token_id or 0)
-            print(_fmt(system, rate, summarize(reqs, t0, t1)), flush=True)
+            print(_fmt(system, rate, summarize(reqs, t0, t1), time.process_time() - cpu0,
+                       sum(r.out_len for r in reqs)), flush=True)
     s_max = max(len(r.prompt) + r.out_len for r in reqs0)
     static_tokens = min(32, a.num_requests) * s_max
     print(f"\nKV memory: the engine held at most {peak_tokens} token slots (blocks in use); a "

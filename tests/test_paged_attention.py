@@ -103,6 +103,46 @@ def test_paged_attention_matches_dense_oracle(impl, name):
     assert torch.equal(flat(kc)[untouched], flat(c["k_cache"])[untouched])
 
 
+# Head layouts the C kernel handles on different paths: SmolLM2's 9 query / 3 KV heads
+# (decode rows summed 16 keys at a time, prefill tiles of 16 tokens x 3 heads), head dims
+# with unrolled loops (64, 128) and without (80, 256), the most query heads per KV head (16:
+# tiles of 4 tokens), no GQA. Prefill tails of every length below a tile, decodes and
+# chunks that start mid-block, a context longer than a round of 128 keys.
+HEAD_LAYOUTS = [(9, 3, 64), (4, 1, 128), (16, 1, 80), (2, 2, 256), (3, 3, 48)]
+LAYOUT_SEQS = [(300, 1), (37, 37), (21, 5), (140, 23), (16, 16), (150, 2), (1, 1), (48, 3)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("hq,hk,d", HEAD_LAYOUTS)
+def test_head_layouts_match_dense_oracle(impl, hq, hk, d):
+    if impl.startswith("c-") and cpu_ops.kernels() is None:
+        pytest.fail("the CPU kernels did not build (gcc missing?)")
+    c = _case(hq * 100 + d, LAYOUT_SEQS, hq=hq, hk=hk, d=d, num_blocks=64)
+    scale = d ** -0.5
+    out = IMPLS[impl](*_args(c), scale)
+    torch.testing.assert_close(out, _oracle(c, scale), atol=2e-5, rtol=1e-5)
+
+
+def test_batch_split_over_threads_matches_reference():
+    """A step large enough for the kernel to split its work items over threads (48 decode
+    rows at contexts 100-400 and a 100-token prefill chunk, SmolLM2's heads), each variant
+    against the torch twin, with 2 threads."""
+    if cpu_ops.kernels() is None:
+        pytest.fail("the CPU kernels did not build (gcc missing?)")
+    g = torch.Generator().manual_seed(7)
+    seqs = [(int(x), 1) for x in torch.randint(100, 401, (48,), generator=g)] + [(260, 100)]
+    c = _case(17, seqs, hq=9, hk=3, d=64, num_blocks=sum(-(-n // BS) for n, _ in seqs) + 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expect = ref.paged_attention_with_kvcache(*_args(c), 0.125)
+        for v in cpu_ops.supported_variants():
+            out = cpu_ops.paged_attention_with_kvcache(*_args(c), 0.125, isa=v)
+            torch.testing.assert_close(out, expect, atol=2e-5, rtol=1e-5, msg=v)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # Sliding windows that are and are not a multiple of the block size, over lengths that
 # cross the window and block boundaries, mixed prefill (longer than the window) and decode.
 WINDOW_SEQS = [(1, 1), (19, 1), (20, 1), (21, 1), (32, 1), (33, 1), (47, 2), (70, 40),

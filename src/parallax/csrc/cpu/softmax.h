@@ -13,6 +13,7 @@
  * accumulated so far must be scaled by (0 on the first round, when *mx is -inf). */
 static inline float softmax_round(float* s, int n, float* mx, float* denom) {
     float m = *mx, sum = 0.f;
+    #pragma omp simd reduction(max:m)
     for (int j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
     float corr = expf(*mx - m);
     #pragma omp simd reduction(+:sum)
