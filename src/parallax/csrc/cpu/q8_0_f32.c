@@ -9,7 +9,11 @@
  * accumulators. Per block the RN scales are converted once; each widened weight vector is
  * multiplied by its row's scale (so the products are x * (q * d), the same dequantised
  * values as the torch twin ops/reference.py:q8_0_linear) and serves every row of x in the
- * tile. Blocks of RN weight rows are split over OpenMP threads. K must be a multiple of 32.
+ * tile. With one row of x (a batch-1 decode step) nothing shares that multiply, so the
+ * block's sum of x * q is taken first and scaled once, d * sum(x * q): one multiply per
+ * block instead of one per vector (10-15% faster with AVX2 on SmolLM2's shapes), the same
+ * sum up to fp32 rounding. Blocks of RN weight rows are split over OpenMP threads. K must
+ * be a multiple of 32.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -68,6 +72,16 @@ static void FMT##_tile_##NN##x##MM(const float* x, int K, const uint8_t* w, size
         for (int r = 0; r < NN; r++) {                                                       \
             blk[r] = w + (size_t)r * row_bytes + (size_t)b * FMT##_BYTES;                   \
             d[r] = block_scale(blk[r]);                                                      \
+        }                                                                                    \
+        if (MM == 1) {              /* one row of x: scale the block's sum, not each q */   \
+            vf bsum[NN];                                                                     \
+            for (int r = 0; r < NN; r++) bsum[r] = vzero();                                  \
+            for (int j = 0; j < QK; j += PARALLAX_VW) {                                      \
+                vf xv = vload(x + (size_t)b * QK + j);                                       \
+                for (int r = 0; r < NN; r++) bsum[r] += xv * FMT##_load(blk[r], j);          \
+            }                                                                                \
+            for (int r = 0; r < NN; r++) acc[0][r] += bsum[r] * d[r];                        \
+            continue;                                                                        \
         }                                                                                    \
         for (int j = 0; j < QK; j += PARALLAX_VW) {                                          \
             vf wv[NN];                                                                       \
