@@ -229,10 +229,10 @@ def engines_isa(hf: "Driver", llama_info: dict | None) -> dict:
     from parallax.ops import cpu as pcpu
     rep = ops.kernel_report()
     variant = rep.get("variant")
-    lib = pcpu.build(variant) if variant else None
+    lib, built_for = (variant and pcpu.loaded_library(variant)) or (None, None)
     flags = pcpu.cpu_flags()
     out = {"cpu_flags": [f for f in CPU_FLAGS_SHOWN if f in flags],
-           "parallax_variant": variant, "parallax_lib": lib,
+           "parallax_variant": variant, "parallax_lib": lib, "parallax_built_for": built_for,
            "parallax_lib_zmm": zmm_instructions(lib),
            "torch_capability": torch.backends.cpu.get_cpu_capability(),
            "hf_torch_capability": hf.call("capability")["capability"],
@@ -255,7 +255,8 @@ def print_isa(a, isa: str, eng: dict) -> None:
           f"{isa})" + (f"; this run held to --isa {a.isa}" if a.isa else ""))
     lib = eng["parallax_lib"]
     print(f"- parallax: CPU kernel variant {eng['parallax_variant'] or 'none (torch)'}"
-          + (f" ({os.path.basename(lib)}, {zmm(eng['parallax_lib_zmm'])})" if lib else ""))
+          + (f" ({os.path.basename(lib)}: built for {eng['parallax_built_for']}, "
+             f"{zmm(eng['parallax_lib_zmm'])})" if lib else ""))
     print(f"- torch (parallax's torch paths / transformers): ATen capability "
           f"{eng['torch_capability']} / {eng['hf_torch_capability']}; "
           f"MKL_ENABLE_INSTRUCTIONS {eng['mkl_enable_instructions']}, "
