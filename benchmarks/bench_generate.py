@@ -233,6 +233,7 @@ def engines_isa(hf: "Driver", llama_info: dict | None) -> dict:
     flags = pcpu.cpu_flags()
     out = {"cpu_flags": [f for f in CPU_FLAGS_SHOWN if f in flags],
            "parallax_variant": variant, "parallax_lib": lib, "parallax_built_for": built_for,
+           "parallax_gguf_activations": pcpu.block_activations(),
            "parallax_lib_zmm": zmm_instructions(lib),
            "torch_capability": torch.backends.cpu.get_cpu_capability(),
            "hf_torch_capability": hf.call("capability")["capability"],
@@ -256,7 +257,9 @@ def print_isa(a, isa: str, eng: dict) -> None:
     lib = eng["parallax_lib"]
     print(f"- parallax: CPU kernel variant {eng['parallax_variant'] or 'none (torch)'}"
           + (f" ({os.path.basename(lib)}: built for {eng['parallax_built_for']}, "
-             f"{zmm(eng['parallax_lib_zmm'])})" if lib else ""))
+             f"{zmm(eng['parallax_lib_zmm'])})" if lib else "")
+          + f"; GGUF block matmuls take x as {eng['parallax_gguf_activations']} "
+            "(PARALLAX_GGUF_ACTIVATIONS)")
     print(f"- torch (parallax's torch paths / transformers): ATen capability "
           f"{eng['torch_capability']} / {eng['hf_torch_capability']}; "
           f"MKL_ENABLE_INSTRUCTIONS {eng['mkl_enable_instructions']}, "
