@@ -12,8 +12,8 @@
  * tile. With one row of x (a batch-1 decode step) nothing shares that multiply, so the
  * block's sum of x * q is taken first and scaled once, d * sum(x * q): one multiply per
  * block instead of one per vector (10-15% faster with AVX2 on SmolLM2's shapes), the same
- * sum up to fp32 rounding. Blocks of RN weight rows are split over OpenMP threads. K must
- * be a multiple of 32.
+ * sum up to fp32 rounding. Blocks of RN weight rows are split over OpenMP threads; each
+ * tile prefetches the rows two tiles ahead (PF_TILES). K must be a multiple of 32.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -24,6 +24,14 @@
 #include "widen.h"
 
 #define QK 32
+/* Prefetch distance in tiles. A tile reads its NN rows block by block: NN short streams
+ * (612 bytes a row at K = 576) that end before the hardware prefetcher has locked on, so
+ * weights read from memory came at latency speed (Q8_0 at 7.5 GB/s with AVX2). Each block
+ * step prefetches its share of the rows PF_TILES tiles ahead (the rows are contiguous), so
+ * the whole tile region is requested by the time it is reached: 3-5x faster batch-1 Q8_0
+ * matmuls on SmolLM2's shapes (2 threads, weights not in cache). x86 and arm64 prefetches
+ * do not fault, so reading past the last row is harmless. */
+#define PF_TILES 2
 #define q8_0_BYTES 34
 #define q4_0_BYTES 18
 
@@ -66,7 +74,11 @@ static void FMT##_tile_##NN##x##MM(const float* x, int K, const uint8_t* w, size
     vf acc[MM][NN];                                                                          \
     for (int m = 0; m < MM; m++)                                                             \
         for (int r = 0; r < NN; r++) acc[m][r] = vzero();                                    \
+    uintptr_t ahead = (uintptr_t)w + (uintptr_t)PF_TILES * NN * row_bytes;  /* may be past \
+                                                     the end: an address, never dereferenced */ \
     for (int b = 0; b < K / QK; b++) {                                                       \
+        for (int o = b * NN * FMT##_BYTES; o < (b + 1) * NN * FMT##_BYTES; o += 64)          \
+            __builtin_prefetch((const void*)(ahead + (uintptr_t)o));                         \
         const uint8_t* blk[NN];                                                              \
         float d[NN];                                                                         \
         for (int r = 0; r < NN; r++) {                                                       \
