@@ -48,6 +48,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -175,6 +176,113 @@ def machine_isa() -> str:
                                     if line.startswith("flags")) else "avx2"
     except OSError:
         return "unknown"
+
+
+# --isa LEVEL: the environment that holds every engine of the run to that instruction set.
+# parallax loads its kernel variant LEVEL (PARALLAX_CPU_ISA); every torch (parallax's torch
+# paths, HF) dispatches its ATen kernels at the matching capability (ATEN_CPU_CAPABILITY),
+# and MKL and oneDNN, which dispatch on their own, are capped there too. llama.cpp's ISA is
+# fixed when it is built: the header prints what its library was built with.
+ISA_ENV = {   # parallax variant -> (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA)
+    "avx512vnni": ("avx512", "AVX512", "AVX512_CORE_VNNI"),
+    "avx512": ("avx512", "AVX512", "AVX512_CORE"),
+    "avxvnni": ("avx2", "AVX2", "AVX2_VNNI"),
+    "avx2": ("avx2", "AVX2", "AVX2"),
+    "generic": ("default", "SSE4_2", "SSE41"),
+}
+CPU_FLAGS_SHOWN = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni",
+                   "avx512_bf16")
+
+
+def isa_env(level: str) -> dict[str, str]:
+    aten, mkl, onednn = ISA_ENV[level]
+    return {"PARALLAX_CPU_ISA": level, "ATEN_CPU_CAPABILITY": aten,
+            "MKL_ENABLE_INSTRUCTIONS": mkl, "ONEDNN_MAX_CPU_ISA": onednn}
+
+
+def run_at_isa(level: str) -> None:
+    """Re-execute this script with ``isa_env(level)`` set unless it already is: torch reads
+    ATEN_CPU_CAPABILITY, MKL and oneDNN theirs once per process, before this script could set
+    them, and the engines' child processes (HF, llama.cpp, the peak RSS runs) inherit it."""
+    want = isa_env(level)
+    if all(os.environ.get(k) == v for k, v in want.items()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
+              {**os.environ, **want})
+
+
+def zmm_instructions(lib: str | None) -> int | None:
+    """How many instructions of the shared library ``lib`` touch a zmm (AVX-512) register
+    (``objdump -d``); None where objdump or the file is missing."""
+    if not lib or not os.path.exists(lib) or shutil.which("objdump") is None:
+        return None
+    r = subprocess.run(["objdump", "-d", "--no-show-raw-insn", lib], capture_output=True,
+                       text=True, timeout=300)
+    return sum("%zmm" in line for line in r.stdout.splitlines()) if r.returncode == 0 else None
+
+
+def engines_isa(hf: "Driver", llama_info: dict | None) -> dict:
+    """The instruction set each engine of this run actually uses: the CPU's own flags;
+    parallax's loaded kernel variant, its library and that library's zmm count; torch's ATen
+    capability in this process and in HF's, and the MKL / oneDNN caps; llama.cpp's build
+    (its system info) and its CPU library's zmm count."""
+    from parallax import ops
+    from parallax.ops import cpu as pcpu
+    rep = ops.kernel_report()
+    variant = rep.get("variant")
+    lib, built_for = (variant and pcpu.loaded_library(variant)) or (None, None)
+    flags = pcpu.cpu_flags()
+    out = {"cpu_flags": [f for f in CPU_FLAGS_SHOWN if f in flags],
+           "parallax_variant": variant, "parallax_lib": lib, "parallax_built_for": built_for,
+           "parallax_gguf_activations": pcpu.block_activations(),
+           "parallax_lib_zmm": zmm_instructions(lib),
+           "torch_capability": torch.backends.cpu.get_cpu_capability(),
+           "hf_torch_capability": hf.call("capability")["capability"],
+           "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "unset"),
+           "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "unset")}
+    if llama_info:
+        system = llama_info.get("system", "")
+        out["llama_cpp_features"] = " | ".join(
+            p.strip() for p in system.replace("CPU :", "|").split("|")
+            if p.strip().endswith("= 1"))
+        out["llama_cpp_lib"] = llama_info.get("cpu_lib")
+        out["llama_cpp_lib_zmm"] = zmm_instructions(llama_info.get("cpu_lib"))
+    return out
+
+
+def print_isa(a, isa: str, eng: dict) -> None:
+    """The header lines: the CPU's real ISA and the one each engine ran at."""
+    zmm = lambda n: "zmm count unknown" if n is None else f"{n} zmm instructions"  # noqa: E731
+    print(f"CPU: {machine_model()}, flags {' '.join(eng['cpu_flags'])} (the machine's ISA: "
+          f"{isa})" + (f"; this run held to --isa {a.isa}" if a.isa else ""))
+    lib = eng["parallax_lib"]
+    print(f"- parallax: CPU kernel variant {eng['parallax_variant'] or 'none (torch)'}"
+          + (f" ({os.path.basename(lib)}: built for {eng['parallax_built_for']}, "
+             f"{zmm(eng['parallax_lib_zmm'])})" if lib else "")
+          + f"; GGUF block matmuls take x as {eng['parallax_gguf_activations']} "
+            "(PARALLAX_GGUF_ACTIVATIONS)")
+    print(f"- torch (parallax's torch paths / transformers): ATen capability "
+          f"{eng['torch_capability']} / {eng['hf_torch_capability']}; "
+          f"MKL_ENABLE_INSTRUCTIONS {eng['mkl_enable_instructions']}, "
+          f"ONEDNN_MAX_CPU_ISA {eng['onednn_max_cpu_isa']}")
+    if "llama_cpp_features" in eng:
+        print(f"- llama.cpp: built with {eng['llama_cpp_features']} "
+              f"({os.path.basename(eng['llama_cpp_lib'] or '?')}, "
+              f"{zmm(eng['llama_cpp_lib_zmm'])})")
+        if a.isa and not a.isa.startswith("avx512") and eng["llama_cpp_lib_zmm"]:
+            print(f"  WARNING: llama.cpp's library holds AVX-512 code: not an --isa {a.isa} "
+                  "comparison; build it for that ISA (docs/benchmarks.md)")
+
+
+def machine_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.partition(":")[2].strip() for line in f
+                         if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        return "unknown CPU"
 
 
 class Driver:
@@ -369,10 +477,13 @@ def say_pos(pos) -> str:
     return "agree" if pos is None else f"disagree at token {pos}"
 
 
-def print_tables(a, isa: str, rows: list[dict], loads: dict, roof: dict, rss: dict,
-                 files: dict, agree: list[dict] | None, llm_tok) -> None:
+def print_tables(a, isa: str, eng: dict, rows: list[dict], loads: dict, roof: dict,
+                 rss: dict, files: dict, agree: list[dict] | None, llm_tok) -> None:
     lc = any("llama.cpp_tok_s" in r for r in rows)
-    print(f"\nSmolLM2-135M decode, ISA {isa}, {os.cpu_count()} CPUs, {a.threads} threads, "
+    print()
+    print_isa(a, isa, eng)
+    level = f"at --isa {a.isa} (machine {isa})" if a.isa else f"ISA {isa}"
+    print(f"\nSmolLM2-135M decode, {level}, {os.cpu_count()} CPUs, {a.threads} threads, "
           f"{a.new_tokens} new tokens, median of {a.repeats} interleaved rounds; 1-minute load "
           f"average {a.load_avg[0]:.1f} at the start, {a.load_avg[1]:.1f} at the end\n")
     head = "| format | batch | parallax tok/s | (own timer) | transformers tok/s "
@@ -452,11 +563,13 @@ def print_matmul_choices() -> None:
     if not choices:
         return
     print("\nparallax's CPU matmul choices (kernel vs torch, timed on this machine):\n")
-    print("| weight | N x K | rows <= | threads | kernel us | torch us | path |\n"
-          "|---|---|---:|---:|---:|---:|---|")
+    print("| weight | N x K | rows <= | threads | kernel us | torch us | path | chosen / torch |\n"
+          "|---|---|---:|---:|---:|---:|---|---:|")
     for c in choices:
+        chosen = c["kernel_us"] if c["path"] == "kernel" else c["torch_us"]
         print(f"| {c['weight']} | {c['n']} x {c['k']} | {c['rows'] or 'any'} | {c['threads']} | "
-              f"{c['kernel_us']:.0f} | {c['torch_us']:.0f} | {c['path']} |")
+              f"{c['kernel_us']:.0f} | {c['torch_us']:.0f} | {c['path']} | "
+              f"{chosen / c['torch_us']:.2f} |")
 
 
 def main() -> None:
@@ -481,7 +594,14 @@ def main() -> None:
     ap.add_argument("--rss-kv-tokens", type=int, default=1024)
     ap.add_argument("--no-rss", action="store_true", help="skip the peak RSS runs")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--isa", choices=list(ISA_ENV),
+                    help="hold the run to this instruction set: parallax's kernel variant "
+                         "(PARALLAX_CPU_ISA) and every torch's (ATEN_CPU_CAPABILITY, "
+                         "MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA); llama.cpp's is its "
+                         "build's (docs/benchmarks.md)")
     a = ap.parse_args()
+    if a.isa:
+        run_at_isa(a.isa)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
 
@@ -491,7 +611,7 @@ def main() -> None:
     isa = machine_isa()
     load_before = os.getloadavg()[0]
     src = os.path.join(smollm2_folder(), SMOLLM2_FILE)
-    llama = None
+    llama, llama_info = None, None
     os.makedirs(a.gguf_cache, exist_ok=True)
     if a.llama_cpp_python:
         unknown = set(a.formats.split(",")) - set(LLAMA_FTYPES)
@@ -499,13 +619,15 @@ def main() -> None:
             raise SystemExit(f"--formats: unknown {sorted(unknown)}; pick of {list(LLAMA_FTYPES)}")
         llama = Driver(a.llama_cpp_python, "llamacpp_driver.py",
                        os.path.join(a.gguf_cache, "llama_cpp.log"))
-        log.info("llama.cpp %s", llama.call("version")["version"])
+        llama_info = llama.call("version")
+        log.info("llama.cpp %s: %s", llama_info["version"], llama_info["system"])
         files = gguf_files(llama, src, a.gguf_cache, a.formats.split(","))
     else:
         files = {"file": src}      # the shipped file, dequantised to fp32 by both
     batches = [int(b) for b in a.batches.split(",")]
     rows, loads, roof, agree, tok = [], {}, {}, None, None
     hf = Driver(sys.executable, "hf_driver.py", os.path.join(a.gguf_cache, "hf.log"))
+    eng = None
     for fmt, path in files.items():
         t = time.perf_counter()
         llm = parallax.LLM(path, dtype="float32")
@@ -519,6 +641,8 @@ def main() -> None:
                        n_ctx_seq=512)
         ids = llm.tokenizer.encode(a.prompt)
         tok = llm.tokenizer
+        if eng is None:   # after the first load: parallax's variant is loaded by then
+            eng = in_own_thread(lambda: engines_isa(hf, llama_info))
         for batch in batches:
             rows.append({"format": fmt, **bench_batch(batch, ids, llm, hf, llama, a)})
             rows[-1]["prompt_tokens"] = len(ids)
@@ -541,11 +665,12 @@ def main() -> None:
             rss[fmt] = peak_rss(path, a.threads, a.rss_tokens, a.rss_kv_tokens)
 
     a.load_avg = (load_before, os.getloadavg()[0])
-    print_tables(a, isa, rows, loads, roof, rss, files, agree, tok)
+    print_tables(a, isa, eng, rows, loads, roof, rss, files, agree, tok)
     print_matmul_choices()
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"model": "smollm2-135m", "isa": isa, "threads": a.threads,
+            json.dump({"model": "smollm2-135m", "isa": isa, "isa_level": a.isa,
+                       "engines_isa": eng, "threads": a.threads,
                        "new_tokens": a.new_tokens, "repeats": a.repeats, "files": files,
                        "load_average": a.load_avg,
                        "rows": rows, "loads": loads, "roofline": roof, "peak_rss": rss,

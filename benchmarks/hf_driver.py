@@ -13,6 +13,7 @@ process holds one team, as it would alone.
     {"cmd": "load", "path": F, "threads": 2}           -> {"ok": true, "load_s": t}
     {"cmd": "generate", "ids": [...], "n": N, "batch": B}
                                                         -> {"tokens": [[...] * B], "cpu_s": t}
+    {"cmd": "capability"}                              -> {"capability": "AVX2"}
 
 ``load`` reads the GGUF file with ``from_pretrained(gguf_file=...)``, dequantised to fp32;
 ``generate`` runs B copies of the prompt greedily for exactly N new tokens
@@ -42,6 +43,11 @@ class Runner:
         self.model = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
         return {"ok": True, "load_s": time.perf_counter() - t}
+
+    def capability(self) -> dict:
+        """The CPU capability torch's ATen kernels dispatch to in this process (AVX512,
+        AVX2, DEFAULT: ATEN_CPU_CAPABILITY caps it)."""
+        return {"capability": torch.backends.cpu.get_cpu_capability()}
 
     def generate(self, ids: list[int], n: int, batch: int) -> dict:
         c = time.process_time()

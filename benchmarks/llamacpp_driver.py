@@ -4,7 +4,7 @@ object per line each way. It imports only llama_cpp, numpy and the standard libr
 
     /path/to/llamacpp-venv/bin/python benchmarks/llamacpp_driver.py     # then JSON lines:
 
-    {"cmd": "version"}                                   -> {"version": "0.3.x", "system": ...}
+    {"cmd": "version"}            -> {"version": "0.3.x", "system": ..., "cpu_lib": path}
     {"cmd": "quantize", "src": F, "dst": G, "ftype": 7}  -> {"ok": true}   (0 F32, 7 Q8_0, 2 Q4_0)
     {"cmd": "load", "path": F, "threads": 2, "batches": [1, 8], "n_ctx_seq": 512}
                                                          -> {"ok": true, "n_vocab": V}
@@ -34,6 +34,7 @@ Errors answer {"error": message}.
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 
 import llama_cpp
@@ -65,8 +66,10 @@ class Runner:
 
     def version(self) -> dict:
         info = llama_cpp.llama_print_system_info()
+        lib = os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so")
         return {"version": llama_cpp.__version__,
-                "system": info.decode() if isinstance(info, bytes) else str(info)}
+                "system": info.decode() if isinstance(info, bytes) else str(info),
+                "cpu_lib": os.path.realpath(lib) if os.path.exists(lib) else None}
 
     def quantize(self, src: str, dst: str, ftype: int) -> dict:
         params = llama_cpp.llama_model_quantize_default_params()

@@ -103,6 +103,7 @@ _CFLAGS = ["-O3", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared"]
 
 _libs: dict[str, str | None] = {}   # variant -> its name in the torch ops, or None
 _build_errors: dict[str, str] = {}   # variant (or "torch_ops", the shim) -> why it is off
+_loaded: dict[str, tuple[str, str]] = {}   # name -> (library path, ISA it was built for)
 
 
 def cpu_flags() -> set[str]:
@@ -230,7 +231,14 @@ def load_library(name: str, path: str) -> str:
     (its ``parallax_cpu_isa()``)."""
     built_for = torch_ops().load_variant(name, path)
     _libs[name] = name
+    _loaded[name] = (path, built_for)
     return built_for
+
+
+def loaded_library(name: str) -> tuple[str, str] | None:
+    """(path, the vector ISA it was built for) of the kernel library loaded as ``name``
+    (a variant), or None when none is."""
+    return _loaded.get(name)
 
 
 @torch.compiler.assume_constant_result   # torch.compile: a constant of the process, not traced

@@ -20,6 +20,11 @@
 
 #include "widen.h"
 
+/* Prefetch distance in tiles: a tile's NN rows are short streams (K bytes each) that end
+ * before the hardware prefetcher locks on; each k step requests its share of the rows
+ * PF_TILES tiles ahead (contiguous), as q8_0_f32.c does. */
+#define PF_TILES 2
+
 typedef void (*int8_tile_fn)(const float* x, int K, const int8_t* q, const float* s, float* y,
                              int N);
 
@@ -29,8 +34,12 @@ static void int8_tile_##NN##x##MM(const float* x, int K, const int8_t* q, const 
     vf acc[MM][NN];                                                                          \
     for (int m = 0; m < MM; m++)                                                             \
         for (int r = 0; r < NN; r++) acc[m][r] = vzero();                                    \
+    uintptr_t ahead = (uintptr_t)q + (uintptr_t)PF_TILES * NN * K;  /* may be past the end: \
+                                                    an address, never dereferenced */       \
     int k = 0;                                                                               \
     for (; k + PARALLAX_VW <= K; k += PARALLAX_VW) {                                         \
+        for (int o = (k * NN + 63) & ~63; o < (k + PARALLAX_VW) * NN; o += 64)               \
+            __builtin_prefetch((const void*)(ahead + (uintptr_t)o));                         \
         vf w[NN];                                                                            \
         for (int r = 0; r < NN; r++) w[r] = load_i8(q + (size_t)r * K + k);                  \
         for (int m = 0; m < MM; m++) {                                                       \

@@ -9,7 +9,11 @@
  * accumulators. Per block the RN scales are converted once; each widened weight vector is
  * multiplied by its row's scale (so the products are x * (q * d), the same dequantised
  * values as the torch twin ops/reference.py:q8_0_linear) and serves every row of x in the
- * tile. Blocks of RN weight rows are split over OpenMP threads. K must be a multiple of 32.
+ * tile. With one row of x (a batch-1 decode step) nothing shares that multiply, so the
+ * block's sum of x * q is taken first and scaled once, d * sum(x * q): one multiply per
+ * block instead of one per vector (10-15% faster with AVX2 on SmolLM2's shapes), the same
+ * sum up to fp32 rounding. Blocks of RN weight rows are split over OpenMP threads; each
+ * tile prefetches the rows two tiles ahead (PF_TILES). K must be a multiple of 32.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -20,6 +24,14 @@
 #include "widen.h"
 
 #define QK 32
+/* Prefetch distance in tiles. A tile reads its NN rows block by block: NN short streams
+ * (612 bytes a row at K = 576) that end before the hardware prefetcher has locked on, so
+ * weights read from memory came at latency speed (Q8_0 at 7.5 GB/s with AVX2). Each block
+ * step prefetches its share of the rows PF_TILES tiles ahead (the rows are contiguous), so
+ * the whole tile region is requested by the time it is reached: 3-5x faster batch-1 Q8_0
+ * matmuls on SmolLM2's shapes (2 threads, weights not in cache). x86 and arm64 prefetches
+ * do not fault, so reading past the last row is harmless. */
+#define PF_TILES 2
 #define q8_0_BYTES 34
 #define q4_0_BYTES 18
 
@@ -62,12 +74,26 @@ static void FMT##_tile_##NN##x##MM(const float* x, int K, const uint8_t* w, size
     vf acc[MM][NN];                                                                          \
     for (int m = 0; m < MM; m++)                                                             \
         for (int r = 0; r < NN; r++) acc[m][r] = vzero();                                    \
+    uintptr_t ahead = (uintptr_t)w + (uintptr_t)PF_TILES * NN * row_bytes;  /* may be past \
+                                                     the end: an address, never dereferenced */ \
     for (int b = 0; b < K / QK; b++) {                                                       \
+        for (int o = b * NN * FMT##_BYTES; o < (b + 1) * NN * FMT##_BYTES; o += 64)          \
+            __builtin_prefetch((const void*)(ahead + (uintptr_t)o));                         \
         const uint8_t* blk[NN];                                                              \
         float d[NN];                                                                         \
         for (int r = 0; r < NN; r++) {                                                       \
             blk[r] = w + (size_t)r * row_bytes + (size_t)b * FMT##_BYTES;                   \
             d[r] = block_scale(blk[r]);                                                      \
+        }                                                                                    \
+        if (MM == 1) {              /* one row of x: scale the block's sum, not each q */   \
+            vf bsum[NN];                                                                     \
+            for (int r = 0; r < NN; r++) bsum[r] = vzero();                                  \
+            for (int j = 0; j < QK; j += PARALLAX_VW) {                                      \
+                vf xv = vload(x + (size_t)b * QK + j);                                       \
+                for (int r = 0; r < NN; r++) bsum[r] += xv * FMT##_load(blk[r], j);          \
+            }                                                                                \
+            for (int r = 0; r < NN; r++) acc[0][r] += bsum[r] * d[r];                        \
+            continue;                                                                        \
         }                                                                                    \
         for (int j = 0; j < QK; j += PARALLAX_VW) {                                          \
             vf wv[NN];                                                                       \
