@@ -647,7 +647,10 @@ def main() -> None:
             rows.append({"format": fmt, **bench_batch(batch, ids, llm, hf, llama, a)})
             rows[-1]["prompt_tokens"] = len(ids)
         if llama is not None and fmt == a.agree_format:
-            agree = agreement(llm, hf, llama, a.agree_tokens)
+            # in a thread that ends: its torch ops (logit differences) would otherwise start a
+            # second OpenMP team in this process, and libgomp then sleeps between the
+            # engine's parallel regions for every later format (Q4_0 at 0.4x of itself)
+            agree = in_own_thread(lambda: agreement(llm, hf, llama, a.agree_tokens))
         if not roof and fmt in ("file", "f32"):
             log.info("timing the roofline sweeps")
             # In a thread that ends, so its OpenMP team ends too: a second team in this
