@@ -125,6 +125,11 @@ AGREE_PROMPTS = ["The three primary colors are",
                  "def fibonacci(n):",
                  "The capital of France is",
                  "Once upon a time, in a small village,"]
+# The same check on an instruct model's usual input: user messages in its chat template.
+AGREE_CHAT_PROMPTS = ["What is the capital of France?",
+                      "Write a Python function that returns the n-th Fibonacci number.",
+                      "Explain in two sentences why the sky is blue.",
+                      "Give me three tips for a good night's sleep."]
 RSS_RUN = r"""
 import json, os, sys, torch, parallax
 from parallax.models import loader
@@ -368,8 +373,18 @@ def _margin(row) -> float:
     return float(top[0] - top[1])
 
 
+def agreement_ids(tok) -> list[tuple[str, list[int]]]:
+    """(label, token ids) of the agreement prompts: AGREE_PROMPTS as plain text, then
+    AGREE_CHAT_PROMPTS as one user message each in the model's chat template."""
+    plain = [(p, tok.encode(p)) for p in AGREE_PROMPTS]
+    chat = [(f"[chat] {p}", tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]),
+                                        add_special_tokens=False))
+            for p in (AGREE_CHAT_PROMPTS if tok.has_chat_template else [])]
+    return plain + chat
+
+
 def agreement(llm, hf: Driver, llama: Driver, n: int) -> list[dict]:
-    """Greedy ``n`` tokens of each AGREE_PROMPTS (same token ids, no chat template) by
+    """Greedy ``n`` tokens of each agreement_ids() prompt (the same token ids everywhere) by
     parallax, transformers and llama.cpp (each AGREE_KV context); where parallax's differ,
     the first differing position, and there both engines' top-1 minus top-2 logit margins
     (parallax's from its own greedy run's logprobs: same prefix). Teacher-forced on
@@ -379,8 +394,7 @@ def agreement(llm, hf: Driver, llama: Driver, n: int) -> list[dict]:
     import tempfile
     res = []
     with tempfile.TemporaryDirectory() as tmp:
-        for prompt in AGREE_PROMPTS:
-            ids = llm.tokenizer.encode(prompt)
+        for prompt, ids in agreement_ids(llm.tokenizer):
             out = llm.generate([ids], max_new_tokens=n, ignore_eos=True, chat=False,
                                logprobs=2)[0]
             px = list(out.token_ids)

@@ -16,9 +16,14 @@ Systems, on the same weights (SmolLM2-135M, fp32, one process):
 - ``parallax``: every request ``submit``ted at its arrival time, deltas timed as they stream.
   ``parallax@N`` (in ``--systems``): the same with the engine's token budget
   (``max_num_batched_tokens``) set to N for that run, to compare budgets in one run.
-- ``static``: the old way, emulated on the same kernels: requests in arrival order form
-  batches of ``--batch``; a batch starts when its last request has arrived and the previous
-  batch is done, and runs until its longest output is done (every member decodes that long).
+- ``static``: the old way (the ``generate()`` the engine replaced), emulated on the same
+  kernels: requests in arrival order form batches of ``--batch``; a batch starts when its last
+  request has arrived and the previous batch is done; every prompt is right-padded to the
+  batch's longest (the old loop prefilled the padded ``(B, T_max)`` block, and HF batches pad
+  the same way), and the batch runs until its longest output is done (every member decodes
+  that long).
+- ``static-unpadded``: the same batches with each prompt prefilled at its own length, a
+  stronger baseline than the old way (only the decode rows are wasted).
 - ``hf`` (``--hf``): transformers ``generate()`` on the same batches (left padding); not
   streamed, so its TTFT is its end-to-end latency.
 
@@ -127,15 +132,20 @@ def _batches(reqs: list[Req], b: int) -> list[list[Req]]:
     return [reqs[i:i + b] for i in range(0, len(reqs), b)]
 
 
-def run_static(llm, reqs: list[Req], batch: int) -> tuple[float, float]:
-    """Arrival-ordered batches, one at a time, each running to its longest output."""
+def run_static(llm, reqs: list[Req], batch: int, pad: int | None) -> tuple[float, float]:
+    """Arrival-ordered batches, one at a time, each running to its longest output; with
+    ``pad`` set, each prompt is right-padded with that token to its batch's longest."""
     t0 = time.perf_counter()
     for group in _batches(reqs, batch):
         delay = t0 + group[-1].arrival - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
         longest = max(r.out_len for r in group)
-        handles = [llm.submit(r.prompt, max_new_tokens=longest, ignore_eos=True) for r in group]
+        width = max(len(r.prompt) for r in group)
+        # Right padding keeps each padded prompt's prefix unique: no prefix-cache hits.
+        prompts = [r.prompt if pad is None else r.prompt + [pad] * (width - len(r.prompt))
+                   for r in group]
+        handles = [llm.submit(p, max_new_tokens=longest, ignore_eos=True) for p in prompts]
 
         def consume(r: Req, h) -> None:
             for d in h:
@@ -242,7 +252,7 @@ def burst_kv_tokens(reqs: list[Req], block_size: int, max_num_seqs: int,
 
 def _fmt(name: str, rate: float, s: dict, cpu_s: float, tokens: int) -> str:
     ms = lambda t: "/".join(f"{1e3 * x:.0f}" for x in t)   # noqa: E731
-    return (f"| {name:8s} | {rate:>5g} | {s['req_s']:6.2f} | {s['tok_s']:7.1f} | {ms(s['ttft'])} | "
+    return (f"| {name:15s} | {rate:>5g} | {s['req_s']:6.2f} | {s['tok_s']:7.1f} | {ms(s['ttft'])} | "
             f"{ms(s['tpot'])} | {ms(s['itl'])} | {ms(s['e2e'])} | {cpu_s:.1f} | "
             f"{tokens / cpu_s:.1f} |")
 
@@ -269,8 +279,9 @@ def main(argv=None) -> None:
                     help="length distribution in the --prompt-len / --output-len ranges")
     ap.add_argument("--rates", default="2,inf", help="requests/s, comma-separated; inf = burst")
     ap.add_argument("--batch", type=int, default=8, help="static/HF batch size")
-    ap.add_argument("--systems", default="parallax,static",
-                    help="comma-separated: parallax, parallax@BUDGET, static, hf")
+    ap.add_argument("--systems", default="parallax,static,static-unpadded",
+                    help="comma-separated: parallax, parallax@BUDGET, static, "
+                         "static-unpadded, hf")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="the engine's token budget per step (default: the LLM's)")
     ap.add_argument("--max-num-seqs", type=int, default=None,
@@ -310,11 +321,13 @@ def main(argv=None) -> None:
           f"static/HF batch {a.batch}, engine max_num_batched_tokens "
           f"{llm._core.scheduler.max_num_batched_tokens}, max_num_seqs "
           f"{llm._core.scheduler.max_num_seqs}, threads {torch.get_num_threads()}")
-    print("| system   |  rate |  req/s |   tok/s | TTFT ms mean/p50/p99 | TPOT ms | ITL ms | E2E ms "
+    print("| system          |  rate |  req/s |   tok/s | TTFT ms mean/p50/p99 | TPOT ms | ITL ms | E2E ms "
           "| CPU s | tok/CPU s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     peak_tokens = 0
+    ratios = []
     for rate in [float(x) for x in a.rates.split(",")]:
+        tok_s = {}
         for system in systems:
             reqs = [Req(r.prompt, r.out_len) for r in reqs0]
             arrivals(reqs, rate, a.seed)
@@ -332,12 +345,20 @@ def main(argv=None) -> None:
                 finally:
                     sched.max_num_batched_tokens = default_budget
                 peak_tokens = max(peak_tokens, int(peak["usage"] * llm.stats()["kv_cache_tokens"]))
-            elif system == "static":
-                t0, t1 = run_static(llm, reqs, a.batch)
+            elif system in ("static", "static-unpadded"):
+                pad = llm.config.pad_token_id or 0
+                t0, t1 = run_static(llm, reqs, a.batch, pad if system == "static" else None)
             else:
                 t0, t1 = run_hf(hf, reqs, a.batch, llm.config.pad_token_id or 0)
-            print(_fmt(system, rate, summarize(reqs, t0, t1), time.process_time() - cpu0,
+            summary = summarize(reqs, t0, t1)
+            tok_s[system] = summary["tok_s"]
+            print(_fmt(system, rate, summary, time.process_time() - cpu0,
                        sum(r.out_len for r in reqs)), flush=True)
+        if "parallax" in tok_s:
+            ratios += [f"{rate:g} req/s: " + ", ".join(
+                f"{tok_s['parallax'] / v:.2f}x {k}" for k, v in tok_s.items() if k != "parallax")]
+    if ratios:
+        print("\nengine output tok/s over the others': " + "; ".join(ratios))
     s_max = max(len(r.prompt) + r.out_len for r in reqs0)
     static_tokens = min(32, a.num_requests) * s_max
     print(f"\nKV memory: the engine held at most {peak_tokens} token slots (blocks in use); a "
