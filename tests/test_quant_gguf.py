@@ -216,6 +216,91 @@ def test_linear_q8_is_ggml_dot(isa, fmt, m):
     assert bool(((got - want).abs() <= tol).all()), float(((got - want).abs() / tol).max())
 
 
+def ggml_q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A numpy model of ggml's x86 quantize_row_q8_1 (llama.cpp's activations for Q4_1), in
+    fp32 as it computes: per block of 32, d = amax / 127, codes = round-half-even(x * (127 /
+    amax)), the block's fp16 d, and s = fp16(d * sum(codes)) with d still fp32 ->
+    (codes int8, fp16 d, fp16 s as float32)."""
+    b = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(b).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    codes = np.rint(b * inv).astype(np.int8)
+    d = (amax / np.float32(127)).astype(np.float32)[..., 0]
+    s = (d * codes.astype(np.int32).sum(-1).astype(np.float32)).astype(np.float32)
+    return (codes.reshape(x.shape), d.astype(np.float16).astype(np.float32),
+            s.astype(np.float16).astype(np.float32))
+
+
+ACT_KINDS = {"q8_0": 32, "q8_1": 32}   # activation kind -> block
+
+
+@pytest.mark.parametrize("kind", ACT_KINDS)
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_quantize_act_matches_twin(isa, kind):
+    """csrc/cpu/q8_act.c's activation blocks (codes, scales, sums) equal the twin's
+    (reference.quantize_act) bit for bit, on rows with zero, subnormal-scale and tie blocks."""
+    x = q8_test_rows(torch.Generator().manual_seed(4))[:, :512].contiguous()
+    got = cpu.quantize_act(kind, x, isa=isa)
+    want = reference.quantize_act(kind, x)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_quantize_q8_1_matches_ggml(isa):
+    """The Q4_1 path's activations are ggml's block_q8_1 (ggml_q8_1, a numpy model of its
+    x86 quantize_row_q8_1): codes, fp16 d and fp16 s bit-equal, s being fp16(d * sum) with
+    d in fp32, which differs from the fp16 d times the sum (rounded to fp16) on about a
+    quarter of the blocks here."""
+    x = q8_test_rows(torch.Generator().manual_seed(23))
+    q, d, s = cpu.quantize_act("q8_1", x, isa=isa)
+    want_q, want_d, want_s = ggml_q8_1(x.numpy())
+    assert np.array_equal(q.numpy(), want_q)
+    assert np.array_equal(d.numpy(), want_d) and np.array_equal(s.numpy(), want_s)
+    sums = q.reshape(7, -1, 32).sum(-1, dtype=torch.int32).float()
+    assert float((s != (d * sums).half().float()).float().mean()) > 0.15
+
+
+def ggml_dot(fmt: str, x: np.ndarray, qw: torch.Tensor) -> np.ndarray:
+    """A float64 model of what llama.cpp's CPU matmul computes per output for Q4_1 weights
+    (ggml_vec_dot_q4_1_q8_1, x as ggml_q8_1 blocks): per block, the exact integer dot of
+    the 4-bit codes with the activation codes times fp32(fp16 d_w * fp16 d_x), plus fp16 m_w
+    times fp16 s_x; summed exactly. -> (M, N) float64."""
+    assert fmt == "q4_1"
+    n = qw.shape[0]
+    blk = qw.numpy().reshape(n, -1, 20)
+    dw = blk[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]   # (N, K/32)
+    mw = blk[..., 2:4].copy().view(np.float16).astype(np.float64)[..., 0]
+    qs = blk[..., 4:].astype(np.int64)
+    qw4 = np.concatenate([qs & 15, qs >> 4], axis=-1)                      # (N, K/32, 32)
+    codes, dx, sx = ggml_q8_1(x)
+    cx = codes.astype(np.int64).reshape(x.shape[0], -1, 32)                # (M, K/32, 32)
+    sumi = np.einsum("mbi,nbi->mnb", cx, qw4)                              # exact integers
+    scale = (dw[None] * dx[:, None]).astype(np.float32).astype(np.float64)  # fp32 product
+    return (scale * sumi).sum(-1) + sx.astype(np.float64) @ mw.T
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("m", [1, 3, 7])
+def test_linear_q8_is_ggml_dot_q4_1(isa, m):
+    """Q4_1 weights with 8-bit activations compute ggml's Q4_1 dot (ggml_dot, float64) up to
+    fp32 summation, in every variant: row kernels (m = 1, 3) and tiles (m = 7). The old
+    rule (the minimum times the fp16 d_x times the codes' sum) misses it by ~50x this
+    tolerance on these rows."""
+    g = torch.Generator().manual_seed(9 + m)
+    x = q8_test_rows(g)[:m]
+    k = x.shape[1]
+    qw = block_bytes(torch.randn(96, k, generator=g).numpy(), Q.Q4_1)
+    want = torch.from_numpy(ggml_dot("q4_1", x.numpy(), qw))
+    got = cpu.block_linear_q8("q4_1", x, qw, isa=isa).double()
+    w = reference.q4_1_dequantize(qw).double()
+    tol = 2e-6 * (x.double().abs() @ w.abs().T) + 1e-30
+    assert bool(((got - want).abs() <= tol).all()), float(((got - want).abs() / tol).max())
+    x8 = reference.dequantize_q8(*reference.quantize_q8(x)).double()
+    assert float(((x8 @ w.T - want).abs() / tol).max()) > 5
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_q8_activation_error_bound(fmt):
     """Rounding x to 8-bit blocks moves each x_i by at most e_b = q8_error_bound(amax_b)
@@ -251,12 +336,16 @@ def test_dequantize_matches_gguf(fmt):
     want = torch.from_numpy(gguf.quants.dequantize(qw.numpy(), FORMATS[fmt])).reshape(13, 128)
     assert torch.equal(getattr(reference, f"{fmt}_dequantize")(qw), want)
     x = torch.randn(2, 128, generator=g)
-    x8 = reference.dequantize_q8(*reference.quantize_q8(x))
+    x8, s = reference.q8_activations(fmt, x)
+    y8 = x8 @ want.T
+    if fmt == "q4_1":   # ggml's Q4_1 dot: the minimum times block_q8_1's fp16 s, not sum(x8)
+        m = torch.from_numpy(qw.numpy().reshape(13, -1, 20)[..., 2:4].copy().view(np.float16))
+        y8 += (s - x8.reshape(2, -1, 32).sum(-1)) @ m.float().reshape(13, -1).T
     for isa in VARIANTS:
         if fmt in F32_KERNELS:
             torch.testing.assert_close(getattr(cpu, f"{fmt}_linear")(x, qw, isa=isa),
                                        x @ want.T, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cpu.block_linear_q8(fmt, x, qw, isa=isa), x8 @ want.T,
+        torch.testing.assert_close(cpu.block_linear_q8(fmt, x, qw, isa=isa), y8,
                                    rtol=1e-5, atol=1e-5)
 
 

@@ -12,9 +12,11 @@
  * scales in fp32:
  *   Q8_0: d * dx * sum(q * qx)
  *   Q4_0: d * dx * (sum(q * qx) - 8 * sum(qx))      q: the 4-bit code, 0..15
- *   Q4_1: d * dx * sum(q * qx) + m * dx * sum(qx)
- * so the result equals the twin (dequantised W times the dequantised codes of x) up to fp32
- * summation order. x86 (avx2 and avx512 builds): 256-bit integer dots, one block a vector,
+ *   Q4_1: d * dx * sum(q * qx) + m * sx
+ * where Q4_1's x blocks are ggml's block_q8_1 (its x86 quantize_row_q8_1, llama.cpp's
+ * vec_dot_type for Q4_1): the same codes and dx, plus sx = fp16((amax / 127) * sum(qx)), the
+ * scale taken in fp32 before rounding (qrow.ms; not dx * sum(qx)). So the result equals
+ * the twin (reference.linear_q8_values) and ggml's dot up to fp32 summation order. x86 (avx2 and avx512 builds): 256-bit integer dots, one block a vector,
  * vpmaddubsw (unsigned x signed bytes) + vpmaddwd; Q8_0's signed weights go through the
  * sign trick (|q| times qx with q's sign), which keeps every pair sum within int16. The
  * generic build: plain C loops the compiler vectorizes.
@@ -43,8 +45,10 @@
 /* One row of x as 8-bit blocks: codes, scale and code sum per block. */
 typedef struct {
     const int8_t* q;      /* K codes */
-    const float* d;       /* K / 32 scales */
+    const float* d;       /* K / 32 scales (Q8_K: K / 256) */
     const int32_t* s;     /* K / 32 sums of the codes */
+    const float* ms;      /* Q8_1: K / 32 fp16(d * sum) as fp32 (block_q8_1's s) */
+    const int16_t* bs;    /* Q8_K: K / 16 sums of the codes (block_q8_K's bsums) */
     const int8_t* qn;     /* the codes in nibble order (Q4 formats, AVX512-VNNI; else q) */
 } qrow;
 
@@ -62,7 +66,9 @@ static __attribute__((unused)) void nibble_order(const int8_t* q, int nb, int8_t
     memcpy(out + (size_t)b * QK, q + (size_t)b * QK, (size_t)(nb - b) * QK);
 }
 
-static void quantize_row(const float* x, int K, int8_t* q, float* d, int32_t* s) {
+/* ggml's block_q8_0 / block_q8_1 rule (x86 quantize_row_q8_0 / _q8_1) for one row; ms, where
+ * not NULL, gets block_q8_1's s: fp16(d * sum), d = amax / 127 in fp32 (not its fp16). */
+static void quantize_row(const float* x, int K, int8_t* q, float* d, int32_t* s, float* ms) {
     for (int b = 0; b < K / QK; b++) {
         const float* xb = x + (size_t)b * QK;
         float amax = 0.0f;
@@ -79,6 +85,45 @@ static void quantize_row(const float* x, int K, int8_t* q, float* d, int32_t* s)
         }
         d[b] = round_to_half(amax / 127.0f);   /* the fp16 d of ggml's block_q8_0 */
         s[b] = sum;
+        if (ms != NULL) ms[b] = round_to_half(amax / 127.0f * (float)sum);
+    }
+}
+
+#define QKK 256
+
+/* ggml's block_q8_K rule (quantize_row_q8_K_ref, what its x86 build runs) for one row, per
+ * super-block of 256: max = the first x of largest |x|, iscale = -127 / max, code =
+ * min(127, round-half-even(iscale * x)), d = 1 / iscale (fp32; negative where max > 0),
+ * bs = the codes' sums per 16; an all-zero block: d 0, codes 0 (sums 0). */
+static void quantize_row_k(const float* x, int K, int8_t* q, float* d, int16_t* bs) {
+    for (int b = 0; b < K / QKK; b++) {
+        const float* xb = x + (size_t)b * QKK;
+        int8_t* qb = q + (size_t)b * QKK;
+        int16_t* sb = bs + (size_t)b * (QKK / 16);
+        float amax = 0.0f;
+        for (int i = 0; i < QKK; i++) {
+            float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;
+        }
+        if (amax == 0.0f) {
+            d[b] = 0.0f;
+            memset(qb, 0, QKK);
+            memset(sb, 0, sizeof(int16_t) * (QKK / 16));
+            continue;
+        }
+        int i0 = 0;
+        while (fabsf(xb[i0]) != amax) i0++;   /* ggml keeps the first of equal |x| */
+        float iscale = -127.0f / xb[i0];
+        for (int i = 0; i < QKK; i++) {
+            int v = (int)rintf(iscale * xb[i]);
+            qb[i] = (int8_t)(v < 127 ? v : 127);
+        }
+        for (int j = 0; j < QKK / 16; j++) {
+            int sum = 0;
+            for (int i = 0; i < 16; i++) sum += qb[16 * j + i];
+            sb[j] = (int16_t)sum;
+        }
+        d[b] = 1.0f / iscale;
     }
 }
 
@@ -195,7 +240,7 @@ static inline __attribute__((always_inline)) void tile(int fmt, int NN, int MM, 
             __typeof__(load_qx(xr[m].q)) qx = load_qx(xr[m].q + (size_t)b * QK);
             for (int r = 0; r < NN; r++) {
                 acc[m][r] = block_fma(fmt, acc[m][r], wc[r], qx, sx, d[r] * dx);
-                if (fmt == FMT_Q4_1) mterm[m][r] += mw[r] * (dx * (float)sx);
+                if (fmt == FMT_Q4_1) mterm[m][r] += mw[r] * xr[m].ms[b];
             }
         }
     }
@@ -243,9 +288,8 @@ static inline __attribute__((always_inline)) void tile4(int fmt, int MM, const q
             float dx = xr[m].d[b];
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
                                      _mm256_mul_ps(d8, _mm256_set1_ps(dx)), acc[m]);
-            if (fmt == FMT_Q4_1)   /* m * dx * sum(qx), half in each half of the vector */
-                acc[m] = _mm256_fmadd_ps(m8, _mm256_set1_ps(0.5f * dx * (float)xr[m].s[b]),
-                                         acc[m]);
+            if (fmt == FMT_Q4_1)   /* m * fp16(dx * sum(qx)), half in each half of the vector */
+                acc[m] = _mm256_fmadd_ps(m8, _mm256_set1_ps(0.5f * xr[m].ms[b]), acc[m]);
         }
     }
     for (int m = 0; m < MM; m++)
@@ -264,7 +308,7 @@ static inline __m128 halves4(const uint8_t* blk, int bb, int off) {
 }
 
 /* Blocks [b, nb) of a weight row one at a time (the row kernels' last nb % 4 blocks, x in
- * natural order) into acc[m] (lanes) and, Q4_1's m * dx * sum(qx), mtail[m]. */
+ * natural order) into acc[m] (lanes) and, Q4_1's m * ms (qrow), mtail[m]. */
 static inline __attribute__((always_inline)) void tail_blocks(int fmt, int MM, const qrow* xr,
                                                               int b, int nb, const uint8_t* w,
                                                               __m256* acc, float* mtail) {
@@ -277,7 +321,7 @@ static inline __attribute__((always_inline)) void tail_blocks(int fmt, int MM, c
             float dx = xr[m].d[b];
             int32_t sx = xr[m].s[b];
             acc[m] = block_fma(fmt, acc[m], wc, load_qx(xr[m].q + (size_t)b * QK), sx, d * dx);
-            if (fmt == FMT_Q4_1) mtail[m] += mw * (dx * (float)sx);
+            if (fmt == FMT_Q4_1) mtail[m] += mw * xr[m].ms[b];
         }
     }
 }
@@ -323,8 +367,8 @@ static inline __attribute__((always_inline, unused)) void row_q(int fmt, int MM,
             __m128 dx = _mm_loadu_ps(xr[m].d + b);
             __m128 sc = _mm_mul_ps(d4, dx);
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set_m128(sc, sc), acc[m]);
-            if (fmt == FMT_Q4_1)   /* m * dx * sum(qx) */
-                mt[m] = _mm_fmadd_ps(m4, _mm_mul_ps(dx, _mm_cvtepi32_ps(sx)), mt[m]);
+            if (fmt == FMT_Q4_1)   /* m * fp16(dx * sum(qx)) */
+                mt[m] = _mm_fmadd_ps(m4, _mm_loadu_ps(xr[m].ms + b), mt[m]);
         }
     }
     tail_blocks(fmt, MM, xr, b, nb, w, acc, mtail);
@@ -342,7 +386,7 @@ static inline __attribute__((always_inline, unused)) void row_q(int fmt, int MM,
  *   Q4_0, Q4_1: the 4 blocks' low nibbles in one vector and their high nibbles in another,
  *         against x in nibble order (qrow.qn): lanes 4j..4j+3 hold block j.
  * The per-block scales are spread over their lanes by one vpermps. The x-only terms of a
- * block, d * dx * sum(qx) times -128 (Q8_0) or -8 (Q4_0), and Q4_1's m * dx * sum(qx),
+ * block, d * dx * sum(qx) times -128 (Q8_0) or -8 (Q4_0), and Q4_1's m * ms (qrow),
  * collect in a 4-lane accumulator: one fma per 4 blocks. */
 static inline __attribute__((always_inline)) void row_q512(int fmt, int MM, const qrow* xr,
                                                            int nb, const uint8_t* w,
@@ -387,7 +431,8 @@ static inline __attribute__((always_inline)) void row_q512(int fmt, int MM, cons
         for (int m = 0; m < MM; m++) {
             __m128 dx = _mm_loadu_ps(xr[m].d + b);
             __m512 sc = _mm512_castps128_ps512(_mm_mul_ps(d4, dx));
-            __m128 dsx = _mm_mul_ps(dx, _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)(xr[m].s + b))));
+            __m128 dsx = fmt == FMT_Q4_1 ? _mm_loadu_ps(xr[m].ms + b) : _mm_mul_ps(
+                dx, _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)(xr[m].s + b))));
             accx[m] = _mm_fmadd_ps(e4, dsx, accx[m]);
             if (fmt == FMT_Q8_0) {
                 const int8_t* q = xr[m].q + (size_t)b * QK;
@@ -667,15 +712,57 @@ TILES(Q6_K)
 typedef void (*row_fn)(const qrow*, int, const uint8_t*, size_t, int, float*, int);
 #endif
 
-/* xr[i] = quantized row m0 + i of x (codes q and qn, K per row; scales d and sums s, K / 32
- * per row), for up to RM rows; returns how many. */
-static inline int x_rows(qrow* xr, int m0, int M, int K, const int8_t* q, const float* d,
-                         const int32_t* s, const int8_t* qn) {
+/* The activation blocks a format's dot takes, as ggml's vec_dot_type: Q8_0 for Q8_0 and
+ * Q4_0, Q8_1 for Q4_1, Q8_K for the K-quants. */
+enum { ACT_Q8_0, ACT_Q8_1, ACT_Q8_K };
+static const int ACT_OF[] = {ACT_Q8_0, ACT_Q8_0, ACT_Q8_1, ACT_Q8_0, ACT_Q8_0};
+
+/* M rows of x as activation blocks of kind `act`, in one allocation (free(a->q)). */
+typedef struct {
+    int8_t* q;      /* (M, K) codes */
+    float* d;       /* (M, nd) scales: nd = K / 32, Q8_K K / 256 */
+    int32_t* s;     /* (M, K / 32) code sums (Q8_0, Q8_1) */
+    float* ms;      /* (M, K / 32) Q8_1's fp16(d * sum) */
+    int16_t* bs;    /* (M, K / 16) Q8_K's sums per 16 */
+    int nd;
+} qacts;
+
+/* Returns 1 when out of memory. */
+static int quantize_rows(int act, const float* x, int M, int K, qacts* a, int num_threads) {
+    (void)num_threads;   /* unused when built without OpenMP */
+    int nb = K / QK;
+    size_t n = (size_t)M * K;
+    a->nd = act == ACT_Q8_K ? K / QKK : nb;
+    /* M * K is a multiple of 32: every array below stays aligned to its type */
+    a->q = malloc(n + (size_t)M * nb * (2 * sizeof(float) + sizeof(int32_t))
+                  + (size_t)M * (K / 16) * sizeof(int16_t));
+    if (a->q == NULL) return 1;
+    a->d = (float*)(a->q + n);
+    a->s = (int32_t*)(a->d + (size_t)M * nb);
+    a->ms = (float*)(a->s + (size_t)M * nb);
+    a->bs = (int16_t*)(a->ms + (size_t)M * nb);
+    #pragma omp parallel for schedule(static) num_threads(num_threads) if (M > 1)
+    for (int m = 0; m < M; m++) {
+        if (act == ACT_Q8_K)
+            quantize_row_k(x + (size_t)m * K, K, a->q + (size_t)m * K, a->d + (size_t)m * a->nd,
+                           a->bs + (size_t)m * (K / 16));
+        else
+            quantize_row(x + (size_t)m * K, K, a->q + (size_t)m * K, a->d + (size_t)m * nb,
+                         a->s + (size_t)m * nb, act == ACT_Q8_1 ? a->ms + (size_t)m * nb : NULL);
+    }
+    return 0;
+}
+
+/* xr[i] = quantized row m0 + i of x (codes qn: nibble order, or a->q), for up to RM rows;
+ * returns how many. */
+static inline int x_rows(qrow* xr, int m0, int M, int K, const qacts* a, const int8_t* qn) {
     int rows = M - m0 < RM ? M - m0 : RM, nb = K / QK;
     for (int i = 0; i < rows; i++) {
-        xr[i].q = q + (size_t)(m0 + i) * K;
-        xr[i].d = d + (size_t)(m0 + i) * nb;
-        xr[i].s = s + (size_t)(m0 + i) * nb;
+        xr[i].q = a->q + (size_t)(m0 + i) * K;
+        xr[i].d = a->d + (size_t)(m0 + i) * a->nd;
+        xr[i].s = a->s + (size_t)(m0 + i) * nb;
+        xr[i].ms = a->ms + (size_t)(m0 + i) * nb;
+        xr[i].bs = a->bs + (size_t)(m0 + i) * (K / 16);
         xr[i].qn = qn + (size_t)(m0 + i) * K;
     }
     return rows;
@@ -687,14 +774,9 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kerne
     (void)num_threads;   /* unused when built without OpenMP */
     int nb = K / QK;
     size_t row_bytes = (size_t)(K / BLOCK_ELEMS[fmt]) * BLOCK_BYTES[fmt];
-    int8_t* q = malloc((size_t)M * K + (size_t)M * nb * (sizeof(float) + sizeof(int32_t)));
-    if (q == NULL) return 1;
-    float* d = (float*)(q + (size_t)M * K);   /* M * K is a multiple of 32: aligned */
-    int32_t* s = (int32_t*)(d + (size_t)M * nb);
-    #pragma omp parallel for schedule(static) num_threads(num_threads) if (M > 1)
-    for (int m = 0; m < M; m++)
-        quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, d + (size_t)m * nb,
-                     s + (size_t)m * nb);
+    qacts a;
+    if (quantize_rows(ACT_OF[fmt], x, M, K, &a, num_threads)) return 1;
+    int8_t* q = a.q;
     if (row_kernels != NULL && M <= (fmt == FMT_Q8_0 ? ROW_KERNEL_M_Q8_0 : ROW_KERNEL_M)) {
         int8_t* qn = q;
 #ifdef ROW_512
@@ -713,7 +795,7 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kerne
         for (int n = 0; n < N; n += 8)
             for (int m0 = 0; m0 < M; m0 += RM) {
                 qrow xr[4];
-                int rows = x_rows(xr, m0, M, K, q, d, s, qn);
+                int rows = x_rows(xr, m0, M, K, &a, qn);
                 row_kernels[rows - 1](xr, nb, w + (size_t)n * row_bytes, row_bytes,
                                       N - n < 8 ? N - n : 8, y + (size_t)m0 * N + n, N);
             }
@@ -727,7 +809,7 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kerne
         int n0 = blk * 4;
         for (int m0 = 0; m0 < M; m0 += RM) {
             qrow xr[4];
-            int rows = x_rows(xr, m0, M, K, q, d, s, q);
+            int rows = x_rows(xr, m0, M, K, &a, q);
             if (n0 + 4 <= N)
                 tiles[0][rows - 1](xr, nb, w + (size_t)n0 * row_bytes, row_bytes,
                                    y + (size_t)m0 * N + n0, N);
@@ -741,15 +823,23 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kerne
     return 0;
 }
 
-/* x (M, K) fp32 -> codes q (M, K) int8, scales d (M, K/32) fp32: quantize_row per row.
- * Exposed for the tests (the twin must agree bit for bit). */
-void parallax_quantize_q8_f32(const float* x, int8_t* q, float* d, int M, int K) {
-    int nb = K / QK;
-    int32_t* s = malloc(sizeof(int32_t) * (size_t)(nb > 0 ? nb : 1));
-    if (s == NULL) return;
-    for (int m = 0; m < M; m++)
-        quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, d + (size_t)m * nb, s);
-    free(s);
+/* x (M, K) fp32 -> activation blocks of kind `act` (0: Q8_0, 1: Q8_1, 2: Q8_K) as the
+ * *_linear_q8 kernels make them: codes q (M, K) int8, scales d (M, K/32; Q8_K K/256) fp32,
+ * sums s (M, K/32) fp32: Q8_0 the code sums, Q8_1 block_q8_1's fp16 s; Q8_K (M, K/16) the
+ * bsums. Exposed for the tests (the twins must agree bit for bit). Returns 1 when out of
+ * memory, 2 for an unknown kind. */
+int parallax_quantize_act_f32(const float* x, int act, int8_t* q, float* d, float* s, int M,
+                              int K) {
+    if (act < ACT_Q8_0 || act > ACT_Q8_K) return 2;
+    qacts a;
+    if (quantize_rows(act, x, M, K, &a, 1)) return 1;
+    size_t nd = (size_t)M * a.nd, ns = (size_t)M * (act == ACT_Q8_K ? K / 16 : K / QK);
+    memcpy(q, a.q, (size_t)M * K);
+    memcpy(d, a.d, sizeof(float) * nd);
+    for (size_t i = 0; i < ns; i++)
+        s[i] = act == ACT_Q8_K ? (float)a.bs[i] : act == ACT_Q8_1 ? a.ms[i] : (float)a.s[i];
+    free(a.q);
+    return 0;
 }
 
 /* parallax_<fmt>_linear_q8(x, w, y, M, N, K, num_threads): w holds N rows of K / 32 blocks
