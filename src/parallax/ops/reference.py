@@ -420,16 +420,19 @@ def quantize_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     first = torch.where(mag == amax, pos, QK_K).amin(dim=-1, keepdim=True)
     big = blocks.gather(-1, first.clamp(max=QK_K - 1))                     # (..., K/256, 1)
     nonzero = amax > 0
-    iscale = torch.where(nonzero, -127.0 / torch.where(nonzero, big, 1.0), 0.0)
+    # tensor / tensor: one correctly rounded division (a Python number over a tensor is a
+    # reciprocal times the number in torch, two roundings)
+    iscale = torch.where(nonzero, torch.full_like(big, -127.0) / torch.where(nonzero, big, 1.0),
+                         0.0)
     q = torch.round(blocks * iscale).clamp(max=127).to(torch.int8)
-    d = torch.where(nonzero, 1.0 / torch.where(nonzero, iscale, 1.0), 0.0)
+    d = torch.where(nonzero, torch.ones_like(iscale) / torch.where(nonzero, iscale, 1.0), 0.0)
     bsums = q.reshape(*q.shape[:-2], -1, 16).sum(dim=-1, dtype=torch.int32).float()
     return q.reshape(x.shape), d.squeeze(-1), bsums.reshape(*x.shape[:-1], -1)
 
 
 # The activation blocks each weight kind's dot takes in llama.cpp (ggml's vec_dot_type).
-ACTIVATION_KIND = {"q8_0": "q8_0", "q4_0": "q8_0", "q4_1": "q8_1", "q4_k": "q8_0",
-                   "q6_k": "q8_0"}
+ACTIVATION_KIND = {"q8_0": "q8_0", "q4_0": "q8_0", "q4_1": "q8_1", "q4_k": "q8_k",
+                   "q6_k": "q8_k"}
 
 
 def quantize_act(kind: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -516,13 +519,15 @@ def q6_k_linear(x: torch.Tensor, qweight: torch.Tensor,
 
 def q4_k_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q4_k_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
+    """q4_k_linear with x rounded to ggml's block_q8_K (quantize_q8_k), as llama.cpp's
+    Q4_K dot takes it."""
     return _linear_q8("q4_k", x, qweight, bias)
 
 
 def q6_k_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q6_k_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
+    """q6_k_linear with x rounded to ggml's block_q8_K (quantize_q8_k), as llama.cpp's
+    Q6_K dot takes it."""
     return _linear_q8("q6_k", x, qweight, bias)
 
 
