@@ -456,15 +456,8 @@ def _quantized(kind: str, w: torch.Tensor):
     import gguf
     qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
     if kind in ("q4_k", "q6_k"):   # random super-blocks with sane fp16 factors
-        n, k = w.shape
-        nbytes = ref.GGUF_BLOCKS[kind][1]
-        qb = torch.randint(0, 256, (n, k // 256, nbytes), dtype=torch.uint8)
-        halves = (torch.rand(n, k // 256, 2) * 0.02 + 1e-3).half().view(torch.uint8)
-        if kind == "q4_k":
-            qb[..., 0:4] = halves.reshape(n, k // 256, 4)
-        else:
-            qb[..., 208:210] = halves.reshape(n, k // 256, 4)[..., :2]
-        qb = qb.reshape(n, -1).contiguous()
+        from bench_q8_cold import random_blocks   # benchmarks/, this script's folder
+        qb = random_blocks(kind, *w.shape)
     else:
         qb = torch.from_numpy(gguf.quants.quantize(w.numpy(), qtype))
     extra = {}
