@@ -1,7 +1,7 @@
 """Times parallax's kernels against their torch counterparts.
 
     PYTHONPATH=src python benchmarks/bench_kernels.py --cpu [--rows 1,8,16,128] [--reps 15]
-        [--tables f32,int8,q8_0,q4_0,q4_1]
+        [--tables f32,int8,q8_0,q4_0,q4_1,q4_k,q6_k]
     PYTHONPATH=src python benchmarks/bench_kernels.py [--quick] [--skip-e2e]      (GPU)
 
 --cpu (the default without a GPU): the packed fp32 matmul of csrc/cpu in every variant this
@@ -9,7 +9,9 @@ CPU runs against torch on the same panels (reference.linear_packed, what the dis
 back to) and F.linear on the plain weight, for SmolLM2-135M's weight shapes; interleaved,
 medians; prints the ISA, ratios and the path ops.linear_packed chooses. Then the same for
 int8 weights and GGUF Q8_0 / Q4_0 / Q4_1 weights: each variant's kernel against dequantise +
-F.linear (GGUF: with x rounded to 8-bit blocks, the default; the fp32-activation kernel beside).
+F.linear (GGUF: with x rounded to 8-bit blocks, the default; the fp32-activation kernel beside);
+Q4_K / Q6_K (tables q4_k, q6_k; random super-blocks, gguf-py cannot quantise to them) at
+TinyLlama-1.1B's shapes (K a multiple of 256, which SmolLM2's 576 is not).
 Then (table ``paged``) the paged attention kernel at SmolLM2's heads: decode batches of 1-64
 rows over ragged contexts and prefill chunks, every variant, with us/row, GB/s and GFLOP/s.
 
@@ -319,6 +321,8 @@ def sanitize_case():
 
 SMOLLM2_SHAPES = {"qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576),
                   "down": (576, 1536), "lm_head": (49152, 576)}
+K_QUANT_SHAPES = {"qkv": (2560, 2048), "o_proj": (2048, 2048), "up": (5632, 2048),
+                  "down": (2048, 5632)}   # TinyLlama-1.1B: K a multiple of 256
 
 
 def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
@@ -451,7 +455,11 @@ def _quantized(kind: str, w: torch.Tensor):
                 lambda x: ref.int8_linear(x, qw, sc), {})
     import gguf
     qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
-    qb = torch.from_numpy(gguf.quants.quantize(w.numpy(), qtype))
+    if kind in ("q4_k", "q6_k"):   # random super-blocks with sane fp16 factors
+        from bench_q8_cold import random_blocks   # benchmarks/, this script's folder
+        qb = random_blocks(kind, *w.shape)
+    else:
+        qb = torch.from_numpy(gguf.quants.quantize(w.numpy(), qtype))
     extra = {}
     if hasattr(cpu, f"{kind}_linear"):
         extra[f"{kind} x f32 us"] = lambda x, f=getattr(cpu, f"{kind}_linear"): f(x, qb)
@@ -467,7 +475,8 @@ def cpu_quant_table(kind: str, rows: list[int], reps: int) -> None:
     variants = [v for v in cpu.supported_variants() if cpu.kernels(v) is not None]
     print(f"\n# {kind} weights, {torch.get_num_threads()} threads")
     head = True
-    for name, (n, k) in SMOLLM2_SHAPES.items():
+    shapes = K_QUANT_SHAPES if kind in ("q4_k", "q6_k") else SMOLLM2_SHAPES
+    for name, (n, k) in shapes.items():
         w = torch.randn(n, k) * 0.02
         kernel, torch_path, extra = _quantized(kind, w)
         cols = ([f"{kind} {v} us" for v in variants] + [f"{kind} torch us", *extra]
@@ -511,7 +520,7 @@ def main():
         rows, tables = [int(r) for r in args.rows.split(",")], args.tables.split(",")
         if "f32" in tables:
             cpu_matmul_table(rows, args.reps)
-        for kind in ("int8", "q8_0", "q4_0", "q4_1"):
+        for kind in ("int8", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k"):
             if kind in tables:
                 cpu_quant_table(kind, rows, args.reps)
         if "paged" in tables:

@@ -408,11 +408,19 @@ def q4_0_linear(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | Non
     return _block_linear("q4_0", x, qweight, bias, isa)
 
 
-def quantize_q8(x: torch.Tensor, *, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.quantize_q8 by csrc/cpu/q8_act.c (what the *_linear_q8 kernels do to x):
-    x (M, K) float32 contiguous -> (codes (M, K) int8, scales (M, K/32) float32)."""
+def quantize_act(kind: str, x: torch.Tensor, *, isa: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reference.quantize_act by csrc/cpu/q8_act.c (what the *_linear_q8 kernels do to x):
+    x (M, K) float32 contiguous -> (codes (M, K) int8, scales, sums) of ``kind`` ("q8_0",
+    "q8_1", "q8_k") activation blocks."""
     lib = kernels(isa)
-    return torch.ops.parallax_cpu.quantize_q8.default(x, _ref.GGUF_BLOCK, lib)
+    return torch.ops.parallax_cpu.quantize_act.default(x, kind, lib)
+
+
+def quantize_q8(x: torch.Tensor, *, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_q8 by csrc/cpu/q8_act.c: x (M, K) float32 contiguous -> (codes
+    (M, K) int8, scales (M, K/32) float32) of ggml's block_q8_0."""
+    return quantize_act("q8_0", x, isa=isa)[:2]
 
 
 def block_linear_q8(kind: str, x: torch.Tensor, qweight: torch.Tensor,
@@ -437,18 +445,17 @@ def block_linear_dequant(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     time and F.linear them into their output columns, so no full fp32 copy of the weight
     is ever made (reference.{kind}_linear's result, column block by column block; with
     ``q8``, x is first rounded to 8-bit blocks: reference.{kind}_linear_q8's)."""
-    deq = getattr(_ref, f"{kind}_dequantize")
     n = qweight.shape[0]
     k = _ref.gguf_k(kind, qweight)
-    rows = x.reshape(-1, k)
+    rows, s = x.reshape(-1, k), None
     if q8:
-        rows = _ref.dequantize_q8(*_ref.quantize_q8(rows))
+        rows, s = _ref.q8_activations(kind, rows)
     step = max(1, DEQUANT_CHUNK_BYTES // (4 * k))
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        y[:, r0:r1] = torch.nn.functional.linear(
-            rows, deq(qweight[r0:r1]), None if bias is None else bias[r0:r1])
+        y[:, r0:r1] = _ref.linear_q8_values(kind, rows, s, qweight[r0:r1],
+                                            None if bias is None else bias[r0:r1])
     return y.view(*x.shape[:-1], n)
 
 

@@ -32,10 +32,12 @@ def _block_linear_q8(x, qweight, bias, kind, block, block_bytes, isa):
     return _linear_out(x, qweight.shape[0])
 
 
-@torch.library.register_fake("parallax_cpu::quantize_q8")
-def _quantize_q8(x, block, isa):
+@torch.library.register_fake("parallax_cpu::quantize_act")
+def _quantize_act(x, kind, isa):
+    block, sums = (256, 16) if kind == "q8_k" else (32, 32)
     return (x.new_empty(x.shape, dtype=torch.int8),                        # (M, K) codes
-            x.new_empty(x.shape[0], x.shape[1] // block))                  # (M, K/32) scales
+            x.new_empty(x.shape[0], x.shape[1] // block),                  # scales
+            x.new_empty(x.shape[0], x.shape[1] // sums))                   # sums
 
 
 @torch.library.register_fake("parallax_cpu::add_rms_norm_f32")

@@ -300,16 +300,22 @@ def q4_0_dequantize(qweight: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(n, -1)
 
 
-def q4_1_dequantize(qweight: torch.Tensor) -> torch.Tensor:
-    """Q4_1 rows -> fp32. qweight: (N, K/32*20) uint8, each row K/32 blocks of (fp16 d,
-    fp16 m, 16 bytes of nibbles as in Q4_0) -> (N, K) float32 = q * d + m."""
+def q4_1_parts(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_1 rows split as ggml's dot uses them: (q * d (N, K/32, 32), m (N, K/32)) float32."""
     n = qweight.shape[0]
     blocks = qweight.reshape(n, -1, 20)                                    # (N, K/32, 20)
     d = blocks[..., :2].contiguous().view(torch.float16).float()           # (N, K/32, 1)
     m = blocks[..., 2:4].contiguous().view(torch.float16).float()          # (N, K/32, 1)
     qs = blocks[..., 4:].to(torch.int16)                                   # (N, K/32, 16)
     q = torch.cat([qs & 15, qs >> 4], dim=-1).float()                      # (N, K/32, 32)
-    return (q * d + m).reshape(n, -1)
+    return q * d, m.squeeze(-1)
+
+
+def q4_1_dequantize(qweight: torch.Tensor) -> torch.Tensor:
+    """Q4_1 rows -> fp32. qweight: (N, K/32*20) uint8, each row K/32 blocks of (fp16 d,
+    fp16 m, 16 bytes of nibbles as in Q4_0) -> (N, K) float32 = q * d + m."""
+    qd, m = q4_1_parts(qweight)
+    return (qd + m.unsqueeze(-1)).reshape(qweight.shape[0], -1)
 
 
 def _half(b: torch.Tensor) -> torch.Tensor:
@@ -385,34 +391,118 @@ def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(x.shape), (amax / 127.0).half().float().squeeze(-1)
 
 
+def quantize_q8_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations as ggml's block_q8_1 (its x86 quantize_row_q8_1, what llama.cpp's Q4_1 dot
+    takes): quantize_q8's codes and fp16 scales, and per block s = fp16(amax / 127 * sum of
+    the codes), the scale taken in fp32 before its fp16 rounding, as ggml computes it:
+    x (..., K) float32 -> (codes (..., K) int8, scales, s (..., K/32) float32)."""
+    q, d = quantize_q8(x)
+    amax = x.float().reshape(*x.shape[:-1], -1, GGUF_BLOCK).abs().amax(dim=-1)
+    sums = q.reshape(*q.shape[:-1], -1, GGUF_BLOCK).sum(dim=-1, dtype=torch.int32).float()
+    return q, d, (amax / 127.0 * sums).half().float()
+
+
+QK_K = 256   # elements per K-quant super-block (and per block_q8_K)
+
+
+def quantize_q8_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations as ggml's block_q8_K (quantize_row_q8_K_ref, which its x86 build runs;
+    what llama.cpp's Q4_K / Q6_K dots take), per super-block of 256: max = the first x of
+    largest |x|, iscale = -127 / max (fp32), code = min(127, round-half-even(iscale * x)),
+    scale d = 1 / iscale (fp32, not fp16; negative where max > 0, the codes then carry the
+    opposite sign), bsums = the codes' sums per 16; an all-zero block: d 0, codes 0.
+    x (..., K) float32, K a multiple of 256 -> (codes (..., K) int8, d (..., K/256) float32,
+    bsums (..., K/16) float32)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, QK_K)                     # (..., K/256, 256)
+    mag = blocks.abs()
+    amax = mag.amax(dim=-1, keepdim=True)
+    pos = torch.arange(QK_K).expand_as(blocks)
+    first = torch.where(mag == amax, pos, QK_K).amin(dim=-1, keepdim=True)
+    big = blocks.gather(-1, first.clamp(max=QK_K - 1))                     # (..., K/256, 1)
+    nonzero = amax > 0
+    # tensor / tensor: one correctly rounded division (a Python number over a tensor is a
+    # reciprocal times the number in torch, two roundings)
+    iscale = torch.where(nonzero, torch.full_like(big, -127.0) / torch.where(nonzero, big, 1.0),
+                         0.0)
+    q = torch.round(blocks * iscale).clamp(max=127).to(torch.int8)
+    d = torch.where(nonzero, torch.ones_like(iscale) / torch.where(nonzero, iscale, 1.0), 0.0)
+    bsums = q.reshape(*q.shape[:-2], -1, 16).sum(dim=-1, dtype=torch.int32).float()
+    return q.reshape(x.shape), d.squeeze(-1), bsums.reshape(*x.shape[:-1], -1)
+
+
+# The activation blocks each weight kind's dot takes in llama.cpp (ggml's vec_dot_type).
+ACTIVATION_KIND = {"q8_0": "q8_0", "q4_0": "q8_0", "q4_1": "q8_1", "q4_k": "q8_k",
+                   "q6_k": "q8_k"}
+
+
+def quantize_act(kind: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., K) float32 as activation blocks of ``kind`` ("q8_0", "q8_1", "q8_k") ->
+    (codes (..., K) int8, scales, sums) float32: scales (..., K/32) (q8_k: K/256); sums
+    (..., K/32) the code sums (q8_0), block_q8_1's s (q8_1), or (..., K/16) the bsums (q8_k).
+    The twin of csrc/cpu/q8_act.c's parallax_quantize_act_f32."""
+    if kind == "q8_1":
+        return quantize_q8_1(x)
+    if kind == "q8_k":
+        return quantize_q8_k(x)
+    if kind != "q8_0":
+        raise ValueError(f"activation kind {kind!r}: use q8_0, q8_1 or q8_k")
+    q, d = quantize_q8(x)
+    return q, d, q.reshape(*q.shape[:-1], -1, GGUF_BLOCK).sum(dim=-1, dtype=torch.int32).float()
+
+
 def dequantize_q8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """quantize_q8's codes and scales back to float32 values, (..., K)."""
-    blocks = q.float().reshape(*q.shape[:-1], -1, GGUF_BLOCK)
+    """Activation codes and their block scales (quantize_q8's, or quantize_q8_k's: the block
+    length is K / scales.shape[-1]) back to float32 values, (..., K)."""
+    blocks = q.float().reshape(*q.shape[:-1], scales.shape[-1], -1)
     return (blocks * scales.unsqueeze(-1)).reshape(q.shape)
 
 
-def _linear_q8(dequantize, x: torch.Tensor, qweight: torch.Tensor,
+def q8_activations(kind: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x (..., K) rounded to the 8-bit blocks a ``kind`` weight's dot takes (ACTIVATION_KIND)
+    -> (their values (..., K) float32, for Q4_1 block_q8_1's s (..., K/32), else None)."""
+    act = ACTIVATION_KIND[kind]
+    q, scales, sums = quantize_act(act, x)
+    return dequantize_q8(q, scales), sums if act == "q8_1" else None
+
+
+_DEQUANTIZE = {"q8_0": q8_0_dequantize, "q4_0": q4_0_dequantize, "q4_1": q4_1_dequantize,
+               "q4_k": q4_k_dequantize, "q6_k": q6_k_dequantize}
+
+
+def linear_q8_values(kind: str, x8: torch.Tensor, s: torch.Tensor | None,
+                     qweight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """q8_activations's (x8, s) times ``kind`` rows, as ggml's dots compute: x8 @ W^T, except
+    for Q4_1, whose minimum m multiplies block_q8_1's s (fp16, not the codes' own sum times
+    the scale): x8 @ (q * d)^T + s @ m^T. -> (..., N) float32 (+ bias)."""
+    if s is None:
+        return F.linear(x8, _DEQUANTIZE[kind](qweight).to(x8.dtype), bias)
+    qd, m = q4_1_parts(qweight)
+    return F.linear(x8, qd.reshape(qweight.shape[0], -1), bias) + s @ m.T
+
+
+def _linear_q8(kind: str, x: torch.Tensor, qweight: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(dequantize_q8(*quantize_q8(x)), dequantize(qweight), bias)
+    return linear_q8_values(kind, *q8_activations(kind, x), qweight, bias)
 
 
 def q8_0_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """q8_0_linear with x first rounded to 8-bit blocks (quantize_q8), as llama.cpp's CPU
     matmuls compute: x (..., K) float32 -> (..., N) float32."""
-    return _linear_q8(q8_0_dequantize, x, qweight, bias)
+    return _linear_q8("q8_0", x, qweight, bias)
 
 
 def q4_0_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """q4_0_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
-    return _linear_q8(q4_0_dequantize, x, qweight, bias)
+    return _linear_q8("q4_0", x, qweight, bias)
 
 
 def q4_1_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q4_1_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
-    return _linear_q8(q4_1_dequantize, x, qweight, bias)
+    """q4_1_linear with x rounded to ggml's block_q8_1 (quantize_q8_1), the minimum times its
+    fp16 s (linear_q8_values), as llama.cpp's Q4_1 dot computes."""
+    return _linear_q8("q4_1", x, qweight, bias)
 
 
 def q4_k_linear(x: torch.Tensor, qweight: torch.Tensor,
@@ -429,14 +519,16 @@ def q6_k_linear(x: torch.Tensor, qweight: torch.Tensor,
 
 def q4_k_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q4_k_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
-    return _linear_q8(q4_k_dequantize, x, qweight, bias)
+    """q4_k_linear with x rounded to ggml's block_q8_K (quantize_q8_k), as llama.cpp's
+    Q4_K dot takes it."""
+    return _linear_q8("q4_k", x, qweight, bias)
 
 
 def q6_k_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """q6_k_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""
-    return _linear_q8(q6_k_dequantize, x, qweight, bias)
+    """q6_k_linear with x rounded to ggml's block_q8_K (quantize_q8_k), as llama.cpp's
+    Q6_K dot takes it."""
+    return _linear_q8("q6_k", x, qweight, bias)
 
 
 def q4_k_embedding(ids: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:

@@ -12,14 +12,16 @@
  * scales in fp32:
  *   Q8_0: d * dx * sum(q * qx)
  *   Q4_0: d * dx * (sum(q * qx) - 8 * sum(qx))      q: the 4-bit code, 0..15
- *   Q4_1: d * dx * sum(q * qx) + m * dx * sum(qx)
- * so the result equals the twin (dequantised W times the dequantised codes of x) up to fp32
- * summation order. x86 (avx2 and avx512 builds): 256-bit integer dots, one block a vector,
+ *   Q4_1: d * dx * sum(q * qx) + m * sx
+ * where Q4_1's x blocks are ggml's block_q8_1 (its x86 quantize_row_q8_1, llama.cpp's
+ * vec_dot_type for Q4_1): the same codes and dx, plus sx = fp16((amax / 127) * sum(qx)), the
+ * scale taken in fp32 before rounding (qrow.ms; not dx * sum(qx)). So the result equals
+ * the twin (reference.linear_q8_values) and ggml's dot up to fp32 summation order. x86 (avx2 and avx512 builds): 256-bit integer dots, one block a vector,
  * vpmaddubsw (unsigned x signed bytes) + vpmaddwd; Q8_0's signed weights go through the
  * sign trick (|q| times qx with q's sign), which keeps every pair sum within int16. The
  * generic build: plain C loops the compiler vectorizes.
  *
- * K-quant sub-blocks are products of the same kind with the sub-block's scale (and min).
+ * K-quants take x as ggml's block_q8_K instead (quantize_row_k; tile4_k below).
  *
  * With VNNI (avx512vnni, avxvnni builds) the byte dot products are one vpdpbusd.
  *
@@ -43,8 +45,10 @@
 /* One row of x as 8-bit blocks: codes, scale and code sum per block. */
 typedef struct {
     const int8_t* q;      /* K codes */
-    const float* d;       /* K / 32 scales */
+    const float* d;       /* K / 32 scales (Q8_K: K / 256) */
     const int32_t* s;     /* K / 32 sums of the codes */
+    const float* ms;      /* Q8_1: K / 32 fp16(d * sum) as fp32 (block_q8_1's s) */
+    const int16_t* bs;    /* Q8_K: K / 16 sums of the codes (block_q8_K's bsums) */
     const int8_t* qn;     /* the codes in nibble order (Q4 formats, AVX512-VNNI; else q) */
 } qrow;
 
@@ -62,7 +66,9 @@ static __attribute__((unused)) void nibble_order(const int8_t* q, int nb, int8_t
     memcpy(out + (size_t)b * QK, q + (size_t)b * QK, (size_t)(nb - b) * QK);
 }
 
-static void quantize_row(const float* x, int K, int8_t* q, float* d, int32_t* s) {
+/* ggml's block_q8_0 / block_q8_1 rule (x86 quantize_row_q8_0 / _q8_1) for one row; ms, where
+ * not NULL, gets block_q8_1's s: fp16(d * sum), d = amax / 127 in fp32 (not its fp16). */
+static void quantize_row(const float* x, int K, int8_t* q, float* d, int32_t* s, float* ms) {
     for (int b = 0; b < K / QK; b++) {
         const float* xb = x + (size_t)b * QK;
         float amax = 0.0f;
@@ -79,6 +85,45 @@ static void quantize_row(const float* x, int K, int8_t* q, float* d, int32_t* s)
         }
         d[b] = round_to_half(amax / 127.0f);   /* the fp16 d of ggml's block_q8_0 */
         s[b] = sum;
+        if (ms != NULL) ms[b] = round_to_half(amax / 127.0f * (float)sum);
+    }
+}
+
+#define QKK 256
+
+/* ggml's block_q8_K rule (quantize_row_q8_K_ref, what its x86 build runs) for one row, per
+ * super-block of 256: max = the first x of largest |x|, iscale = -127 / max, code =
+ * min(127, round-half-even(iscale * x)), d = 1 / iscale (fp32; negative where max > 0),
+ * bs = the codes' sums per 16; an all-zero block: d 0, codes 0 (sums 0). */
+static void quantize_row_k(const float* x, int K, int8_t* q, float* d, int16_t* bs) {
+    for (int b = 0; b < K / QKK; b++) {
+        const float* xb = x + (size_t)b * QKK;
+        int8_t* qb = q + (size_t)b * QKK;
+        int16_t* sb = bs + (size_t)b * (QKK / 16);
+        float amax = 0.0f;
+        for (int i = 0; i < QKK; i++) {
+            float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;
+        }
+        if (amax == 0.0f) {
+            d[b] = 0.0f;
+            memset(qb, 0, QKK);
+            memset(sb, 0, sizeof(int16_t) * (QKK / 16));
+            continue;
+        }
+        int i0 = 0;
+        while (fabsf(xb[i0]) != amax) i0++;   /* ggml keeps the first of equal |x| */
+        float iscale = -127.0f / xb[i0];
+        for (int i = 0; i < QKK; i++) {
+            int v = (int)rintf(iscale * xb[i]);
+            qb[i] = (int8_t)(v < 127 ? v : 127);
+        }
+        for (int j = 0; j < QKK / 16; j++) {
+            int sum = 0;
+            for (int i = 0; i < 16; i++) sum += qb[16 * j + i];
+            sb[j] = (int16_t)sum;
+        }
+        d[b] = 1.0f / iscale;
     }
 }
 
@@ -195,7 +240,7 @@ static inline __attribute__((always_inline)) void tile(int fmt, int NN, int MM, 
             __typeof__(load_qx(xr[m].q)) qx = load_qx(xr[m].q + (size_t)b * QK);
             for (int r = 0; r < NN; r++) {
                 acc[m][r] = block_fma(fmt, acc[m][r], wc[r], qx, sx, d[r] * dx);
-                if (fmt == FMT_Q4_1) mterm[m][r] += mw[r] * (dx * (float)sx);
+                if (fmt == FMT_Q4_1) mterm[m][r] += mw[r] * xr[m].ms[b];
             }
         }
     }
@@ -243,9 +288,8 @@ static inline __attribute__((always_inline)) void tile4(int fmt, int MM, const q
             float dx = xr[m].d[b];
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
                                      _mm256_mul_ps(d8, _mm256_set1_ps(dx)), acc[m]);
-            if (fmt == FMT_Q4_1)   /* m * dx * sum(qx), half in each half of the vector */
-                acc[m] = _mm256_fmadd_ps(m8, _mm256_set1_ps(0.5f * dx * (float)xr[m].s[b]),
-                                         acc[m]);
+            if (fmt == FMT_Q4_1)   /* m * fp16(dx * sum(qx)), half in each half of the vector */
+                acc[m] = _mm256_fmadd_ps(m8, _mm256_set1_ps(0.5f * xr[m].ms[b]), acc[m]);
         }
     }
     for (int m = 0; m < MM; m++)
@@ -264,7 +308,7 @@ static inline __m128 halves4(const uint8_t* blk, int bb, int off) {
 }
 
 /* Blocks [b, nb) of a weight row one at a time (the row kernels' last nb % 4 blocks, x in
- * natural order) into acc[m] (lanes) and, Q4_1's m * dx * sum(qx), mtail[m]. */
+ * natural order) into acc[m] (lanes) and, Q4_1's m * ms (qrow), mtail[m]. */
 static inline __attribute__((always_inline)) void tail_blocks(int fmt, int MM, const qrow* xr,
                                                               int b, int nb, const uint8_t* w,
                                                               __m256* acc, float* mtail) {
@@ -277,7 +321,7 @@ static inline __attribute__((always_inline)) void tail_blocks(int fmt, int MM, c
             float dx = xr[m].d[b];
             int32_t sx = xr[m].s[b];
             acc[m] = block_fma(fmt, acc[m], wc, load_qx(xr[m].q + (size_t)b * QK), sx, d * dx);
-            if (fmt == FMT_Q4_1) mtail[m] += mw * (dx * (float)sx);
+            if (fmt == FMT_Q4_1) mtail[m] += mw * xr[m].ms[b];
         }
     }
 }
@@ -323,8 +367,8 @@ static inline __attribute__((always_inline, unused)) void row_q(int fmt, int MM,
             __m128 dx = _mm_loadu_ps(xr[m].d + b);
             __m128 sc = _mm_mul_ps(d4, dx);
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set_m128(sc, sc), acc[m]);
-            if (fmt == FMT_Q4_1)   /* m * dx * sum(qx) */
-                mt[m] = _mm_fmadd_ps(m4, _mm_mul_ps(dx, _mm_cvtepi32_ps(sx)), mt[m]);
+            if (fmt == FMT_Q4_1)   /* m * fp16(dx * sum(qx)) */
+                mt[m] = _mm_fmadd_ps(m4, _mm_loadu_ps(xr[m].ms + b), mt[m]);
         }
     }
     tail_blocks(fmt, MM, xr, b, nb, w, acc, mtail);
@@ -342,7 +386,7 @@ static inline __attribute__((always_inline, unused)) void row_q(int fmt, int MM,
  *   Q4_0, Q4_1: the 4 blocks' low nibbles in one vector and their high nibbles in another,
  *         against x in nibble order (qrow.qn): lanes 4j..4j+3 hold block j.
  * The per-block scales are spread over their lanes by one vpermps. The x-only terms of a
- * block, d * dx * sum(qx) times -128 (Q8_0) or -8 (Q4_0), and Q4_1's m * dx * sum(qx),
+ * block, d * dx * sum(qx) times -128 (Q8_0) or -8 (Q4_0), and Q4_1's m * ms (qrow),
  * collect in a 4-lane accumulator: one fma per 4 blocks. */
 static inline __attribute__((always_inline)) void row_q512(int fmt, int MM, const qrow* xr,
                                                            int nb, const uint8_t* w,
@@ -387,7 +431,8 @@ static inline __attribute__((always_inline)) void row_q512(int fmt, int MM, cons
         for (int m = 0; m < MM; m++) {
             __m128 dx = _mm_loadu_ps(xr[m].d + b);
             __m512 sc = _mm512_castps128_ps512(_mm_mul_ps(d4, dx));
-            __m128 dsx = _mm_mul_ps(dx, _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)(xr[m].s + b))));
+            __m128 dsx = fmt == FMT_Q4_1 ? _mm_loadu_ps(xr[m].ms + b) : _mm_mul_ps(
+                dx, _mm_cvtepi32_ps(_mm_loadu_si128((const __m128i*)(xr[m].s + b))));
             accx[m] = _mm_fmadd_ps(e4, dsx, accx[m]);
             if (fmt == FMT_Q8_0) {
                 const int8_t* q = xr[m].q + (size_t)b * QK;
@@ -473,53 +518,39 @@ ROWS(Q4_0)
 ROWS(Q4_1)
 #endif
 
-/* ---- K-quants: super-blocks of 256 = 8 sub-blocks of 32, one activation block each.
+/* ---- K-quants: super-blocks of 256 = 8 sub-blocks of 32, against ggml's block_q8_K (one
+ * fp32 scale dx per 256, quantize_row_k), as its vec_dot_q4_K_q8_K / _q6_K_q8_K compute:
+ * per super-block an exact int32 sum of the scaled sub-block dots, scaled once in fp32.
  * Q4_K (144 bytes): fp16 d, fp16 dmin, 12 bytes of 6-bit scales sc[8] and mins m[8], 128
  *   bytes of nibbles (sub-block j: bytes 32 * (j / 2).., low nibble for even j, high for
- *   odd); weight = d * sc[j] * q - dmin * m[j].
+ *   odd); weight = d * sc[j] * q - dmin * m[j]. Per super-block:
+ *     d * dx * sum_j sc[j] * (q_j . qx_j)  -  dmin * dx * sum_j m[j] * sum(qx_j)
  * Q6_K (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16] (one per
- *   16 weights), fp16 d; weight = d * scales[i / 16] * (q - 32), q in 0..63.
+ *   16 weights), fp16 d; weight = d * scales[i / 16] * (q - 32), q in 0..63. Per super-block:
+ *     d * dx * (sum_i scales[i] * (q_i . qx_i) - 32 * sum_i scales[i] * bsum_i)   (i: 16 weights)
+ *   the -32 taken through the bsums in int32, so the codes stay unsigned (vpdpbusd /
+ *   vpmaddubsw) and the sum is exact.
  * Layouts as gguf-py's gguf.quants (the twins' oracle). */
 
-/* Q4_K's 6-bit scale and min of sub-block j (llama.cpp's get_scale_min_k4). */
-static inline void q4_k_scale_min(const uint8_t* s, int j, int* sc, int* m) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *m = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
+/* Q4_K's 6-bit scales sc[0..7] and mins m[0..7] (bytes, j = 0 lowest) from its 12 bytes:
+ * sub-blocks 0-3 keep 6 bits of bytes 0-3 (scales) and 4-7 (mins); 4-7 take 4 bits from
+ * bytes 8-11 and the top 2 bits of bytes 0-3 (scales) or 4-7 (mins). */
+static inline void q4_k_scales_mins(const uint8_t* s12, uint64_t* sc, uint64_t* mn) {
+    uint32_t a, b, c;
+    memcpy(&a, s12, 4);
+    memcpy(&b, s12 + 4, 4);
+    memcpy(&c, s12 + 8, 4);
+    uint32_t sc_hi = (c & 0x0f0f0f0fu) | (((a >> 6) & 0x03030303u) << 4);
+    uint32_t mn_hi = ((c >> 4) & 0x0f0f0f0fu) | (((b >> 6) & 0x03030303u) << 4);
+    *sc = (a & 0x3f3f3f3fu) | (uint64_t)sc_hi << 32;
+    *mn = (b & 0x3f3f3f3fu) | (uint64_t)mn_hi << 32;
 }
 
-/* Sub-block b of a row: its codes, the scale of each half (16 weights) and the min factor
- * (Q4_K: weight = scale * q - mcoef; Q6_K: signed codes, mcoef 0). */
-typedef struct { float s0, s1, mcoef; } kscale;
-
-/* The super-block holding sub-block b of a row, with the sub-block's factors in *ks. */
-static inline const uint8_t* k_super(int fmt, const uint8_t* row, int b, kscale* ks) {
-    int j = b & 7;
-    if (fmt == FMT_Q4_K) {
-        const uint8_t* sb = row + (size_t)(b >> 3) * 144;
-        int sc, m;
-        q4_k_scale_min(sb + 4, j, &sc, &m);
-        ks->s0 = ks->s1 = half_to_float(sb) * (float)sc;
-        ks->mcoef = half_to_float(sb + 2) * (float)m;
-        return sb;
-    }
-    const uint8_t* sb = row + (size_t)(b >> 3) * 210;
-    const int8_t* sc = (const int8_t*)(sb + 192) + (j >> 2) * 8 + (j & 3) * 2;
-    float d = half_to_float(sb + 208);
-    ks->s0 = d * (float)sc[0];
-    ks->s1 = d * (float)sc[1];
-    ks->mcoef = 0.0f;
-    return sb;
-}
+static const int D_AT[] = {0, 0, 0, 0, 208};   /* byte offset of a super-block's fp16 d */
 
 #if defined(__AVX2__)
-static inline __m256i k_codes(int fmt, const uint8_t* row, int b, kscale* ks) {
-    int j = b & 7;
-    const uint8_t* sb = k_super(fmt, row, b, ks);
+/* Sub-block j of a super-block as 32 unsigned codes (Q4_K 0..15, Q6_K 0..63: q, not q - 32). */
+static inline __m256i k_codes(int fmt, const uint8_t* sb, int j) {
     if (fmt == FMT_Q4_K) {
         __m256i q = _mm256_loadu_si256((const __m256i*)(sb + 16 + 32 * (j >> 1)));
         if (j & 1) q = _mm256_srli_epi16(q, 4);
@@ -530,51 +561,132 @@ static inline __m256i k_codes(int fmt, const uint8_t* row, int b, kscale* ks) {
     if (t >= 2) lo = _mm256_srli_epi16(lo, 4);
     __m256i hi = _mm256_loadu_si256((const __m256i*)(sb + 128 + h * 32));
     hi = _mm256_srl_epi16(hi, _mm_cvtsi32_si128(2 * t));
-    __m256i q = _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(15)),
-                                _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4));
-    return _mm256_sub_epi8(q, _mm256_set1_epi8(32));
+    return _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(15)),
+                           _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(3)), 4));
 }
 
-static inline __attribute__((always_inline)) void tile_k(int fmt, int NN, int MM, const qrow* xr,
-                                                         int nb, const uint8_t* w,
-                                                         size_t row_bytes, float* y, int N) {
-    __m256 acc[4][4];
-    float mterm[4][4];
-    for (int m = 0; m < MM; m++)
-        for (int r = 0; r < NN; r++) {
-            acc[m][r] = _mm256_setzero_ps();
-            mterm[m][r] = 0.0f;
+/* 4 rows' 8 int32 lanes r[0..3] -> cols[c] (c = 0..7): lane i = r[i] lane c (128 bits). */
+static inline void transpose4x8(const __m256i* r, __m128i* cols) {
+    __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpacklo_epi32(r[2], r[3]);
+    __m256i t2 = _mm256_unpackhi_epi32(r[0], r[1]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    __m256i u[4] = {_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1),
+                    _mm256_unpacklo_epi64(t2, t3), _mm256_unpackhi_epi64(t2, t3)};
+    for (int i = 0; i < 4; i++) {
+        cols[i] = _mm256_castsi256_si128(u[i]);
+        cols[i + 4] = _mm256_extracti128_si256(u[i], 1);
+    }
+}
+
+/* Sum of 4 rows' 8 int32 lanes each, folded by two vphaddd: lanes 0-3 rows 0-3 (of lanes
+ * 0-3 of each), lanes 4-7 rows 0-3 (of lanes 4-7); a row's total is its two lanes' sum. */
+static inline __m256i fold4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+}
+
+/* The fp16 at byte `off` of 4 rows' super-blocks (row pointers s[0..3]) as 4 fp32. */
+static inline __m128 halves_rows(const uint8_t* const* s, int off) {
+    uint16_t h[4];
+    for (int r = 0; r < 4; r++) memcpy(&h[r], s[r] + off, 2);
+    return _mm_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3],
+                                       0, 0, 0, 0));
+}
+
+/* `rows` (1-4) weight rows (row_bytes apart) by MM rows of x (block_q8_K), nsb super-blocks:
+ * y[m * N + r]. Per sub-block j the 4 rows' byte dots are folded into one vector (fold4:
+ * lanes row r, first / second 16 weights), multiplied by the rows' scales of j as int32
+ * (one vpmulld), and summed over the super-block in int32; one conversion and one fma by the
+ * rows' d times dx per super-block. Rows past `rows` repeat the last one (not stored). */
+static inline __attribute__((always_inline)) void tile4_k(int fmt, int MM, const qrow* xr,
+                                                          int nsb, const uint8_t* w,
+                                                          size_t row_bytes, int rows, float* y,
+                                                          int N) {
+    const uint8_t* wr[4];
+    for (int r = 0; r < 4; r++) wr[r] = w + (size_t)(r < rows ? r : rows - 1) * row_bytes;
+    int bb = BLOCK_BYTES[fmt];
+    __m256 acc[4];
+    __m128 accm[4];
+    for (int m = 0; m < MM; m++) {
+        acc[m] = _mm256_setzero_ps();
+        accm[m] = _mm_setzero_ps();
+    }
+    for (int b = 0; b < nsb; b++) {
+        const uint8_t* s[4];
+        for (int r = 0; r < 4; r++) s[r] = wr[r] + (size_t)b * bb;
+        __m256i sv[8];    /* sub-block j's scales: lanes rows 0-3 (first 16), rows 0-3 (last 16) */
+        __m128i mn[4];    /* Q4_K: row r's 8 mins as int16 */
+        __m256i sc16[4];  /* Q6_K: row r's 16 scales as int16 */
+        if (fmt == FMT_Q4_K) {
+            __m256i rs[4];
+            __m128i cols[8];
+            for (int r = 0; r < 4; r++) {
+                uint64_t sc, mins;
+                q4_k_scales_mins(s[r] + 4, &sc, &mins);
+                rs[r] = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc));
+                mn[r] = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mins));
+            }
+            transpose4x8(rs, cols);
+            for (int j = 0; j < 8; j++) sv[j] = _mm256_set_m128i(cols[j], cols[j]);
+        } else {
+            __m256i lo[4], hi[4];
+            __m128i clo[8], chi[8];
+            for (int r = 0; r < 4; r++) {
+                __m128i sc = _mm_loadu_si128((const __m128i*)(s[r] + 192));
+                lo[r] = _mm256_cvtepi8_epi32(sc);
+                hi[r] = _mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8));
+                sc16[r] = _mm256_cvtepi8_epi16(sc);
+            }
+            transpose4x8(lo, clo);
+            transpose4x8(hi, chi);
+            for (int j = 0; j < 4; j++) {
+                sv[j] = _mm256_set_m128i(clo[2 * j + 1], clo[2 * j]);
+                sv[j + 4] = _mm256_set_m128i(chi[2 * j + 1], chi[2 * j]);
+            }
         }
-    for (int b = 0; b < nb; b++) {
-        __m256i wc[4];
-        __m256 sv[4];
-        float mc[4];
-        for (int r = 0; r < NN; r++) {
-            kscale ks;
-            wc[r] = k_codes(fmt, w + (size_t)r * row_bytes, b, &ks);
-            sv[r] = _mm256_set_m128(_mm_set1_ps(ks.s1), _mm_set1_ps(ks.s0));
-            mc[r] = ks.mcoef;
+        __m256i isum[4];
+        for (int m = 0; m < MM; m++) isum[m] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            __m256i wc[4];
+            for (int r = 0; r < 4; r++) wc[r] = k_codes(fmt, s[r], j);
+            for (int m = 0; m < MM; m++) {
+                __m256i qx = load_qx(xr[m].q + (size_t)b * QKK + (size_t)j * QK);
+                __m256i p = fold4(block_dot(FMT_Q4_1, wc[0], qx), block_dot(FMT_Q4_1, wc[1], qx),
+                                  block_dot(FMT_Q4_1, wc[2], qx), block_dot(FMT_Q4_1, wc[3], qx));
+                isum[m] = _mm256_add_epi32(isum[m], _mm256_mullo_epi32(p, sv[j]));
+            }
         }
+        __m128 d4 = halves_rows(s, D_AT[fmt]);
+        __m128 dmin4 = fmt == FMT_Q4_K ? halves_rows(s, 2) : _mm_setzero_ps();
         for (int m = 0; m < MM; m++) {
-            __m256i qx = load_qx(xr[m].q + (size_t)b * QK);
-            __m256 dx = _mm256_set1_ps(xr[m].d[b]);
-            float dsx = xr[m].d[b] * (float)xr[m].s[b];
-            for (int r = 0; r < NN; r++) {
-                /* signed Q6_K codes: Q8_0's sign trick; Q4_K nibbles: unsigned as Q4_1 */
-                __m256i p = block_dot(fmt == FMT_Q6_K ? FMT_Q8_0 : FMT_Q4_1, wc[r], qx);
-                acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv[r], dx),
-                                            acc[m][r]);
-                if (fmt == FMT_Q4_K) mterm[m][r] -= mc[r] * dsx;
+            const int16_t* bs = xr[m].bs + (size_t)b * (QKK / 16);
+            if (fmt == FMT_Q6_K) {   /* - 32 * sum_i scales[i] * bsum_i, in int32 */
+                __m256i b16 = _mm256_loadu_si256((const __m256i*)bs);
+                __m256i o = fold4(_mm256_madd_epi16(sc16[0], b16), _mm256_madd_epi16(sc16[1], b16),
+                                  _mm256_madd_epi16(sc16[2], b16), _mm256_madd_epi16(sc16[3], b16));
+                isum[m] = _mm256_sub_epi32(isum[m], _mm256_slli_epi32(o, 5));
+            }
+            float dx = xr[m].d[b];
+            __m128 dd = _mm_mul_ps(d4, _mm_set1_ps(dx));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[m]), _mm256_set_m128(dd, dd), acc[m]);
+            if (fmt == FMT_Q4_K) {   /* dmin * dx * sum_j m[j] * sum(qx_j) */
+                __m128i s8 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i*)bs),
+                                            _mm_loadu_si128((const __m128i*)(bs + 8)));
+                __m128i t01 = _mm_hadd_epi32(_mm_madd_epi16(mn[0], s8), _mm_madd_epi16(mn[1], s8));
+                __m128i t23 = _mm_hadd_epi32(_mm_madd_epi16(mn[2], s8), _mm_madd_epi16(mn[3], s8));
+                accm[m] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_hadd_epi32(t01, t23)),
+                                       _mm_mul_ps(dmin4, _mm_set1_ps(dx)), accm[m]);
             }
         }
     }
-    for (int m = 0; m < MM; m++)
-        for (int r = 0; r < NN; r++) y[(size_t)m * N + r] = hsum(acc[m][r]) + mterm[m][r];
+    for (int m = 0; m < MM; m++) {
+        float t[4];
+        _mm_storeu_ps(t, _mm_sub_ps(_mm_add_ps(_mm256_castps256_ps128(acc[m]),
+                                               _mm256_extractf128_ps(acc[m], 1)), accm[m]));
+        memcpy(y + (size_t)m * N, t, sizeof(float) * (size_t)rows);
+    }
 }
 #else
-static inline void k_codes(int fmt, const uint8_t* row, int b, int8_t* q, kscale* ks) {
-    int j = b & 7;
-    const uint8_t* sb = k_super(fmt, row, b, ks);
+/* Sub-block j of a super-block as 32 codes (Q4_K 0..15, Q6_K q - 32). */
+static inline void k_codes(int fmt, const uint8_t* sb, int j, int8_t* q) {
     if (fmt == FMT_Q4_K) {
         const uint8_t* p = sb + 16 + 32 * (j >> 1);
         for (int i = 0; i < QK; i++) q[i] = (int8_t)((j & 1) ? p[i] >> 4 : p[i] & 15);
@@ -588,38 +700,57 @@ static inline void k_codes(int fmt, const uint8_t* row, int b, int8_t* q, kscale
                         - 32);
 }
 
-static inline void tile_k(int fmt, int NN, int MM, const qrow* xr, int nb, const uint8_t* w,
-                          size_t row_bytes, float* y, int N) {
-    float acc[4][4] = {{0}};
-    for (int b = 0; b < nb; b++) {
-        for (int r = 0; r < NN; r++) {
-            int8_t q[QK];
-            kscale ks;
-            k_codes(fmt, w + (size_t)r * row_bytes, b, q, &ks);
+/* As the x86 tile4_k, a weight row at a time: its super-block's codes and scales decoded
+ * once, then per row of x the exact int32 sums and d * dx * sumi - dmin * dx * summ. */
+static inline void tile4_k(int fmt, int MM, const qrow* xr, int nsb, const uint8_t* w,
+                           size_t row_bytes, int rows, float* y, int N) {
+    int bb = BLOCK_BYTES[fmt];
+    for (int r = 0; r < rows; r++) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int b = 0; b < nsb; b++) {
+            const uint8_t* sb = w + (size_t)r * row_bytes + (size_t)b * bb;
+            int8_t q[QKK];
+            int32_t sc[16], mins[8] = {0};
+            for (int j = 0; j < 8; j++) k_codes(fmt, sb, j, q + j * QK);
+            if (fmt == FMT_Q4_K) {
+                uint64_t s8, m8;
+                q4_k_scales_mins(sb + 4, &s8, &m8);
+                for (int j = 0; j < 8; j++) {
+                    sc[2 * j] = sc[2 * j + 1] = (int32_t)((s8 >> (8 * j)) & 63);
+                    mins[j] = (int32_t)((m8 >> (8 * j)) & 63);
+                }
+            } else {
+                for (int g = 0; g < 16; g++) sc[g] = ((const int8_t*)(sb + 192))[g];
+            }
+            float dw = half_to_float(sb + D_AT[fmt]);
+            float dmw = fmt == FMT_Q4_K ? half_to_float(sb + 2) : 0.0f;
             for (int m = 0; m < MM; m++) {
-                const int8_t* qx = xr[m].q + (size_t)b * QK;
-                int32_t p0 = 0, p1 = 0;
-                for (int i = 0; i < QK / 2; i++) p0 += (int32_t)q[i] * qx[i];
-                for (int i = QK / 2; i < QK; i++) p1 += (int32_t)q[i] * qx[i];
+                const int8_t* qx = xr[m].q + (size_t)b * QKK;
+                const int16_t* bs = xr[m].bs + (size_t)b * (QKK / 16);
+                int32_t sumi = 0, summ = 0;
+                for (int g = 0; g < 16; g++) {
+                    int32_t p = 0;
+                    for (int i = 0; i < 16; i++) p += (int32_t)q[16 * g + i] * qx[16 * g + i];
+                    sumi += sc[g] * p;
+                }
+                for (int j = 0; j < 8; j++) summ += mins[j] * (bs[2 * j] + bs[2 * j + 1]);
                 float dx = xr[m].d[b];
-                acc[m][r] += dx * (ks.s0 * (float)p0 + ks.s1 * (float)p1
-                                   - ks.mcoef * (float)xr[m].s[b]);
+                acc[m] += dw * dx * (float)sumi - dmw * dx * (float)summ;
             }
         }
+        for (int m = 0; m < MM; m++) y[(size_t)m * N + r] = acc[m];
     }
-    for (int m = 0; m < MM; m++)
-        for (int r = 0; r < NN; r++) y[(size_t)m * N + r] = acc[m][r];
 }
 #endif
 
 #if defined(__AVX2__)
 #define TILE_BODY(F, NN, MM)                                                                 \
-    if (FMT_##F >= FMT_Q4_K) tile_k(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);          \
+    if (FMT_##F >= FMT_Q4_K) tile4_k(FMT_##F, MM, xr, nb / 8, w, row_bytes, NN, y, N);     \
     else if (NN == 4) tile4(FMT_##F, MM, xr, nb, w, row_bytes, y, N);                       \
     else tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);
 #else
 #define TILE_BODY(F, NN, MM)                                                                 \
-    if (FMT_##F >= FMT_Q4_K) tile_k(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);          \
+    if (FMT_##F >= FMT_Q4_K) tile4_k(FMT_##F, MM, xr, nb / 8, w, row_bytes, NN, y, N);     \
     else tile(FMT_##F, NN, MM, xr, nb, w, row_bytes, y, N);
 #endif
 
@@ -667,15 +798,57 @@ TILES(Q6_K)
 typedef void (*row_fn)(const qrow*, int, const uint8_t*, size_t, int, float*, int);
 #endif
 
-/* xr[i] = quantized row m0 + i of x (codes q and qn, K per row; scales d and sums s, K / 32
- * per row), for up to RM rows; returns how many. */
-static inline int x_rows(qrow* xr, int m0, int M, int K, const int8_t* q, const float* d,
-                         const int32_t* s, const int8_t* qn) {
+/* The activation blocks a format's dot takes, as ggml's vec_dot_type: Q8_0 for Q8_0 and
+ * Q4_0, Q8_1 for Q4_1, Q8_K for the K-quants. */
+enum { ACT_Q8_0, ACT_Q8_1, ACT_Q8_K };
+static const int ACT_OF[] = {ACT_Q8_0, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K, ACT_Q8_K};
+
+/* M rows of x as activation blocks of kind `act`, in one allocation (free(a->q)). */
+typedef struct {
+    int8_t* q;      /* (M, K) codes */
+    float* d;       /* (M, nd) scales: nd = K / 32, Q8_K K / 256 */
+    int32_t* s;     /* (M, K / 32) code sums (Q8_0, Q8_1) */
+    float* ms;      /* (M, K / 32) Q8_1's fp16(d * sum) */
+    int16_t* bs;    /* (M, K / 16) Q8_K's sums per 16 */
+    int nd;
+} qacts;
+
+/* Returns 1 when out of memory. */
+static int quantize_rows(int act, const float* x, int M, int K, qacts* a, int num_threads) {
+    (void)num_threads;   /* unused when built without OpenMP */
+    int nb = K / QK;
+    size_t n = (size_t)M * K;
+    a->nd = act == ACT_Q8_K ? K / QKK : nb;
+    /* M * K is a multiple of 32: every array below stays aligned to its type */
+    a->q = malloc(n + (size_t)M * nb * (2 * sizeof(float) + sizeof(int32_t))
+                  + (size_t)M * (K / 16) * sizeof(int16_t));
+    if (a->q == NULL) return 1;
+    a->d = (float*)(a->q + n);
+    a->s = (int32_t*)(a->d + (size_t)M * nb);
+    a->ms = (float*)(a->s + (size_t)M * nb);
+    a->bs = (int16_t*)(a->ms + (size_t)M * nb);
+    #pragma omp parallel for schedule(static) num_threads(num_threads) if (M > 1)
+    for (int m = 0; m < M; m++) {
+        if (act == ACT_Q8_K)
+            quantize_row_k(x + (size_t)m * K, K, a->q + (size_t)m * K, a->d + (size_t)m * a->nd,
+                           a->bs + (size_t)m * (K / 16));
+        else
+            quantize_row(x + (size_t)m * K, K, a->q + (size_t)m * K, a->d + (size_t)m * nb,
+                         a->s + (size_t)m * nb, act == ACT_Q8_1 ? a->ms + (size_t)m * nb : NULL);
+    }
+    return 0;
+}
+
+/* xr[i] = quantized row m0 + i of x (codes qn: nibble order, or a->q), for up to RM rows;
+ * returns how many. */
+static inline int x_rows(qrow* xr, int m0, int M, int K, const qacts* a, const int8_t* qn) {
     int rows = M - m0 < RM ? M - m0 : RM, nb = K / QK;
     for (int i = 0; i < rows; i++) {
-        xr[i].q = q + (size_t)(m0 + i) * K;
-        xr[i].d = d + (size_t)(m0 + i) * nb;
-        xr[i].s = s + (size_t)(m0 + i) * nb;
+        xr[i].q = a->q + (size_t)(m0 + i) * K;
+        xr[i].d = a->d + (size_t)(m0 + i) * a->nd;
+        xr[i].s = a->s + (size_t)(m0 + i) * nb;
+        xr[i].ms = a->ms + (size_t)(m0 + i) * nb;
+        xr[i].bs = a->bs + (size_t)(m0 + i) * (K / 16);
         xr[i].qn = qn + (size_t)(m0 + i) * K;
     }
     return rows;
@@ -687,14 +860,9 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kerne
     (void)num_threads;   /* unused when built without OpenMP */
     int nb = K / QK;
     size_t row_bytes = (size_t)(K / BLOCK_ELEMS[fmt]) * BLOCK_BYTES[fmt];
-    int8_t* q = malloc((size_t)M * K + (size_t)M * nb * (sizeof(float) + sizeof(int32_t)));
-    if (q == NULL) return 1;
-    float* d = (float*)(q + (size_t)M * K);   /* M * K is a multiple of 32: aligned */
-    int32_t* s = (int32_t*)(d + (size_t)M * nb);
-    #pragma omp parallel for schedule(static) num_threads(num_threads) if (M > 1)
-    for (int m = 0; m < M; m++)
-        quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, d + (size_t)m * nb,
-                     s + (size_t)m * nb);
+    qacts a;
+    if (quantize_rows(ACT_OF[fmt], x, M, K, &a, num_threads)) return 1;
+    int8_t* q = a.q;
     if (row_kernels != NULL && M <= (fmt == FMT_Q8_0 ? ROW_KERNEL_M_Q8_0 : ROW_KERNEL_M)) {
         int8_t* qn = q;
 #ifdef ROW_512
@@ -713,7 +881,7 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kerne
         for (int n = 0; n < N; n += 8)
             for (int m0 = 0; m0 < M; m0 += RM) {
                 qrow xr[4];
-                int rows = x_rows(xr, m0, M, K, q, d, s, qn);
+                int rows = x_rows(xr, m0, M, K, &a, qn);
                 row_kernels[rows - 1](xr, nb, w + (size_t)n * row_bytes, row_bytes,
                                       N - n < 8 ? N - n : 8, y + (size_t)m0 * N + n, N);
             }
@@ -727,7 +895,7 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kerne
         int n0 = blk * 4;
         for (int m0 = 0; m0 < M; m0 += RM) {
             qrow xr[4];
-            int rows = x_rows(xr, m0, M, K, q, d, s, q);
+            int rows = x_rows(xr, m0, M, K, &a, q);
             if (n0 + 4 <= N)
                 tiles[0][rows - 1](xr, nb, w + (size_t)n0 * row_bytes, row_bytes,
                                    y + (size_t)m0 * N + n0, N);
@@ -741,15 +909,23 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kerne
     return 0;
 }
 
-/* x (M, K) fp32 -> codes q (M, K) int8, scales d (M, K/32) fp32: quantize_row per row.
- * Exposed for the tests (the twin must agree bit for bit). */
-void parallax_quantize_q8_f32(const float* x, int8_t* q, float* d, int M, int K) {
-    int nb = K / QK;
-    int32_t* s = malloc(sizeof(int32_t) * (size_t)(nb > 0 ? nb : 1));
-    if (s == NULL) return;
-    for (int m = 0; m < M; m++)
-        quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, d + (size_t)m * nb, s);
-    free(s);
+/* x (M, K) fp32 -> activation blocks of kind `act` (0: Q8_0, 1: Q8_1, 2: Q8_K) as the
+ * *_linear_q8 kernels make them: codes q (M, K) int8, scales d (M, K/32; Q8_K K/256) fp32,
+ * sums s (M, K/32) fp32: Q8_0 the code sums, Q8_1 block_q8_1's fp16 s; Q8_K (M, K/16) the
+ * bsums. Exposed for the tests (the twins must agree bit for bit). Returns 1 when out of
+ * memory, 2 for an unknown kind. */
+int parallax_quantize_act_f32(const float* x, int act, int8_t* q, float* d, float* s, int M,
+                              int K) {
+    if (act < ACT_Q8_0 || act > ACT_Q8_K) return 2;
+    qacts a;
+    if (quantize_rows(act, x, M, K, &a, 1)) return 1;
+    size_t nd = (size_t)M * a.nd, ns = (size_t)M * (act == ACT_Q8_K ? K / 16 : K / QK);
+    memcpy(q, a.q, (size_t)M * K);
+    memcpy(d, a.d, sizeof(float) * nd);
+    for (size_t i = 0; i < ns; i++)
+        s[i] = act == ACT_Q8_K ? (float)a.bs[i] : act == ACT_Q8_1 ? a.ms[i] : (float)a.s[i];
+    free(a.q);
+    return 0;
 }
 
 /* parallax_<fmt>_linear_q8(x, w, y, M, N, K, num_threads): w holds N rows of K / 32 blocks

@@ -197,20 +197,30 @@ at::Tensor block_linear_q8(const at::Tensor& x, const at::Tensor& qweight,
     return block_linear(x, qweight, bias, kind, block, block_bytes, isa, true);
 }
 
-// x (M, K) -> (codes (M, K) int8, scales (M, K / block) float32): what the *_linear_q8
-// kernels do to x, by parallax_quantize_q8_f32(x, q, d, M, K).
-std::tuple<at::Tensor, at::Tensor> quantize_q8(const at::Tensor& x, int64_t block,
-                                               const std::string& isa) {
+// x (M, K) -> (codes (M, K) int8, scales, sums) float32: the activation blocks of `kind`
+// ("q8_0", "q8_1", "q8_k": ggml's block_q8_0 / _q8_1 / _q8_K) the *_linear_q8 kernels
+// make of x, by parallax_quantize_act_f32(x, act, q, d, s, M, K). Scales (M, K / 32), Q8_K
+// (M, K / 256); sums (M, K / 32): Q8_0 the code sums, Q8_1 its fp16 s; Q8_K (M, K / 16).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x,
+                                                            const std::string& kind,
+                                                            const std::string& isa) {
+    static const char* kinds[] = {"q8_0", "q8_1", "q8_k"};
+    int act = static_cast<int>(std::find(kinds, kinds + 3, kind) - kinds);
+    TORCH_CHECK(act < 3, "parallax_cpu: quantize_act kind must be q8_0, q8_1 or q8_k, not ", kind);
+    int64_t block = act == 2 ? 256 : 32, sums = act == 2 ? 16 : 32;
     check_cpu(x, at::kFloat, "x");
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % block == 0,
-                "parallax_cpu: quantize_q8 needs contiguous x (M, K), K a multiple of ", block);
+                "parallax_cpu: quantize_act needs contiguous x (M, K), K a multiple of ", block);
     at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
     at::Tensor d = at::empty({x.size(0), x.size(1) / block}, x.options());
-    using fn = void (*)(const float*, int8_t*, float*, int, int);
-    entry<fn>(isa, "parallax_quantize_q8_f32")(x.const_data_ptr<float>(),
-                                               q.mutable_data_ptr<int8_t>(),
-                                               d.mutable_data_ptr<float>(), x.size(0), x.size(1));
-    return {q, d};
+    at::Tensor s = at::empty({x.size(0), x.size(1) / sums}, x.options());
+    using fn = int (*)(const float*, int, int8_t*, float*, float*, int, int);
+    int rc = entry<fn>(isa, "parallax_quantize_act_f32")(
+        x.const_data_ptr<float>(), act, q.mutable_data_ptr<int8_t>(), d.mutable_data_ptr<float>(),
+        s.mutable_data_ptr<float>(), x.size(0), x.size(1));
+    TORCH_CHECK_WITH(OutOfMemoryError, rc == 0, "parallax_cpu: quantize_act: no memory for ",
+                     x.size(0), " x ", x.size(1), " int8 activations");
+    return {q, d, s};
 }
 
 // residual None: (rms_norm(x) * weight, an empty tensor).
@@ -470,7 +480,7 @@ TORCH_LIBRARY(parallax_cpu, m) {
           "int block_bytes, str isa) -> Tensor");
     m.def("block_linear_q8(Tensor x, Tensor qweight, Tensor? bias, str kind, int block, "
           "int block_bytes, str isa) -> Tensor");
-    m.def("quantize_q8(Tensor x, int block, str isa) -> (Tensor, Tensor)");
+    m.def("quantize_act(Tensor x, str kind, str isa) -> (Tensor, Tensor, Tensor)");
     m.def("add_rms_norm_f32(Tensor x, Tensor? residual, Tensor weight, float eps, str isa)"
           " -> (Tensor, Tensor)");
     m.def("silu_and_mul_f32(Tensor x, str isa) -> Tensor");
@@ -497,7 +507,7 @@ TORCH_LIBRARY_IMPL(parallax_cpu, CPU, m) {
     m.impl("int8_linear_f32", &int8_linear_f32);
     m.impl("block_linear_f32", &block_linear_f32);
     m.impl("block_linear_q8", &block_linear_q8);
-    m.impl("quantize_q8", &quantize_q8);
+    m.impl("quantize_act", &quantize_act);
     m.impl("add_rms_norm_f32", &add_rms_norm_f32);
     m.impl("silu_and_mul_f32", &silu_and_mul_f32);
     m.impl("decode_attention_kv_f32", &decode_attention_kv_f32);
