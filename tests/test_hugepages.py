@@ -1,8 +1,11 @@
 """Packed fp32 weights on transparent huge pages (ops/hugepages.py, ops.cpu.panel_buffers):
 the same panels as ``pack``, laid out in one 2 MiB-aligned mapping, and a loaded model's
-packed weights live there."""
+packed weights live there; trim_heap gives freed heap memory back."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import torch
 
@@ -59,3 +62,30 @@ def test_loaded_model_packs_into_one_mapping(tmp_path):
         assert len({w.untyped_storage().data_ptr() for w in packed}) == 1
         assert min(w.data_ptr() for w in packed) % HUGE_PAGE == 0
         assert len(llm.generate([[1, 2, 3]], max_new_tokens=4, ignore_eos=True)[0].token_ids) == 4
+
+
+TRIM_RUN = r"""
+import ctypes, ctypes.util, sys
+from parallax.ops.hugepages import trim_heap
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+blocks = [libc.malloc(64 << 10) for _ in range(2048)]   # 128 MiB on the heap (< mmap threshold)
+for b in blocks:
+    ctypes.memset(b, 1, 64 << 10)
+pin = libc.malloc(64 << 10)                                  # keeps the heap's top in use
+for b in blocks:
+    libc.free(b)
+before = rss()
+trim_heap()
+print(before - rss())
+"""
+
+
+def test_trim_heap_returns_freed_heap_memory():
+    out = subprocess.run([sys.executable, "-c", TRIM_RUN], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert int(out.stdout.strip()) > 100 << 20        # of the 128 MiB freed

@@ -173,6 +173,7 @@ def pack_weights_(model: nn.Module) -> None:
     lie in one mapping on transparent huge pages (ops.cpu.panel_buffers).
     """
     from ..ops import cpu
+    from ..ops.hugepages import trim_heap
     heads = [model.lm_head] if model.lm_head is not None else []
     params, seen = [], set()
     for module in model.linear_layers() + heads:
@@ -180,9 +181,11 @@ def pack_weights_(model: nn.Module) -> None:
         if w is not None and w.dim() == 2 and id(w) not in seen and cpu.can_pack(w):
             params.append(w)
             seen.add(id(w))
-    # all panels in one huge-page mapping; each weight's old copy goes once it is packed
+    # all panels in one huge-page mapping; each weight's old copy goes once it is packed,
+    # and its memory back to the OS (not kept by malloc for later)
     for w, out in zip(params, cpu.panel_buffers([tuple(w.shape) for w in params])):
         w.data = cpu.pack(w.data, out=out)
+        trim_heap()
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
