@@ -18,7 +18,7 @@ from parallax.ops import reference as ref
 HERE = cpu.supported_variants()
 OPS = ["gemm_packed_f32", "int8_linear_f32", "block_linear_f32", "block_linear_q8", "quantize_act",
        "add_rms_norm_f32",
-       "silu_and_mul_f32", "decode_attention_kv_f32", "paged_attention_kv_f32",
+       "silu_and_mul_f32", "argmax_rows_f32", "decode_attention_kv_f32", "paged_attention_kv_f32",
        "attention_half_f32", "mlp_half_f32"]
 
 

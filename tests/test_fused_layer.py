@@ -37,9 +37,10 @@ def _weight(kind: str, n: int, k: int, g: torch.Generator) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(w.numpy(), QTYPES[fmt])))
 
 
-def _attention_args(kind: str, residual: bool, bias: bool, window: int, seed: int = 0):
+def _attention_args(kind: str, residual: bool, bias: bool, window: int, seed: int = 0,
+                    seqs=SEQS):
     g = torch.Generator().manual_seed(seed)
-    meta = AttentionMetadata.build(SEQS, BS)
+    meta = AttentionMetadata.build(seqs, BS)
     t, n_qkv = meta.num_tokens, (HQ + 2 * HK) * D
     theta = meta.positions[:, None].float() * torch.rand(D // 2, generator=g)
     return [torch.randn(t, H, generator=g), torch.randn(t, H, generator=g) if residual else None,
@@ -50,9 +51,9 @@ def _attention_args(kind: str, residual: bool, bias: bool, window: int, seed: in
             meta.query_start_loc, HQ, HK, D ** -0.5, window, 0.0]
 
 
-def _mlp_args(kind: str, seed: int = 0):
+def _mlp_args(kind: str, seed: int = 0, rows: int | None = None):
     g = torch.Generator().manual_seed(seed)
-    t = sum(n for _, n, _ in SEQS)
+    t = rows or sum(n for _, n, _ in SEQS)
     return (torch.randn(t, H, generator=g), torch.randn(t, H, generator=g),
             torch.rand(H, generator=g) + 0.5, 1e-5, _weight(kind, 2 * F, H, g), kind,
             _weight(kind, H, F, g), kind, F)
@@ -125,6 +126,34 @@ def test_mlp_half_equals_its_kernels_and_twin(isa, kind):
                                             down_kind, f)
         torch.testing.assert_close(out, tw_out, rtol=1e-5, atol=1e-5)
         assert torch.equal(res, tw_res)
+
+
+# A 40-token prefill chunk next to decodes: enough rows that the norms and the SiLU between
+# the matmuls run over the threads by rows (layer_f32.c); the result must not change.
+MANY = [(5, 1, [0, 1]), (0, 40, [2, 3, 4]), (31, 1, [5, 6])]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("residual", [True, False])
+def test_halves_with_many_rows_equal_their_kernels_at_any_thread_count(threads, residual):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = _attention_args("f32", residual, False, 0, seqs=MANY)
+        fused_args, one_args = _clone_caches(args), _clone_caches(args)
+        out, res = cpu.attention_half(*fused_args)
+        want, want_res = _unfused_attention(None, *one_args)
+        assert torch.equal(out, want) and torch.equal(res, want_res)
+        assert torch.equal(fused_args[9], one_args[9])
+        x, r, nw, eps, w_gu, gu_kind, w_down, down_kind, f = _mlp_args("f32", rows=42)
+        r = r if residual else None
+        out, res = cpu.mlp_half(x, r, nw, eps, w_gu, gu_kind, w_down, down_kind, f)
+        h, want_res = cpu.add_rms_norm(x, r, nw, eps)
+        act = cpu.silu_and_mul(_kernel_linear("f32", h, w_gu))
+        assert torch.equal(out, _kernel_linear("f32", act, w_down))
+        assert torch.equal(res, x if r is None else want_res)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bad_metadata_is_refused_and_nothing_is_written():

@@ -435,6 +435,46 @@ def test_cpu_norms_and_silu_and_mul_match_reference(d, isa):
 
 
 @pytest.mark.parametrize("isa", HERE)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [1, 7, 256, 257, 1000, 49152])
+def test_cpu_argmax_rows_equals_torch_argmax(n, threads, isa):
+    """Random rows, ties (the first index wins, also across the kernel's 256-value chunks),
+    -inf everywhere, +inf, and NaN (the first NaN wins, before or after the maximum): the
+    same index as torch.argmax, its reference twin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(12, n, generator=g)
+        x[1] = torch.randint(0, 3, (n,), generator=g).float()            # many ties
+        x[2] = float("-inf")
+        x[3, n // 2] = x[3, n - 1] = float("inf")
+        x[4, n - 1] = float("nan")
+        x[5, n // 3] = float("nan")
+        x[5, 0] = 100.0
+        x[6, 0] = float("nan")
+        x[7] = 0.0
+        x[8, n - 1] = x[8].max() + 1                                      # max in the last value
+        x[9, :] = 5.0
+        x[9, n // 2:] = 6.0
+        x[10] = -x[10].abs() - 1                                          # all negative
+        x[11] = -0.0
+        x[11, n - 1] = 0.0                                                # equal to -0.0
+        assert torch.equal(cpu.argmax_rows(x, isa=isa), ref.argmax_rows(x))
+        assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+        assert torch.equal(cpu.argmax_rows(x[:1], isa=isa), x[:1].argmax(dim=-1))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_argmax_rows_dispatch_falls_back_to_torch():
+    x = torch.randn(3, 50, dtype=torch.float64)
+    assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+    t = torch.randn(50, 3).t()                                            # not contiguous
+    assert torch.equal(ops.argmax_rows(t), t.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("isa", HERE)
 @pytest.mark.parametrize("bad", [0, -1, 13, 2**31 - 1])
 def test_cpu_decode_attention_refuses_context_lens_outside_the_cache(bad, isa):
     """A length of 0, a negative one or one past the cache's 12 slots is an error naming the

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from . import ops
 from .errors import SamplingError
 
 MAX_LOGPROBS = 20       # alternatives per token at most (OpenAI's top_logprobs limit)
@@ -193,7 +194,7 @@ class Sampler:
         if plain:   # the common case, one argmax for all of them
             # All rows plain (the usual batch): no gather, which copies the (R, V) logits.
             picked = logits if len(plain) == len(states) else logits[plain]
-            for i, tok in zip(plain, picked.argmax(dim=-1).tolist()):
+            for i, tok in zip(plain, ops.argmax_rows(picked).tolist()):
                 out[i] = tok
         for i, s in enumerate(states):
             if out[i] is None:

@@ -161,7 +161,9 @@ class ModelRunner:
                 h = self._forward(ids[tok], meta, self.kv_caches, pending)
                 rows = [r - tok.start for r in plan.sample_rows if tok.start <= r < tok.stop]
                 if h is not None and rows:
-                    logits = self.model.compute_logits(h[rows])              # (R, V) fp32
+                    # Every token a sample row (a decode-only batch): no gather copy.
+                    every = len(rows) == h.shape[0] and rows[-1] == len(rows) - 1
+                    logits = self.model.compute_logits(h if every else h[rows])  # (R, V) fp32
                     if self.sampler is not None:
                         first = sum(1 for r in plan.sample_rows if r < tok.start)
                         tokens += self.sampler(logits, plan.sample_ids[first:first + len(rows)])

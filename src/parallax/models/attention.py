@@ -42,19 +42,23 @@ class AttentionMetadata:
     @classmethod
     def build(cls, seqs: list[tuple[int, int, list[int]]], block_size: int,
               device: torch.device | str = "cpu") -> "AttentionMetadata":
-        """From (num_computed_tokens, num_new_tokens, block_table) per sequence."""
-        positions, slots, qsl = [], [], [0]
+        """From (num_computed_tokens, num_new_tokens, block_table) per sequence. Built in
+        Python lists, then one tensor each: per-sequence tensor writes cost more than the
+        rest of a decode step's host work (~5 us each, 64 sequences)."""
+        positions, slots, qsl, lens, rows = [], [], [0], [], []
         width = max(len(t) for _, _, t in seqs)
-        tables = torch.zeros(len(seqs), width, dtype=torch.int32)
-        for b, (start, n, table) in enumerate(seqs):
-            tables[b, :len(table)] = torch.tensor(table, dtype=torch.int32)
-            for p in range(start, start + n):
-                positions.append(p)
-                slots.append(table[p // block_size] * block_size + p % block_size)
-            qsl.append(qsl[-1] + n)
-        lens = [start + n for start, n, _ in seqs]
-        return cls(torch.tensor(positions, device=device), torch.tensor(slots, device=device),
-                   tables.to(device), torch.tensor(lens, dtype=torch.int32, device=device),
+        for start, n, table in seqs:
+            end = start + n
+            positions += range(start, end)
+            slots += [table[p // block_size] * block_size + p % block_size
+                      for p in range(start, end)]
+            qsl.append(end - start + qsl[-1])
+            lens.append(end)
+            rows.append([*table, *[0] * (width - len(table))])
+        return cls(torch.tensor(positions, dtype=torch.long, device=device),
+                   torch.tensor(slots, dtype=torch.long, device=device),
+                   torch.tensor(rows, dtype=torch.int32, device=device),
+                   torch.tensor(lens, dtype=torch.int32, device=device),
                    torch.tensor(qsl, dtype=torch.int32, device=device))
 
 

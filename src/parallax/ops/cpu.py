@@ -682,6 +682,13 @@ def silu_and_mul(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
     return torch.ops.parallax_cpu.silu_and_mul_f32.default(x, lib)
 
 
+def argmax_rows(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
+    """x (M, N) contiguous, N >= 1 -> (M,) int64, the first index of each row's largest
+    value (a NaN counting as the largest): reference.argmax_rows."""
+    lib = kernels(isa)
+    return torch.ops.parallax_cpu.argmax_rows_f32.default(x, lib)
+
+
 def decode_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin, context_lens, scale,
                                   *, isa: str | None = None):
     """reference.decode_attention_with_kvcache in one call. Requires unit stride along D,

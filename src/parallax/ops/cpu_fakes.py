@@ -51,6 +51,11 @@ def _silu_and_mul(x, isa):
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
 
+@torch.library.register_fake("parallax_cpu::argmax_rows_f32")
+def _argmax_rows(x, isa):
+    return x.new_empty(x.shape[0], dtype=torch.long)
+
+
 @torch.library.register_fake("parallax_cpu::decode_attention_kv_f32")
 def _decode_attention(q, k, v, k_cache, v_cache, cos, sin, context_lens, scale, isa):
     return q.new_empty(q.shape)                                             # (B, Hq, D)

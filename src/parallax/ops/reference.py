@@ -223,6 +223,12 @@ def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                            query_start_loc, scale, window, softcap)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (M, N) -> (M,) int64: the first index of each row's largest value (a NaN counts as
+    the largest), torch.argmax's rule; greedy sampling's pick."""
+    return x.argmax(dim=-1)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gate: x (..., 2N) = [gate | up] -> silu(gate) * up, (..., N)."""
     gate, up = x.chunk(2, dim=-1)

@@ -163,3 +163,35 @@ int parallax_decode_attention_kv_f32(
     }
     return 0;
 }
+
+/* out[m] = the first index of the largest value in row m of x (M, N), N >= 1, as
+ * torch.argmax(x, -1): ties go to the first index, a NaN counts as the largest (its first
+ * index wins). A greedy step reads R x vocab logits this way (R up to 64 x 49152 for
+ * SmolLM2); torch's reduction walks them one element at a time (~0.8 ns each). Here one
+ * vector pass per row keeps the chunk where the maximum first rose (or the first chunk
+ * with a NaN), and only that chunk is scanned again; rows over the threads. */
+#define ARGMAX_CHUNK 256
+void parallax_argmax_rows_f32(const float* x, int64_t* out, int M, int N, int num_threads) {
+    (void)num_threads;   /* unused when built without OpenMP */
+    #pragma omp parallel for schedule(static) num_threads(num_threads) if (M > 1)
+    for (int m = 0; m < M; m++) {
+        const float* r = x + (size_t)m * N;
+        float mx = -INFINITY;
+        int best = 0, nan = 0;
+        for (int c = 0; c < N; c += ARGMAX_CHUNK) {
+            int n = N - c < ARGMAX_CHUNK ? N - c : ARGMAX_CHUNK;
+            float cm = -INFINITY;
+            int cn = 0;
+            #pragma omp simd reduction(max:cm) reduction(|:cn)
+            for (int i = 0; i < n; i++) {
+                cm = r[c + i] > cm ? r[c + i] : cm;
+                cn |= r[c + i] != r[c + i];
+            }
+            if (cn) { best = c; nan = 1; break; }
+            if (cm > mx) { mx = cm; best = c; }
+        }
+        int i = best;
+        while (nan ? r[i] == r[i] : r[i] != mx) i++;   /* in chunk `best`, by construction */
+        out[m] = i;
+    }
+}

@@ -266,6 +266,19 @@ at::Tensor silu_and_mul_f32(const at::Tensor& x, const std::string& isa) {
     return out;
 }
 
+// (M,) int64: the first index of each row's largest value of x (M, N), as torch.argmax.
+at::Tensor argmax_rows_f32(const at::Tensor& x, const std::string& isa) {
+    check_cpu(x, at::kFloat, "x");
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) >= 1,
+                "parallax_cpu: argmax_rows needs contiguous x (M, N) with N >= 1");
+    at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+    using fn = void (*)(const float*, int64_t*, int, int, int);
+    entry<fn>(isa, "parallax_argmax_rows_f32")(x.const_data_ptr<float>(),
+                                               out.mutable_data_ptr<int64_t>(), x.size(0),
+                                               x.size(1), threads());
+    return out;
+}
+
 // The attention kernels refuse bad metadata with a code (writing nothing); it travels up as
 // a ValueError "parallax_cpu error <code>" that ops/cpu.py turns into KernelInputError.
 at::Tensor decode_attention_kv_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -484,6 +497,7 @@ TORCH_LIBRARY(parallax_cpu, m) {
     m.def("add_rms_norm_f32(Tensor x, Tensor? residual, Tensor weight, float eps, str isa)"
           " -> (Tensor, Tensor)");
     m.def("silu_and_mul_f32(Tensor x, str isa) -> Tensor");
+    m.def("argmax_rows_f32(Tensor x, str isa) -> Tensor");
     m.def("decode_attention_kv_f32(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
           "Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor context_lens, float scale, "
           "str isa) -> Tensor");
@@ -510,6 +524,7 @@ TORCH_LIBRARY_IMPL(parallax_cpu, CPU, m) {
     m.impl("quantize_act", &quantize_act);
     m.impl("add_rms_norm_f32", &add_rms_norm_f32);
     m.impl("silu_and_mul_f32", &silu_and_mul_f32);
+    m.impl("argmax_rows_f32", &argmax_rows_f32);
     m.impl("decode_attention_kv_f32", &decode_attention_kv_f32);
     m.impl("paged_attention_kv_f32", &paged_attention_kv_f32);
     m.impl("attention_half_f32", &attention_half_f32);
