@@ -33,9 +33,9 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
 
 def concurrently(calls: dict) -> dict:
     """Run independent calls (name -> no-argument callable, each mostly a single-threaded
-    compiler process) as many at once as there are CPUs; name -> its finished future, whose
-    ``result()`` re-raises a call's exception in the test that asserts on it."""
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    compiler process) as many at once as this process may use CPUs; name -> its finished
+    future, whose ``result()`` re-raises a call's exception in the test that asserts on it."""
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         futures = {name: pool.submit(fn) for name, fn in calls.items()}
     return futures
 
