@@ -4,12 +4,14 @@ installed torch headers, then loaded with stub launchers to check the op schemas
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import os
 import platform
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -27,6 +29,23 @@ HERE = cpu.supported_variants()   # the CPU variants this machine runs (generic 
 COMPILERS = [c for c in ("gcc", "clang", "gcc-9", "gcc-10", "gcc-11") if shutil.which(c)]
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
                                 if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+
+
+def concurrently(calls: dict) -> dict:
+    """Run independent calls (name -> no-argument callable, each mostly a single-threaded
+    compiler process) as many at once as this process may use CPUs; name -> its finished
+    future, whose ``result()`` re-raises a call's exception in the test that asserts on it."""
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        futures = {name: pool.submit(fn) for name, fn in calls.items()}
+    return futures
+
+
+def run_all(cmds: list[list[str]], timeout: float) -> list[subprocess.CompletedProcess]:
+    """Run independent commands concurrently (``concurrently``); their results in order."""
+    done = concurrently({i: functools.partial(subprocess.run, cmd, capture_output=True,
+                                              text=True, timeout=timeout)
+                         for i, cmd in enumerate(cmds)})
+    return [done[i].result() for i in range(len(cmds))]
 
 
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
@@ -165,17 +184,23 @@ def test_dispatch_routes_cpu_tensors_by_dtype(monkeypatch):
 
 
 def test_kernel_mode_env_is_validated():
-    import subprocess as sp
     import sys
-    r = sp.run([sys.executable, "-c", "import parallax.ops"], capture_output=True, text=True,
-               env={**os.environ, "PARALLAX_KERNELS": "fast"})
+
+    def run(code: str, mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "PARALLAX_KERNELS": mode}, timeout=120)
+    # three independent interpreters (each mostly importing torch): started together
+    fast, reference, cuda = concurrently({
+        "fast": lambda: run("import parallax.ops", "fast"),
+        "reference": lambda: run("import parallax.ops as o; print(o.active_backend())",
+                                 "reference"),
+        "cuda": lambda: run("import parallax.ops", "cuda")}).values()
+    r = fast.result()
     assert r.returncode != 0 and "PARALLAX_KERNELS" in r.stderr
-    r = sp.run([sys.executable, "-c", "import parallax.ops as o; print(o.active_backend())"],
-               capture_output=True, text=True, env={**os.environ, "PARALLAX_KERNELS": "reference"})
+    r = reference.result()
     assert r.returncode == 0 and r.stdout.strip() == "reference"
     if not torch.cuda.is_available():
-        r = sp.run([sys.executable, "-c", "import parallax.ops"], capture_output=True, text=True,
-                   env={**os.environ, "PARALLAX_KERNELS": "cuda"})
+        r = cuda.result()
         assert r.returncode != 0 and "CUDA extension is not available" in r.stderr
 
 
@@ -492,11 +517,18 @@ def test_cpu_decode_attention_refuses_context_lens_outside_the_cache(bad, isa):
 
 # ----------------------------------------------------------------------------- CPU variants
 
+@pytest.fixture(scope="module")
+def variant_builds() -> dict:
+    """``cpu.build`` of every variant (into the usual cache), all started at once: each is one
+    single-threaded compiler process. Variant -> its finished future."""
+    return concurrently({v: functools.partial(cpu.build, v) for v in cpu.VARIANTS})
+
+
 @pytest.mark.parametrize("variant", list(cpu.VARIANTS))
-def test_every_cpu_variant_builds_and_names_itself(variant):
+def test_every_cpu_variant_builds_and_names_itself(variant, variant_builds):
     """Each variant compiles on any machine (so an AVX-512 machine also builds the AVX2
     code); the ones this CPU runs load and report the vector width they were built for."""
-    path = cpu.build(variant)
+    path = variant_builds[variant].result()
     assert os.path.getsize(path) > 0
     if variant in HERE:
         assert cpu.kernels(variant) == variant
@@ -511,26 +543,38 @@ def test_cpu_sources_compile_warning_free(cc, variant, std, tmp_path):
     needs a recent compiler (GCC 9 lacks __builtin_shufflevector). (clang reports `omp simd`
     loops over expf it cannot vectorise without a vector expf: a hint, not an error.)"""
     quiet = ["-Wno-pass-failed"] if cc.startswith("clang") else []
+    cmds = []
     for src in cpu._SOURCES:
-        for extra in (["-fopenmp", "-DPARALLAX_MVEC", *quiet], quiet):
-            cmd = [cc, "-c", "-O2", f"-std={std}", "-Wall", "-Wextra", "-Werror",
-                   "-Wno-unknown-pragmas", *cpu.VARIANTS[variant][0], *extra,
-                   os.path.join(CSRC, "cpu", src), "-o", str(tmp_path / "k.o")]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            assert r.returncode == 0, (" ".join(cmd), r.stderr[-3000:])
+        for i, extra in enumerate((["-fopenmp", "-DPARALLAX_MVEC", *quiet], quiet)):
+            cmds.append([cc, "-c", "-O2", f"-std={std}", "-Wall", "-Wextra", "-Werror",
+                         "-Wno-unknown-pragmas", *cpu.VARIANTS[variant][0], *extra,
+                         os.path.join(CSRC, "cpu", src), "-o", str(tmp_path / f"{src}.{i}.o")])
         with open(os.path.join(CSRC, "cpu", src)) as f:
             assert "__builtin_shufflevector" not in f.read()
+    for cmd, r in zip(cmds, run_all(cmds, timeout=120)):
+        assert r.returncode == 0, (" ".join(cmd), r.stderr[-3000:])
+
+
+@pytest.fixture(scope="module")
+def compiler_builds(tmp_path_factory) -> dict:
+    """The best variant here built afresh (an empty cache folder) by each compiler, all
+    started at once: each is one single-threaded compiler process. Compiler -> its
+    finished future."""
+    assert cpu.torch_ops() is not None, cpu.build_error()   # the shim, from the usual cache
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PARALLAX_CACHE_DIR", str(tmp_path_factory.mktemp("cc_builds")))
+        return concurrently({cc: functools.partial(cpu.build, HERE[0], cc=shutil.which(cc))
+                             for cc in COMPILERS})
 
 
 @pytest.mark.parametrize("cc", COMPILERS)
-def test_cpu_kernels_built_by_each_compiler_match_reference(cc, tmp_path, monkeypatch):
+def test_cpu_kernels_built_by_each_compiler_match_reference(cc, compiler_builds, monkeypatch):
     """The library each compiler builds (the best variant here) computes the same matmul and
     attention as the torch twins."""
     variant = HERE[0]
     assert cpu.torch_ops() is not None, cpu.build_error()   # the shim, from the usual cache
-    monkeypatch.setenv("PARALLAX_CACHE_DIR", str(tmp_path))   # the C kernels: built afresh
     monkeypatch.setitem(cpu._libs, f"{variant}-{cc}", None)   # forgotten after the test
-    assert cpu.load_library(f"{variant}-{cc}", cpu.build(variant, cc=shutil.which(cc))) == variant
+    assert cpu.load_library(f"{variant}-{cc}", compiler_builds[cc].result()) == variant
     w, x = torch.randn(192, 70), torch.randn(11, 70)
     out = cpu.linear_packed(x, cpu.pack(w), isa=f"{variant}-{cc}")
     assert rel_err(out, ref.linear_packed(x, cpu.pack(w))) < 1e-5
