@@ -241,7 +241,15 @@ def loaded_library(name: str) -> tuple[str, str] | None:
     return _loaded.get(name)
 
 
-@torch.compiler.assume_constant_result   # torch.compile: a constant of the process, not traced
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result (torch.compile: a constant of the process, not
+    traced) without its ``import torch._dynamo``, ~1.3 s of CPU in every process that
+    imports parallax (workers and ranks too): the marker that function sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def kernels(variant: str | None = None) -> str | None:
     """The name under which the torch ops call ``variant``'s kernels (default:
     ``best_variant()``), or None where they cannot be built: the failure and the compiler's
