@@ -106,30 +106,37 @@ def bench_decode(quick: bool):
                kv_bytes + 2 * b * hq * d * 2)
 
 
-def paged_problem(seqs: list[tuple[int, int]], hq: int, hk: int, d: int, bs: int = 16,
-                  dtype: torch.dtype = BF) -> tuple:
-    """Arguments of paged_attention_with_kvcache for sequences [(context_len, new_tokens)]
-    on shuffled cache blocks (as after a while of serving)."""
+def paged_metadata(seqs: list[tuple[int, int]], d: int, bs: int, device=DEV,
+                   g: torch.Generator | None = None) -> tuple:
+    """For sequences [(context_len, new_tokens)] on shuffled cache blocks (as after a while of
+    serving): (n_blocks, new tokens, cos, sin (T, d/2), slots, block tables, context lengths,
+    query start offsets), the metadata arguments of paged_attention_with_kvcache."""
     blocks = [-(-length // bs) for length, _ in seqs]
     n_blocks = sum(blocks) + 1
-    perm = torch.randperm(n_blocks, device=DEV).to(torch.int32)
-    tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32, device=DEV)
+    perm = torch.randperm(n_blocks, generator=g, device=device).to(torch.int32)
+    tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32, device=device)
     at = 0
     for b, nb in enumerate(blocks):
         tables[b, :nb] = perm[at:at + nb]
         at += nb
-    pos = torch.cat([torch.arange(length - n, length, device=DEV) for length, n in seqs])
-    seq = torch.cat([torch.full((n,), b, device=DEV) for b, (_, n) in enumerate(seqs)])
+    pos = torch.cat([torch.arange(length - n, length, device=device) for length, n in seqs])
+    seq = torch.cat([torch.full((n,), b, device=device) for b, (_, n) in enumerate(seqs)])
     slots = tables[seq, pos // bs].long() * bs + pos % bs
-    t = pos.shape[0]
-    ang = pos[:, None].float() * (1.0 / 10000 ** (torch.arange(0, d, 2, device=DEV) / d))
+    ang = pos[:, None].float() * (1.0 / 10000 ** (torch.arange(0, d, 2, device=device) / d))
     qsl = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(),
-                       dtype=torch.int32, device=DEV)
-    lens = torch.tensor([length for length, _ in seqs], dtype=torch.int32, device=DEV)
+                       dtype=torch.int32, device=device)
+    lens = torch.tensor([length for length, _ in seqs], dtype=torch.int32, device=device)
+    return n_blocks, pos.shape[0], ang.cos(), ang.sin(), slots, tables, lens, qsl
+
+
+def paged_problem(seqs: list[tuple[int, int]], hq: int, hk: int, d: int, bs: int = 16,
+                  dtype: torch.dtype = BF) -> tuple:
+    """Arguments of paged_attention_with_kvcache for sequences [(context_len, new_tokens)]
+    on shuffled cache blocks (paged_metadata)."""
+    n_blocks, t, *meta = paged_metadata(seqs, d, bs)
     g = dict(device=DEV, dtype=dtype)
     return (torch.randn(t, hq, d, **g), torch.randn(t, hk, d, **g), torch.randn(t, hk, d, **g),
-            torch.randn(n_blocks, hk, bs, d, **g), torch.randn(n_blocks, hk, bs, d, **g),
-            ang.cos(), ang.sin(), slots, tables, lens, qsl)
+            torch.randn(n_blocks, hk, bs, d, **g), torch.randn(n_blocks, hk, bs, d, **g), *meta)
 
 
 def bench_paged(quick: bool):
@@ -371,28 +378,13 @@ def cpu_matmul_table(rows: list[int], reps: int) -> None:
 def _cpu_paged_problem(seqs: list[tuple[int, int]], hq: int, hk: int, d: int, bs: int,
                        g: torch.Generator) -> tuple:
     """paged_attention_with_kvcache's arguments for [(context_len, new_tokens)] on shuffled
-    cache blocks, q, k, v as the views of one fused qkv projection (as the model has them)."""
-    blocks = [-(-length // bs) for length, _ in seqs]
-    n_blocks = sum(blocks) + 1
-    perm = torch.randperm(n_blocks, generator=g).to(torch.int32)
-    tables = torch.zeros(len(seqs), max(blocks), dtype=torch.int32)
-    at = 0
-    for b, nb in enumerate(blocks):
-        tables[b, :nb] = perm[at:at + nb]
-        at += nb
-    pos = torch.cat([torch.arange(length - n, length) for length, n in seqs])
-    seq = torch.cat([torch.full((n,), b) for b, (_, n) in enumerate(seqs)])
-    slots = (tables[seq, pos // bs].long() * bs + pos % bs).contiguous()
-    ang = pos[:, None].float() * (1.0 / 10000 ** (torch.arange(0, d, 2) / d))
-    qsl = torch.tensor([0] + torch.tensor([n for _, n in seqs]).cumsum(0).tolist(),
-                       dtype=torch.int32)
-    lens = torch.tensor([length for length, _ in seqs], dtype=torch.int32)
-    qkv = torch.randn(pos.shape[0], (hq + 2 * hk) * d, generator=g)
+    cache blocks (paged_metadata), q, k, v as the views of one fused qkv projection (as the
+    model has them)."""
+    n_blocks, t, *meta = paged_metadata(seqs, d, bs, "cpu", g)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, generator=g)
     q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=1)
-    t = pos.shape[0]
     caches = [torch.randn(n_blocks, hk, bs, d, generator=g) for _ in range(2)]
-    return (q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d), *caches,
-            ang.cos().contiguous(), ang.sin().contiguous(), slots, tables, lens, qsl)
+    return (q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d), *caches, *meta)
 
 
 def cpu_paged_table(reps: int) -> None:
