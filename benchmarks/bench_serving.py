@@ -325,6 +325,7 @@ def main(argv=None) -> None:
           "| CPU s | tok/CPU s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     peak_tokens = 0
+    pad_id = llm.config.pad_token_id or 0
     ratios = []
     for rate in [float(x) for x in a.rates.split(",")]:
         tok_s = {}
@@ -346,10 +347,9 @@ def main(argv=None) -> None:
                     sched.max_num_batched_tokens = default_budget
                 peak_tokens = max(peak_tokens, int(peak["usage"] * llm.stats()["kv_cache_tokens"]))
             elif system in ("static", "static-unpadded"):
-                pad = llm.config.pad_token_id or 0
-                t0, t1 = run_static(llm, reqs, a.batch, pad if system == "static" else None)
+                t0, t1 = run_static(llm, reqs, a.batch, pad_id if system == "static" else None)
             else:
-                t0, t1 = run_hf(hf, reqs, a.batch, llm.config.pad_token_id or 0)
+                t0, t1 = run_hf(hf, reqs, a.batch, pad_id)
             summary = summarize(reqs, t0, t1)
             tok_s[system] = summary["tok_s"]
             print(_fmt(system, rate, summary, time.process_time() - cpu0,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import mmap
 
@@ -64,17 +65,18 @@ def trim_heap() -> None:
     are freed) live on the heap, and freeing them leaves the pages in the process: after
     the fp32 weights are copied into their panels, the freed copies would otherwise stay in
     RSS (SmolLM2 F32: ~80 MiB after load, ~190 MiB at the peak)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):   # not glibc
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):   # not glibc
+        return None
 
 
 def arena(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
