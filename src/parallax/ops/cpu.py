@@ -443,6 +443,17 @@ def block_linear_q8(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     return torch.ops.parallax_cpu.block_linear_q8.default(x, qweight, bias, kind, n_el, nbytes, lib)
 
 
+def q8_0_linear_ggml(x: torch.Tensor, qweight: torch.Tensor, bias: torch.Tensor | None = None,
+                     *, isa: str | None = None) -> torch.Tensor:
+    """block_linear_q8("q8_0", ...) in llama.cpp's order of arithmetic (csrc/cpu/q8_act.c
+    EXACT_Q8_0; the twin reference.q8_0_linear_ggml): x (..., K) float32, qweight
+    (N, K/32*34) uint8 -> (..., N) float32, bit-equal to llama.cpp's CPU build of the same
+    ISA level (PARALLAX_NUMERICS=ggml)."""
+    lib = kernels(isa)   # first: it loads the torch ops
+    return torch.ops.parallax_cpu.block_linear_ggml.default(
+        x, qweight, bias, "q8_0", *_ref.GGUF_BLOCKS["q8_0"], lib)
+
+
 DEQUANT_CHUNK_BYTES = 2 << 20   # fp32 bytes of weight rows dequantised at a time (its
 # temporaries are a few times this: the peak RSS of timing the torch path, ops.cpu.choose)
 

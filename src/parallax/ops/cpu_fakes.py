@@ -27,6 +27,7 @@ def _block_linear(x, qweight, bias, kind, block, block_bytes, isa):
     return _linear_out(x, qweight.shape[0])
 
 
+@torch.library.register_fake("parallax_cpu::block_linear_ggml")
 @torch.library.register_fake("parallax_cpu::block_linear_q8")
 def _block_linear_q8(x, qweight, bias, kind, block, block_bytes, isa):
     return _linear_out(x, qweight.shape[0])

@@ -498,6 +498,46 @@ def q8_0_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
     return _linear_q8("q8_0", x, qweight, bias)
 
 
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 a * b + c rounded once, as an fma instruction: the product of two floats is
+    exact in float64, so only the sum rounds there, then to float32 (the two roundings
+    differ from one only when the float64 sum falls exactly half-way between two floats)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def hsum8(acc: torch.Tensor) -> torch.Tensor:
+    """(..., 8) float32 lanes -> (...,) summed as ggml's hsum_float_8 (and llamafile's hsum):
+    lanes i + 4 and i, then (0 + 2) + (1 + 3)."""
+    r = acc[..., 4:] + acc[..., :4]
+    return (r[..., 0] + r[..., 2]) + (r[..., 1] + r[..., 3])
+
+
+def q8_0_linear_ggml(x: torch.Tensor, qweight: torch.Tensor,
+                     bias: torch.Tensor | None = None, lanes: int = 8) -> torch.Tensor:
+    """q8_0_linear_q8 in llama.cpp's x86 order of arithmetic (ggml_vec_dot_q8_0_q8_0, and
+    llamafile's tinyBLAS_Q0_AVX for several rows of x): per block, 8 int32 lanes of 4
+    code products each, each lane times fp32(d_w) * d_x by one fma into 8 fp32 running
+    sums, block after block, then hsum8. x (..., K) float32, qweight (N, K/32*34) uint8 ->
+    (..., N) float32, + bias. The twin of csrc/cpu/q8_act.c's EXACT_Q8_0 on x86; ``lanes=1``:
+    one int32 sum per block and a plain running sum, ggml's scalar fallback (our generic
+    build on x86, which has no fma)."""
+    q, dx = quantize_q8(x.reshape(-1, x.shape[-1]))                        # (M, K), (M, K/32)
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, -1, 34)
+    dw = blocks[..., :2].contiguous().view(torch.float16).float()[..., 0]  # (N, K/32)
+    qw = blocks[..., 2:].contiguous().view(torch.int8)                      # (N, K/32, 32)
+    qx = q.reshape(q.shape[0], -1, lanes, GGUF_BLOCK // lanes).int()
+    dots = torch.einsum("mbli,nbli->mnbl", qx, qw.reshape(n, -1, lanes, GGUF_BLOCK // lanes).int())
+    scale = dx[:, None, :] * dw[None]                                      # (M, N, K/32)
+    acc = torch.zeros(q.shape[0], n, lanes)
+    for b in range(scale.shape[-1]):                                       # exact int32 dots
+        p = dots[:, :, b].float()
+        # x86's generic build has no fma: a product and a sum, each rounded
+        acc = fma32(scale[..., b, None], p, acc) if lanes == 8 else acc + p * scale[..., b, None]
+    y = (hsum8(acc) if lanes == 8 else acc[..., 0]).reshape(*x.shape[:-1], n)
+    return y if bias is None else y + bias
+
+
 def q4_0_linear_q8(x: torch.Tensor, qweight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """q4_0_linear with x rounded to 8-bit blocks (see q8_0_linear_q8)."""

@@ -909,6 +909,22 @@ static int q8_linear(int fmt, const tile_fn (*tiles)[4], const row_fn* row_kerne
     return 0;
 }
 
+/* Q8_0 tiles in llama.cpp's order of arithmetic (PARALLAX_NUMERICS=ggml): tile() keeps
+ * ggml's 8 int32 lanes of 4 products per block, one fma of each lane by d * dx per block
+ * in block order, and ggml's horizontal sum at the end, which is what its
+ * ggml_vec_dot_q8_0_q8_0 (one row of x) and llamafile's tinyBLAS_Q0_AVX (several) both
+ * compute per output; the generic build's scalar loop is ggml's scalar fallback. tile4 and
+ * the row kernels add the lanes in other orders (faster; equal up to fp32 rounding). */
+#define EXACT_FN(NN, MM)                                                                     \
+static void exact_Q8_0_##NN##x##MM(const qrow* xr, int nb, const uint8_t* w,                \
+                                   size_t row_bytes, float* y, int N) {                     \
+    tile(FMT_Q8_0, NN, MM, xr, nb, w, row_bytes, y, N);                                      \
+}
+EXACT_FN(4, 1) EXACT_FN(4, 2) EXACT_FN(4, 3) EXACT_FN(4, 4)
+static const tile_fn EXACT_Q8_0[2][4] = {
+    {exact_Q8_0_4x1, exact_Q8_0_4x2, exact_Q8_0_4x3, exact_Q8_0_4x4},
+    {tile_Q8_0_1x1, tile_Q8_0_1x2, tile_Q8_0_1x3, tile_Q8_0_1x4}};
+
 /* x (M, K) fp32 -> activation blocks of kind `act` (0: Q8_0, 1: Q8_1, 2: Q8_K) as the
  * *_linear_q8 kernels make them: codes q (M, K) int8, scales d (M, K/32; Q8_K K/256) fp32,
  * sums s (M, K/32) fp32: Q8_0 the code sums, Q8_1 block_q8_1's fp16 s; Q8_K (M, K/16) the
@@ -940,3 +956,9 @@ ENTRY(q4_0, Q4_0, ROWS_OR_NULL(Q4_0))
 ENTRY(q4_1, Q4_1, ROWS_OR_NULL(Q4_1))
 ENTRY(q4_k, Q4_K, NULL)
 ENTRY(q6_k, Q6_K, NULL)
+
+/* parallax_q8_0_linear_ggml: parallax_q8_0_linear_q8 in llama.cpp's order (EXACT_Q8_0). */
+int parallax_q8_0_linear_ggml(const float* x, const uint8_t* w, float* y, int M, int N, int K,
+                              int num_threads) {
+    return q8_linear(FMT_Q8_0, EXACT_Q8_0, NULL, x, w, y, M, N, K, num_threads);
+}

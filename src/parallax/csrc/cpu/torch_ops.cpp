@@ -153,12 +153,13 @@ at::Tensor int8_linear_f32(const at::Tensor& x, const at::Tensor& qweight,
 
 // Any GGUF-style block format `kind`: qweight (N, K / block * block_bytes) uint8 rows of
 // blocks; the kernel is parallax_<kind>_linear_<act>(x, w, y, M, N, K, threads), `act`
-// "f32" (x as it is; returns nothing) or "q8" (x rounded to 8-bit blocks first, integer dot
-// products; returns non-zero when it could not allocate those codes).
+// "f32" (x as it is; returns nothing), "q8" (x rounded to 8-bit blocks first, integer dot
+// products; returns non-zero when it could not allocate those codes) or "ggml" (q8 in
+// llama.cpp's order of arithmetic; Q8_0 only).
 at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight,
                         const std::optional<at::Tensor>& bias, const std::string& kind,
                         int64_t block, int64_t block_bytes, const std::string& isa,
-                        bool q8) {
+                        const std::string& act) {
     check_cpu(qweight, at::kByte, "qweight");
     TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous()
                 && qweight.size(1) % block_bytes == 0,
@@ -168,11 +169,11 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight,
     std::vector<int64_t> shape;
     at::Tensor rows = rows_of(x, k, shape, n);
     at::Tensor y = at::empty({rows.size(0), n}, rows.options());
-    const std::string name = "parallax_" + kind + (q8 ? "_linear_q8" : "_linear_f32");
+    const std::string name = "parallax_" + kind + "_linear_" + act;
     const float* xp = rows.const_data_ptr<float>();
     float* yp = y.mutable_data_ptr<float>();
     int m = rows.size(0);
-    if (q8) {
+    if (act != "f32") {
         using fn = int (*)(const float*, const void*, float*, int, int, int, int);
         int rc = entry<fn>(isa, name.c_str())(xp, qweight.const_data_ptr(), yp, m, n, k,
                                               threads());
@@ -188,13 +189,19 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& qweight,
 at::Tensor block_linear_f32(const at::Tensor& x, const at::Tensor& qweight,
                             const std::optional<at::Tensor>& bias, const std::string& kind,
                             int64_t block, int64_t block_bytes, const std::string& isa) {
-    return block_linear(x, qweight, bias, kind, block, block_bytes, isa, false);
+    return block_linear(x, qweight, bias, kind, block, block_bytes, isa, "f32");
 }
 
 at::Tensor block_linear_q8(const at::Tensor& x, const at::Tensor& qweight,
                            const std::optional<at::Tensor>& bias, const std::string& kind,
                            int64_t block, int64_t block_bytes, const std::string& isa) {
-    return block_linear(x, qweight, bias, kind, block, block_bytes, isa, true);
+    return block_linear(x, qweight, bias, kind, block, block_bytes, isa, "q8");
+}
+
+at::Tensor block_linear_ggml(const at::Tensor& x, const at::Tensor& qweight,
+                             const std::optional<at::Tensor>& bias, const std::string& kind,
+                             int64_t block, int64_t block_bytes, const std::string& isa) {
+    return block_linear(x, qweight, bias, kind, block, block_bytes, isa, "ggml");
 }
 
 // x (M, K) -> (codes (M, K) int8, scales, sums) float32: the activation blocks of `kind`
@@ -493,6 +500,8 @@ TORCH_LIBRARY(parallax_cpu, m) {
           "int block_bytes, str isa) -> Tensor");
     m.def("block_linear_q8(Tensor x, Tensor qweight, Tensor? bias, str kind, int block, "
           "int block_bytes, str isa) -> Tensor");
+    m.def("block_linear_ggml(Tensor x, Tensor qweight, Tensor? bias, str kind, int block, "
+          "int block_bytes, str isa) -> Tensor");
     m.def("quantize_act(Tensor x, str kind, str isa) -> (Tensor, Tensor, Tensor)");
     m.def("add_rms_norm_f32(Tensor x, Tensor? residual, Tensor weight, float eps, str isa)"
           " -> (Tensor, Tensor)");
@@ -521,6 +530,7 @@ TORCH_LIBRARY_IMPL(parallax_cpu, CPU, m) {
     m.impl("int8_linear_f32", &int8_linear_f32);
     m.impl("block_linear_f32", &block_linear_f32);
     m.impl("block_linear_q8", &block_linear_q8);
+    m.impl("block_linear_ggml", &block_linear_ggml);
     m.impl("quantize_act", &quantize_act);
     m.impl("add_rms_norm_f32", &add_rms_norm_f32);
     m.impl("silu_and_mul_f32", &silu_and_mul_f32);
