@@ -37,12 +37,16 @@ file size, and whether parallax's greedy text equals llama.cpp's at ``--agree-fo
 (``--agree-tokens`` tokens on a few prompts; the first differing position otherwise), for
 llama.cpp's default context (F16 KV cache, flash attention) and one with an F32 KV cache
 and flash attention off (fp32 attention, as parallax), with the top-2 logit margins at the
-first difference and the teacher-forced per-step logit differences (agreement()).
+first difference and the teacher-forced per-step logit differences (agreement()): once
+with parallax's own arithmetic (the benchmarked engine) and once with
+``PARALLAX_NUMERICS=ggml`` (llama.cpp's CPU arithmetic op for op: ops/ggml.py), a fresh
+engine on the same file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -373,6 +377,23 @@ def _margin(row) -> float:
     return float(top[0] - top[1])
 
 
+@contextlib.contextmanager
+def numerics(mode: str):
+    """PARALLAX_NUMERICS=``mode`` for the engines loaded inside (ops/ggml.py)."""
+    from parallax import ops
+    old = os.environ.get("PARALLAX_NUMERICS")
+    os.environ["PARALLAX_NUMERICS"] = mode
+    ops.ggml.enabled.cache_clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PARALLAX_NUMERICS"]
+        else:
+            os.environ["PARALLAX_NUMERICS"] = old
+        ops.ggml.enabled.cache_clear()
+
+
 def agreement_ids(tok) -> list[tuple[str, list[int]]]:
     """(label, token ids) of the agreement prompts: AGREE_PROMPTS as plain text, then
     AGREE_CHAT_PROMPTS as one user message each in the model's chat template."""
@@ -462,8 +483,13 @@ def bench_batch(batch: int, ids: list[int], llm, hf: Driver, llama: Driver | Non
     return row
 
 
-def print_agreement(a, agree: list[dict], llm_tok) -> None:
-    print(f"\ngreedy agreement at {a.agree_format}, {a.agree_tokens} tokens (parallax against "
+AGREE_NUMERICS = {"parallax": "parallax's own arithmetic",
+                  "ggml": "PARALLAX_NUMERICS=ggml (llama.cpp's arithmetic)"}
+
+
+def print_agreement(a, agree: list[dict], llm_tok, numerics: str) -> None:
+    print(f"\ngreedy agreement at {a.agree_format}, {a.agree_tokens} tokens, {numerics} "
+          "(parallax against "
           "llama.cpp and transformers on the same file; margins: top-1 minus top-2 logit at "
           "the first difference; teacher-forced: max |logit diff| per step on llama.cpp's "
           "tokens, median / max over the steps):")
@@ -492,7 +518,7 @@ def say_pos(pos) -> str:
 
 
 def print_tables(a, isa: str, eng: dict, rows: list[dict], loads: dict, roof: dict,
-                 rss: dict, files: dict, agree: list[dict] | None, llm_tok) -> None:
+                 rss: dict, files: dict, agree: dict[str, list[dict]], llm_tok) -> None:
     lc = any("llama.cpp_tok_s" in r for r in rows)
     print()
     print_isa(a, isa, eng)
@@ -531,8 +557,8 @@ def print_tables(a, isa: str, eng: dict, rows: list[dict], loads: dict, roof: di
                                          for fmt, v in loads.items()))
     if rss:
         print_rss(a, rss, files)
-    if agree:
-        print_agreement(a, agree, llm_tok)
+    for mode, runs in (agree or {}).items():
+        print_agreement(a, runs, llm_tok, AGREE_NUMERICS[mode])
     if roof:
         b1 = next((r for r in rows if r["batch"] == 1), None)
         gb = roof["bytes"] / 1e9
@@ -639,7 +665,7 @@ def main() -> None:
     else:
         files = {"file": src}      # the shipped file, dequantised to fp32 by both
     batches = [int(b) for b in a.batches.split(",")]
-    rows, loads, roof, agree, tok = [], {}, {}, None, None
+    rows, loads, roof, agree, tok = [], {}, {}, {}, None
     hf = Driver(sys.executable, "hf_driver.py", os.path.join(a.gguf_cache, "hf.log"))
     eng = None
     for fmt, path in files.items():
@@ -664,7 +690,7 @@ def main() -> None:
             # in a thread that ends: its torch ops (logit differences) would otherwise start a
             # second OpenMP team in this process, and libgomp then sleeps between the
             # engine's parallel regions for every later format (Q4_0 at 0.4x of itself)
-            agree = in_own_thread(lambda: agreement(llm, hf, llama, a.agree_tokens))
+            agree["parallax"] = in_own_thread(lambda: agreement(llm, hf, llama, a.agree_tokens))
         if not roof and fmt in ("file", "f32"):
             log.info("timing the roofline sweeps")
             # In a thread that ends, so its OpenMP team ends too: a second team in this
@@ -672,6 +698,12 @@ def main() -> None:
             roof = in_own_thread(lambda: roofline(llm.config))
         llm.close()
         gc.collect()
+        if agree and "ggml" not in agree:
+            log.info("greedy agreement again with PARALLAX_NUMERICS=ggml")
+            with numerics("ggml"), parallax.LLM(path, dtype="float32") as exact:
+                agree["ggml"] = in_own_thread(lambda: agreement(exact, hf, llama,
+                                                                a.agree_tokens))
+            gc.collect()
     hf.close()
     if llama is not None:
         llama.close()

@@ -74,15 +74,20 @@ class PagedAttention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 window: int | None = None, softcap: float | None = None):
+                 window: int | None = None, softcap: float | None = None,
+                 rope_base: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.scale = head_dim, scale
         self.window, self.softcap = window, softcap
+        self.rope_base = rope_base   # PARALLAX_NUMERICS=ggml rotates by position (ops/ggml.py)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
+        if ops.ggml.enabled():
+            return ops.ggml.paged_attention_with_kvcache(q, k, v, k_cache, v_cache, meta,
+                                                         self.scale, self.rope_base)
         return ops.paged_attention_with_kvcache(q, k, v, k_cache, v_cache, cos, sin,
                                                 meta.slot_mapping, meta.block_tables,
                                                 meta.context_lens, meta.query_start_loc,

@@ -93,7 +93,8 @@ class Attention(nn.Module):
                                              dtype, bias=cfg.attention_bias)
         self.o_proj = RowParallelLinear(f"{prefix}.o_proj", part.q_start * d, part.n_q * d,
                                         cfg.hidden_size, dtype, ctx, bias=cfg.o_proj_bias)
-        self.attn = PagedAttention(part.n_q, part.n_kv, d, d ** -0.5, window=window)
+        self.attn = PagedAttention(part.n_q, part.n_kv, d, d ** -0.5, window=window,
+                                   rope_base=cfg.rope_theta)
 
     @staticmethod
     def qkv_pieces(cfg: ModelConfig, part, prefix: str) -> list[tuple[str, int, int]]:

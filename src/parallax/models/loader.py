@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .. import ops
 from ..config import ModelConfig
 from ..errors import CheckpointError, ParallaxError
 from ..loading.checkpoint import Checkpoint
@@ -39,6 +40,8 @@ DERIVED_TENSORS = (re.compile(r"^model\.(layers\.\d+\.self_attn\.)?rotary_emb\.i
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every checkpoint tensor the whole model (all stages, tp=1) reads, with its HF shape."""
     cls = MODEL_REGISTRY[cfg.architecture]
+    if ops.ggml.enabled():
+        ops.ggml.check_model(cfg, ctx.device)
     with torch.device("meta"):
         model = cls(cfg, ParallelContext.single(), range(cfg.num_layers), torch.float32)
     shapes: dict[str, tuple[int, ...]] = {}

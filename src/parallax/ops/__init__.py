@@ -39,12 +39,14 @@ import torch
 from ..errors import KernelInputError
 from . import cpu as _cpu
 from . import cuda as _cuda
+from . import ggml
+from . import ggml as _ggml
 from . import reference as _ref
 from .reference import (paged_attention, prefill_attention, q4_0_embedding, q4_1_embedding,
                         q4_k_embedding, q6_k_embedding, q8_0_embedding, quantize_int8,
                         write_paged_kv)
 
-__all__ = ["add_rms_norm", "argmax_rows", "decode_attention", "decode_attention_with_kvcache",
+__all__ = ["ggml", "add_rms_norm", "argmax_rows", "decode_attention", "decode_attention_with_kvcache",
            "paged_attention", "paged_attention_with_kvcache", "write_paged_kv",
            "embedding_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "q4_1_linear",
            "q4_k_linear", "q6_k_linear", "q8_0_embedding", "q4_0_embedding", "q4_1_embedding",
@@ -149,6 +151,8 @@ embedding_packed = _cpu.embedding_packed
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _ggml.enabled():
+        return _ggml.rms_norm(x, weight, eps)
     if _on_cuda(x) and x.dtype in _HALF and weight.dtype == x.dtype:
         return _cuda.rms_norm(x, weight, eps)
     if _cpu.fits(x, weight) and x.is_contiguous():
@@ -158,6 +162,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if _ggml.enabled():
+        return _ggml.add_rms_norm(x, residual, weight, eps)
     if (_on_cuda(x) and x.dtype in _HALF and residual.dtype == x.dtype
             and weight.dtype == x.dtype and residual.shape == x.shape):
         return _cuda.add_rms_norm(x, residual, weight, eps)
@@ -168,6 +174,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _ggml.enabled():
+        return _ggml.silu_and_mul(x)
     if _cpu.fits(x) and x.is_contiguous():
         return _cpu.silu_and_mul(x)
     return _ref.silu_and_mul(x)
@@ -278,6 +286,8 @@ def _block_linear(kind: str, x: torch.Tensor, qweight: torch.Tensor,
     measured; on a GPU the dequantising reference."""
     if x.is_cuda:
         return getattr(_ref, f"{kind}_linear")(x, qweight, bias)
+    if kind == "q8_0" and _ggml.enabled():
+        return _cpu.q8_0_linear_ggml(x, qweight, bias)
     if _cpu.block_fits(kind, x, qweight):
         return _cpu.block_linear_auto(kind, x, qweight, bias)
     q8 = _cpu.block_activations() == "q8"

@@ -488,6 +488,8 @@ def block_activations() -> str:
     or "q8" (rounded to 8-bit blocks, integer dot products, as llama.cpp: faster, but on
     SmolLM2-135M it changes a chat answer, as it does in llama.cpp: docs/kernels.md)."""
     mode = os.environ.get("PARALLAX_GGUF_ACTIVATIONS") or "f32"
+    if mode == "f32" and os.environ.get("PARALLAX_NUMERICS", "").strip().lower() == "ggml":
+        return "q8"   # ops/ggml.py: llama.cpp's activations
     if mode not in ACTIVATIONS:
         mode = mode.strip().lower() or "f32"
     if mode not in ACTIVATIONS:
@@ -699,6 +701,41 @@ def silu_and_mul(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
     """x (..., 2N) contiguous -> silu(x[..., :N]) * x[..., N:], (..., N)."""
     lib = kernels(isa)
     return torch.ops.parallax_cpu.silu_and_mul_f32.default(x, lib)
+
+
+def ggml_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                  isa: str | None = None) -> torch.Tensor:
+    """ggml_reference.rms_norm by csrc/cpu/ggml_pointwise.c: x (..., D) contiguous, weight
+    (D,) float32 -> (..., D), llama.cpp's RMS_NORM then MUL bit for bit."""
+    lib = kernels(isa)
+    return torch.ops.parallax_cpu.ggml_rms_norm_f32.default(x, weight, eps, lib)
+
+
+def ggml_swiglu(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
+    """ggml_reference.swiglu by csrc/cpu/ggml_pointwise.c: x (..., 2N) = [gate | up]
+    contiguous float32 -> (..., N), llama.cpp's SWIGLU bit for bit."""
+    lib = kernels(isa)
+    return torch.ops.parallax_cpu.ggml_swiglu_f32.default(x, lib)
+
+
+def ggml_rope(x: torch.Tensor, positions: torch.Tensor, freq_base: float, neox: bool = True,
+              *, isa: str | None = None) -> torch.Tensor:
+    """ggml_reference.rope by csrc/cpu/ggml_pointwise.c: x (T, H, D) float32 rotated at
+    positions (T,) int32 -> a new (T, H, D), llama.cpp's ROPE bit for bit; ``neox``: pairs
+    (i, i + D/2) (HF's head layout), else (2i, 2i + 1) (GGUF's)."""
+    lib = kernels(isa)
+    return torch.ops.parallax_cpu.ggml_rope_f32.default(x, positions, freq_base, neox, lib)
+
+
+def ggml_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   scale: float, step_rows: int, *, isa: str | None = None) -> torch.Tensor:
+    """ggml_reference.attention by csrc/cpu/ggml_attention.c: one sequence, q (T, Hq, D)
+    in GGUF's head-dim order, k, v (S, Hk, D) holding fp16 values, positions (T,) int32
+    (row t sees keys 0..positions[t]) -> (T, Hq, D) float32, llama.cpp's FLASH_ATTN_EXT
+    over an F16 cache bit for bit (its algorithm for a call of ``step_rows`` query rows)."""
+    lib = kernels(isa)
+    return torch.ops.parallax_cpu.ggml_attention_f32.default(q, k, v, positions, scale,
+                                                              step_rows, lib)
 
 
 def argmax_rows(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:

@@ -79,3 +79,23 @@ def _attention_half(x, residual, norm_weight, eps, w_qkv, qkv_kind, b_qkv, w_o, 
 def _mlp_half(x, residual, norm_weight, eps, w_gate_up, gate_up_kind, w_down, down_kind,
               intermediate, isa):
     return torch.empty_like(x), torch.empty_like(x)                         # (T, H) twice
+
+
+@torch.library.register_fake("parallax_cpu::ggml_rms_norm_f32")
+def _ggml_rms_norm(x, weight, eps, isa):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("parallax_cpu::ggml_swiglu_f32")
+def _ggml_swiglu(x, isa):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@torch.library.register_fake("parallax_cpu::ggml_rope_f32")
+def _ggml_rope(x, positions, freq_base, neox, isa):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("parallax_cpu::ggml_attention_f32")
+def _ggml_attention(q, k, v, positions, scale, step_rows, isa):
+    return torch.empty_like(q)

@@ -273,6 +273,82 @@ at::Tensor silu_and_mul_f32(const at::Tensor& x, const std::string& isa) {
     return out;
 }
 
+// llama.cpp's CPU arithmetic (PARALLAX_NUMERICS=ggml; csrc/cpu/ggml_pointwise.c,
+// ggml_attention.c): RMS_NORM then MUL by weight, x (..., D) -> (..., D).
+at::Tensor ggml_rms_norm_f32(const at::Tensor& x, const at::Tensor& weight, double eps,
+                             const std::string& isa) {
+    check_cpu(x, at::kFloat, "x");
+    check_cpu(weight, at::kFloat, "weight");
+    int64_t d = x.size(-1);
+    TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.numel() == d,
+                "parallax_cpu: ggml_rms_norm needs contiguous x (..., D) and weight (D,)");
+    at::Tensor out = at::empty_like(x);
+    using fn = void (*)(const float*, const float*, float*, int, int, float);
+    entry<fn>(isa, "parallax_ggml_rms_norm_f32")(x.const_data_ptr<float>(),
+                                                 weight.const_data_ptr<float>(),
+                                                 out.mutable_data_ptr<float>(), x.numel() / d, d,
+                                                 static_cast<float>(eps));
+    return out;
+}
+
+// SWIGLU of x (..., 2N) = [gate | up] -> (..., N).
+at::Tensor ggml_swiglu_f32(const at::Tensor& x, const std::string& isa) {
+    check_cpu(x, at::kFloat, "x");
+    TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0,
+                "parallax_cpu: ggml_swiglu needs contiguous x (..., 2N)");
+    int64_t n = x.size(-1) / 2;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+    shape.push_back(n);
+    at::Tensor out = at::empty(shape, x.options());
+    using fn = void (*)(const float*, float*, int, int);
+    entry<fn>(isa, "parallax_ggml_swiglu_f32")(x.const_data_ptr<float>(),
+                                               out.mutable_data_ptr<float>(),
+                                               x.numel() / (2 * n), n);
+    return out;
+}
+
+// ROPE of x (T, H, D) at positions (T,) int32 -> a new (T, H, D); neox: pairs (i, i + D/2).
+at::Tensor ggml_rope_f32(const at::Tensor& x, const at::Tensor& positions, double freq_base,
+                         bool neox, const std::string& isa) {
+    check_cpu(x, at::kFloat, "x");
+    check_cpu(positions, at::kInt, "positions");
+    TORCH_CHECK(x.dim() == 3 && positions.dim() == 1 && positions.size(0) == x.size(0)
+                && x.size(2) % 2 == 0 && positions.is_contiguous(),
+                "parallax_cpu: ggml_rope needs x (T, H, D), D even, and positions (T,)");
+    at::Tensor out = x.contiguous().clone();
+    using fn = void (*)(float*, const int32_t*, int, int, int, float, int);
+    entry<fn>(isa, "parallax_ggml_rope_f32")(out.mutable_data_ptr<float>(),
+                                             positions.const_data_ptr<int32_t>(), x.size(0),
+                                             x.size(1), x.size(2),
+                                             static_cast<float>(freq_base), neox ? 1 : 0);
+    return out;
+}
+
+// One sequence's attention over an fp16-valued cache: q (T, Hq, D), k, v (S, Hk, D) ->
+// (T, Hq, D); positions (T,) int32; step_rows: the query rows of llama.cpp's call.
+at::Tensor ggml_attention_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& positions, double scale, int64_t step_rows,
+                              const std::string& isa) {
+    for (auto* t : {&q, &k, &v}) check_cpu(*t, at::kFloat, "q, k, v");
+    check_cpu(positions, at::kInt, "positions");
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.is_contiguous()
+                && k.is_contiguous() && v.is_contiguous() && q.size(2) == k.size(2)
+                && k.size(1) > 0 && q.size(1) % k.size(1) == 0
+                && positions.size(0) == q.size(0) && positions.is_contiguous(),
+                "parallax_cpu: ggml_attention needs contiguous q (T, Hq, D), k, v (S, Hk, D) "
+                "with Hk dividing Hq, and positions (T,)");
+    at::Tensor out = at::empty_like(q);
+    using fn = int (*)(const float*, const float*, const float*, float*, const int32_t*, int,
+                       int, int, int, int, float, int);
+    int rc = entry<fn>(isa, "parallax_ggml_attention_f32")(
+        q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
+        out.mutable_data_ptr<float>(), positions.const_data_ptr<int32_t>(), q.size(0),
+        k.size(0), q.size(1), k.size(1), q.size(2), static_cast<float>(scale),
+        static_cast<int>(step_rows));
+    TORCH_CHECK(rc == 0, "parallax_cpu: ggml_attention does not take head dim ", q.size(2));
+    return out;
+}
+
 // (M,) int64: the first index of each row's largest value of x (M, N), as torch.argmax.
 at::Tensor argmax_rows_f32(const at::Tensor& x, const std::string& isa) {
     check_cpu(x, at::kFloat, "x");
@@ -507,6 +583,12 @@ TORCH_LIBRARY(parallax_cpu, m) {
           " -> (Tensor, Tensor)");
     m.def("silu_and_mul_f32(Tensor x, str isa) -> Tensor");
     m.def("argmax_rows_f32(Tensor x, str isa) -> Tensor");
+    m.def("ggml_rms_norm_f32(Tensor x, Tensor weight, float eps, str isa) -> Tensor");
+    m.def("ggml_swiglu_f32(Tensor x, str isa) -> Tensor");
+    m.def("ggml_rope_f32(Tensor x, Tensor positions, float freq_base, bool neox, str isa)"
+          " -> Tensor");
+    m.def("ggml_attention_f32(Tensor q, Tensor k, Tensor v, Tensor positions, float scale, "
+          "int step_rows, str isa) -> Tensor");
     m.def("decode_attention_kv_f32(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
           "Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor context_lens, float scale, "
           "str isa) -> Tensor");
@@ -535,6 +617,10 @@ TORCH_LIBRARY_IMPL(parallax_cpu, CPU, m) {
     m.impl("add_rms_norm_f32", &add_rms_norm_f32);
     m.impl("silu_and_mul_f32", &silu_and_mul_f32);
     m.impl("argmax_rows_f32", &argmax_rows_f32);
+    m.impl("ggml_rms_norm_f32", &ggml_rms_norm_f32);
+    m.impl("ggml_swiglu_f32", &ggml_swiglu_f32);
+    m.impl("ggml_rope_f32", &ggml_rope_f32);
+    m.impl("ggml_attention_f32", &ggml_attention_f32);
     m.impl("decode_attention_kv_f32", &decode_attention_kv_f32);
     m.impl("paged_attention_kv_f32", &paged_attention_kv_f32);
     m.impl("attention_half_f32", &attention_half_f32);

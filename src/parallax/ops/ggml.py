@@ -1,0 +1,118 @@
+"""llama.cpp's CPU arithmetic, op for op: ``PARALLAX_NUMERICS=ggml``.
+
+With 8-bit activations a one-ulp difference anywhere can move an activation code, and the
+difference grows from layer to layer: greedy text then parts from llama.cpp's after a few
+dozen tokens, as llama.cpp's own AVX2 and AVX-512 builds part from each other (measured on
+SmolLM2 Q8_0: 4 of 8 prompts within 32 tokens). This mode computes what llama.cpp 0.3.x
+computes on the CPU, bit for bit, for the build matching the kernel variant (avx512*:
+llama.cpp's AVX-512 build; avx2: its AVX2 build; generic: ggml's scalar fallbacks), so
+that parallax's greedy text equals llama.cpp's on the same GGUF file:
+
+- Q8_0 matmuls: x in ggml's block_q8_0, ggml's lane order (ops.cpu.q8_0_linear_ggml);
+  other block types take the q8 kernels (ggml's blocks, not its order);
+- RMS_NORM then MUL, SWIGLU and ROPE as ggml computes them (csrc/cpu/ggml_pointwise.c);
+- keys and values rounded to fp16 as llama.cpp's default F16 cache holds them, attention
+  as its CPU flash attention over that cache (csrc/cpu/ggml_attention.c), q and k in
+  GGUF's head-dim order, which the GGUF loader undoes for HF's.
+
+Not reproduced, so the mode refuses such models: rope scaling or frequency factors,
+sliding windows, soft-capping, biases, non-SiLU gates. Nor is llama.cpp's split-KV decode
+(contexts past 256 tokens, where its result depends on its thread count). The mode is for
+comparing with llama.cpp, not for speed: it runs the module path (no fused layers) and
+attention one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..errors import ParallaxError
+from . import cpu as _cpu
+
+
+@functools.cache
+def enabled() -> bool:
+    """Whether ``PARALLAX_NUMERICS`` is ``ggml`` (read once; ``enabled.cache_clear()``
+    re-reads it). ``parallax`` (default) is parallax's own arithmetic."""
+    mode = (os.environ.get("PARALLAX_NUMERICS") or "parallax").strip().lower()
+    if mode not in ("parallax", "ggml"):
+        raise ParallaxError(f"PARALLAX_NUMERICS={mode!r}: use parallax (default) or ggml")
+    if mode == "ggml" and _cpu.kernels() is None:
+        raise ParallaxError("PARALLAX_NUMERICS=ggml needs the CPU kernels, which did not build: "
+                            f"{_cpu.build_error()}")
+    return mode == "ggml"
+
+
+def check_model(cfg, device: torch.device | str) -> None:
+    """Raise ParallaxError when ``cfg`` (a ModelConfig) or the device has what this mode does
+    not reproduce."""
+    why = []
+    if cfg.architecture not in ("llama", "mistral"):
+        why.append(f"the {cfg.architecture} family (llama and mistral are reproduced)")
+    if torch.device(device).type != "cpu":
+        why.append(f"device {device} (the mode is CPU only)")
+    if cfg.rope_scaling is not None or cfg.rope_freq_factors is not None:
+        why.append("rope scaling or frequency factors")
+    if any(cfg.layer_window(i) is not None for i in range(cfg.num_hidden_layers)):
+        why.append("sliding-window layers")
+    if cfg.hidden_act != "silu":
+        why.append(f"the {cfg.hidden_act} gate")
+    if cfg.attention_bias or cfg.mlp_bias or cfg.o_proj_bias:
+        why.append("projection biases")
+    if why:
+        raise ParallaxError("PARALLAX_NUMERICS=ggml reproduces llama.cpp's plain Llama layers on "
+                            f"the CPU; this model has {', '.join(why)}. Unset PARALLAX_NUMERICS.")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _cpu.ggml_rms_norm(x.contiguous(), weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMS_NORM(x + residual) * weight, x + residual): llama.cpp's ADD, then its norm."""
+    total = x + residual
+    return _cpu.ggml_rms_norm(total, weight, eps), total
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return _cpu.ggml_swiglu(x.contiguous())
+
+
+@functools.cache
+def _gguf_order(d: int) -> torch.Tensor:
+    """(D,) the HF head dim at each GGUF head dim: GGUF's 2i is HF's i, 2i + 1 is i + D/2."""
+    j = torch.arange(d)
+    return j // 2 + (j % 2) * (d // 2)
+
+
+def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
+                                 scale: float, rope_base: float) -> torch.Tensor:
+    """ops.paged_attention_with_kvcache as llama.cpp computes it: ROPE of q and k at
+    ``meta.positions``, k and v rounded to fp16 into the (fp32) paged caches, then each
+    sequence's attention over its cached keys (ggml's flash attention, the algorithm of a
+    call of all the step's rows). q (T, Hq, D), k, v (T, Hk, D) -> (T, Hq, D) float32."""
+    pos = meta.positions.to(torch.int32)
+    q = _cpu.ggml_rope(q.contiguous(), pos, rope_base)
+    k = _cpu.ggml_rope(k.contiguous(), pos, rope_base).half().float()
+    v = v.half().float()
+    from .reference import write_paged_kv
+    write_paged_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    order = _gguf_order(q.shape[-1])
+    q = q[..., order].contiguous()
+    nb, hk, bs, d = k_cache.shape
+    keys = k_cache.permute(0, 2, 1, 3).reshape(nb * bs, hk, d)
+    values = v_cache.permute(0, 2, 1, 3).reshape(nb * bs, hk, d)
+    out = torch.empty_like(q)
+    starts = meta.query_start_loc.tolist()
+    for i, n_ctx in enumerate(meta.context_lens.tolist()):
+        a, b = starts[i], starts[i + 1]
+        p = torch.arange(n_ctx)
+        slots = meta.block_tables[i, p // bs].long() * bs + p % bs
+        out[a:b] = _cpu.ggml_attention(q[a:b], keys[slots][..., order].contiguous(),
+                                       values[slots].contiguous(), pos[a:b], scale, q.shape[0])
+    return out
