@@ -40,8 +40,6 @@ DERIVED_TENSORS = (re.compile(r"^model\.(layers\.\d+\.self_attn\.)?rotary_emb\.i
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every checkpoint tensor the whole model (all stages, tp=1) reads, with its HF shape."""
     cls = MODEL_REGISTRY[cfg.architecture]
-    if ops.ggml.enabled():
-        ops.ggml.check_model(cfg, ctx.device)
     with torch.device("meta"):
         model = cls(cfg, ParallelContext.single(), range(cfg.num_layers), torch.float32)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -99,6 +97,8 @@ def build_model(ckpt: Checkpoint, ctx: ParallelContext, dtype: torch.dtype,
     check_tensor_names(ckpt)
     layers = split_layers(cfg, ctx.pp_size, layer_split)[ctx.pp_rank]
     cls = MODEL_REGISTRY[cfg.architecture]
+    if ops.ggml.enabled():
+        ops.ggml.check_model(cfg, ctx.device, ctx.tp_size)
     with torch.device("meta"):
         model = cls(cfg, ctx, layers, dtype)
     if quantize is None and ctx.device.type == "cpu" and dtype == torch.float32:

@@ -82,7 +82,7 @@ PANEL = 32
 
 # Every C source of the library. The torch ops (csrc/cpu/torch_ops.cpp) call its entry points.
 _SOURCES = ["gemm_f32.c", "decode_f32.c", "int8_f32.c", "q8_0_f32.c", "q8_act.c",
-            "paged_attention_f32.c", "layer_f32.c"]
+            "paged_attention_f32.c", "layer_f32.c", "ggml_pointwise.c", "ggml_attention.c"]
 
 # variant -> (compiler flags, /proc/cpuinfo flags the code needs); best first. The x86
 # variants are separate builds of the same sources (csrc/cpu/isa.h picks the vector width

@@ -46,17 +46,20 @@ def enabled() -> bool:
     return mode == "ggml"
 
 
-def check_model(cfg, device: torch.device | str) -> None:
-    """Raise ParallaxError when ``cfg`` (a ModelConfig) or the device has what this mode does
-    not reproduce."""
+def check_model(cfg, device: torch.device | str, tp_size: int = 1) -> None:
+    """Raise ParallaxError when ``cfg`` (a ModelConfig), the device or the layout has what
+    this mode does not reproduce (pipeline stages do not change a layer's arithmetic; a
+    tensor-parallel all-reduce adds partial sums, which llama.cpp does not)."""
     why = []
+    if tp_size > 1:
+        why.append(f"tp={tp_size} (its all-reduce sums partial products; use tp=1, any pp)")
     if cfg.architecture not in ("llama", "mistral"):
         why.append(f"the {cfg.architecture} family (llama and mistral are reproduced)")
     if torch.device(device).type != "cpu":
         why.append(f"device {device} (the mode is CPU only)")
     if cfg.rope_scaling is not None or cfg.rope_freq_factors is not None:
         why.append("rope scaling or frequency factors")
-    if any(cfg.layer_window(i) is not None for i in range(cfg.num_hidden_layers)):
+    if any(cfg.layer_window(i) is not None for i in range(cfg.num_layers)):
         why.append("sliding-window layers")
     if cfg.hidden_act != "silu":
         why.append(f"the {cfg.hidden_act} gate")
