@@ -20,18 +20,16 @@
 
 #include "isa.h"
 
-/* v, as a value GCC cannot fuse into a following add (an empty asm the optimiser cannot see
- * through): llama.cpp rounds these products separately. */
-static inline float unfused(float v) {
+/* v, as a value the compiler cannot fuse into a following add (an empty asm the optimiser
+ * cannot see through, v in a vector register): llama.cpp rounds these products separately. */
 #if defined(__x86_64__) || defined(__i386__)
-    __asm__("" : "+x"(v));
+#define IN_REGISTER "+x"
 #elif defined(__aarch64__)
-    __asm__("" : "+w"(v));
+#define IN_REGISTER "+w"
 #else
-    __asm__("" : "+m"(v));
+#define IN_REGISTER "+m"
 #endif
-    return v;
-}
+static inline float unfused(float v) { __asm__("" : IN_REGISTER(v)); return v; }
 
 /* ------------------------------------------------------------------------------ RMS_NORM */
 
@@ -77,7 +75,8 @@ static int fused_pairs(int npairs) {
  *   fused pairs: x0' = fma(x0, c, -(x1 s)), x1' = fma(x0, s, x1 c)
  *   the others:  x0' = x0 c - x1 s,          x1' = x1 c + x0 s      (every product rounded)
  * (llama.cpp's own NEOX mode, a scalar loop in ggml, fuses every pair on FMA builds: the same
- * bits as neox 1 here whenever fused_pairs covers the row, i.e. D/2 a multiple of 8 / 4.) */
+ * bits as neox 1 here whenever fused_pairs covers the row: D/2 a multiple of 4 (AVX-512) or
+ * of 2 (AVX2), as every usual head dim is.) */
 void parallax_ggml_rope_f32(float* x, const int32_t* pos, int T, int H, int D,
                             float freq_base, int neox) {
     const int npairs = D / 2;
@@ -188,16 +187,7 @@ static inline __m256 silu_vec(__m256 x) {
  * so that it builds anywhere; every product goes through unfused4. */
 typedef float v4f __attribute__((vector_size(16)));
 typedef uint32_t v4u __attribute__((vector_size(16)));   /* bit patterns and masks */
-static inline v4f unfused4(v4f v) {
-#if defined(__x86_64__) || defined(__i386__)
-    __asm__("" : "+x"(v));
-#elif defined(__aarch64__)
-    __asm__("" : "+w"(v));
-#else
-    __asm__("" : "+m"(v));
-#endif
-    return v;
-}
+static inline v4f unfused4(v4f v) { __asm__("" : IN_REGISTER(v)); return v; }
 static inline v4f splat(float s) { v4f v = {s, s, s, s}; return v; }
 static inline v4u splatu(uint32_t s) { v4u v = {s, s, s, s}; return v; }
 static inline v4f madd(v4f a, v4f b, v4f c) { return unfused4(a * b) + c; }
