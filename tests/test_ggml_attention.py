@@ -151,7 +151,8 @@ def test_tiled_rows_do_not_depend_on_their_batch(kernels, var):
 
 @pytest.mark.parametrize("D,Hq,Hk", [(0, 2, 1), (2048, 2, 1), (16, 3, 2)])
 def test_unsupported_shapes_return_minus_one(kernels, D, Hq, Hk):
-    q, k, v = torch.zeros(2, Hq, max(D, 1)), torch.zeros(3, Hk, max(D, 1)), torch.zeros(3, Hk, max(D, 1))
+    d = max(D, 1)
+    q, k, v = torch.zeros(2, Hq, d), torch.zeros(3, Hk, d), torch.zeros(3, Hk, d)
     for var in HERE:
         rc, _ = call(kernels[var], q, k, v, torch.arange(1, 3), 0.25, 2, shape=(2, Hq, D))
         assert rc == -1

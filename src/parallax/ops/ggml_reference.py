@@ -122,7 +122,8 @@ def dot_f16(x: torch.Tensor, y: torch.Tensor, isa: str) -> torch.Tensor:
         np_ = n - n % step
         acc = torch.zeros(*p.shape[:-1], 4, lanes)
         for i in range(0, np_, step):
-            acc = acc + p[..., i:i + step].reshape(*p.shape[:-1], 4, lanes)   # fma of exact products
+            # fma of an exact product: one float32 add
+            acc = acc + p[..., i:i + step].reshape(*p.shape[:-1], 4, lanes)
         a0 = acc[..., 0, :] + acc[..., 2, :]
         a1 = acc[..., 1, :] + acc[..., 3, :]
         a0 = a0 + a1

@@ -306,8 +306,8 @@ int parallax_ggml_attention_f32(const float* q, const float* k, const float* v, 
     const size_t ks = (size_t)Hk * D;   /* floats from one key to the next */
     const int tiled = step_rows >= FA_TILE;
     const int ntiles = (S + FA_TILE - 1) / FA_TILE;
-    float* scratch = malloc(((size_t)2 * D + FA_TILE + (tiled ? (size_t)Hk * ntiles * FA_TILE * D : 0))
-                            * sizeof(float));
+    const size_t kt_size = tiled ? (size_t)Hk * ntiles * FA_TILE * D : 0;
+    float* scratch = malloc(((size_t)2 * D + FA_TILE + kt_size) * sizeof(float));
     if (!scratch) return -1;
     float* a = scratch;           /* D */
     float* b = a + D;             /* D or 64 */
