@@ -28,7 +28,8 @@ ISA = {"avx512vnni": "avx512", "avx512": "avx512", "avxvnni": "avx2", "avx2": "a
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory) -> dict:
-    """variant -> the ctypes entry point of ggml_attention.c built with parallax's flags."""
+    """variant -> (parallax_ggml_attention_f32, parallax_ggml_attention_kv_f32) of
+    ggml_attention.c built with parallax's flags, as ctypes functions."""
     folder = tmp_path_factory.mktemp("ggml_attention")
     cc = cpu.compiler()
     assert cc is not None, "no C compiler (gcc, cc or clang; or set PARALLAX_CC)"
@@ -41,23 +42,27 @@ def kernels(tmp_path_factory) -> dict:
     for var, (out, p) in procs.items():
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, f"{var}: {err}"
-        fn = ctypes.CDLL(out).parallax_ggml_attention_f32
-        P = ctypes.c_void_p
-        fn.argtypes = [P] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        fns[var] = fn
+        lib = ctypes.CDLL(out)
+        P, i32 = ctypes.c_void_p, ctypes.c_int
+        plain, kv = lib.parallax_ggml_attention_f32, lib.parallax_ggml_attention_kv_f32
+        plain.argtypes = [P] * 5 + [i32] * 5 + [ctypes.c_float, i32]
+        kv.argtypes = plain.argtypes + [i32, i32]
+        plain.restype = kv.restype = i32
+        fns[var] = (plain, kv)
     return fns
 
 
-def call(fn, q, k, v, pos, scale, step_rows, shape=None):
-    """The kernel on torch tensors; returns (return code, out poisoned with NaN first)."""
+def call(fns, q, k, v, pos, scale, step_rows, shape=None, n_kv=None, n_threads=1):
+    """The kernel on torch tensors (parallax_ggml_attention_f32, or with n_kv the _kv_f32 entry);
+    returns (return code, out poisoned with NaN first)."""
     T, Hq, D = shape or q.shape
     S, Hk = k.shape[:2]
     q, k, v = (x.float().contiguous() for x in (q, k, v))
     pos = pos.to(torch.int32).contiguous()
     out = torch.full((T, Hq, D), math.nan)
-    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), pos.data_ptr(),
-            T, S, Hq, Hk, D, scale, step_rows)
+    args = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), pos.data_ptr(),
+            T, S, Hq, Hk, D, scale, step_rows]
+    rc = fns[0](*args) if n_kv is None else fns[1](*args, n_kv, n_threads)
     return rc, out
 
 
@@ -100,6 +105,12 @@ CASES = {
     "tiled_d64": (66, 0, 2, 2, 64, 66),
     "tiled_rows_of_a_bigger_step": (8, 60, 3, 3, 16, 100),
 }
+# split-KV decode: (n_past, Hq, Hk, D, n_kv, n_threads); n_kv is llama.cpp's padded KV length
+SPLIT = {
+    "two_threads": (399, 4, 2, 16, 512, 2),
+    "three_threads_last_chunk_empty": (299, 2, 1, 24, 512, 3),
+    "not_split_below_512": (199, 2, 1, 16, 256, 2),
+}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -110,6 +121,22 @@ def test_kernel_equals_twin(kernels, var, case):
     rc, out = call(kernels[var], q, k, v, pos, D ** -0.5, step)
     assert rc == 0
     assert_matches_twin(var, out, ggml_attention(q, k, v, pos, D ** -0.5, step, isa=ISA[var]))
+
+
+@pytest.mark.parametrize("case", SPLIT)
+@pytest.mark.parametrize("var", HERE)
+def test_split_kv_equals_twin(kernels, var, case):
+    n_past, Hq, Hk, D, n_kv, nth = SPLIT[case]
+    q, k, v, pos = problem(n_past, 1, n_past, Hq, Hk, D)
+    rc, out = call(kernels[var], q, k, v, pos, D ** -0.5, 1, n_kv=n_kv, n_threads=nth)
+    assert rc == 0
+    twin = ggml_attention(q, k, v, pos, D ** -0.5, 1, isa=ISA[var], n_kv=n_kv, n_threads=nth)
+    assert_matches_twin(var, out, twin)
+    _, unsplit = call(kernels[var], q, k, v, pos, D ** -0.5, 1)   # the entry without n_kv
+    if n_kv < 512:
+        assert torch.equal(out, unsplit)
+    else:   # the split's fp16 accumulators restart per chunk: another result
+        assert not torch.equal(out, unsplit)
 
 
 @pytest.mark.parametrize("step", [4, 64])
@@ -149,10 +176,20 @@ def test_tiled_rows_do_not_depend_on_their_batch(kernels, var):
     assert torch.equal(part, whole[20:45])
 
 
+def test_split_twin_is_attention():
+    q, k, v, pos = problem(5, 1, 299, 2, 1, 24)
+    want = float64_attention(q, k, v, pos, 24 ** -0.5)
+    out = ggml_attention(q, k, v, pos, 24 ** -0.5, 1, n_kv=512, n_threads=3)
+    assert (out.double() - want).abs().max() <= 4e-3 * want.abs().max()
+
+
 @pytest.mark.parametrize("D,Hq,Hk", [(0, 2, 1), (2048, 2, 1), (16, 3, 2)])
-def test_unsupported_shapes_return_minus_one(kernels, D, Hq, Hk):
+def test_unsupported_input_returns_minus_one(kernels, D, Hq, Hk):
     d = max(D, 1)
     q, k, v = torch.zeros(2, Hq, d), torch.zeros(3, Hk, d), torch.zeros(3, Hk, d)
     for var in HERE:
         rc, _ = call(kernels[var], q, k, v, torch.arange(1, 3), 0.25, 2, shape=(2, Hq, D))
         assert rc == -1
+    q, k, v, pos = problem(0, 1, 2, 2, 1, 16)
+    for n_kv, nth in [(2, 1), (512, 0)]:   # n_kv below S, no thread
+        assert call(kernels[HERE[0]], q, k, v, pos, 0.25, 1, n_kv=n_kv, n_threads=nth)[0] == -1

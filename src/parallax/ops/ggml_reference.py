@@ -152,18 +152,18 @@ def soft_max_sum(x: torch.Tensor, isa: str) -> torch.Tensor:
     return sum_
 
 
-def _one_chunk(q, k, v, last, scale, isa):
-    """q (R, D); k, v (R, S, D) the row's kv head; last (R,) -> (R, D)."""
+def _online(q, k, v, lo, hi, scale, isa):
+    """one_chunk's online softmax of rows q (R, D) over keys lo..hi[r] of their k, v (R, S, D):
+    (fp16 accumulator as float32 (R, D), running max (R,), running sum (R,)), unnormalised."""
     R, D = q.shape
-    S_len = k.shape[1]
     qh = _half(q)
-    s_all = dot_f16(k, qh[:, None, :], isa) * scale + 0.0           # (R, S), + the mask's 0
+    s_all = dot_f16(k[:, lo:], qh[:, None, :], isa) * scale + 0.0   # (R, S - lo), + the mask's 0
     acc = torch.zeros(R, D)
     S = torch.zeros(R)
     M = torch.full((R,), -math.inf)
-    for j in range(S_len):
-        on = j <= last
-        s = s_all[:, j]
+    for j in range(lo, int(hi.max()) + 1 if len(hi) else lo):
+        on = j <= hi
+        s = s_all[:, j - lo]
         new = on & (s > M)
         old = on & ~new
         e = expf(torch.where(new, M - s, torch.where(old, s - M, torch.zeros(R))))
@@ -174,8 +174,42 @@ def _one_chunk(q, k, v, last, scale, isa):
         mad = _half(_madd(isa, v[:, j], vs[:, None], acc))                       # vec_mad_f16
         acc = torch.where(on[:, None], mad, acc)
         S = torch.where(on, _madd(isa, S, ms, vs), S)
-    s_inv = torch.where(S == 0, torch.zeros(R), 1.0 / S)
+    return acc, M, S
+
+
+def _normalise(acc, S):
+    s_inv = torch.where(S == 0, torch.zeros_like(S), 1.0 / S)
     return acc * s_inv[:, None]
+
+
+def _one_chunk(q, k, v, last, scale, isa):
+    """q (R, D); k, v (R, S, D) the row's kv head; last (R,) -> (R, D)."""
+    acc, _, S = _online(q, k, v, 0, last, scale, isa)
+    return _normalise(acc, S)
+
+
+def _split_kv(q, k, v, last, scale, isa, n_kv, n_threads):
+    """The split-KV decode path: keys 0..n_kv-1 in n_threads chunks, each by one_chunk, merged
+    in chunk order (ggml_flash_attn_ext_reduce_partials). Shapes as _one_chunk."""
+    R, D = q.shape
+    chunk = -(-n_kv // n_threads)
+    acc = torch.zeros(R, D)
+    S = torch.zeros(R)
+    M = torch.full((R,), -math.inf)
+    for c in range(n_threads):
+        lo = c * chunk
+        if lo >= n_kv or lo > int(last.max()):
+            continue
+        part, Mc, Sc = _online(q, k, v, lo, torch.clamp(last, max=lo + chunk - 1), scale, isa)
+        on = Sc != 0
+        m_new = torch.fmax(M, Mc)
+        so = expf(torch.where(on, M - m_new, torch.zeros(R)))
+        sn = expf(torch.where(on, Mc - m_new, torch.zeros(R)))
+        acc = torch.where(on[:, None], _madd(isa, acc, so[:, None], part * sn[:, None]), acc)
+        S = torch.where(on, _madd(isa, S, so, Sc * sn), S)
+        M = torch.where(on, m_new, M)
+    s_inv = torch.where(S == 0, torch.ones(R), 1.0 / S)   # S == 0: acc stays (zeros)
+    return torch.where((S == 0)[:, None], acc, acc * s_inv[:, None])
 
 
 def _tiled(q, k, v, last, scale, isa):
@@ -205,18 +239,21 @@ def _tiled(q, k, v, last, scale, isa):
         S = torch.where(on, (S.double() + soft_max_sum(p, isa)).float(), S)
         for j in range(kv):                                       # simd_gemm: acc += p_j * V_j
             acc = torch.where(on[:, None], _madd(isa, p[:, j:j + 1], v[:, ic + j], acc), acc)
-    s_inv = torch.where(S == 0, torch.zeros(R), 1.0 / S)
-    return acc * s_inv[:, None]
+    return _normalise(acc, S)
 
 
 def ggml_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                   scale: float, step_rows: int, isa: str = "generic") -> torch.Tensor:
+                   scale: float, step_rows: int, isa: str = "generic", n_kv: int = 0,
+                   n_threads: int = 1) -> torch.Tensor:
     """llama.cpp's CPU FLASH_ATTN_EXT for one sequence (csrc/cpu/ggml_attention.c's twin).
 
     q: (T, Hq, D) float32 in ggml's head-dim order; k, v: (S, Hk, D) float32 holding fp16
     values (the cache's); pos: (T,) int: row t attends keys 0..pos[t]; scale: the softmax
     scale; step_rows: the query rows of llama.cpp's call (< 64: its one_chunk path, else its
-    tiled path). GQA: q head h reads kv head h // (Hq // Hk). Returns (T, Hq, D) float32.
+    tiled path). GQA: q head h reads kv head h // (Hq // Hk). n_kv, n_threads: llama.cpp's
+    padded KV length and thread count; with step_rows == 1 and n_kv >= 512 they select its
+    split-KV decode path (the kernel's parallax_ggml_attention_kv_f32); n_kv = 0: never split.
+    Returns (T, Hq, D) float32.
     """
     if isa not in ISAS:
         raise ValueError(f"isa={isa!r}: one of {ISAS}")
@@ -230,5 +267,10 @@ def ggml_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch
     kr = kr[None].expand(T, Hq, S_len, D).reshape(T * Hq, S_len, D)
     vr = vr[None].expand(T, Hq, S_len, D).reshape(T * Hq, S_len, D)
     last = pos.long().clamp(max=S_len - 1)[:, None].expand(T, Hq).reshape(-1)
-    path = _tiled if step_rows >= TILE else _one_chunk
-    return path(qr, kr, vr, last, float(scale), isa).reshape(T, Hq, D)
+    if step_rows >= TILE:
+        out = _tiled(qr, kr, vr, last, float(scale), isa)
+    elif step_rows == 1 and T == 1 and n_kv >= 512:
+        out = _split_kv(qr, kr, vr, last, float(scale), isa, n_kv, n_threads)
+    else:
+        out = _one_chunk(qr, kr, vr, last, float(scale), isa)
+    return out.reshape(T, Hq, D)
