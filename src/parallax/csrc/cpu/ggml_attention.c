@@ -31,8 +31,8 @@
  *   splits keys 0..n_kv-1 into one chunk per thread, runs one_chunk on each (fp16
  *   accumulators, unnormalised) and merges them in chunk order
  *   (ggml_flash_attn_ext_reduce_partials); the result depends on llama.cpp's thread count.
- *   Reproduced by parallax_ggml_attention_kv_f32 given n_kv and that thread count;
- *   parallax_ggml_attention_f32 (no n_kv) runs one_chunk for such a call instead.
+ *   Reproduced by parallax_ggml_attention_kv_f32 given n_kv and that thread count (llama.cpp's
+ *   n_threads, the decode one); parallax_ggml_attention_f32 (no n_kv) runs one_chunk instead.
  *
  * K and V arrive as fp32 holding fp16 values exactly (the cache's values), so ggml's fp16 loads
  * (vcvtph2ps) are plain fp32 loads here. Single-threaded; no OpenMP, no vector math library
