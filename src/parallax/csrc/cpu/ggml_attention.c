@@ -26,11 +26,13 @@
  *   row's keys are masked changes nothing for that row, so a row's result does not depend on
  *   which rows ggml grouped into its Q tiles (threads, chunking): rows are independent here.
  *   Keys past S in the last tile are masked, as ggml's padded cache positions are.
- * - split-KV decode (one query row and a padded KV length >= 512): ggml splits the keys into
- *   one chunk per thread and merges the partial softmaxes; the result depends on llama.cpp's
- *   thread count. NOT reproduced: this kernel runs one_chunk for such a call. llama.cpp pads
- *   the KV length to a multiple of 256, so decode steps with more than 256 cached positions
- *   take that path there.
+ * - split-KV decode (one query row and a padded KV length n_kv >= 512; llama.cpp pads the KV
+ *   length to a multiple of 256, so decode steps past 256 cached positions take it): ggml
+ *   splits keys 0..n_kv-1 into one chunk per thread, runs one_chunk on each (fp16
+ *   accumulators, unnormalised) and merges them in chunk order
+ *   (ggml_flash_attn_ext_reduce_partials); the result depends on llama.cpp's thread count.
+ *   Reproduced by parallax_ggml_attention_kv_f32 given n_kv and that thread count (llama.cpp's
+ *   n_threads, the decode one); parallax_ggml_attention_f32 (no n_kv) runs one_chunk instead.
  *
  * K and V arrive as fp32 holding fp16 values exactly (the cache's values), so ggml's fp16 loads
  * (vcvtph2ps) are plain fp32 loads here. Single-threaded; no OpenMP, no vector math library
@@ -127,14 +129,14 @@ static void mad_f16(float* y, const float* x, int n, float v) {
     for (; i < n; i++) y[i] = round_to_half(MADD(x[i], v, y[i]));
 }
 
-/* One query row by ggml_compute_forward_flash_attn_ext_f16_one_chunk: keys 0..last of k / v
- * (rows `ks` floats apart), out[D]. qh, acc: D floats of scratch. */
-static void row_one_chunk(const float* q, const float* k, const float* v, size_t ks, int last,
-                          int D, float scale, float* out, float* qh, float* acc) {
-    for (int d = 0; d < D; d++) qh[d] = round_to_half(q[d]);   /* ggml_cpu_fp32_to_fp16 */
+/* ggml_compute_forward_flash_attn_ext_f16_one_chunk's online softmax over keys ic0..ic1 of k /
+ * v (rows `ks` floats apart) for one query row qh (already fp16 values): acc[D] gets the
+ * unnormalised FP16 accumulator (as fp32), *M and *S the running max and sum. */
+static void keys_one_chunk(const float* qh, const float* k, const float* v, size_t ks, int ic0,
+                           int ic1, int D, float scale, float* acc, float* M_out, float* S_out) {
     memset(acc, 0, (size_t)D * sizeof(float));
     float S = 0.0f, M = -INFINITY;
-    for (int ic = 0; ic <= last; ic++) {
+    for (int ic = ic0; ic <= ic1; ic++) {
         float s = dot_f16(k + ic * ks, qh, D);
         s = s * scale;
         s += 0.0f;   /* the mask of an attended key */
@@ -150,8 +152,49 @@ static void row_one_chunk(const float* q, const float* k, const float* v, size_t
         mad_f16(acc, v + ic * ks, D, vs);
         S = MADD(S, ms, vs);
     }
+    *M_out = M;
+    *S_out = S;
+}
+
+/* One query row by one_chunk: keys 0..last; qh, acc: D floats of scratch. */
+static void row_one_chunk(const float* q, const float* k, const float* v, size_t ks, int last,
+                          int D, float scale, float* out, float* qh, float* acc) {
+    for (int d = 0; d < D; d++) qh[d] = round_to_half(q[d]);   /* ggml_cpu_fp32_to_fp16 */
+    float M, S;
+    keys_one_chunk(qh, k, v, ks, 0, last, D, scale, acc, &M, &S);
     const float S_inv = S == 0.0f ? 0.0f : 1.0f / S;
     for (int d = 0; d < D; d++) out[d] = acc[d] * S_inv;   /* ggml_vec_scale_f32 */
+}
+
+/* One query row by the split-KV decode path: keys 0..n_kv-1 in n_threads chunks of
+ * ceil(n_kv / n_threads) (keys past `last` masked), each by one_chunk, merged in chunk order by
+ * ggml_flash_attn_ext_reduce_partials (acc = acc*so + part*sn and S likewise, fused on FMA
+ * builds as GCC contracts them). qh, part, acc: D floats of scratch. */
+static void row_split_kv(const float* q, const float* k, const float* v, size_t ks, int last,
+                         int n_kv, int n_threads, int D, float scale, float* out, float* qh,
+                         float* part, float* acc) {
+    for (int d = 0; d < D; d++) qh[d] = round_to_half(q[d]);
+    const int chunk = (n_kv + n_threads - 1) / n_threads;
+    float M = -INFINITY, S = 0.0f;
+    memset(acc, 0, (size_t)D * sizeof(float));
+    for (int c = 0; c < n_threads; c++) {
+        const int ic0 = c * chunk;
+        if (ic0 >= n_kv) continue;
+        const int ic1 = ic0 + chunk - 1 < last ? ic0 + chunk - 1 : last;
+        float Mc, Sc;
+        keys_one_chunk(qh, k, v, ks, ic0, ic1, D, scale, part, &Mc, &Sc);
+        if (Sc == 0.0f) continue;
+        const float Mnew = fmaxf(M, Mc);
+        const float so = expf(M - Mnew), sn = expf(Mc - Mnew);
+        for (int d = 0; d < D; d++) acc[d] = MADD(acc[d], so, part[d] * sn);
+        S = MADD(S, so, Sc * sn);
+        M = Mnew;
+    }
+    if (S != 0.0f) {
+        const float S_inv = 1.0f / S;
+        for (int d = 0; d < D; d++) acc[d] *= S_inv;
+    }
+    memcpy(out, acc, (size_t)D * sizeof(float));
 }
 
 /* ---- tiled pieces (vec.h's ggml_v_expf, vec.cpp's ggml_vec_soft_max_f32) ----------------- */
@@ -296,22 +339,29 @@ static void row_tiled(const float* q, const float* kt, const float* v, size_t ks
  * head h / (Hq / Hk). scale: the softmax scale (1/sqrt(D) here). step_rows: how many query rows
  * llama.cpp's call had (its ubatch's token count), which picks its algorithm (one_chunk below
  * 64 rows, the tiled path from 64 rows; see ggml_compute_forward_flash_attn_ext_f16).
- * Returns 0, or -1 when D is not supported (1..1024), the head counts do not divide, or
- * scratch memory cannot be had. */
-int parallax_ggml_attention_f32(const float* q, const float* k, const float* v, float* out,
-                                const int32_t* pos, int T, int S, int Hq, int Hk, int D,
-                                float scale, int step_rows) {
-    if (D < 1 || D > FA_MAX_D || Hq < 1 || Hk < 1 || Hq % Hk != 0 || T < 0 || S < 0) return -1;
+ * n_kv: llama.cpp's padded KV length (llama_kv_cache::get_n_kv: min(n_ctx, max(256, S rounded
+ * up to 256)) for one sequence), n_threads: its thread count; with step_rows == 1 and
+ * n_kv >= 512 they select and shape its split-KV decode path. n_kv = 0: never split.
+ * Returns 0, or -1 when D is not supported (1..1024), the head counts do not divide, n_kv is
+ * below S (but not 0), n_threads < 1, or scratch memory cannot be had. */
+int parallax_ggml_attention_kv_f32(const float* q, const float* k, const float* v, float* out,
+                                   const int32_t* pos, int T, int S, int Hq, int Hk, int D,
+                                   float scale, int step_rows, int n_kv, int n_threads) {
+    if (D < 1 || D > FA_MAX_D || Hq < 1 || Hk < 1 || Hq % Hk != 0 || T < 0 || S < 0 ||
+        (n_kv != 0 && n_kv < S) || n_threads < 1)
+        return -1;
     const int group = Hq / Hk;
     const size_t ks = (size_t)Hk * D;   /* floats from one key to the next */
     const int tiled = step_rows >= FA_TILE;
+    const int split = step_rows == 1 && T == 1 && n_kv >= 512;
     const int ntiles = (S + FA_TILE - 1) / FA_TILE;
-    float* scratch = malloc(((size_t)2 * D + FA_TILE + (tiled ? (size_t)Hk * ntiles * FA_TILE * D : 0))
-                            * sizeof(float));
+    const size_t kt_size = tiled ? (size_t)Hk * ntiles * FA_TILE * D : 0;
+    float* scratch = malloc(((size_t)3 * D + FA_TILE + kt_size) * sizeof(float));
     if (!scratch) return -1;
-    float* a = scratch;           /* D */
-    float* b = a + D;             /* D or 64 */
-    float* kt = b + D + FA_TILE;  /* tiled: per kv head, K transposed per tile */
+    float* a = scratch;               /* D */
+    float* b = a + D;                 /* D or 64 */
+    float* c = b + D + FA_TILE;       /* D */
+    float* kt = c + D;                /* tiled: per kv head, K transposed per tile */
     if (tiled) {
         for (int g = 0; g < Hk; g++) {
             float* ktg = kt + (size_t)g * ntiles * FA_TILE * D;
@@ -328,15 +378,26 @@ int parallax_ggml_attention_f32(const float* q, const float* k, const float* v, 
         for (int h = 0; h < Hq; h++) {
             const int g = h / group;
             const float* qr = q + ((size_t)t * Hq + h) * D;
+            const float* kg = k + (size_t)g * D;
+            const float* vg = v + (size_t)g * D;
             float* o = out + ((size_t)t * Hq + h) * D;
             if (tiled)
-                row_tiled(qr, kt + (size_t)g * ntiles * FA_TILE * D, v + (size_t)g * D, ks, last,
-                          S, D, scale, o, b, a);
+                row_tiled(qr, kt + (size_t)g * ntiles * FA_TILE * D, vg, ks, last, S, D, scale, o,
+                          b, a);
+            else if (split)
+                row_split_kv(qr, kg, vg, ks, last, n_kv, n_threads, D, scale, o, b, c, a);
             else
-                row_one_chunk(qr, k + (size_t)g * D, v + (size_t)g * D, ks, last, D, scale, o,
-                              b, a);
+                row_one_chunk(qr, kg, vg, ks, last, D, scale, o, b, a);
         }
     }
     free(scratch);
     return 0;
+}
+
+/* parallax_ggml_attention_kv_f32 without llama.cpp's split-KV decode path (n_kv = 0). */
+int parallax_ggml_attention_f32(const float* q, const float* k, const float* v, float* out,
+                                const int32_t* pos, int T, int S, int Hq, int Hk, int D,
+                                float scale, int step_rows) {
+    return parallax_ggml_attention_kv_f32(q, k, v, out, pos, T, S, Hq, Hk, D, scale, step_rows,
+                                          0, 1);
 }
