@@ -728,14 +728,16 @@ def ggml_rope(x: torch.Tensor, positions: torch.Tensor, freq_base: float, neox: 
 
 
 def ggml_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                   scale: float, step_rows: int, *, isa: str | None = None) -> torch.Tensor:
-    """ggml_reference.attention by csrc/cpu/ggml_attention.c: one sequence, q (T, Hq, D)
+                   scale: float, step_rows: int, n_kv: int = 0, n_threads: int = 1, *,
+                   isa: str | None = None) -> torch.Tensor:
+    """ggml_reference.ggml_attention by csrc/cpu/ggml_attention.c: one sequence, q (T, Hq, D)
     in GGUF's head-dim order, k, v (S, Hk, D) holding fp16 values, positions (T,) int32
     (row t sees keys 0..positions[t]) -> (T, Hq, D) float32, llama.cpp's FLASH_ATTN_EXT
-    over an F16 cache bit for bit (its algorithm for a call of ``step_rows`` query rows)."""
+    over an F16 cache bit for bit: its algorithm for a call of ``step_rows`` query rows, and
+    for one row with its padded KV length ``n_kv`` >= 512 its split over ``n_threads``."""
     lib = kernels(isa)
     return torch.ops.parallax_cpu.ggml_attention_f32.default(q, k, v, positions, scale,
-                                                              step_rows, lib)
+                                                              step_rows, n_kv, n_threads, lib)
 
 
 def argmax_rows(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:

@@ -97,5 +97,5 @@ def _ggml_rope(x, positions, freq_base, neox, isa):
 
 
 @torch.library.register_fake("parallax_cpu::ggml_attention_f32")
-def _ggml_attention(q, k, v, positions, scale, step_rows, isa):
+def _ggml_attention(q, k, v, positions, scale, step_rows, n_kv, n_threads, isa):
     return torch.empty_like(q)

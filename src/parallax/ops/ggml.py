@@ -15,9 +15,12 @@ that parallax's greedy text equals llama.cpp's on the same GGUF file:
   as its CPU flash attention over that cache (csrc/cpu/ggml_attention.c), q and k in
   GGUF's head-dim order, which the GGUF loader undoes for HF's.
 
-Not reproduced, so the mode refuses such models: rope scaling or frequency factors,
-sliding windows, soft-capping, biases, non-SiLU gates. Nor is llama.cpp's split-KV decode
-(contexts past 256 tokens, where its result depends on its thread count). The mode is for
+Past 256 cached tokens llama.cpp's decode splits the keys over its threads, and its result
+depends on that count: the mode reproduces it for llama.cpp running on as many threads as
+parallax (``torch.get_num_threads()``) with a context size that is a multiple of 256 (its
+default 4096; llama-cpp-python's 512). Not reproduced, so the mode refuses such models: rope
+scaling or frequency factors, sliding windows, soft-capping, biases, non-SiLU gates,
+tensor parallelism (its all-reduce adds partial sums; pipeline stages are fine). The mode is for
 comparing with llama.cpp, not for speed: it runs the module path (no fused layers) and
 attention one sequence at a time.
 """
@@ -92,6 +95,15 @@ def _gguf_order(d: int) -> torch.Tensor:
     return j // 2 + (j % 2) * (d // 2)
 
 
+KV_PAD = 256   # llama.cpp pads the KV length it attends over to a multiple of this
+
+
+def kv_padded(n_ctx: int) -> int:
+    """llama.cpp's attended KV length for a sequence of ``n_ctx`` cached tokens (its context
+    size a multiple of KV_PAD and at least this)."""
+    return -(-n_ctx // KV_PAD) * KV_PAD
+
+
 def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
                                  scale: float, rope_base: float) -> torch.Tensor:
@@ -111,11 +123,13 @@ def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     keys = k_cache.permute(0, 2, 1, 3).reshape(nb * bs, hk, d)
     values = v_cache.permute(0, 2, 1, 3).reshape(nb * bs, hk, d)
     out = torch.empty_like(q)
+    threads = torch.get_num_threads()   # llama.cpp's, when it runs with parallax's count
     starts = meta.query_start_loc.tolist()
     for i, n_ctx in enumerate(meta.context_lens.tolist()):
         a, b = starts[i], starts[i + 1]
         p = torch.arange(n_ctx)
         slots = meta.block_tables[i, p // bs].long() * bs + p % bs
         out[a:b] = _cpu.ggml_attention(q[a:b], keys[slots][..., order].contiguous(),
-                                       values[slots].contiguous(), pos[a:b], scale, q.shape[0])
+                                       values[slots].contiguous(), pos[a:b], scale, q.shape[0],
+                                       kv_padded(n_ctx), threads)
     return out

@@ -325,10 +325,11 @@ at::Tensor ggml_rope_f32(const at::Tensor& x, const at::Tensor& positions, doubl
 }
 
 // One sequence's attention over an fp16-valued cache: q (T, Hq, D), k, v (S, Hk, D) ->
-// (T, Hq, D); positions (T,) int32; step_rows: the query rows of llama.cpp's call.
+// (T, Hq, D); positions (T,) int32; step_rows: the query rows of llama.cpp's call; n_kv,
+// n_threads: its padded KV length and thread count (its split-KV decode; n_kv 0: none).
 at::Tensor ggml_attention_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& positions, double scale, int64_t step_rows,
-                              const std::string& isa) {
+                              int64_t n_kv, int64_t n_threads, const std::string& isa) {
     for (auto* t : {&q, &k, &v}) check_cpu(*t, at::kFloat, "q, k, v");
     check_cpu(positions, at::kInt, "positions");
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.is_contiguous()
@@ -339,13 +340,15 @@ at::Tensor ggml_attention_f32(const at::Tensor& q, const at::Tensor& k, const at
                 "with Hk dividing Hq, and positions (T,)");
     at::Tensor out = at::empty_like(q);
     using fn = int (*)(const float*, const float*, const float*, float*, const int32_t*, int,
-                       int, int, int, int, float, int);
-    int rc = entry<fn>(isa, "parallax_ggml_attention_f32")(
+                       int, int, int, int, float, int, int, int);
+    int rc = entry<fn>(isa, "parallax_ggml_attention_kv_f32")(
         q.const_data_ptr<float>(), k.const_data_ptr<float>(), v.const_data_ptr<float>(),
         out.mutable_data_ptr<float>(), positions.const_data_ptr<int32_t>(), q.size(0),
         k.size(0), q.size(1), k.size(1), q.size(2), static_cast<float>(scale),
-        static_cast<int>(step_rows));
-    TORCH_CHECK(rc == 0, "parallax_cpu: ggml_attention does not take head dim ", q.size(2));
+        static_cast<int>(step_rows), static_cast<int>(n_kv), static_cast<int>(n_threads));
+    TORCH_CHECK(rc == 0, "parallax_cpu: ggml_attention: head dim ", q.size(2), " (1..1024), ",
+                "n_kv ", n_kv, " (0 or >= ", k.size(0), "), threads ", n_threads,
+                " (>= 1), or out of memory");
     return out;
 }
 
@@ -588,7 +591,7 @@ TORCH_LIBRARY(parallax_cpu, m) {
     m.def("ggml_rope_f32(Tensor x, Tensor positions, float freq_base, bool neox, str isa)"
           " -> Tensor");
     m.def("ggml_attention_f32(Tensor q, Tensor k, Tensor v, Tensor positions, float scale, "
-          "int step_rows, str isa) -> Tensor");
+          "int step_rows, int n_kv, int n_threads, str isa) -> Tensor");
     m.def("decode_attention_kv_f32(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, "
           "Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor context_lens, float scale, "
           "str isa) -> Tensor");
