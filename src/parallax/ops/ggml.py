@@ -34,6 +34,7 @@ import torch
 
 from ..errors import ParallaxError
 from . import cpu as _cpu
+from .reference import write_paged_kv
 
 
 @functools.cache
@@ -115,21 +116,18 @@ def paged_attention_with_kvcache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     q = _cpu.ggml_rope(q.contiguous(), pos, rope_base)
     k = _cpu.ggml_rope(k.contiguous(), pos, rope_base).half().float()
     v = v.half().float()
-    from .reference import write_paged_kv
     write_paged_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     order = _gguf_order(q.shape[-1])
     q = q[..., order].contiguous()
-    nb, hk, bs, d = k_cache.shape
-    keys = k_cache.permute(0, 2, 1, 3).reshape(nb * bs, hk, d)
-    values = v_cache.permute(0, 2, 1, 3).reshape(nb * bs, hk, d)
+    bs = k_cache.shape[2]
     out = torch.empty_like(q)
     threads = torch.get_num_threads()   # llama.cpp's, when it runs with parallax's count
     starts = meta.query_start_loc.tolist()
     for i, n_ctx in enumerate(meta.context_lens.tolist()):
         a, b = starts[i], starts[i + 1]
-        p = torch.arange(n_ctx)
-        slots = meta.block_tables[i, p // bs].long() * bs + p % bs
-        out[a:b] = _cpu.ggml_attention(q[a:b], keys[slots][..., order].contiguous(),
-                                       values[slots].contiguous(), pos[a:b], scale, q.shape[0],
-                                       kv_padded(n_ctx), threads)
+        blocks = meta.block_tables[i, :-(-n_ctx // bs)].long()
+        # (blocks, Hk, bs, D) -> this sequence's (n_ctx, Hk, D), in position order
+        keys, values = (c[blocks].transpose(1, 2).flatten(0, 1)[:n_ctx] for c in (k_cache, v_cache))
+        out[a:b] = _cpu.ggml_attention(q[a:b], keys[..., order].contiguous(), values.contiguous(),
+                                       pos[a:b], scale, q.shape[0], kv_padded(n_ctx), threads)
     return out
