@@ -1,14 +1,9 @@
-"""csrc/cpu/ggml_pointwise.c (llama.cpp's CPU RMS_NORM+MUL, ROPE and SWIGLU, bit for bit) built
-for every variant this CPU runs, against its torch twins (ops/ggml_pointwise_reference.py):
-bit-equal to the generic build, within 1e-6 of the SIMD builds, and the twins against plain
-math. (The kernels against llama.cpp's own recorded graph nodes: the ggml-exact harness.)"""
+"""csrc/cpu/ggml_pointwise.c (llama.cpp's CPU RMS_NORM+MUL, ROPE and SWIGLU, bit for bit), in
+every kernel variant this CPU runs, against its torch twins (ops/ggml_reference.py):
+bit-equal to the generic variant, within 1e-6 of the SIMD ones, and the twins against plain
+math. (The whole model against llama.cpp's own recorded output: test_ggml_numerics.py.)"""
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import numpy as np
@@ -17,64 +12,31 @@ import torch
 import torch.nn.functional as F
 
 from parallax.ops import cpu
-from parallax.ops import ggml_pointwise_reference as gref
+from parallax.ops import ggml_reference as gref
 
-SRC = os.path.join(os.path.dirname(__file__), "..", "src", "parallax", "csrc", "cpu",
-                   "ggml_pointwise.c")
 HERE = cpu.supported_variants()
 SIMD = [v for v in HERE if v != "generic"]
-F32P, I32P = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
 POS = torch.tensor([0, 1, 17, 300, 70000], dtype=torch.int32)
 
 
-def _build(variant: str, folder: str) -> str:
-    out = os.path.join(folder, f"ggml_pointwise-{variant}.so")
-    cmd = [cpu.compiler(), *cpu._CFLAGS, *cpu.VARIANTS[variant][0], "-Wall", "-Werror", SRC,
-           "-lm", "-o", out]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr}"
-    return out
-
-
 @pytest.fixture(scope="module")
-def libs(tmp_path_factory) -> dict:
-    """variant -> the ctypes library of ggml_pointwise.c built with ops/cpu.py's flags."""
-    folder = str(tmp_path_factory.mktemp("ggml_pointwise"))
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        paths = dict(zip(HERE, pool.map(functools.partial(_build, folder=folder), HERE)))
-    out = {}
-    for v, path in paths.items():
-        lib = ctypes.CDLL(path)
-        lib.parallax_ggml_rms_norm_f32.argtypes = [F32P, F32P, F32P, ctypes.c_int, ctypes.c_int,
-                                                   ctypes.c_float]
-        lib.parallax_ggml_rope_f32.argtypes = [F32P, I32P, ctypes.c_int, ctypes.c_int,
-                                               ctypes.c_int, ctypes.c_float, ctypes.c_int]
-        lib.parallax_ggml_swiglu_f32.argtypes = [F32P, F32P, ctypes.c_int, ctypes.c_int]
-        out[v] = lib
-    return out
+def libs() -> list[str]:
+    """The variants this CPU runs, each built and loaded into the torch ops."""
+    for v in HERE:
+        assert cpu.kernels(v) is not None, cpu.build_error(v)
+    return HERE
 
 
-def _p(t: torch.Tensor, kind=F32P):
-    assert t.is_contiguous()
-    return ctypes.cast(t.data_ptr(), kind)
+def k_rms_norm(v, x, w, eps):
+    return cpu.ggml_rms_norm(x, w, eps, isa=v)
 
 
-def k_rms_norm(lib, x, w, eps):
-    y = torch.full_like(x, float("nan"))
-    lib.parallax_ggml_rms_norm_f32(_p(x), _p(w), _p(y), x.shape[0], x.shape[1], eps)
-    return y
+def k_rope(v, x, pos, base, neox):
+    return cpu.ggml_rope(x, pos, base, neox, isa=v)
 
 
-def k_rope(lib, x, pos, base, neox):
-    y = x.clone()
-    lib.parallax_ggml_rope_f32(_p(y), _p(pos, I32P), *x.shape, base, int(neox))
-    return y
-
-
-def k_swiglu(lib, x):
-    y = torch.full((x.shape[0], x.shape[1] // 2), float("nan"))
-    lib.parallax_ggml_swiglu_f32(_p(x), _p(y), x.shape[0], x.shape[1] // 2)
-    return y
+def k_swiglu(v, x):
+    return cpu.ggml_swiglu(x, isa=v)
 
 
 def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
@@ -95,8 +57,8 @@ def test_rms_norm_every_variant_equals_the_twin_bit_for_bit(libs, m, k):
     x = torch.randn(m, k, generator=g) * torch.logspace(-3, 3, m)[:, None]
     w = torch.randn(k, generator=g)
     want = gref.rms_norm(x, w, 1e-5)
-    for v, lib in libs.items():
-        assert torch.equal(k_rms_norm(lib, x, w, 1e-5), want), v
+    for v in libs:
+        assert torch.equal(k_rms_norm(v, x, w, 1e-5), want), v
 
 
 def test_rms_norm_twin_is_rms_norm():
@@ -122,18 +84,18 @@ def test_rope_generic_equals_the_twin_and_simd_is_close(libs, d, neox):
     g = torch.Generator().manual_seed(d)
     x = torch.randn(len(POS), 3, d, generator=g)
     want = gref.rope(x.clone(), POS, 100000.0, neox)
-    assert torch.equal(k_rope(libs["generic"], x, POS, 100000.0, neox), want)
+    assert torch.equal(k_rope("generic", x, POS, 100000.0, neox), want)
     for v in SIMD:
-        assert rel_err(k_rope(libs[v], x, POS, 100000.0, neox), want) < 1e-6, v
+        assert rel_err(k_rope(v, x, POS, 100000.0, neox), want) < 1e-6, v
 
 
 @pytest.mark.parametrize("d", [64, 70, 6])
 def test_rope_neox_on_hf_layout_is_mode_0_on_gguf_layout(libs, d):
     g = torch.Generator().manual_seed(d + 1)
     x = torch.randn(len(POS), 4, d, generator=g)
-    for v, lib in libs.items():
-        gguf_layout = k_rope(lib, x, POS, 10000.0, False)
-        assert torch.equal(k_rope(lib, to_hf(x), POS, 10000.0, True), to_hf(gguf_layout)), v
+    for v in libs:
+        gguf_layout = k_rope(v, x, POS, 10000.0, False)
+        assert torch.equal(k_rope(v, to_hf(x), POS, 10000.0, True), to_hf(gguf_layout)), v
     assert torch.equal(gref.rope(to_hf(x), POS, 10000.0, True),
                        to_hf(gref.rope(x.clone(), POS, 10000.0, False)))
 
@@ -163,7 +125,7 @@ def test_rope_simd_builds_fuse_the_pairs_ggmls_vector_loop_fuses(libs, d):
         npairs = d // 2
         fused = npairs // width * width
         fused += width // 2 if npairs - fused >= width // 2 else 0
-        out = k_rope(libs[v], x, pos, 10000.0, False)
+        out = k_rope(v, x, pos, 10000.0, False)
         assert torch.equal(out[..., 2 * fused:], plain[..., 2 * fused:]), v
         for t in range(len(pos)):
             for h in range(2):
@@ -207,9 +169,9 @@ def _swiglu_input(n: int, seed: int) -> torch.Tensor:
 def test_swiglu_generic_equals_the_twin_and_simd_is_close(libs, n):
     x = _swiglu_input(n, n)
     want = gref.swiglu(x)
-    assert torch.equal(k_swiglu(libs["generic"], x), want)
+    assert torch.equal(k_swiglu("generic", x), want)
     for v in SIMD:
-        assert rel_err(k_swiglu(libs[v], x), want) < 1e-6, v
+        assert rel_err(k_swiglu(v, x), want) < 1e-6, v
 
 
 @pytest.mark.parametrize("n", [37, 45, 1543])
@@ -219,7 +181,7 @@ def test_swiglu_simd_tails_are_ggml_silu_f32(libs, n):
     gate, up = x[:, :n], x[:, n:]
     for v in SIMD:
         r = n % (16 if v.startswith("avx512") else 8)
-        out = k_swiglu(libs[v], x)
+        out = k_swiglu(v, x)
         assert torch.equal(out[:, n - r:], gref.silu_f32(gate[:, n - r:]) * up[:, n - r:]), v
 
 

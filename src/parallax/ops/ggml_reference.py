@@ -1,14 +1,19 @@
-"""Pure-torch twin of csrc/cpu/ggml_attention.c: llama.cpp's CPU flash attention (F16 K/V
-cache) in ggml's own arithmetic, op by op.
+"""Pure-torch twins of the PARALLAX_NUMERICS=ggml kernels (ops/ggml.py): llama.cpp's CPU
+arithmetic, op by op, for tests on small inputs (Python loops; slow).
 
-``isa`` picks whose arithmetic: "generic" (ggml's plain-C fallbacks; the kernel's generic
-variant equals this bit for bit), "avx512" or "avx2" (the builds' lane counts, reduction orders,
-fused multiply-adds and vector expf; the kernel's avx512/avx512vnni and avx2/avxvnni variants).
-A fused multiply-add is computed here as float64 a*b + c rounded to float32: the product is
-exact in float64, but the sum is rounded twice, so in rare cases the SIMD emulation may be one
-ulp off. fp16 rounding is ``.half().float()`` (round to nearest even, as F16C and ggml's
-software conversion); expf is libm's (ctypes), the function ggml calls. Slow (Python loops over
-keys and the head dimension): for tests on small inputs.
+- ``rms_norm``, ``rope``, ``swiglu``: csrc/cpu/ggml_pointwise.c as its generic variant
+  computes (ggml's x86-64 SSE2 build: no fused multiply-adds), bit for bit; the AVX2 /
+  AVX-512 variants fuse some products (ROPE's whole vectors of pairs, SWIGLU's exp
+  polynomial) as ggml's builds do and stay within 1e-6 relative of these.
+- ``ggml_attention``: csrc/cpu/ggml_attention.c for ``isa`` "generic" (ggml's plain-C
+  fallbacks; the generic variant equals it bit for bit), "avx512" or "avx2" (the builds'
+  lane counts, reduction orders, fused multiply-adds and vector expf).
+- The Q8_0 matmul's twin is reference.q8_0_linear_ggml.
+
+A fused multiply-add is float64 a*b + c rounded to float32 (reference.fma32: the sum is
+rounded twice, so in rare cases one ulp off). fp16 rounding is ``.half().float()`` (to
+nearest even, as F16C and ggml's software conversion). expf, cosf, sinf and powf are the C
+library's, through ctypes one value a call: the functions ggml calls.
 """
 
 from __future__ import annotations
@@ -20,28 +25,42 @@ import math
 
 import torch
 
+from .reference import fma32
+
 TILE = 64   # ggml's GGML_FA_TILE_Q and GGML_FA_TILE_KV
 ISAS = ("generic", "avx512", "avx2")
 
 
 @functools.cache
-def _libm_expf():
-    f = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6").expf
-    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
-    return f
+def _libm() -> ctypes.CDLL:
+    libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    for name in ("expf", "cosf", "sinf"):
+        getattr(libm, name).restype = ctypes.c_float
+        getattr(libm, name).argtypes = [ctypes.c_float]
+    libm.powf.restype = ctypes.c_float
+    libm.powf.argtypes = [ctypes.c_float, ctypes.c_float]
+    return libm
+
+
+def _libm_map(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The C library's float function ``name`` on every element of float32 ``x``."""
+    fn = getattr(_libm(), name)
+    return torch.tensor([fn(v) for v in x.reshape(-1).tolist()],
+                        dtype=torch.float32).reshape(x.shape)
 
 
 def expf(x: torch.Tensor) -> torch.Tensor:
     """libm's expf element by element (float32 in and out)."""
-    f = _libm_expf()
-    return torch.tensor([f(v) for v in x.reshape(-1).tolist()],
-                        dtype=torch.float32).reshape(x.shape)
+    return _libm_map("expf", x)
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
 
 
 def _fma(a, b, c) -> torch.Tensor:
-    """float32 a*b + c with one rounding (up to float64 double rounding; see the module doc)."""
-    a, b, c = (torch.as_tensor(x, dtype=torch.float32).double() for x in (a, b, c))
-    return (a * b + c).float()
+    """fma32 of float32 tensors or numbers."""
+    return fma32(*(torch.as_tensor(x, dtype=torch.float32) for x in (a, b, c)))
 
 
 def _madd(isa: str, a, b, c) -> torch.Tensor:
@@ -66,35 +85,134 @@ def _from_bits(b: torch.Tensor) -> torch.Tensor:
     return torch.where(b >= 2**31, b - 2**32, b).to(torch.int32).view(torch.float32)
 
 
+# ---------------------------------------------------------------- RMS_NORM, ROPE (pointwise)
+def sqrt_f32(v: torch.Tensor) -> torch.Tensor:
+    """sqrtf: the correctly rounded float32 square root of float32 v >= 0 (torch's own sqrt is
+    not correctly rounded on every CPU: up to 1 ulp off with AVX-512). float64's sqrt rounded
+    to float32 is then corrected exactly: c is right iff (c - ulp/2)^2 < v < (c + ulp/2)^2,
+    squares of 25-bit values, exact in float64 (and never equal to a float32 v)."""
+    c = torch.sqrt(v.double()).float()
+    up = torch.nextafter(c, torch.full_like(c, float("inf")))
+    down = torch.nextafter(c, torch.zeros_like(c))
+    hi = (c.double() + up.double()) / 2                               # exact midpoints
+    lo = (c.double() + down.double()) / 2
+    vd = v.double()
+    return torch.where(vd > hi * hi, up, torch.where((vd < lo * lo) & (c > 0), down, c))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """ggml's RMS_NORM then MUL by ``weight``. x: (..., K) float32; weight: (K,) float32;
+    eps: rounded to float32 -> (..., K) float32.
+
+    The squares are float32, summed in float64 in index order (cumsum: sequential);
+    mean = float32(sum / K); scale = 1 / sqrt(mean + eps) in float32; y = (x * scale) * w."""
+    k = x.shape[-1]
+    total = (x * x).double().cumsum(-1)[..., -1:]                # (..., 1) float64, in order
+    mean = (total / k).float()
+    scale = _f32(1.0) / sqrt_f32(mean + _f32(eps))
+    return (x * scale) * weight
+
+
+def rope_angles(pos: torch.Tensor, d: int, freq_base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml_rope_cache_init's cos and sin. pos: (T,) integer -> two (T, D/2) float32: theta
+    starts at float32(pos) and is multiplied by theta_scale = powf(freq_base, -2 / D) once per
+    pair, in float32; cos and sin are the C library's cosf and sinf of it."""
+    # powf(freq_base, -2.0f / n_dims): the exponent is a float32 quotient in ggml
+    theta_scale = _f32(_libm().powf(freq_base, float(_f32(-2.0) / d)))
+    theta = pos.to(torch.float32)
+    thetas = []
+    for _ in range(d // 2):
+        thetas.append(theta)
+        theta = theta * theta_scale
+    angles = torch.stack(thetas, dim=-1)                          # (T, D/2)
+    return _libm_map("cosf", angles), _libm_map("sinf", angles)
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, freq_base: float, neox: bool) -> torch.Tensor:
+    """ggml's ROPE in place (ext_factor 0, freq_scale 1, attn_factor 1, all D dims rotated).
+    x: (T, H, D) float32; pos: (T,) integer positions. neox False: pairs (2i, 2i+1), llama.cpp's
+    mode 0 on GGUF's permuted heads; True: pairs (i, i + D/2), HF's layout. Returns x.
+
+    x0' = x0 cos - x1 sin, x1' = x1 cos + x0 sin, every product rounded (the generic build)."""
+    t, h, d = x.shape
+    cos, sin = rope_angles(pos, d, freq_base)                      # (T, D/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]                    # (T, 1, D/2)
+    if neox:
+        x0, x1 = x[..., : d // 2], x[..., d // 2:]
+    else:
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+    y0 = x0 * cos - x1 * sin
+    y1 = x1 * cos + x0 * sin
+    x0.copy_(y0)
+    x1.copy_(y1)
+    return x
+
+
+# ------------------------------------------------------------------- ggml_v_expf, SWIGLU
+
+# ggml_v_expf's constants: 1.5 * 2^23 (round to integer), 1/ln 2, ln 2 in two parts, and the
+# polynomial's coefficients c1 (b) .. c5 (b^5).
+_SHIFT, _LOG2E, _LN2_HI, _LN2_LO = map(float.fromhex, (
+    "0x1.8p23", "0x1.715476p+0", "0x1.62e4p-1", "0x1.7f7d1cp-20"))
+_C1, _C2, _C3, _C4, _C5 = map(float.fromhex, (
+    "0x1.ffffecp-1", "0x1.fffdb6p-2", "0x1.555e66p-3", "0x1.573e2ep-5", "0x1.0e4020p-7"))
+
+
 def v_expf(x: torch.Tensor, isa: str) -> torch.Tensor:
-    """ggml_v_expf (vec.h) of the AVX-512 or AVX2 build, element by element; libm's expf for
-    "generic". x: float32, any shape."""
+    """ggml_v_expf (vec.h) element by element on float32 x: "avx512" and "avx2" its builds'
+    forms (fused multiply-adds; AVX-512 scales by _mm512_scalef_ps), "sse2" its SSE2 form
+    (every product rounded: the generic variant's SWIGLU); "generic" libm's expf (ggml's
+    scalar loops: the generic variant's tiled softmax)."""
     if isa == "generic":
         return expf(x)
-    f32 = functools.partial(torch.tensor, dtype=torch.float32)
-    _hexf = lambda h: f32(float.fromhex(h))   # noqa: E731  (ggml's hex float constants)
-    r = _hexf("0x1.8p23")
-    z = _fma(x, _hexf("0x1.715476p+0"), r)
-    n = z - r
-    b = _fma(-n, _hexf("0x1.7f7d1cp-20"), _fma(-n, _hexf("0x1.62e4p-1"), x))
-    u = b * b
-    inner = _fma(_fma(_hexf("0x1.0e4020p-7"), b, _hexf("0x1.573e2ep-5")), u,
-                 _fma(_hexf("0x1.555e66p-3"), b, _hexf("0x1.fffdb6p-2")))
-    if isa == "avx512":
-        j = _fma(inner, u, _fma(_hexf("0x1.ffffecp-1"), b, f32(1.0)))
-        res = (j.double() * torch.pow(2.0, n.double())).float()   # _mm512_scalef_ps: one rounding
-        alt = torch.where(n <= 0, f32(0.0), f32(math.inf))
-        return torch.where(n.abs() > 192, alt, res)
-    j = _fma(inner, u, _hexf("0x1.ffffecp-1") * b)
+    f = _f32
+    if isa == "sse2":
+        z = x * f(_LOG2E) + f(_SHIFT)
+        n = z - f(_SHIFT)
+        b = (x - n * f(_LN2_HI)) - n * f(_LN2_LO)
+        u = b * b
+        j = ((f(_C5) * b + f(_C4)) * u + (f(_C3) * b + f(_C2))) * u + f(_C1) * b
+    else:
+        z = _fma(x, f(_LOG2E), f(_SHIFT))
+        n = z - f(_SHIFT)
+        b = _fma(-n, f(_LN2_LO), _fma(-n, f(_LN2_HI), x))
+        u = b * b
+        inner = _fma(_fma(f(_C5), b, f(_C4)), u, _fma(f(_C3), b, f(_C2)))
+        if isa == "avx512":
+            j = _fma(inner, u, _fma(f(_C1), b, f(1.0)))
+            res = (j.double() * torch.pow(2.0, n.double())).float()   # scalef: one rounding
+            alt = torch.where(n <= 0, f(0.0), f(math.inf))
+            return torch.where(n.abs() > 192, alt, res)
+        j = _fma(inner, u, f(_C1) * b)
     e = (_bits(z) << 23) & 0xFFFFFFFF
-    k = _from_bits(e + _bits(f32(1.0)))
-    c = n.abs() > 126
+    k = _from_bits(e + _bits(f(1.0)))
     g = torch.where(n <= 0, 0x82000000, 0)
     s1 = _from_bits(g + 0x7F000000)
     s2 = _from_bits(e - g)
-    big = _fma(s2, j, s2) * s1
-    return torch.where(n.abs() > 192, s1 * s1, torch.where(c, big, _fma(k, j, k)))
+    if isa == "sse2":
+        big, small = (s2 * j + s2) * s1, k * j + k
+    else:
+        big, small = _fma(s2, j, s2) * s1, _fma(k, j, k)
+    return torch.where(n.abs() > 192, s1 * s1, torch.where(n.abs() > 126, big, small))
 
+
+def silu_f32(g: torch.Tensor) -> torch.Tensor:
+    """ggml_silu_f32, every build's scalar tail: g / (1 + expf(-g)), float32 -> float32."""
+    return g / (_f32(1.0) + expf(-g))
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """ggml_vec_swiglu_f32 as the generic (SSE2) build computes it. x: (..., 2N) float32,
+    [gate | up] per row -> (..., N) float32 = silu(gate) * up, silu(g) = g / (1 + exp(-g)):
+    the first N - N % 4 columns with ggml_v_expf's polynomial, the rest with expf."""
+    n = x.shape[-1] // 2
+    gate, up = x[..., :n], x[..., n:]
+    m = n - n % 4
+    head = gate[..., :m] / (_f32(1.0) + v_expf(_f32(0.0) - gate[..., :m], "sse2"))
+    return torch.cat([head, silu_f32(gate[..., m:])], dim=-1) * up
+
+
+# ------------------------------------------------------------ FLASH_ATTN_EXT (F16 cache)
 
 def _lane_sum(x: torch.Tensor, isa: str) -> torch.Tensor:
     """Sum of the last dim (16 lanes on avx512, 8 on avx2) in the build's shuffle order."""
