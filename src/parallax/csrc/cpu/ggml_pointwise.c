@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "isa.h"
+#include "ggml_expf.h"
 
 /* v, as a value the compiler cannot fuse into a following add (an empty asm the optimiser
  * cannot see through, v in a vector register): llama.cpp rounds these products separately. */
@@ -113,31 +114,11 @@ void parallax_ggml_rope_f32(float* x, const int32_t* pos, int T, int H, int D,
 /* ggml_silu_f32, the scalar tail of every build: x / (1 + expf(-x)). */
 static inline float silu_scalar(float v) { return v / (1.0f + expf(-v)); }
 
-/* ggml_v_expf / ggml_v_silu: ARM's single-precision exp (n = round(x / ln 2) through the
- * 1.5 * 2^23 shift, b = x - n ln2 in two parts, a degree-5 polynomial, scaled by 2^n with
- * the overflow/underflow branches), one version per vector width, each with ggml's own
- * operation order. */
+/* ggml_v_silu: x / (1 + ggml_v_expf(0 - x)) (ggml_expf.h), one vector width per build. */
 #if PARALLAX_VW == 16
 static inline __m512 silu_vec(__m512 x) {
-    const __m512 v = _mm512_sub_ps(_mm512_setzero_ps(), x);              /* exp(-x) */
-    const __m512 r = _mm512_set1_ps(0x1.8p23f);
-    const __m512 z = _mm512_fmadd_ps(v, _mm512_set1_ps(0x1.715476p+0f), r);
-    const __m512 n = _mm512_sub_ps(z, r);
-    const __m512 b = _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.7f7d1cp-20f),
-                                      _mm512_fnmadd_ps(n, _mm512_set1_ps(0x1.62e4p-1f), v));
-    const __mmask16 d = _mm512_cmp_ps_mask(_mm512_abs_ps(n), _mm512_set1_ps(192), _CMP_GT_OQ);
-    const __m512 u = _mm512_mul_ps(b, b);
-    const __m512 j = _mm512_fmadd_ps(
-        _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(0x1.0e4020p-7f), b,
-                                        _mm512_set1_ps(0x1.573e2ep-5f)), u,
-                        _mm512_fmadd_ps(_mm512_set1_ps(0x1.555e66p-3f), b,
-                                        _mm512_set1_ps(0x1.fffdb6p-2f))),
-        u, _mm512_fmadd_ps(_mm512_set1_ps(0x1.ffffecp-1f), b, _mm512_set1_ps(1.0f)));
-    __m512 e = _mm512_scalef_ps(j, n);
-    const __m512 big = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(n, _mm512_setzero_ps(), _CMP_LE_OQ),
-                                            _mm512_set1_ps(INFINITY), _mm512_setzero_ps());
-    e = _mm512_mask_blend_ps(d, e, big);
-    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                          v_expf(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 #define SWIGLU_VW 16
 #define SWIGLU_VEC(y, x, g) \
@@ -145,38 +126,8 @@ static inline __m512 silu_vec(__m512 x) {
 
 #elif PARALLAX_VW == 8
 static inline __m256 silu_vec(__m256 x) {
-    const __m256 v = _mm256_sub_ps(_mm256_setzero_ps(), x);
-    const __m256 r = _mm256_set1_ps(0x1.8p23f);
-    const __m256 z = _mm256_fmadd_ps(v, _mm256_set1_ps(0x1.715476p+0f), r);
-    const __m256 n = _mm256_sub_ps(z, r);
-    const __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.7f7d1cp-20f),
-                                      _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.62e4p-1f), v));
-    const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(z), 23);
-    const __m256 k = _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_castps_si256(_mm256_set1_ps(1))));
-    const __m256 an = _mm256_andnot_ps(_mm256_set1_ps(-0.f), n);
-    const __m256 c = _mm256_cmp_ps(an, _mm256_set1_ps(126), _CMP_GT_OQ);
-    const __m256 u = _mm256_mul_ps(b, b);
-    const __m256 j = _mm256_fmadd_ps(
-        _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b,
-                                        _mm256_set1_ps(0x1.573e2ep-5f)), u,
-                        _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b,
-                                        _mm256_set1_ps(0x1.fffdb6p-2f))),
-        u, _mm256_mul_ps(_mm256_set1_ps(0x1.ffffecp-1f), b));
-    __m256 ex = _mm256_fmadd_ps(j, k, k);
-    if (_mm256_movemask_ps(c)) {                  /* |n| > 126: 2^n in two factors */
-        const __m256i g = _mm256_and_si256(
-            _mm256_castps_si256(_mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_LE_OQ)),
-            _mm256_set1_epi32((int)0x82000000u));
-        const __m256 s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f000000)));
-        const __m256 s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
-        const __m256 d = _mm256_cmp_ps(an, _mm256_set1_ps(192), _CMP_GT_OQ);
-        ex = _mm256_or_ps(
-            _mm256_and_ps(d, _mm256_mul_ps(s1, s1)),
-            _mm256_andnot_ps(d, _mm256_or_ps(
-                _mm256_and_ps(c, _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1)),
-                _mm256_andnot_ps(c, _mm256_fmadd_ps(k, j, k)))));
-    }
-    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), ex));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f),
+                                          v_expf(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 #define SWIGLU_VW 8
 #define SWIGLU_VEC(y, x, g) \
