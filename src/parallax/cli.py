@@ -224,6 +224,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     rep = ops.kernel_report()
     print(f"kernels          {rep['backend']} (CPU {rep['isa']}, variant "
           f"{rep['variant'] or 'none'}; CUDA extension: {_extension_status()})")
+    if rep["numerics"] != "parallax":
+        print(f"numerics         {rep['numerics']} (PARALLAX_NUMERICS: llama.cpp's arithmetic, op by op)")
     if rep["build_error"]:   # the compiler's first error line (the whole message is logged)
         lines = rep["build_error"].splitlines()
         first = next((x for x in lines[1:] if "error" in x.lower()), lines[-1])

@@ -39,14 +39,13 @@ import torch
 from ..errors import KernelInputError
 from . import cpu as _cpu
 from . import cuda as _cuda
-from . import ggml
 from . import ggml as _ggml
 from . import reference as _ref
 from .reference import (paged_attention, prefill_attention, q4_0_embedding, q4_1_embedding,
                         q4_k_embedding, q6_k_embedding, q8_0_embedding, quantize_int8,
                         write_paged_kv)
 
-__all__ = ["ggml", "add_rms_norm", "argmax_rows", "decode_attention", "decode_attention_with_kvcache",
+__all__ = ["add_rms_norm", "argmax_rows", "decode_attention", "decode_attention_with_kvcache",
            "paged_attention", "paged_attention_with_kvcache", "write_paged_kv",
            "embedding_packed", "int8_linear", "q8_0_linear", "q4_0_linear", "q4_1_linear",
            "q4_k_linear", "q6_k_linear", "q8_0_embedding", "q4_0_embedding", "q4_1_embedding",
@@ -108,7 +107,8 @@ def kernel_report() -> dict:
     when none is); ``compiler``; ``build_error``, the compiler's message when the CPU
     kernels did not build; ``cuda_error``; ``ops``, op name -> implementation on ``device``
     (fp32 on the CPU, fp16/bf16 on a GPU); ``matmul``, the measured kernel-or-torch choice
-    per packed weight shape and row bucket so far (ops/cpu.py: matmul_path).
+    per packed weight shape and row bucket so far (ops/cpu.py: matmul_path); ``numerics``,
+    "ggml" under PARALLAX_NUMERICS=ggml (llama.cpp's arithmetic: ops/ggml.py), else "parallax".
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     variant = None if _MODE == "reference" else _cpu._best()
@@ -130,6 +130,7 @@ def kernel_report() -> dict:
         "ops": {n: backend if n in kernel_ops and backend != "torch" else "torch"
                 for n in sorted(names)},
         "matmul": _cpu.matmul_choices(),
+        "numerics": "ggml" if _ggml.enabled() else "parallax",
     }
 
 
