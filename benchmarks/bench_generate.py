@@ -511,6 +511,11 @@ def print_agreement(a, agree: list[dict], llm_tok, numerics: str) -> None:
         print(f"    (llama.cpp default vs its F32 cache: "
               f"{say_pos(g['llama_cpp_f32_vs_default_differs_at'])})")
         print(f"    parallax: {llm_tok.decode(g['parallax'])!r}")
+    if numerics == AGREE_NUMERICS["ggml"]:
+        print("  (teacher-forced here: parallax's logits are one forward over prompt + tokens, "
+              "llama.cpp's a prefill then one decode call per token; from 64 rows that forward "
+              "takes llama.cpp's tiled attention, not its decode steps' algorithm, so those "
+              "logits differ even where the generated tokens agree)")
 
 
 def say_pos(pos) -> str:
