@@ -9,7 +9,8 @@ llama.cpp's AVX-512 build; avx2: its AVX2 build; generic: ggml's scalar fallback
 that parallax's greedy text equals llama.cpp's on the same GGUF file:
 
 - Q8_0 matmuls: x in ggml's block_q8_0, ggml's lane order (ops.cpu.q8_0_linear_ggml);
-  other block types take the q8 kernels (ggml's blocks, not its order);
+  other block types take the q8 kernels (ggml's blocks, not its order) and float weights
+  parallax's own matmuls, so bit-equality holds for Q8_0 files;
 - RMS_NORM then MUL, SWIGLU and ROPE as ggml computes them (csrc/cpu/ggml_pointwise.c);
 - keys and values rounded to fp16 as llama.cpp's default F16 cache holds them, attention
   as its CPU flash attention over that cache (csrc/cpu/ggml_attention.c), q and k in
@@ -75,6 +76,7 @@ def check_model(cfg, device: torch.device | str, tp_size: int = 1) -> None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS_NORM(x) * weight: x (..., D), weight (D,) float32 -> (..., D)."""
     return _cpu.ggml_rms_norm(x.contiguous(), weight, eps)
 
 
@@ -86,6 +88,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SWIGLU: x (..., 2N) = [gate | up] float32 -> silu(gate) * up, (..., N)."""
     return _cpu.ggml_swiglu(x.contiguous())
 
 
