@@ -31,7 +31,8 @@ from .attention import AttentionMetadata
 def enabled() -> bool:
     """``PARALLAX_FUSED_LAYERS`` (default 1; 0 turns the fused path off); off under
     ``PARALLAX_NUMERICS=ggml`` (ops/ggml.py: llama.cpp's arithmetic, op by op)."""
-    return not ops.ggml.enabled() and os.environ.get("PARALLAX_FUSED_LAYERS", "1").strip().lower() not in ("0", "false", "no", "off")
+    on = os.environ.get("PARALLAX_FUSED_LAYERS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return on and not ops.ggml.enabled()
 
 
 def plain_llama_layer(layer) -> bool:
