@@ -135,3 +135,29 @@ def test_unreproduced_models_are_refused(tmp_path):
             cfg, rope_scaling={"rope_type": "linear", "factor": 2.0}), "cpu")
     with pytest.raises(ParallaxError, match="qwen3 family"):
         ops.ggml.check_model(dataclasses.replace(cfg, architecture="qwen3"), "cpu")
+
+
+@pytest.fixture
+def ggml_mode(monkeypatch):
+    """PARALLAX_NUMERICS=ggml in this process for one test (ops.ggml reads it once)."""
+    monkeypatch.setenv("PARALLAX_NUMERICS", "ggml")
+    ops.ggml.enabled.cache_clear()
+    yield
+    monkeypatch.delenv("PARALLAX_NUMERICS")
+    ops.ggml.enabled.cache_clear()
+
+
+@pytest.mark.timeout(300)
+def test_prefix_caching_is_off_in_the_mode(tmp_path, ggml_mode):
+    """llama.cpp computes every prompt in full: a second request with the same 40-token
+    prompt finds no cached prefix (one would change the prefill's rows, and with them
+    ggml's attention algorithm) and gives the same tokens; the report names the mode."""
+    import parallax
+    from test_quant_gguf import tiny_gguf
+    prompt = list(range(3, 43))
+    with parallax.LLM(tiny_gguf(tmp_path, True, "q8_0")) as llm:
+        first, second = (llm.generate([prompt], max_new_tokens=8, ignore_eos=True)[0].token_ids
+                         for _ in range(2))
+        assert llm.stats()["prefix_cache_queries"] == 0
+    assert first == second
+    assert ops.kernel_report()["numerics"] == "ggml"

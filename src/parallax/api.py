@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from . import defaults as D
+from . import ops
 from .engine.block_manager import BlockManager
 from .engine.core import EngineCore, LocalExecutor, PoolExecutor, in_own_thread
 from .engine.handle import RequestHandle
@@ -159,6 +160,11 @@ class LLM:
         finally:
             ckpt.close()
         self._executor = steps
+        if prefix_caching and ops.ggml.enabled():
+            # llama.cpp computes every prompt in full; a cached prefix would change how many
+            # rows a prefill has, and with it ggml's attention algorithm (ops/ggml.py)
+            logger.info("PARALLAX_NUMERICS=ggml: prefix caching off")
+            prefix_caching = False
         bm = BlockManager(num_blocks, block_size, prefix_caching,
                           window=self.config.cache_window)
         scheduler = Scheduler(bm, max_num_seqs, max_num_batched_tokens, steps.depth)

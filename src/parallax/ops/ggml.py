@@ -23,7 +23,9 @@ default 4096; llama-cpp-python's 512). Not reproduced, so the mode refuses such 
 scaling or frequency factors, sliding windows, soft-capping, biases, non-SiLU gates,
 tensor parallelism (its all-reduce adds partial sums; pipeline stages are fine). The mode is for
 comparing with llama.cpp, not for speed: it runs the module path (no fused layers) and
-attention one sequence at a time.
+attention one sequence at a time, and LLM turns prefix caching off (llama.cpp computes each
+prompt in full; prefill chunks of ``max_num_batched_tokens``, 512 by default, are its
+default ubatches).
 """
 
 from __future__ import annotations
