@@ -1,5 +1,5 @@
 /* llama.cpp's CPU arithmetic, bit for bit, for the element-wise and row ops of a Llama layer
- * (PARALLAX_NUMERICS=ggml; the torch twins are ops/ggml_pointwise_reference.py):
+ * (PARALLAX_NUMERICS=ggml; the torch twins are in ops/ggml_reference.py):
  *   parallax_ggml_rms_norm_f32  RMS_NORM then MUL by the weight (norm-i -> attn_norm-i)
  *   parallax_ggml_rope_f32      ROPE (ggml_rope_ext, no YaRN, no frequency factors)
  *   parallax_ggml_swiglu_f32    SWIGLU (ggml_vec_swiglu_f32)
