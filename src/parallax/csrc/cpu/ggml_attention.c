@@ -32,7 +32,7 @@
  *   accumulators, unnormalised) and merges them in chunk order
  *   (ggml_flash_attn_ext_reduce_partials); the result depends on llama.cpp's thread count.
  *   Reproduced by parallax_ggml_attention_kv_f32 given n_kv and that thread count (llama.cpp's
- *   n_threads, the decode one); parallax_ggml_attention_f32 (no n_kv) runs one_chunk instead.
+ *   n_threads, the decode one); n_kv 0 runs one_chunk instead.
  *
  * K and V arrive as fp32 holding fp16 values exactly (the cache's values), so ggml's fp16 loads
  * (vcvtph2ps) are plain fp32 loads here. Single-threaded; no OpenMP, no vector math library
@@ -330,12 +330,4 @@ int parallax_ggml_attention_kv_f32(const float* q, const float* k, const float* 
     }
     free(scratch);
     return 0;
-}
-
-/* parallax_ggml_attention_kv_f32 without llama.cpp's split-KV decode path (n_kv = 0). */
-int parallax_ggml_attention_f32(const float* q, const float* k, const float* v, float* out,
-                                const int32_t* pos, int T, int S, int Hq, int Hk, int D,
-                                float scale, int step_rows) {
-    return parallax_ggml_attention_kv_f32(q, k, v, out, pos, T, S, Hq, Hk, D, scale, step_rows,
-                                          0, 1);
 }
