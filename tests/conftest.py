@@ -4,11 +4,13 @@ loading the same file as the oracle."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -161,7 +163,6 @@ def named_in_dev_shm(inodes) -> list[str]:
 
 def gone(pid: int) -> bool:
     """True when ``pid`` has exited (a zombie awaiting its parent's wait counts as gone)."""
-    import psutil
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -176,3 +177,26 @@ def wait_gone(pids, within_s: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def new_children(before: set[int]) -> list:
+    """Live child processes not in ``before``; multiprocessing's resource tracker may stay."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE \
+                    and "resource_tracker" not in " ".join(p.cmdline()):
+                out.append(p)
+    return out
+
+
+@pytest.fixture(scope="module")
+def no_process_left_behind():
+    """For a module that uses it (pytestmark): after every LLM of the module is closed, none
+    of its processes may be alive."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    deadline = time.monotonic() + 10
+    while new_children(before) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not new_children(before), [(p.pid, p.name()) for p in new_children(before)]

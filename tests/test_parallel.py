@@ -11,7 +11,6 @@ SmolLM2 layouts share one LLM per layout (module-scoped fixtures): start-up is t
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
@@ -31,26 +30,8 @@ SAMPLED = dict(temperature=0.8, top_p=0.9, seed=7, max_new_tokens=16, ignore_eos
 SMOL_LAYOUTS = [dict(tp=2), dict(tp=3), dict(pp=2), dict(pp=4), dict(tp=2, pp=2)]
 
 
-def _new_children(before: set[int]) -> list:
-    """Live child processes not in ``before``; multiprocessing's resource tracker may stay."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE \
-                    and "resource_tracker" not in " ".join(p.cmdline()):
-                out.append(p)
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_process_left_behind():
-    """After every LLM of this module is closed, none of its processes may be alive."""
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    yield
-    deadline = time.monotonic() + 10
-    while _new_children(before) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _new_children(before), [(p.pid, p.name()) for p in _new_children(before)]
+# every LLM of this module closed, none of its processes may be alive (conftest.py)
+pytestmark = pytest.mark.usefixtures("no_process_left_behind")
 
 
 def _ids(llm, prompts=PROMPTS):

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 
 import parallax
@@ -18,26 +15,8 @@ import parallax
 HERE = os.path.dirname(__file__)
 
 
-def _new_children(before: set[int]) -> list:
-    """Live child processes not in ``before``; multiprocessing's resource tracker may stay."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE \
-                    and "resource_tracker" not in " ".join(p.cmdline()):
-                out.append(p)
-    return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_process_left_behind():
-    """After every LLM of this module is closed, none of its processes may be alive."""
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    yield
-    deadline = time.monotonic() + 10
-    while _new_children(before) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _new_children(before), [(p.pid, p.name()) for p in _new_children(before)]
+# every LLM of this module closed, none of its processes may be alive (conftest.py)
+pytestmark = pytest.mark.usefixtures("no_process_left_behind")
 
 
 def _torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
