@@ -98,6 +98,16 @@ void check_cpu(const at::Tensor& t, at::ScalarType dtype, const char* what) {
                 " on ", t.device());
 }
 
+// A row norm's x (..., D) and weight (D,): fp32 CPU, contiguous; returns D.
+int64_t check_norm(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+    check_cpu(x, at::kFloat, "x");
+    check_cpu(weight, at::kFloat, "weight");
+    int64_t d = x.size(-1);
+    TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.numel() == d,
+                "parallax_cpu: ", op, " needs contiguous x (..., D) and weight (D,)");
+    return d;
+}
+
 // (..., K) -> contiguous (M, K) rows, and the output shape (..., N).
 at::Tensor rows_of(const at::Tensor& x, int64_t k, std::vector<int64_t>& out_shape, int64_t n) {
     check_cpu(x, at::kFloat, "x");
@@ -235,11 +245,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_f32(const at::Tensor& x,
                                                     const std::optional<at::Tensor>& residual,
                                                     const at::Tensor& weight, double eps,
                                                     const std::string& isa) {
-    check_cpu(x, at::kFloat, "x");
-    check_cpu(weight, at::kFloat, "weight");
-    int64_t d = x.size(-1);
-    TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.numel() == d,
-                "parallax_cpu: add_rms_norm needs contiguous x (..., D) and weight (D,)");
+    int64_t d = check_norm(x, weight, "add_rms_norm");
     at::Tensor out = at::empty_like(x);
     at::Tensor res = residual.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
     if (residual.has_value()) {
@@ -258,30 +264,31 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_f32(const at::Tensor& x,
     return {out, res};
 }
 
-at::Tensor silu_and_mul_f32(const at::Tensor& x, const std::string& isa) {
+// x (..., 2N) = [gate | up] -> (..., N) by the kernel parallax_<op>_f32(x, out, rows, N).
+at::Tensor gate_and_mul(const at::Tensor& x, const std::string& isa, const std::string& op) {
     check_cpu(x, at::kFloat, "x");
     TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0,
-                "parallax_cpu: silu_and_mul needs contiguous x (..., 2N)");
+                "parallax_cpu: ", op, " needs contiguous x (..., 2N)");
     int64_t n = x.size(-1) / 2;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
     shape.push_back(n);
     at::Tensor out = at::empty(shape, x.options());
     using fn = void (*)(const float*, float*, int, int);
-    entry<fn>(isa, "parallax_silu_and_mul_f32")(x.const_data_ptr<float>(),
-                                                out.mutable_data_ptr<float>(),
-                                                x.numel() / (2 * n), n);
+    const std::string name = "parallax_" + op + "_f32";
+    entry<fn>(isa, name.c_str())(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(),
+                                 x.numel() / (2 * n), n);
     return out;
+}
+
+at::Tensor silu_and_mul_f32(const at::Tensor& x, const std::string& isa) {
+    return gate_and_mul(x, isa, "silu_and_mul");
 }
 
 // llama.cpp's CPU arithmetic (PARALLAX_NUMERICS=ggml; csrc/cpu/ggml_pointwise.c,
 // ggml_attention.c): RMS_NORM then MUL by weight, x (..., D) -> (..., D).
 at::Tensor ggml_rms_norm_f32(const at::Tensor& x, const at::Tensor& weight, double eps,
                              const std::string& isa) {
-    check_cpu(x, at::kFloat, "x");
-    check_cpu(weight, at::kFloat, "weight");
-    int64_t d = x.size(-1);
-    TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.numel() == d,
-                "parallax_cpu: ggml_rms_norm needs contiguous x (..., D) and weight (D,)");
+    int64_t d = check_norm(x, weight, "ggml_rms_norm");
     at::Tensor out = at::empty_like(x);
     using fn = void (*)(const float*, const float*, float*, int, int, float);
     entry<fn>(isa, "parallax_ggml_rms_norm_f32")(x.const_data_ptr<float>(),
@@ -293,18 +300,7 @@ at::Tensor ggml_rms_norm_f32(const at::Tensor& x, const at::Tensor& weight, doub
 
 // SWIGLU of x (..., 2N) = [gate | up] -> (..., N).
 at::Tensor ggml_swiglu_f32(const at::Tensor& x, const std::string& isa) {
-    check_cpu(x, at::kFloat, "x");
-    TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0,
-                "parallax_cpu: ggml_swiglu needs contiguous x (..., 2N)");
-    int64_t n = x.size(-1) / 2;
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-    shape.push_back(n);
-    at::Tensor out = at::empty(shape, x.options());
-    using fn = void (*)(const float*, float*, int, int);
-    entry<fn>(isa, "parallax_ggml_swiglu_f32")(x.const_data_ptr<float>(),
-                                               out.mutable_data_ptr<float>(),
-                                               x.numel() / (2 * n), n);
-    return out;
+    return gate_and_mul(x, isa, "ggml_swiglu");
 }
 
 // ROPE of x (T, H, D) at positions (T,) int32 -> a new (T, H, D); neox: pairs (i, i + D/2).
