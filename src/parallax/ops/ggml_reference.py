@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .reference import fma32
+from .reference import fma32, hsum8
 
 TILE = 64   # ggml's GGML_FA_TILE_Q and GGML_FA_TILE_KV
 ISAS = ("generic", "avx512", "avx2")
@@ -221,9 +221,7 @@ def _lane_sum(x: torch.Tensor, isa: str) -> torch.Tensor:
         t = t[..., 4:] + t[..., :4]
         t = t + t[..., [2, 3, 0, 1]]
         return t[..., 0] + t[..., 1]
-    t = x[..., 4:] + x[..., :4]  # AVX2: halves, then movehl, then movehdup
-    t = t + t[..., [2, 3, 2, 3]]
-    return t[..., 0] + t[..., 1]
+    return hsum8(x)              # AVX2: halves, then movehl, then movehdup
 
 
 def dot_f16(x: torch.Tensor, y: torch.Tensor, isa: str) -> torch.Tensor:
