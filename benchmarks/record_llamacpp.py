@@ -91,13 +91,10 @@ def main() -> None:
         os.environ.get("PARALLAX_CACHE_DIR") or os.path.expanduser("~/.cache/parallax"),
         "bench_gguf"))
     a = ap.parse_args()
-    import parallax
+    from parallax.loading import load_tokenizer
     os.makedirs(a.cache, exist_ok=True)
     path = q8_0_file(a.cache)
-    llm = parallax.LLM("smollm2-135m")
-    labelled = agreement_ids(llm.tokenizer)
-    llm.close()
-    prompts = [labelled[i] for i in PROMPTS]
+    prompts = [agreement_ids(load_tokenizer("smollm2-135m"))[i] for i in PROMPTS]
     rec = {"file": "SmolLM2-135M-Instruct Q4_1 requantised to Q8_0 by gguf-py "
                    "(benchmarks/requant_gguf.py)",
            "gguf_py": importlib.metadata.version("gguf"),

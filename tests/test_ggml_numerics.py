@@ -27,8 +27,7 @@ from parallax.ops import reference as ref
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
-from record_llamacpp import sha256  # noqa: E402
-from requant_gguf import requantize  # noqa: E402
+from record_llamacpp import q8_0_file as q8_0_file_in, sha256  # noqa: E402
 
 RECORD = os.path.join(HERE, "data", "llamacpp_greedy_q8_0.json")
 with open(RECORD) as _f:
@@ -55,9 +54,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def q8_0_file(tmp_path_factory):
-    from parallax.loading import resolve_model_path
-    path = str(tmp_path_factory.mktemp("gguf") / "smollm2-q8_0.gguf")
-    requantize(resolve_model_path("smollm2-135m"), path, gguf.GGMLQuantizationType.Q8_0)
+    path = q8_0_file_in(str(tmp_path_factory.mktemp("gguf")))
     assert sha256(path) == REC["sha256"], (
         "the requantised file differs from the recorded one (gguf-py "
         f"{REC['gguf_py']} made it): run benchmarks/record_llamacpp.py again")
@@ -108,15 +105,22 @@ def test_q8_0_linear_ggml_equals_its_twin(variant, m):
     torch.testing.assert_close(want, ref.q8_0_linear_q8(x, qw), rtol=1e-5, atol=1e-5)
 
 
-def test_bad_value_is_refused(monkeypatch):
-    monkeypatch.setenv("PARALLAX_NUMERICS", "llamacpp")
-    ops.ggml.enabled.cache_clear()
-    try:
-        with pytest.raises(ParallaxError, match="PARALLAX_NUMERICS='llamacpp'"):
-            ops.ggml.enabled()
-    finally:
-        monkeypatch.delenv("PARALLAX_NUMERICS")
+@pytest.fixture
+def numerics(monkeypatch):
+    """numerics(value): PARALLAX_NUMERICS=value in this process for one test (ops.ggml reads
+    it once, so the cached reading is cleared on the way in and out)."""
+    def set_(value: str) -> None:
+        monkeypatch.setenv("PARALLAX_NUMERICS", value)
         ops.ggml.enabled.cache_clear()
+    yield set_
+    monkeypatch.delenv("PARALLAX_NUMERICS", raising=False)
+    ops.ggml.enabled.cache_clear()
+
+
+def test_bad_value_is_refused(numerics):
+    numerics("llamacpp")
+    with pytest.raises(ParallaxError, match="PARALLAX_NUMERICS='llamacpp'"):
+        ops.ggml.enabled()
 
 
 def test_unreproduced_models_are_refused(tmp_path):
@@ -137,23 +141,14 @@ def test_unreproduced_models_are_refused(tmp_path):
         ops.ggml.check_model(dataclasses.replace(cfg, architecture="qwen3"), "cpu")
 
 
-@pytest.fixture
-def ggml_mode(monkeypatch):
-    """PARALLAX_NUMERICS=ggml in this process for one test (ops.ggml reads it once)."""
-    monkeypatch.setenv("PARALLAX_NUMERICS", "ggml")
-    ops.ggml.enabled.cache_clear()
-    yield
-    monkeypatch.delenv("PARALLAX_NUMERICS")
-    ops.ggml.enabled.cache_clear()
-
-
 @pytest.mark.timeout(300)
-def test_prefix_caching_is_off_in_the_mode(tmp_path, ggml_mode):
+def test_prefix_caching_is_off_in_the_mode(tmp_path, numerics):
     """llama.cpp computes every prompt in full: a second request with the same 40-token
     prompt finds no cached prefix (one would change the prefill's rows, and with them
     ggml's attention algorithm) and gives the same tokens; the report names the mode."""
     import parallax
     from test_quant_gguf import tiny_gguf
+    numerics("ggml")
     prompt = list(range(3, 43))
     with parallax.LLM(tiny_gguf(tmp_path, True, "q8_0")) as llm:
         first, second = (llm.generate([prompt], max_new_tokens=8, ignore_eos=True)[0].token_ids
